@@ -1,4 +1,17 @@
-//! pushgate library root.
+//! pushgate: a push-notification delivery gateway.
+//!
+//! One message travels one way: gRPC ingest (`api`) -> render (`render`) -> deliver (`provider`)
+//! -> receipt (`receipts`), with transient failures parked in a retry queue (`queue`).
+
+pub mod model;
+pub mod render;
+
+/// Generated protobuf and gRPC code for `pushgate.v1`.
 pub mod proto {
+    #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("pushgate.v1");
+
+    /// Encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/pushgate_descriptor.bin"));
 }

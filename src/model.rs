@@ -1,0 +1,300 @@
+//! Domain types shared by every stage of the data path.
+//!
+//! These are plain Rust types: they know nothing of protobuf, HTTP or Redis. The API layer
+//! translates protobuf into them at the edge, providers translate them into requests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+/// Which push service a recipient is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Platform {
+    Apns,
+    Fcm,
+}
+
+impl Platform {
+    /// Lower-case name used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Apns => "apns",
+            Platform::Fcm => "fcm",
+        }
+    }
+}
+
+/// Delivery urgency requested by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// The provider's default for the kind of push.
+    #[default]
+    Default,
+    /// Power-aware delivery (APNs 5, FCM NORMAL).
+    Normal,
+    /// Immediate delivery (APNs 10, FCM HIGH); also the transactional lane.
+    High,
+}
+
+/// The APNs push type; FCM ignores it except for background (data-only) pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushType {
+    Alert,
+    Background,
+    Voip,
+    Complication,
+    FileProvider,
+    Mdm,
+    LiveActivity,
+    Location,
+    PushToTalk,
+    Widgets,
+    Controls,
+}
+
+impl PushType {
+    /// The `apns-push-type` header value.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            PushType::Alert => "alert",
+            PushType::Background => "background",
+            PushType::Voip => "voip",
+            PushType::Complication => "complication",
+            PushType::FileProvider => "fileprovider",
+            PushType::Mdm => "mdm",
+            PushType::LiveActivity => "liveactivity",
+            PushType::Location => "location",
+            PushType::PushToTalk => "pushtotalk",
+            PushType::Widgets => "widgets",
+            PushType::Controls => "controls",
+        }
+    }
+
+    /// The suffix APNs requires on `apns-topic` for this push type (appended to the bundle id).
+    pub fn topic_suffix(self) -> &'static str {
+        match self {
+            PushType::Alert | PushType::Background | PushType::Mdm => "",
+            PushType::Voip => ".voip",
+            PushType::Complication => ".complication",
+            PushType::FileProvider => ".pushkit.fileprovider",
+            PushType::LiveActivity => ".push-type.liveactivity",
+            PushType::Location => ".location-query",
+            PushType::PushToTalk => ".voip-ptt",
+            PushType::Widgets => ".push-type.widgets",
+            PushType::Controls => ".push-type.controls",
+        }
+    }
+
+    /// Largest APNs payload for this push type, in bytes.
+    pub fn max_payload_bytes(self) -> usize {
+        match self {
+            PushType::Voip => 5120,
+            _ => 4096,
+        }
+    }
+}
+
+/// The content shared by every recipient of a batch, before personalization.
+#[derive(Debug, Clone, Default)]
+pub struct Template {
+    pub title: String,
+    pub subtitle: String,
+    pub body: String,
+    pub image_url: String,
+    pub deep_link: String,
+    pub sound: String,
+    pub badge: Option<u32>,
+    pub category: String,
+    pub thread_id: String,
+    pub data: BTreeMap<String, String>,
+    pub collapse_key: String,
+    /// How long the provider may hold the message; `None` means the provider default.
+    pub ttl: Option<Duration>,
+    pub priority: Priority,
+    /// `None` means alert, or background when only `content_available` is set.
+    pub push_type: Option<PushType>,
+    pub content_available: bool,
+    pub mutable_content: bool,
+    /// Raw JSON (an object) deep-merged into the APNs payload last.
+    pub apns_json: String,
+    /// Raw JSON (an object) deep-merged into the FCM `message` last.
+    pub fcm_json: String,
+    pub android_channel_id: String,
+}
+
+/// One addressee of a batch with its personalization variables.
+#[derive(Debug, Clone)]
+pub struct Recipient {
+    pub message_id: String,
+    pub platform: Platform,
+    pub device_token: String,
+    pub vars: BTreeMap<String, String>,
+    pub user_id: String,
+    pub locale: String,
+    pub timezone: String,
+    pub apns_json: String,
+    pub fcm_json: String,
+    pub title: Option<String>,
+    pub body: Option<String>,
+}
+
+/// Identity and bookkeeping of one accepted message, carried from ingest to its receipt.
+#[derive(Debug, Clone)]
+pub struct MessageMeta {
+    pub app_id: Arc<str>,
+    pub batch_id: Arc<str>,
+    pub campaign_id: Arc<str>,
+    pub message_id: String,
+    pub platform: Platform,
+    pub user_id: String,
+    pub priority: Priority,
+    pub accepted_at: SystemTime,
+    /// After this instant the message must not be handed to a provider any more.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// A validation failure that names the offending field, e.g. `recipients[3].vars.first_name`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A fully rendered APNs request: everything the APNs client needs, nothing it must compute.
+#[derive(Debug, Clone)]
+pub struct ApnsRequest {
+    pub device_token: String,
+    /// Bundle id plus the push type's suffix.
+    pub topic: String,
+    pub push_type: PushType,
+    /// 10, 5 or 1.
+    pub priority: u8,
+    /// Absolute `apns-expiration` in Unix seconds; `None` omits the header.
+    pub expiration: Option<u64>,
+    pub collapse_id: Option<String>,
+    /// The canonical lower-case UUID sent as `apns-id`.
+    pub apns_id: String,
+    /// The JSON body (`aps` plus custom keys), already size-checked.
+    pub payload: Bytes,
+}
+
+/// A fully rendered FCM HTTP v1 request body (`{"message":{...}}`).
+#[derive(Debug, Clone)]
+pub struct FcmRequest {
+    pub device_token: String,
+    pub body: Bytes,
+}
+
+/// What a provider is asked to send for one message.
+#[derive(Debug, Clone)]
+pub enum ProviderRequest {
+    Apns(ApnsRequest),
+    Fcm(FcmRequest),
+}
+
+impl ProviderRequest {
+    pub fn platform(&self) -> Platform {
+        match self {
+            ProviderRequest::Apns(_) => Platform::Apns,
+            ProviderRequest::Fcm(_) => Platform::Fcm,
+        }
+    }
+}
+
+/// What one delivery attempt came to, as classified by the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider accepted the message (hand-off, not display on the device).
+    Delivered {
+        provider_message_id: String,
+        status: u16,
+    },
+    /// The token is dead; the caller should delete it.
+    InvalidToken {
+        reason: String,
+        status: u16,
+        invalid_since: Option<SystemTime>,
+    },
+    /// Permanently refused for this message (bad request, payload too large, ...).
+    Rejected { reason: String, status: u16 },
+    /// Transient: worth another attempt, no sooner than `retry_after` when the provider said so.
+    Retry {
+        reason: String,
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// Terminal failure not caused by this message (credentials rejected, ...).
+    Failed { reason: String, status: u16 },
+}
+
+/// The state a receipt reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReceiptStatus {
+    Delivered,
+    InvalidToken,
+    Rejected,
+    Failed,
+    Expired,
+    Dropped,
+    /// Non-terminal: another attempt is scheduled.
+    Retrying,
+}
+
+impl ReceiptStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, ReceiptStatus::Retrying)
+    }
+
+    /// Lower-case name used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptStatus::Delivered => "delivered",
+            ReceiptStatus::InvalidToken => "invalid_token",
+            ReceiptStatus::Rejected => "rejected",
+            ReceiptStatus::Failed => "failed",
+            ReceiptStatus::Expired => "expired",
+            ReceiptStatus::Dropped => "dropped",
+            ReceiptStatus::Retrying => "retrying",
+        }
+    }
+}
+
+/// A report about one message, terminal or not.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub meta: Arc<MessageMeta>,
+    pub status: ReceiptStatus,
+    pub reason: String,
+    pub field: String,
+    pub provider_status: u16,
+    pub provider_message_id: String,
+    pub attempt: u32,
+    pub completed_at: Option<SystemTime>,
+    pub next_attempt_at: Option<SystemTime>,
+    pub token_invalid_since: Option<SystemTime>,
+}
+
+impl Receipt {
+    pub fn terminal(&self) -> bool {
+        self.status.is_terminal()
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn epoch_millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
