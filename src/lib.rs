@@ -1,9 +1,18 @@
 //! pushgate: a push-notification delivery gateway.
 //!
-//! One message travels one way: gRPC ingest (`api`) -> render (`render`) -> deliver (`provider`)
-//! -> receipt (`receipts`), with transient failures parked in a retry queue (`queue`).
+//! One message travels one way: gRPC ingest (`api`, `gateway`) -> render (`render`) -> deliver
+//! (`pipeline`, `provider`) -> receipt (`receipts`), with transient failures parked in a retry
+//! queue (`queue`).
 
+pub mod config;
+pub mod gateway;
+pub mod metrics;
 pub mod model;
+pub mod pipeline;
+pub mod provider;
+pub mod queue;
+pub mod receipts;
+pub mod registry;
 pub mod render;
 
 /// Generated protobuf and gRPC code for `pushgate.v1`.

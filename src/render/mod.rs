@@ -1,2 +1,412 @@
 //! Render stage: a batch's template compiled once, rendered per recipient into a provider request.
-//! (Being written; see the helper brief.)
+//!
+//! [`CompiledTemplate::compile`] parses the placeholders of the template (see [`template`]),
+//! parses the raw JSON overrides and validates everything that does not depend on the recipient.
+//! [`CompiledTemplate::render`] then turns one [`Recipient`] into a ready-to-send
+//! [`ProviderRequest`], validating what does (device token, variables, overrides, final size).
+//! Every error is a [`FieldError`] naming the offending field, e.g. `template.data.count`,
+//! `recipients[3].vars.first_name` or `recipients[3].payload`.
+//!
+//! Problems that concern only one provider (a `data` key named `aps` for APNs, a reserved FCM
+//! data key, an FCM ttl over four weeks) are found at compile time but reported per recipient of
+//! that provider, naming the template field: a batch that reaches only iOS devices is not
+//! rejected because its data would be invalid for FCM.
+//!
+//! # APNs payload conventions
+//!
+//! - `aps.alert` is a dictionary `{title, subtitle, body}` with empty members omitted (no `alert`
+//!   at all when all are empty); then `badge`, `sound`, `thread-id`, `category`,
+//!   `mutable-content: 1`, `content-available: 1`.
+//! - Template `data` entries are top-level custom keys, peers of `aps`.
+//! - The deep link is the top-level custom key `"deep_link"`; the image URL is the top-level
+//!   custom key `"image_url"` and implies `mutable-content: 1`, so the app's Notification Service
+//!   Extension can download and attach it. A `data` key with the same name as one of these, when
+//!   the template field is set, is rejected.
+//! - Push type: the template's, or `background` when `content_available` is set and there is no
+//!   title, subtitle, body, sound or badge, else `alert`. A background push has priority 5 and an
+//!   `aps` of exactly `{"content-available":1}`: alert text, sound or badge are rejected, thread
+//!   id, category and mutable-content are not sent; `HIGH` priority is rejected.
+//! - Raw overrides (`template.apns_json`, then `recipients[i].apns_json`) are deep-merged last:
+//!   objects merge key by key, any other value (arrays, `null`) replaces. The result must still
+//!   obey the background rule and have an object `aps`.
+//!
+//! # FCM message conventions
+//!
+//! - `notification {title, body, image}` only when the rendered title or body is non-empty and
+//!   the push is not background; otherwise the message is data-only, with no
+//!   `android.notification` either (its presence would make Android display something).
+//! - `android.notification`: `channel_id`, `click_action` (the deep link), `sound`, and `tag` =
+//!   the collapse key, so a newer notification replaces the displayed one, as
+//!   `apns-collapse-id` does on iOS.
+//! - `apns` mirrors the APNs request for iOS devices reached through FCM: headers
+//!   `apns-priority` (`5` for data-only messages, as FCM requires), `apns-push-type`,
+//!   `apns-expiration`, `apns-collapse-id`; `payload.aps` with the same rules, except that the
+//!   alert carries only the `subtitle` (FCM fills title and body from `notification`, so they are
+//!   not sent twice), plus the `deep_link` custom key; the image goes in `apns.fcm_options.image`.
+//!   Unlike direct APNs, `HIGH` with a background push is allowed (Android high-priority data
+//!   message) and sends `apns-priority: 5` to iOS.
+//! - `fcm_options.analytics_label` = the context's label, sanitized to FCM's
+//!   `^[a-zA-Z0-9-_.~%]{1,50}$`: other bytes are percent-encoded (UTF-8), the result is cut to
+//!   50 characters without splitting an escape, and the option is omitted when nothing is left.
+//! - Raw overrides (`template.fcm_json`, then `recipients[i].fcm_json`) are deep-merged into
+//!   `message`; afterwards `data`, `android.data`, `webpush.data` and `apns.headers` must hold only
+//!   strings, data keys must not be reserved, and the target (`token`, `topic`, `condition`,
+//!   `fid`) cannot be changed.
+
+mod apns;
+mod fcm;
+mod json;
+pub mod template;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+
+use crate::model::{
+    FieldError, MessageMeta, Platform, Priority, ProviderRequest, PushType, Recipient, Template,
+};
+use template::Text;
+
+pub use apns::sanitize_apns_id;
+pub use fcm::sanitize_analytics_label;
+
+/// APNs `apns-collapse-id` limit, in bytes; the proto applies it to `collapse_key` for both.
+pub const MAX_COLLAPSE_KEY_BYTES: usize = 64;
+/// Longest APNs device token accepted, in hex characters (Apple: do not assume 64).
+pub const MAX_APNS_TOKEN_CHARS: usize = 200;
+/// Longest FCM registration token accepted, in characters.
+pub const MAX_FCM_TOKEN_CHARS: usize = 4096;
+/// FCM `android.ttl` maximum: four weeks, in seconds.
+pub const MAX_FCM_TTL_SECS: u64 = 2_419_200;
+/// FCM message size limit, in bytes, counted on the request body minus the token.
+pub const MAX_FCM_PAYLOAD_BYTES: usize = 4096;
+
+/// Per-app settings the renderer needs.
+#[derive(Debug, Clone, Default)]
+pub struct RenderContext {
+    /// The app's bundle id, e.g. `com.example.app`; the push type's suffix is appended.
+    pub apns_topic: String,
+    /// Set from the campaign id; sent (sanitized) as FCM `fcm_options.analytics_label`.
+    pub analytics_label: Option<String>,
+}
+
+/// A batch's template, parsed and validated once, rendered per recipient.
+#[derive(Debug, Clone)]
+pub struct CompiledTemplate {
+    title: Text,
+    subtitle: Text,
+    body: Text,
+    /// Data entries in key order, values parsed.
+    data: Vec<(String, Text)>,
+    image_url: String,
+    deep_link: String,
+    sound: String,
+    badge: Option<u32>,
+    category: String,
+    thread_id: String,
+    collapse_key: String,
+    ttl_secs: Option<u64>,
+    priority: Priority,
+    push_type: Option<PushType>,
+    content_available: bool,
+    mutable_content: bool,
+    apns_json: Option<Map<String, Value>>,
+    fcm_json: Option<Map<String, Value>>,
+    android_channel_id: String,
+    /// A template problem that makes every APNs recipient fail (reported per recipient).
+    apns_problem: Option<FieldError>,
+    /// A template problem that makes every FCM recipient fail (reported per recipient).
+    fcm_problem: Option<FieldError>,
+    /// The APNs payload, when nothing in it depends on the recipient (no placeholders): built
+    /// once, shared by every recipient without overrides.
+    apns_cached: Option<Result<apns::Built, FieldError>>,
+}
+
+/// Where a title or body text comes from, to name it in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Template,
+    Recipient(usize),
+}
+
+impl Origin {
+    fn field(self, name: &str) -> String {
+        match self {
+            Origin::Template => format!("template.{name}"),
+            Origin::Recipient(i) => recipient_field(i, name),
+        }
+    }
+}
+
+fn recipient_field(index: usize, name: &str) -> String {
+    format!("recipients[{index}].{name}")
+}
+
+/// A title or body text for one recipient: the template's, or the recipient's override.
+struct Effective<'a> {
+    text: Cow<'a, Text>,
+    origin: Origin,
+}
+
+/// The personalized content of one recipient, shared by both providers.
+struct Content<'a> {
+    push_type: PushType,
+    title: Cow<'a, str>,
+    subtitle: Cow<'a, str>,
+    body: Cow<'a, str>,
+    data: Vec<(&'a str, Cow<'a, str>)>,
+}
+
+impl Content<'_> {
+    fn is_background(&self) -> bool {
+        self.push_type == PushType::Background
+    }
+}
+
+impl CompiledTemplate {
+    /// Parses and validates `template`. Field errors name `template.title`,
+    /// `template.data.<key>`, `template.apns_json`, `template.collapse_key`, ...
+    pub fn compile(template: &Template) -> Result<CompiledTemplate, FieldError> {
+        let text = |name: &str, source: &str| {
+            Text::parse(source).map_err(|e| FieldError::new(format!("template.{name}"), e.to_string()))
+        };
+        let title = text("title", &template.title)?;
+        let subtitle = text("subtitle", &template.subtitle)?;
+        let body = text("body", &template.body)?;
+        let mut data = Vec::with_capacity(template.data.len());
+        for (key, value) in &template.data {
+            if key.is_empty() {
+                return Err(FieldError::new("template.data", "data keys must not be empty"));
+            }
+            data.push((key.clone(), text(&format!("data.{key}"), value)?));
+        }
+        if template.collapse_key.len() > MAX_COLLAPSE_KEY_BYTES {
+            return Err(FieldError::new(
+                "template.collapse_key",
+                format!(
+                    "collapse key is {} bytes; the limit is {MAX_COLLAPSE_KEY_BYTES} (APNs apns-collapse-id)",
+                    template.collapse_key.len()
+                ),
+            ));
+        }
+        let raw = |name: &str, source: &str| {
+            if source.trim().is_empty() {
+                return Ok(None);
+            }
+            json::parse_object(source)
+                .map(Some)
+                .map_err(|reason| FieldError::new(format!("template.{name}"), reason))
+        };
+        let apns_json = raw("apns_json", &template.apns_json)?;
+        let fcm_json = raw("fcm_json", &template.fcm_json)?;
+
+        let mut compiled = CompiledTemplate {
+            title,
+            subtitle,
+            body,
+            data,
+            image_url: template.image_url.clone(),
+            deep_link: template.deep_link.clone(),
+            sound: template.sound.clone(),
+            badge: template.badge,
+            category: template.category.clone(),
+            thread_id: template.thread_id.clone(),
+            collapse_key: template.collapse_key.clone(),
+            ttl_secs: template.ttl.map(|d| d.as_secs()),
+            priority: template.priority,
+            push_type: template.push_type,
+            content_available: template.content_available,
+            mutable_content: template.mutable_content,
+            apns_json,
+            fcm_json,
+            android_channel_id: template.android_channel_id.clone(),
+            apns_problem: None,
+            fcm_problem: None,
+            apns_cached: None,
+        };
+        if compiled.push_type == Some(PushType::Background) {
+            compiled.check_background(
+                &Effective {
+                    text: Cow::Borrowed(&compiled.title),
+                    origin: Origin::Template,
+                },
+                &Effective {
+                    text: Cow::Borrowed(&compiled.body),
+                    origin: Origin::Template,
+                },
+            )?;
+        }
+        compiled.apns_problem = compiled.find_apns_problem();
+        compiled.fcm_problem = compiled.find_fcm_problem();
+        if compiled.apns_problem.is_none() && compiled.is_static() {
+            compiled.apns_cached = Some(compiled.build_apns_payload(
+                &compiled.template_title(),
+                &compiled.template_body(),
+                &BTreeMap::new(),
+                0,
+                "",
+            ));
+        }
+        Ok(compiled)
+    }
+
+    /// Renders one recipient. Field errors name `recipients[<index>].device_token`,
+    /// `recipients[<index>].vars.<name>`, `recipients[<index>].apns_json`,
+    /// `recipients[<index>].payload`, ..., or the template field at fault.
+    pub fn render(
+        &self,
+        recipient: &Recipient,
+        index: usize,
+        meta: &MessageMeta,
+        ctx: &RenderContext,
+    ) -> Result<ProviderRequest, FieldError> {
+        match recipient.platform {
+            Platform::Apns => self
+                .render_apns(recipient, index, meta, ctx)
+                .map(ProviderRequest::Apns),
+            Platform::Fcm => self
+                .render_fcm(recipient, index, meta, ctx)
+                .map(ProviderRequest::Fcm),
+        }
+    }
+
+    /// True when no text of the template has a placeholder: every recipient without overrides
+    /// gets the same content.
+    pub fn is_static(&self) -> bool {
+        self.title.is_static()
+            && self.subtitle.is_static()
+            && self.body.is_static()
+            && self.data.iter().all(|(_, v)| v.is_static())
+    }
+
+    fn template_title(&self) -> Effective<'_> {
+        Effective {
+            text: Cow::Borrowed(&self.title),
+            origin: Origin::Template,
+        }
+    }
+
+    fn template_body(&self) -> Effective<'_> {
+        Effective {
+            text: Cow::Borrowed(&self.body),
+            origin: Origin::Template,
+        }
+    }
+
+    /// The title and body for one recipient: its overrides (parsed now) or the template's.
+    fn effective_texts(
+        &self,
+        recipient: &Recipient,
+        index: usize,
+    ) -> Result<(Effective<'_>, Effective<'_>), FieldError> {
+        // Overrides are rare: they are parsed per recipient, only when present.
+        let own = |source: &str, name: &str| {
+            Text::parse(source)
+                .map(|t| Effective {
+                    text: Cow::Owned(t),
+                    origin: Origin::Recipient(index),
+                })
+                .map_err(|e| FieldError::new(recipient_field(index, name), e.to_string()))
+        };
+        let title = match &recipient.title {
+            None => self.template_title(),
+            Some(source) => own(source, "title")?,
+        };
+        let body = match &recipient.body {
+            None => self.template_body(),
+            Some(source) => own(source, "body")?,
+        };
+        Ok((title, body))
+    }
+
+    /// The push type for a recipient whose title and body are `title` and `body`.
+    fn resolve_push_type(&self, title: &Effective<'_>, body: &Effective<'_>) -> PushType {
+        match self.push_type {
+            Some(p) => p,
+            None if self.content_available
+                && title.text.is_empty()
+                && self.subtitle.is_empty()
+                && body.text.is_empty()
+                && self.sound.is_empty()
+                && self.badge.is_none() =>
+            {
+                PushType::Background
+            }
+            None => PushType::Alert,
+        }
+    }
+
+    /// A background push carries only `content-available`: reject what would show something.
+    fn check_background(&self, title: &Effective<'_>, body: &Effective<'_>) -> Result<(), FieldError> {
+        const WHY: &str = "not allowed in a background push (aps may only contain content-available)";
+        let conflict = if !title.text.is_empty() {
+            Some(title.origin.field("title"))
+        } else if !self.subtitle.is_empty() {
+            Some("template.subtitle".to_owned())
+        } else if !body.text.is_empty() {
+            Some(body.origin.field("body"))
+        } else if !self.sound.is_empty() {
+            Some("template.sound".to_owned())
+        } else if self.badge.is_some() {
+            Some("template.badge".to_owned())
+        } else {
+            None
+        };
+        match conflict {
+            Some(field) => Err(FieldError::new(field, WHY)),
+            None => Ok(()),
+        }
+    }
+
+    /// Renders the texts of one recipient and settles its push type.
+    fn content<'a>(
+        &'a self,
+        title: &'a Effective<'_>,
+        body: &'a Effective<'_>,
+        vars: &'a BTreeMap<String, String>,
+        index: usize,
+    ) -> Result<Content<'a>, FieldError> {
+        let push_type = self.resolve_push_type(title, body);
+        if push_type == PushType::Background {
+            self.check_background(title, body)?;
+        }
+        let missing = |e: template::MissingVar| {
+            FieldError::new(recipient_field(index, &format!("vars.{}", e.name)), e.to_string())
+        };
+        let title = title.text.render(vars).map_err(missing)?;
+        let subtitle = self.subtitle.render(vars).map_err(missing)?;
+        let body = body.text.render(vars).map_err(missing)?;
+        let mut data = Vec::with_capacity(self.data.len());
+        for (key, value) in &self.data {
+            data.push((key.as_str(), value.render(vars).map_err(missing)?));
+        }
+        Ok(Content {
+            push_type,
+            title,
+            subtitle,
+            body,
+            data,
+        })
+    }
+}
+
+/// Unix seconds of `t` (0 before the epoch).
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Absolute expiration for a ttl counted from `accepted_at`; a zero ttl means "now or never",
+/// which APNs spells `0` (deliver once, do not store).
+fn expiration(accepted_at: SystemTime, ttl_secs: Option<u64>) -> Option<u64> {
+    match ttl_secs {
+        None => None,
+        Some(0) => Some(0),
+        Some(ttl) => Some(epoch_secs(accepted_at).saturating_add(ttl)),
+    }
+}

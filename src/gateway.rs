@@ -1,0 +1,331 @@
+//! Ingest stage and the gateway's lifecycle: validates and renders a batch, admits each accepted
+//! recipient into the bounded accept window, and hands it to the deliver stage. Also owns the
+//! explicit shutdown: stop accepting, drain in flight within a grace period, fail what remains.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::PipelineConfig;
+use crate::metrics::{AppLabels, Metrics};
+use crate::model::{FieldError, MessageMeta, Recipient, ReceiptStatus, Template};
+use crate::pipeline::{Deliverer, Job};
+use crate::queue::MemoryRetryQueue;
+use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
+use crate::registry::AppRegistry;
+use crate::render::{CompiledTemplate, RenderContext};
+
+/// A batch as the domain sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub app_id: String,
+    pub batch_id: String,
+    pub campaign_id: String,
+    pub template: Template,
+    pub recipients: Vec<Recipient>,
+}
+
+/// Accepted or rejected, per recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientResult {
+    pub index: usize,
+    pub message_id: String,
+    pub accepted: bool,
+    pub field: String,
+    pub reason: String,
+}
+
+/// What ingest made of a batch.
+#[derive(Debug, Clone)]
+pub struct BatchResult {
+    pub batch_id: String,
+    pub results: Vec<RecipientResult>,
+}
+
+impl BatchResult {
+    pub fn accepted(&self) -> usize {
+        self.results.iter().filter(|r| r.accepted).count()
+    }
+    pub fn rejected(&self) -> usize {
+        self.results.len() - self.accepted()
+    }
+}
+
+/// Why a whole batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The running gateway (everything but the gRPC transport).
+pub struct Gateway {
+    apps: AppRegistry,
+    config: PipelineConfig,
+    window: Arc<Semaphore>,
+    window_high_water: AtomicUsize,
+    dispatch: mpsc::Sender<Job>,
+    hub: Arc<ReceiptHub>,
+    metrics: Arc<Metrics>,
+    accepting: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Gateway {
+    /// Starts the deliver stage and the in-memory retry queue.
+    pub fn start(apps: AppRegistry, config: PipelineConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let hard_stop = CancellationToken::new();
+        let (dispatch, dispatch_rx) = mpsc::channel(config.dispatch_queue);
+        let retry_queue =
+            MemoryRetryQueue::start(dispatch.clone(), Arc::clone(&metrics), hard_stop.clone());
+        let deliverer = Arc::new(Deliverer {
+            metrics: Arc::clone(&metrics),
+            retry_queue,
+            requests: Arc::new(Semaphore::new(config.max_in_flight_requests)),
+            hard_stop: hard_stop.clone(),
+        });
+        tokio::spawn(deliverer.run(dispatch_rx));
+        Arc::new(Self {
+            apps,
+            window: Arc::new(Semaphore::new(config.accept_window)),
+            window_high_water: AtomicUsize::new(0),
+            config,
+            dispatch,
+            hub: Arc::new(ReceiptHub::new(Arc::clone(&metrics))),
+            metrics,
+            accepting: CancellationToken::new(),
+            hard_stop,
+        })
+    }
+
+    pub fn hub(&self) -> &Arc<ReceiptHub> {
+        &self.hub
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn apps(&self) -> &AppRegistry {
+        &self.apps
+    }
+
+    /// True until shutdown begins.
+    pub fn is_accepting(&self) -> bool {
+        !self.accepting.is_cancelled()
+    }
+
+    /// Fires when shutdown begins.
+    pub fn stopping(&self) -> CancellationToken {
+        self.accepting.clone()
+    }
+
+    /// The most accepted-but-unfinished messages held at once so far.
+    pub fn window_high_water(&self) -> usize {
+        self.window_high_water.load(Ordering::Relaxed)
+    }
+
+    /// The configured accept window.
+    pub fn window_size(&self) -> usize {
+        self.config.accept_window
+    }
+
+    /// Validates, renders and admits a batch. Waits for accept-window room as needed (that wait
+    /// is the backpressure a fast caller feels). With `sink`, the batch's receipts go there too;
+    /// with `stream_rejections`, recipients failing validation also get a REJECTED receipt there.
+    pub async fn submit(
+        &self,
+        batch: Batch,
+        sink: Option<&CallerSink>,
+        stream_rejections: bool,
+    ) -> Result<BatchResult, SubmitError> {
+        if !self.is_accepting() {
+            return Err(SubmitError::Unavailable("the gateway is shutting down".into()));
+        }
+        if batch.app_id.is_empty() {
+            return Err(FieldError::new("app_id", "required").into());
+        }
+        let Some(app) = self.apps.get(&batch.app_id).cloned() else {
+            return Err(FieldError::new(
+                "app_id",
+                format!("unknown app `{}`", batch.app_id),
+            )
+            .into());
+        };
+        if batch.recipients.len() > self.config.max_batch_recipients {
+            return Err(FieldError::new(
+                "recipients",
+                format!(
+                    "{} recipients; a batch holds at most {}",
+                    batch.recipients.len(),
+                    self.config.max_batch_recipients
+                ),
+            )
+            .into());
+        }
+        let compiled = CompiledTemplate::compile(&batch.template)?;
+        let batch_id: Arc<str> = if batch.batch_id.is_empty() {
+            uuid::Uuid::new_v4().to_string().into()
+        } else {
+            batch.batch_id.as_str().into()
+        };
+        let campaign_id: Arc<str> = batch.campaign_id.as_str().into();
+        let app_id = Arc::clone(&app.id);
+        let ctx = RenderContext {
+            apns_topic: app.apns_topic.clone(),
+            analytics_label: (!batch.campaign_id.is_empty()).then(|| batch.campaign_id.clone()),
+        };
+        let labels = AppLabels {
+            app: app_id.to_string(),
+        };
+        let accepted_counter = self.metrics.accepted.get_or_create(&labels).clone();
+        let rejected_counter = self.metrics.rejected_at_ingest.get_or_create(&labels).clone();
+        let ttl = batch.template.ttl;
+        let mut seen_ids = HashSet::with_capacity(batch.recipients.len());
+        let mut results = Vec::with_capacity(batch.recipients.len());
+
+        for (index, recipient) in batch.recipients.into_iter().enumerate() {
+            let message_id = if recipient.message_id.is_empty() {
+                uuid::Uuid::new_v4().to_string()
+            } else {
+                recipient.message_id.clone()
+            };
+            let accepted_at = SystemTime::now();
+            let meta = Arc::new(MessageMeta {
+                app_id: Arc::clone(&app_id),
+                batch_id: Arc::clone(&batch_id),
+                campaign_id: Arc::clone(&campaign_id),
+                message_id: message_id.clone(),
+                platform: recipient.platform,
+                user_id: recipient.user_id.clone(),
+                priority: batch.template.priority,
+                accepted_at,
+                expires_at: ttl.map(|t| accepted_at + t),
+            });
+            let rendered = if !seen_ids.insert(message_id.clone()) {
+                Err(FieldError::new(
+                    format!("recipients[{index}].message_id"),
+                    "duplicate message_id in this batch",
+                ))
+            } else if app.provider(recipient.platform).is_none() {
+                Err(FieldError::new(
+                    format!("recipients[{index}].platform"),
+                    format!(
+                        "app `{}` has no {} credentials",
+                        app_id,
+                        recipient.platform.as_str()
+                    ),
+                ))
+            } else {
+                compiled.render(&recipient, index, &meta, &ctx)
+            };
+            let request = match rendered {
+                Ok(request) => request,
+                Err(error) => {
+                    rejected_counter.inc();
+                    self.reject(&meta, &error, sink.filter(|_| stream_rejections));
+                    results.push(RecipientResult {
+                        index,
+                        message_id,
+                        accepted: false,
+                        field: error.field,
+                        reason: error.reason,
+                    });
+                    continue;
+                }
+            };
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.window).acquire_owned() => permit.ok(),
+                _ = self.accepting.cancelled() => None,
+            };
+            let Some(permit) = permit else {
+                let error = FieldError::new("", "the gateway is shutting down");
+                self.reject(&meta, &error, sink.filter(|_| stream_rejections));
+                results.push(RecipientResult {
+                    index,
+                    message_id,
+                    accepted: false,
+                    field: error.field,
+                    reason: error.reason,
+                });
+                continue;
+            };
+            let used = self.config.accept_window - self.window.available_permits();
+            self.window_high_water.fetch_max(used, Ordering::Relaxed);
+            let pending = Pending::new(meta, sink.cloned(), Arc::clone(&self.hub), Some(permit));
+            accepted_counter.inc();
+            let job = Job {
+                pending,
+                request,
+                app: Arc::clone(&app),
+            };
+            if let Err(mpsc::error::SendError(job)) = self.dispatch.send(job).await {
+                job.pending.resolve(Resolution::gateway(
+                    ReceiptStatus::Failed,
+                    "gateway shut down before delivery",
+                ));
+            }
+            results.push(RecipientResult {
+                index,
+                message_id,
+                accepted: true,
+                field: String::new(),
+                reason: String::new(),
+            });
+        }
+        Ok(BatchResult {
+            batch_id: batch_id.to_string(),
+            results,
+        })
+    }
+
+    /// Emits a REJECTED receipt for a recipient that never entered the pipeline.
+    fn reject(&self, meta: &Arc<MessageMeta>, error: &FieldError, sink: Option<&CallerSink>) {
+        let receipt = self.hub.rejection(meta, error);
+        if let Some(sink) = sink {
+            let _ = sink.send(ReceiptEnvelope {
+                receipt,
+                permit: None,
+            });
+        }
+    }
+
+    /// Stops accepting, waits up to `grace` for in-flight messages to finish, then fails what is
+    /// left (each with a terminal receipt saying so) and waits for those receipts to be emitted.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.accepting.cancel();
+        let in_flight = self.metrics.in_flight.get();
+        info!(in_flight, ?grace, "shutting down: draining in-flight messages");
+        if !self.wait_drained(grace).await {
+            warn!(
+                remaining = self.metrics.in_flight.get(),
+                "grace period over: failing the messages still in flight"
+            );
+        }
+        self.hard_stop.cancel();
+        if !self.wait_drained(Duration::from_secs(5)).await {
+            warn!(
+                remaining = self.metrics.in_flight.get(),
+                "messages still unresolved after the hard stop"
+            );
+        }
+    }
+
+    async fn wait_drained(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.metrics.in_flight.get() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}

@@ -1,0 +1,226 @@
+//! Deliver stage driver: takes accepted jobs from the dispatch channel, runs provider attempts
+//! under the in-flight request limit, and turns each outcome into a terminal receipt or a retry.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span};
+
+use crate::metrics::{Metrics, OutcomeLabels, ProviderLabels};
+use crate::model::{Outcome, ProviderRequest, ReceiptStatus};
+use crate::provider::h2pool::{backoff, exponential_ceiling};
+use crate::queue::RetryQueue;
+use crate::receipts::{Pending, Resolution};
+use crate::registry::AppRuntime;
+
+/// One accepted message on its way to a provider.
+pub struct Job {
+    pub pending: Pending,
+    pub request: ProviderRequest,
+    pub app: Arc<AppRuntime>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("app", &self.app.id)
+            .field("message_id", &self.pending.meta().message_id)
+            .finish()
+    }
+}
+
+/// Shared state of the deliver stage.
+pub struct Deliverer {
+    pub metrics: Arc<Metrics>,
+    pub retry_queue: Arc<dyn RetryQueue>,
+    /// Provider requests outstanding at once.
+    pub requests: Arc<Semaphore>,
+    /// Fires when the shutdown grace period is over: in-flight attempts are abandoned.
+    pub hard_stop: CancellationToken,
+}
+
+impl Deliverer {
+    /// Runs until the dispatch channel closes; then every job still in it has been resolved.
+    pub async fn run(self: Arc<Self>, mut dispatch: mpsc::Receiver<Job>) {
+        while let Some(job) = dispatch.recv().await {
+            if self.hard_stop.is_cancelled() {
+                job.pending.resolve(Resolution::gateway(
+                    ReceiptStatus::Failed,
+                    "gateway shut down before delivery",
+                ));
+                continue;
+            }
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.requests).acquire_owned() => permit,
+                _ = self.hard_stop.cancelled() => {
+                    job.pending.resolve(Resolution::gateway(
+                        ReceiptStatus::Failed,
+                        "gateway shut down before delivery",
+                    ));
+                    continue;
+                }
+            };
+            let Ok(permit) = permit else {
+                job.pending.resolve(Resolution::gateway(
+                    ReceiptStatus::Failed,
+                    "gateway shut down before delivery",
+                ));
+                continue;
+            };
+            let this = Arc::clone(&self);
+            let span = info_span!(
+                "deliver",
+                app = %job.app.id,
+                message_id = %job.pending.meta().message_id,
+                provider = job.request.platform().as_str(),
+            );
+            tokio::spawn(
+                async move {
+                    this.attempt(job).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// One provider attempt and what follows from it.
+    async fn attempt(&self, mut job: Job) {
+        let meta = Arc::clone(job.pending.meta());
+        if meta.expires_at.is_some_and(|t| SystemTime::now() >= t) {
+            job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Expired,
+                "ttl passed before the message could be sent",
+            ));
+            return;
+        }
+        let Some(provider) = job.app.provider(meta.platform).cloned() else {
+            job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Rejected,
+                format!("app has no {} credentials", meta.platform.as_str()),
+            ));
+            return;
+        };
+        let attempt = job.pending.begin_attempt();
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            outcome = provider.deliver(&job.request) => outcome,
+            _ = self.hard_stop.cancelled() => {
+                job.pending.resolve(Resolution::gateway(
+                    ReceiptStatus::Failed,
+                    "gateway shut down while the provider request was in flight; it may or may not have been delivered",
+                ));
+                return;
+            }
+        };
+        self.metrics
+            .delivery_seconds
+            .get_or_create(&ProviderLabels {
+                provider: meta.platform.as_str().into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .deliveries
+            .get_or_create(&OutcomeLabels {
+                app: meta.app_id.to_string(),
+                provider: meta.platform.as_str().into(),
+                outcome: outcome_label(&outcome).into(),
+            })
+            .inc();
+        debug!(attempt, ?outcome, "attempt finished");
+        match outcome {
+            Outcome::Retry {
+                reason,
+                status,
+                retry_after,
+            } => self.retry(job, reason, status, retry_after),
+            other => job.pending.resolve(Resolution::from_outcome(other)),
+        }
+    }
+
+    /// Parks a transiently failed job, or ends it when no attempt is left or its ttl would pass.
+    fn retry(&self, job: Job, reason: String, status: u16, retry_after: Option<Duration>) {
+        let policy = &job.app.retry;
+        let attempt = job.pending.attempt();
+        if attempt >= policy.max_attempts {
+            job.pending.resolve(Resolution::from_outcome(Outcome::Retry {
+                reason: format!("{reason} (after {attempt} attempts)"),
+                status,
+                retry_after,
+            }));
+            return;
+        }
+        let delay = retry_delay(policy, attempt, retry_after);
+        let next_attempt_at = SystemTime::now() + delay;
+        if let Some(expires_at) = job.pending.meta().expires_at
+            && next_attempt_at >= expires_at
+        {
+            job.pending.resolve(Resolution {
+                provider_status: status,
+                ..Resolution::gateway(
+                    ReceiptStatus::Expired,
+                    format!("ttl passes before the next attempt; last error: {reason}"),
+                )
+            });
+            return;
+        }
+        job.pending.retrying(&reason, status, next_attempt_at);
+        self.retry_queue.schedule(job, Instant::now() + delay);
+    }
+}
+
+/// The wait before attempt `attempt + 1`: exponential backoff with full jitter, but never less
+/// than the provider's Retry-After (clamped to the policy's maximum).
+pub fn retry_delay(
+    policy: &crate::config::RetryConfig,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let jittered = backoff(policy.base(), policy.cap(), attempt);
+    match retry_after {
+        Some(after) => jittered.max(after.min(policy.max_retry_after())),
+        None => jittered,
+    }
+}
+
+/// The largest wait `retry_delay` can choose for `attempt` without a Retry-After.
+pub fn retry_delay_ceiling(policy: &crate::config::RetryConfig, attempt: u32) -> Duration {
+    exponential_ceiling(policy.base(), policy.cap(), attempt)
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered { .. } => "delivered",
+        Outcome::InvalidToken { .. } => "invalid_token",
+        Outcome::Rejected { .. } => "rejected",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Failed { .. } => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryConfig;
+
+    #[test]
+    fn retry_after_is_a_floor_and_clamped() {
+        let policy = RetryConfig {
+            base_ms: 100,
+            cap_ms: 1_000,
+            max_attempts: 5,
+            max_retry_after_secs: 60,
+        };
+        for attempt in 1..6 {
+            let d = retry_delay(&policy, attempt, None);
+            assert!(d <= retry_delay_ceiling(&policy, attempt));
+            let d = retry_delay(&policy, attempt, Some(Duration::from_secs(30)));
+            assert!(d >= Duration::from_secs(30));
+            let d = retry_delay(&policy, attempt, Some(Duration::from_secs(7_200)));
+            assert_eq!(d, Duration::from_secs(60), "clamped to max_retry_after");
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! A pool of long-lived HTTP/2 connections to one provider endpoint.
+//!
+//! Each connection slot has a supervisor task that connects, drives the connection, sends PING
+//! keep-alives, and reconnects with exponential backoff when the connection ends (GOAWAY, reset,
+//! I/O error). Requests go to the least loaded live connection; `h2` itself holds a request back
+//! until the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows another stream, so the pool honours that
+//! limit as the server changes it. When no connection is live the pool waits briefly for one, then
+//! fails fast instead of queueing forever.
+//!
+//! `https://` endpoints use TLS (rustls, ALPN `h2`); `http://` means cleartext HTTP/2 with prior
+//! knowledge, meant only for local mock servers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use http::{HeaderMap, Request, StatusCode};
+use parking_lot::RwLock;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Where a pool connects, parsed and validated at start.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// `https` or `http`.
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// Invalid endpoint configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("invalid URL `{0}`: {1}")]
+    Url(String, String),
+    #[error("unsupported scheme in `{0}`: use https:// (or http:// for a local mock)")]
+    Scheme(String),
+    #[error("invalid CA certificate PEM: {0}")]
+    Ca(String),
+}
+
+impl Endpoint {
+    /// Parses `https://host[:port]` or `http://host[:port]`; `extra_ca_pem` adds trusted roots
+    /// (for TLS mock servers) to the bundled web PKI roots.
+    pub fn parse(url: &str, extra_ca_pem: Option<&str>) -> Result<Self, EndpointError> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| EndpointError::Url(url.into(), e.to_string()))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| EndpointError::Scheme(url.into()))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| EndpointError::Url(url.into(), "missing host".into()))?;
+        let tls = match scheme.as_str() {
+            "https" => Some(Arc::new(client_tls_config(extra_ca_pem)?)),
+            "http" => None,
+            _ => return Err(EndpointError::Scheme(url.into())),
+        };
+        let host = authority.host().trim_matches(['[', ']']).to_string();
+        let port = authority
+            .port_u16()
+            .unwrap_or(if tls.is_some() { 443 } else { 80 });
+        Ok(Self {
+            scheme,
+            authority,
+            host,
+            port,
+            tls,
+        })
+    }
+}
+
+fn client_tls_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig, EndpointError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| EndpointError::Ca(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| EndpointError::Ca(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(EndpointError::Ca("no certificate found".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EndpointError::Ca(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Tuning of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Log label, e.g. `apns:TEAMID:KEYID:production`.
+    pub name: String,
+    pub connections: usize,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// PING interval on a connection; a PING unanswered within `request_timeout` closes it.
+    pub ping_interval: Duration,
+    pub reconnect_base: Duration,
+    pub reconnect_cap: Duration,
+    /// Streams assumed before the server's SETTINGS arrive (APNs token connections start at 1).
+    pub initial_max_streams: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            name: "pool".into(),
+            connections: 2,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(60),
+            reconnect_base: Duration::from_millis(100),
+            reconnect_cap: Duration::from_secs(30),
+            initial_max_streams: 1,
+        }
+    }
+}
+
+/// A complete HTTP/2 response.
+#[derive(Debug)]
+pub struct H2Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why a request got no response. Every variant is transient from the message's point of view.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("no healthy connection to {endpoint}: {last_error}")]
+    NoConnection {
+        endpoint: String,
+        last_error: String,
+    },
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("stream refused by the server (REFUSED_STREAM)")]
+    Refused,
+    #[error("connection closed: {0}")]
+    ConnectionLost(String),
+    #[error("HTTP/2 error: {0}")]
+    Protocol(String),
+}
+
+impl TransportError {
+    /// True when the server certainly did not process the request, so re-sending it at once on
+    /// another stream cannot duplicate it.
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(self, TransportError::Refused | TransportError::NoConnection { .. })
+    }
+}
+
+struct Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    in_flight: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+struct Slot {
+    conn: RwLock<Option<Arc<Conn>>>,
+}
+
+struct Shared {
+    endpoint: Endpoint,
+    config: PoolConfig,
+    slots: Vec<Slot>,
+    /// Signalled whenever a slot gets a fresh connection.
+    connected: Notify,
+    last_error: RwLock<String>,
+    started: AtomicBool,
+    next_conn_id: AtomicU64,
+    connects: AtomicU64,
+    cancel: CancellationToken,
+}
+
+/// A pool of HTTP/2 connections to one endpoint. Cheap to share behind an `Arc`; dropping the
+/// last handle stops the supervisors and closes the connections.
+pub struct H2Pool {
+    shared: Arc<Shared>,
+}
+
+impl Drop for H2Pool {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+impl H2Pool {
+    /// Creates the pool; connections are opened lazily on the first request.
+    pub fn new(endpoint: Endpoint, config: PoolConfig) -> Self {
+        let slots = (0..config.connections.max(1))
+            .map(|_| Slot {
+                conn: RwLock::new(None),
+            })
+            .collect();
+        Self {
+            shared: Arc::new(Shared {
+                endpoint,
+                config,
+                slots,
+                connected: Notify::new(),
+                last_error: RwLock::new("not connected yet".into()),
+                started: AtomicBool::new(false),
+                next_conn_id: AtomicU64::new(1),
+                connects: AtomicU64::new(0),
+                cancel: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The endpoint's authority, for the `:authority` pseudo-header.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.shared.endpoint
+    }
+
+    /// Connections established so far (reconnects included).
+    pub fn connects(&self) -> u64 {
+        self.shared.connects.load(Ordering::Relaxed)
+    }
+
+    /// Requests currently waiting for a response, over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.read().as_ref().map(|c| c.in_flight.load(Ordering::Relaxed)))
+            .sum()
+    }
+
+    fn ensure_started(&self) {
+        if self.shared.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for index in 0..self.shared.slots.len() {
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move { supervise(shared, index).await });
+        }
+    }
+
+    /// Sends one request with a complete body and reads the complete response, within the
+    /// pool's request timeout. A stream refused before processing is re-sent once on another
+    /// connection.
+    pub async fn send(&self, request: Request<()>, body: Bytes) -> Result<H2Response, TransportError> {
+        self.ensure_started();
+        let timeout = self.shared.config.request_timeout;
+        let attempt = async {
+            let mut last = None;
+            for _ in 0..3 {
+                let conn = self.pick().await?;
+                match send_on(&conn, clone_request(&request), body.clone()).await {
+                    Ok(response) => return Ok(response),
+                    Err(e) if e.is_unprocessed() => last = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(last.unwrap_or(TransportError::Refused))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout(timeout)),
+        }
+    }
+
+    /// The least loaded live connection, waiting up to the connect timeout for one to come up.
+    async fn pick(&self) -> Result<Arc<Conn>, TransportError> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.connect_timeout;
+        loop {
+            let notified = self.shared.connected.notified();
+            if let Some(conn) = self.least_loaded() {
+                return Ok(conn);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(TransportError::NoConnection {
+                    endpoint: format!("{:?}", self.shared.endpoint),
+                    last_error: self.shared.last_error.read().clone(),
+                });
+            }
+        }
+    }
+
+    fn least_loaded(&self) -> Option<Arc<Conn>> {
+        let mut best: Option<(usize, Arc<Conn>)> = None;
+        for slot in &self.shared.slots {
+            let guard = slot.conn.read();
+            let Some(conn) = guard.as_ref() else { continue };
+            if conn.closed.load(Ordering::Acquire) {
+                continue;
+            }
+            // Load relative to what the server lets this connection carry.
+            let capacity = conn.send.current_max_send_streams().max(1);
+            let load = conn.in_flight.load(Ordering::Relaxed) * 1024 / capacity;
+            if best.as_ref().is_none_or(|(l, _)| load < *l) {
+                best = Some((load, Arc::clone(conn)));
+            }
+        }
+        best.map(|(_, c)| c)
+    }
+}
+
+fn clone_request(request: &Request<()>) -> Request<()> {
+    let mut builder = Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version());
+    if let Some(headers) = builder.headers_mut() {
+        headers.clone_from(request.headers());
+    }
+    // Cannot fail: every part was taken from a valid request.
+    builder.body(()).unwrap_or_default()
+}
+
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn send_on(conn: &Conn, request: Request<()>, body: Bytes) -> Result<H2Response, TransportError> {
+    conn.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _guard = InFlightGuard(Arc::clone(&conn.in_flight));
+    let mut send = conn.send.clone().ready().await.map_err(|e| map_h2(e, conn))?;
+    let end_of_stream = body.is_empty();
+    let (response, mut stream) = send
+        .send_request(request, end_of_stream)
+        .map_err(|e| map_h2(e, conn))?;
+    if !end_of_stream {
+        stream.send_data(body, true).map_err(|e| map_h2(e, conn))?;
+    }
+    let response = response.await.map_err(|e| map_h2(e, conn))?;
+    let (parts, mut recv) = response.into_parts();
+    let mut body = BytesMut::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(|e| map_h2(e, conn))?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        body.extend_from_slice(&chunk);
+    }
+    Ok(H2Response {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.freeze(),
+    })
+}
+
+fn map_h2(error: h2::Error, conn: &Conn) -> TransportError {
+    if error.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return TransportError::Refused;
+    }
+    if error.is_go_away() || error.is_io() {
+        conn.closed.store(true, Ordering::Release);
+        // A GOAWAY's last-stream-id tells h2 which streams were never processed; h2 fails those
+        // with the GOAWAY error. Streams the server did process complete normally.
+        if error.is_go_away() && error.reason() == Some(h2::Reason::NO_ERROR) {
+            return TransportError::Refused;
+        }
+        return TransportError::ConnectionLost(error.to_string());
+    }
+    TransportError::Protocol(error.to_string())
+}
+
+/// Keeps slot `index` connected for the life of the pool.
+async fn supervise(shared: Arc<Shared>, index: usize) {
+    let mut failures: u32 = 0;
+    loop {
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        match connect(&shared).await {
+            Ok((send, connection)) => {
+                let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+                shared.connects.fetch_add(1, Ordering::Relaxed);
+                let closed = Arc::new(AtomicBool::new(false));
+                let conn = Arc::new(Conn {
+                    id,
+                    send,
+                    in_flight: Arc::new(AtomicUsize::new(0)),
+                    closed: Arc::clone(&closed),
+                });
+                *shared.slots[index].conn.write() = Some(Arc::clone(&conn));
+                shared.connected.notify_waiters();
+                debug!(pool = %shared.config.name, conn = id, "connected");
+                let started = tokio::time::Instant::now();
+                let ended = drive(&shared, connection).await;
+                closed.store(true, Ordering::Release);
+                {
+                    let mut slot = shared.slots[index].conn.write();
+                    if slot.as_ref().is_some_and(|c| c.id == conn.id) {
+                        *slot = None;
+                    }
+                }
+                match ended {
+                    DriveEnd::Cancelled => return,
+                    DriveEnd::Closed(reason) => {
+                        info!(pool = %shared.config.name, conn = id, %reason, "connection ended; reconnecting");
+                        *shared.last_error.write() = reason;
+                    }
+                }
+                // A connection that lived a while resets the backoff; one that dies at once does not.
+                if started.elapsed() > Duration::from_secs(10) {
+                    failures = 0;
+                }
+            }
+            Err(error) => {
+                warn!(pool = %shared.config.name, %error, "connect failed");
+                *shared.last_error.write() = error;
+            }
+        }
+        failures = failures.saturating_add(1).min(1_000);
+        let delay = backoff(shared.config.reconnect_base, shared.config.reconnect_cap, failures);
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+enum DriveEnd {
+    Cancelled,
+    Closed(String),
+}
+
+type Connection = h2::client::Connection<Box<dyn Io>, Bytes>;
+
+/// Runs the connection until it ends, with PING keep-alives.
+async fn drive(shared: &Shared, mut connection: Connection) -> DriveEnd {
+    let mut ping_pong = connection.ping_pong();
+    let mut connection = std::pin::pin!(connection);
+    let mut ticker = tokio::time::interval(shared.config.ping_interval);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
+            result = &mut connection => {
+                return DriveEnd::Closed(match result {
+                    Ok(()) => "closed by peer".into(),
+                    Err(e) => e.to_string(),
+                });
+            }
+            _ = ticker.tick() => {
+                let Some(pinger) = ping_pong.as_mut() else { continue };
+                let ping = tokio::time::timeout(shared.config.request_timeout, pinger.ping(h2::Ping::opaque()));
+                // The connection future must keep running while we wait for the PONG.
+                let mut ping = std::pin::pin!(ping);
+                loop {
+                    tokio::select! {
+                        _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
+                        result = &mut connection => {
+                            return DriveEnd::Closed(match result {
+                                Ok(()) => "closed by peer".into(),
+                                Err(e) => e.to_string(),
+                            });
+                        }
+                        pong = &mut ping => {
+                            match pong {
+                                Ok(Ok(_)) => break,
+                                Ok(Err(e)) => return DriveEnd::Closed(format!("ping failed: {e}")),
+                                Err(_) => return DriveEnd::Closed("ping timed out".into()),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+async fn connect(shared: &Shared) -> Result<(SendRequest<Bytes>, Connection), String> {
+    let endpoint = &shared.endpoint;
+    let config = &shared.config;
+    let setup = async {
+        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|e| format!("TCP connect to {}:{}: {e}", endpoint.host, endpoint.port))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &endpoint.tls {
+            Some(tls) => {
+                let name = ServerName::try_from(endpoint.host.clone())
+                    .map_err(|e| format!("invalid TLS server name {}: {e}", endpoint.host))?;
+                let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {}: {e}", endpoint.host))?;
+                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(format!("{} did not negotiate HTTP/2 (ALPN h2)", endpoint.host));
+                }
+                Box::new(stream)
+            }
+            None => Box::new(tcp),
+        };
+        h2::client::Builder::new()
+            .initial_max_send_streams(config.initial_max_streams.max(1))
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))
+    };
+    tokio::time::timeout(config.connect_timeout, setup)
+        .await
+        .map_err(|_| format!("connect timed out after {:?}", config.connect_timeout))?
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^(attempt-1))].
+pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = exponential_ceiling(base, cap, attempt);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(rand::random_range(0..=nanos))
+}
+
+/// The upper bound of the jittered backoff for `attempt` (1-based).
+pub fn exponential_ceiling(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let shift = attempt.saturating_sub(1).min(31);
+    base.saturating_mul(1u32 << shift).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        assert_eq!(exponential_ceiling(base, cap, 1), base);
+        assert_eq!(exponential_ceiling(base, cap, 3), Duration::from_millis(400));
+        assert_eq!(exponential_ceiling(base, cap, 40), cap);
+        for attempt in 1..20 {
+            assert!(backoff(base, cap, attempt) <= exponential_ceiling(base, cap, attempt));
+        }
+    }
+
+    #[test]
+    fn endpoint_parsing() {
+        let e = Endpoint::parse("http://127.0.0.1:8443", None).unwrap();
+        assert_eq!(e.port, 8443);
+        assert!(e.tls.is_none());
+        let e = Endpoint::parse("https://api.push.apple.com", None).unwrap();
+        assert_eq!(e.port, 443);
+        assert!(e.tls.is_some());
+        assert!(matches!(
+            Endpoint::parse("ftp://x", None),
+            Err(EndpointError::Scheme(_))
+        ));
+        assert!(Endpoint::parse("https://x", Some("not a pem")).is_err());
+    }
+}

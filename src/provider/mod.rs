@@ -1,0 +1,41 @@
+//! Deliver stage: one trait, one implementation per push service.
+//!
+//! A provider owns its HTTP/2 connection pool, its credentials (JWT/OAuth caching and refresh)
+//! and the mapping from its status codes and reason strings to an [`Outcome`]. The pipeline never
+//! looks inside a provider response; it only acts on the `Outcome`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::model::{Outcome, Platform, ProviderRequest};
+
+pub mod apns;
+pub mod h2pool;
+pub mod fcm;
+pub mod retry_after;
+
+/// A boxed, sendable future, so providers can sit behind `dyn Provider`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A push service that can attempt delivery of one rendered message.
+pub trait Provider: Send + Sync + 'static {
+    /// The platform this provider serves.
+    fn platform(&self) -> Platform;
+
+    /// Makes one delivery attempt (the provider may transparently re-send once for credential
+    /// refresh or a refused stream) and classifies the result. Never panics; every transport or
+    /// protocol failure becomes an `Outcome`.
+    fn deliver<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Outcome>;
+}
+
+/// Builds an outcome for a request routed to the wrong provider: a gateway bug, reported, not hidden.
+pub(crate) fn wrong_platform(expected: Platform, got: &ProviderRequest) -> Outcome {
+    Outcome::Failed {
+        reason: format!(
+            "internal routing error: {} request sent to the {} provider",
+            got.platform().as_str(),
+            expected.as_str()
+        ),
+        status: 0,
+    }
+}

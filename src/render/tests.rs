@@ -1,0 +1,1 @@
+//! Tests of the render stage as a whole.
