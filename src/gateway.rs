@@ -140,9 +140,12 @@ impl Gateway {
     /// Validates, renders and admits a batch. Waits for accept-window room as needed (that wait
     /// is the backpressure a fast caller feels). With `sink`, the batch's receipts go there too;
     /// with `stream_rejections`, recipients failing validation also get a REJECTED receipt there.
+    ///
+    /// A batch-level error (unknown app, bad template) leaves `batch` untouched, so the caller
+    /// can still report every recipient; otherwise its recipients are taken.
     pub async fn submit(
         &self,
-        batch: Batch,
+        batch: &mut Batch,
         sink: Option<&CallerSink>,
         stream_rejections: bool,
     ) -> Result<BatchResult, SubmitError> {
@@ -191,7 +194,8 @@ impl Gateway {
         let mut seen_ids = HashSet::with_capacity(batch.recipients.len());
         let mut results = Vec::with_capacity(batch.recipients.len());
 
-        for (index, recipient) in batch.recipients.into_iter().enumerate() {
+        let recipients = std::mem::take(&mut batch.recipients);
+        for (index, recipient) in recipients.into_iter().enumerate() {
             let message_id = if recipient.message_id.is_empty() {
                 uuid::Uuid::new_v4().to_string()
             } else {

@@ -4,7 +4,9 @@
 //! (`pipeline`, `provider`) -> receipt (`receipts`), with transient failures parked in a retry
 //! queue (`queue`).
 
+pub mod api;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod metrics;
 pub mod model;
@@ -14,6 +16,7 @@ pub mod queue;
 pub mod receipts;
 pub mod registry;
 pub mod render;
+pub mod server;
 
 /// Generated protobuf and gRPC code for `pushgate.v1`.
 pub mod proto {

@@ -74,11 +74,11 @@ use http::{HeaderMap, Method, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use parking_lot::{Mutex, RwLock};
 
+pub use crate::server::MockStats;
 use crate::server::{
     self, Admission, ConnCtx, ConnFaults, Countdown, Counters, Handler, MockClock, PerMille,
     Running,
 };
-pub use crate::server::MockStats;
 use crate::tls::MockTls;
 
 /// Every `reason` string APNs documents for `/3/device`, plus the on-the-wire spelling
@@ -494,6 +494,7 @@ impl MockApns {
         } else {
             None
         };
+        let (listener, addr) = server::bind().await?;
         let inner = Arc::new(ApnsInner {
             keys,
             topics: cfg.topics.iter().cloned().collect(),
@@ -503,7 +504,7 @@ impl MockApns {
             accepted: Mutex::default(),
             cfg,
         });
-        let running = server::start(inner.clone(), tls.clone(), false).await?;
+        let running = server::spawn(listener, addr, inner.clone(), tls.clone(), false);
         Ok(MockApns {
             inner,
             tls,
@@ -601,7 +602,8 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 fn has_duplicate_headers(headers: &HeaderMap) -> bool {
     headers.keys().any(|k| {
         let n = k.as_str();
-        (n.starts_with("apns-") || n == "authorization") && headers.get_all(k).iter().nth(1).is_some()
+        (n.starts_with("apns-") || n == "authorization")
+            && headers.get_all(k).iter().nth(1).is_some()
     })
 }
 
@@ -616,10 +618,7 @@ struct Validated<'a> {
 }
 
 impl ApnsInner {
-    fn check_headers<'a>(
-        &self,
-        parts: &'a http::request::Parts,
-    ) -> Result<Validated<'a>, Reject> {
+    fn check_headers<'a>(&self, parts: &'a http::request::Parts) -> Result<Validated<'a>, Reject> {
         use ApnsReason::*;
         let h = &parts.headers;
         if has_duplicate_headers(h) {
@@ -852,9 +851,13 @@ impl ApnsInner {
         };
         if v.push_type == "background" {
             if let Some(err) = self.cfg.background_error {
-                let aps_ok = payload.get("aps").and_then(|a| a.as_object()).is_some_and(|aps| {
-                    aps.len() == 1 && aps.get("content-available").and_then(|c| c.as_i64()) == Some(1)
-                });
+                let aps_ok = payload
+                    .get("aps")
+                    .and_then(|a| a.as_object())
+                    .is_some_and(|aps| {
+                        aps.len() == 1
+                            && aps.get("content-available").and_then(|c| c.as_i64()) == Some(1)
+                    });
                 if v.priority != 5 || !aps_ok {
                     return Err(err.into());
                 }
@@ -981,12 +984,12 @@ impl Handler for ApnsInner {
         }
     }
 
-    fn serve(
+    async fn serve(
         self: Arc<Self>,
         conn: Arc<ConnCtx<ApnsConn>>,
         req: http::Request<RecvStream>,
         mut resp: SendResponse<Bytes>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        async move { self.handle(&conn.state, req, &mut resp).await }
+    ) {
+        self.handle(&conn.state, req, &mut resp).await
     }
 }

@@ -248,7 +248,8 @@ impl Countdown {
             return false;
         }
         matches!(
-            self.0.fetch_update(Relaxed, Relaxed, |v| (v > 0).then(|| v - 1)),
+            self.0
+                .fetch_update(Relaxed, Relaxed, |v| (v > 0).then(|| v - 1)),
             Ok(1)
         )
     }
@@ -341,27 +342,29 @@ impl Drop for Running {
     }
 }
 
-/// Binds `127.0.0.1:0` and serves `handler` until shut down.
-pub(crate) async fn start<H: Handler>(
-    handler: Arc<H>,
-    tls: Option<Arc<MockTls>>,
-    require_h2_alpn_if_negotiated: bool,
-) -> std::io::Result<Running> {
+/// Binds `127.0.0.1:0`.
+pub(crate) async fn bind() -> std::io::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// Serves `handler` on `listener` until shut down. With `require_h2`, a TLS connection that
+/// negotiated another ALPN protocol is closed.
+pub(crate) fn spawn<H: Handler>(
+    listener: TcpListener,
+    addr: SocketAddr,
+    handler: Arc<H>,
+    tls: Option<Arc<MockTls>>,
+    require_h2: bool,
+) -> Running {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(
-        listener,
-        handler,
-        tls,
-        require_h2_alpn_if_negotiated,
-        shutdown_rx,
-    ));
-    Ok(Running {
+    let task = tokio::spawn(accept_loop(listener, handler, tls, require_h2, shutdown_rx));
+    Running {
         addr,
         shutdown: shutdown_tx,
         task: Some(task),
-    })
+    }
 }
 
 const DRAIN_GRACE: Duration = Duration::from_secs(2);

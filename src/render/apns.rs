@@ -7,7 +7,9 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::json::{self, Obj};
-use super::{CompiledTemplate, Content, Effective, MAX_APNS_TOKEN_CHARS, expiration, recipient_field};
+use super::{
+    CompiledTemplate, Content, Effective, MAX_APNS_TOKEN_CHARS, expiration, recipient_field,
+};
 use crate::model::{ApnsRequest, FieldError, MessageMeta, Priority, PushType, Recipient};
 use crate::render::RenderContext;
 
@@ -216,7 +218,10 @@ impl CompiledTemplate {
         index: usize,
     ) -> Result<Vec<u8>, FieldError> {
         let internal = |e: serde_json::Error| {
-            FieldError::new(recipient_field(index, "payload"), format!("internal error: {e}"))
+            FieldError::new(
+                recipient_field(index, "payload"),
+                format!("internal error: {e}"),
+            )
         };
         let mut payload: Map<String, Value> = serde_json::from_slice(buf).map_err(internal)?;
         if let Some(patch) = &self.apns_json {
@@ -229,7 +234,8 @@ impl CompiledTemplate {
             let patch = json::parse_object(recipient_json)
                 .map_err(|reason| FieldError::new(field(), reason))?;
             json::deep_merge(&mut payload, &patch);
-            check_merged(&payload, background).map_err(|reason| FieldError::new(field(), reason))?;
+            check_merged(&payload, background)
+                .map_err(|reason| FieldError::new(field(), reason))?;
         }
         serde_json::to_vec(&payload).map_err(internal)
     }
@@ -260,7 +266,13 @@ impl CompiledTemplate {
             Some(cached) if no_overrides => cached.clone()?,
             _ => {
                 let (title, body) = self.effective_texts(recipient, index)?;
-                self.build_apns_payload(&title, &body, &recipient.vars, index, &recipient.apns_json)?
+                self.build_apns_payload(
+                    &title,
+                    &body,
+                    &recipient.vars,
+                    index,
+                    &recipient.apns_json,
+                )?
             }
         };
         let limit = built.push_type.max_payload_bytes();

@@ -172,8 +172,8 @@ impl CompiledTemplate {
             .map_err(|reason| FieldError::new(recipient_field(index, "device_token"), reason))?;
         let (title, body) = self.effective_texts(recipient, index)?;
         let content = self.content(&title, &body, &recipient.vars, index)?;
-        let notification =
-            !content.is_background() && !(content.title.is_empty() && content.body.is_empty());
+        let has_text = !(content.title.is_empty() && content.body.is_empty());
+        let notification = has_text && !content.is_background();
         let android_priority = match (self.priority, notification) {
             (Priority::High, _) | (Priority::Default, true) => "HIGH",
             (Priority::Normal, _) | (Priority::Default, false) => "NORMAL",
@@ -286,7 +286,10 @@ impl CompiledTemplate {
         index: usize,
     ) -> Result<Vec<u8>, FieldError> {
         let internal = |reason: String| {
-            FieldError::new(recipient_field(index, "payload"), format!("internal error: {reason}"))
+            FieldError::new(
+                recipient_field(index, "payload"),
+                format!("internal error: {reason}"),
+            )
         };
         let mut root: Map<String, Value> =
             serde_json::from_slice(buf).map_err(|e| internal(e.to_string()))?;

@@ -153,8 +153,9 @@ mod tests {
     fn merge_is_deep_and_replaces_non_objects() {
         let mut t = parse_object(r#"{"aps":{"alert":{"title":"a","body":"b"},"badge":1},"k":[1]}"#)
             .unwrap();
-        let p = parse_object(r#"{"aps":{"alert":{"title":"x"},"badge":null,"sound":"s"},"k":{"n":1}}"#)
-            .unwrap();
+        let p =
+            parse_object(r#"{"aps":{"alert":{"title":"x"},"badge":null,"sound":"s"},"k":{"n":1}}"#)
+                .unwrap();
         deep_merge(&mut t, &p);
         assert_eq!(
             Value::Object(t),
@@ -164,7 +165,10 @@ mod tests {
 
     #[test]
     fn parse_object_rejects_non_objects() {
-        assert_eq!(parse_object("[1]").unwrap_err(), "must be a JSON object, got an array");
+        assert_eq!(
+            parse_object("[1]").unwrap_err(),
+            "must be a JSON object, got an array"
+        );
         assert!(parse_object("{").unwrap_err().starts_with("invalid JSON: "));
     }
 
@@ -177,7 +181,10 @@ mod tests {
         o.obj("b", |b| b.u64("n", 7));
         o.obj("c", |_| {});
         o.end();
-        assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":"x","b":{"n":7},"c":{}}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a":"x","b":{"n":7},"c":{}}"#
+        );
     }
 
     proptest! {

@@ -172,7 +172,8 @@ impl CompiledTemplate {
     /// `template.data.<key>`, `template.apns_json`, `template.collapse_key`, ...
     pub fn compile(template: &Template) -> Result<CompiledTemplate, FieldError> {
         let text = |name: &str, source: &str| {
-            Text::parse(source).map_err(|e| FieldError::new(format!("template.{name}"), e.to_string()))
+            Text::parse(source)
+                .map_err(|e| FieldError::new(format!("template.{name}"), e.to_string()))
         };
         let title = text("title", &template.title)?;
         let subtitle = text("subtitle", &template.subtitle)?;
@@ -180,7 +181,10 @@ impl CompiledTemplate {
         let mut data = Vec::with_capacity(template.data.len());
         for (key, value) in &template.data {
             if key.is_empty() {
-                return Err(FieldError::new("template.data", "data keys must not be empty"));
+                return Err(FieldError::new(
+                    "template.data",
+                    "data keys must not be empty",
+                ));
             }
             data.push((key.clone(), text(&format!("data.{key}"), value)?));
         }
@@ -341,8 +345,13 @@ impl CompiledTemplate {
     }
 
     /// A background push carries only `content-available`: reject what would show something.
-    fn check_background(&self, title: &Effective<'_>, body: &Effective<'_>) -> Result<(), FieldError> {
-        const WHY: &str = "not allowed in a background push (aps may only contain content-available)";
+    fn check_background(
+        &self,
+        title: &Effective<'_>,
+        body: &Effective<'_>,
+    ) -> Result<(), FieldError> {
+        const WHY: &str =
+            "not allowed in a background push (aps may only contain content-available)";
         let conflict = if !title.text.is_empty() {
             Some(title.origin.field("title"))
         } else if !self.subtitle.is_empty() {
@@ -375,7 +384,10 @@ impl CompiledTemplate {
             self.check_background(title, body)?;
         }
         let missing = |e: template::MissingVar| {
-            FieldError::new(recipient_field(index, &format!("vars.{}", e.name)), e.to_string())
+            FieldError::new(
+                recipient_field(index, &format!("vars.{}", e.name)),
+                e.to_string(),
+            )
         };
         let title = title.text.render(vars).map_err(missing)?;
         let subtitle = self.subtitle.render(vars).map_err(missing)?;

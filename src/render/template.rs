@@ -222,7 +222,10 @@ fn found_at(bytes: &[u8], pos: usize) -> String {
     match bytes.get(pos..) {
         None | Some([]) => "end of text".to_owned(),
         // `pos` is always at a char boundary: the parser only steps over ASCII bytes.
-        Some(rest) => match std::str::from_utf8(rest).ok().and_then(|s| s.chars().next()) {
+        Some(rest) => match std::str::from_utf8(rest)
+            .ok()
+            .and_then(|s| s.chars().next())
+        {
             Some(c) => format!("`{}`", c.escape_debug()),
             None => format!("byte 0x{:02x}", rest.first().copied().unwrap_or(0)),
         },
@@ -359,8 +362,14 @@ mod tests {
     fn plain_text_is_borrowed() {
         let t = parse("Hello there } { }} |").unwrap();
         assert!(t.is_static());
-        assert!(matches!(t.render(&BTreeMap::new()), Ok(Cow::Borrowed("Hello there } { }} |"))));
-        assert!(matches!(parse("").unwrap().render(&BTreeMap::new()), Ok(Cow::Borrowed(""))));
+        assert!(matches!(
+            t.render(&BTreeMap::new()),
+            Ok(Cow::Borrowed("Hello there } { }} |"))
+        ));
+        assert!(matches!(
+            parse("").unwrap().render(&BTreeMap::new()),
+            Ok(Cow::Borrowed(""))
+        ));
     }
 
     #[test]
@@ -372,12 +381,22 @@ mod tests {
 
     #[test]
     fn variables_and_spacing() {
-        let v = vars(&[("name", "Ada"), ("user.first_name", "Grace"), ("a-b_c", "x")]);
+        let v = vars(&[
+            ("name", "Ada"),
+            ("user.first_name", "Grace"),
+            ("a-b_c", "x"),
+        ]);
         assert_eq!(render("Hi {{name}}!", &v).unwrap(), "Hi Ada!");
         assert_eq!(render("Hi {{   name\t}}!", &v).unwrap(), "Hi Ada!");
-        assert_eq!(render("{{ user.first_name }} & {{a-b_c}}", &v).unwrap(), "Grace & x");
         assert_eq!(
-            parse("{{ a }}{{ b | default: 'x' }}").unwrap().variables().collect::<Vec<_>>(),
+            render("{{ user.first_name }} & {{a-b_c}}", &v).unwrap(),
+            "Grace & x"
+        );
+        assert_eq!(
+            parse("{{ a }}{{ b | default: 'x' }}")
+                .unwrap()
+                .variables()
+                .collect::<Vec<_>>(),
             ["a", "b"]
         );
     }
@@ -385,16 +404,30 @@ mod tests {
     #[test]
     fn default_applies_when_missing_or_empty() {
         let v = vars(&[("empty", ""), ("set", "Ada")]);
-        assert_eq!(render("Hi {{ missing | default: \"there\" }}", &v).unwrap(), "Hi there");
-        assert_eq!(render("Hi {{ empty|default:'there' }}", &v).unwrap(), "Hi there");
-        assert_eq!(render("Hi {{ set | default: \"there\" }}", &v).unwrap(), "Hi Ada");
-        assert_eq!(render("Hi {{ missing | default: \"}} {{ x\" }}", &v).unwrap(), "Hi }} {{ x");
+        assert_eq!(
+            render("Hi {{ missing | default: \"there\" }}", &v).unwrap(),
+            "Hi there"
+        );
+        assert_eq!(
+            render("Hi {{ empty|default:'there' }}", &v).unwrap(),
+            "Hi there"
+        );
+        assert_eq!(
+            render("Hi {{ set | default: \"there\" }}", &v).unwrap(),
+            "Hi Ada"
+        );
+        assert_eq!(
+            render("Hi {{ missing | default: \"}} {{ x\" }}", &v).unwrap(),
+            "Hi }} {{ x"
+        );
         assert_eq!(render("[{{ missing | default: '' }}]", &v).unwrap(), "[]");
         // Without a default, an empty variable renders empty; a missing one is an error.
         assert_eq!(render("[{{ empty }}]", &v).unwrap(), "[]");
         assert_eq!(
             render("Hi {{ first_name }}", &v),
-            Err(MissingVar { name: "first_name".into() })
+            Err(MissingVar {
+                name: "first_name".into()
+            })
         );
     }
 
@@ -416,7 +449,10 @@ mod tests {
         assert_eq!(parse("{{   }}"), Err(TemplateError::EmptyTag { at: 0 }));
         assert_eq!(
             parse("{{ a | upcase }}"),
-            Err(TemplateError::UnknownFilter { at: 0, name: "upcase".into() })
+            Err(TemplateError::UnknownFilter {
+                at: 0,
+                name: "upcase".into()
+            })
         );
         assert_eq!(
             parse("{{ a | default: 'x' | upcase }}"),
@@ -426,16 +462,40 @@ mod tests {
             parse("{{ a | default: \"x }}"),
             Err(TemplateError::UnterminatedString { at: 0 })
         );
-        assert!(matches!(parse("{{ a b }}"), Err(TemplateError::Unexpected { .. })));
-        assert!(matches!(parse("{{{ a }}}"), Err(TemplateError::Unexpected { .. })));
-        assert!(matches!(parse("{{ a | default \"x\" }}"), Err(TemplateError::Unexpected { .. })));
-        assert!(matches!(parse("{{ a | default: x }}"), Err(TemplateError::Unexpected { .. })));
-        assert!(matches!(parse("{{ a | }}"), Err(TemplateError::Unexpected { .. })));
-        assert!(matches!(parse("{{ é }}"), Err(TemplateError::Unexpected { .. })));
+        assert!(matches!(
+            parse("{{ a b }}"),
+            Err(TemplateError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse("{{{ a }}}"),
+            Err(TemplateError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse("{{ a | default \"x\" }}"),
+            Err(TemplateError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse("{{ a | default: x }}"),
+            Err(TemplateError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse("{{ a | }}"),
+            Err(TemplateError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse("{{ é }}"),
+            Err(TemplateError::Unexpected { .. })
+        ));
         let msg = parse("{{ a | upcase }}").unwrap_err().to_string();
-        assert_eq!(msg, "unknown filter `upcase` in the tag at byte 0: only `default` is supported");
+        assert_eq!(
+            msg,
+            "unknown filter `upcase` in the tag at byte 0: only `default` is supported"
+        );
         let msg = parse("{{ x").unwrap_err().to_string();
-        assert_eq!(msg, "unterminated tag at byte 0: `{{` without a closing `}}`");
+        assert_eq!(
+            msg,
+            "unterminated tag at byte 0: `{{` without a closing `}}`"
+        );
     }
 
     /// One piece of a generated template: literal text or a tag.
@@ -452,7 +512,9 @@ mod tests {
 
     fn piece() -> impl Strategy<Value = Piece> {
         let lit = "[a-z {}|:'\".é\n-]{0,12}"
-            .prop_filter("no tag opener", |s: &String| !s.contains("{{") && !s.ends_with('{'))
+            .prop_filter("no tag opener", |s: &String| {
+                !s.contains("{{") && !s.ends_with('{')
+            })
             .prop_map(Piece::Lit);
         let ws = || "[ \t\n]{0,2}";
         let tag = (
@@ -471,7 +533,10 @@ mod tests {
     }
 
     /// The source text of the pieces, and what it should render to (reference implementation).
-    fn reference(pieces: &[Piece], vars: &BTreeMap<String, String>) -> (String, Result<String, String>) {
+    fn reference(
+        pieces: &[Piece],
+        vars: &BTreeMap<String, String>,
+    ) -> (String, Result<String, String>) {
         let mut src = String::new();
         let mut out = Ok(String::new());
         for p in pieces {
@@ -482,7 +547,12 @@ mod tests {
                         o.push_str(s);
                     }
                 }
-                Piece::Tag { name, default, single_quote, ws } => {
+                Piece::Tag {
+                    name,
+                    default,
+                    single_quote,
+                    ws,
+                } => {
                     src.push_str("{{");
                     src.push_str(&ws.0);
                     src.push_str(name);
@@ -520,7 +590,8 @@ mod tests {
             prop_assume!(!s.contains("{{"));
             let t = parse(&s).unwrap();
             prop_assert!(t.is_static());
-            let r = t.render(&BTreeMap::new()).unwrap();
+            let vars = BTreeMap::new();
+            let r = t.render(&vars).unwrap();
             prop_assert!(matches!(r, Cow::Borrowed(_)));
             prop_assert_eq!(r.as_ref(), s.as_str());
         }

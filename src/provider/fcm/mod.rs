@@ -1,14 +1,354 @@
-//! FCM HTTP v1 provider (being written).
+//! FCM HTTP v1 provider: OAuth-authenticated HTTP/2 requests to
+//! `/v1/projects/{project_id}/messages:send`, one message per request (the legacy `/batch` and
+//! `/fcm/send` APIs are gone and never called).
+//!
+//! One `FcmProvider` exists per app. It owns a connection pool to the FCM endpoint, a
+//! [`oauth::TokenSource`] (with its own one-connection pool to the `token_uri` origin) and the
+//! project-wide quota pause: after a `429` with `Retry-After`, every delivery of this provider
+//! waits until that instant before sending, because the quota is shared by the whole project.
+
+pub mod oauth;
+pub mod response;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use http::{HeaderValue, Method, Request};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tracing::warn;
+
+use self::oauth::{AccessToken, RefreshPolicy, ServiceAccountKey, TokenError, TokenSource};
+use self::response::{Verdict, classify};
+use super::apns::transport_outcome;
+use super::h2pool::{Endpoint, H2Pool, PoolConfig};
+use super::{BoxFuture, Provider, wrong_platform};
 use crate::config::{ConfigError, FcmConfig};
-use crate::provider::Provider;
+use crate::model::{FcmRequest, Outcome, Platform, ProviderRequest};
 
-/// Builds the FCM provider of one app.
-pub fn build(key: &str, _config: &FcmConfig) -> Result<Arc<dyn Provider>, ConfigError> {
-    Err(ConfigError::Invalid {
-        key: key.to_string(),
-        reason: "FCM support is not built yet".into(),
+/// Google's endpoint.
+pub const DEFAULT_ENDPOINT: &str = "https://fcm.googleapis.com";
+/// Longest project-wide pause a single `Retry-After` can impose (a guard against absurd dates).
+pub const MAX_APP_PAUSE: Duration = Duration::from_secs(5 * 60);
+
+/// The FCM client of one app.
+pub struct FcmProvider {
+    pool: H2Pool,
+    tokens: TokenSource,
+    project_id: String,
+    send_uri: String,
+    request_timeout: Duration,
+    /// Project quota exhausted: no send before this instant.
+    app_pause_until: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for FcmProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FcmProvider")
+            .field("project_id", &self.project_id)
+            .field("send_uri", &self.send_uri)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FcmProvider {
+    /// `pool` points at the FCM endpoint; `request_timeout` also bounds how long a delivery waits
+    /// out a quota pause before handing the message back for a later retry.
+    pub fn new(pool: H2Pool, tokens: TokenSource, project_id: &str, request_timeout: Duration) -> Self {
+        let endpoint = pool.endpoint();
+        let send_uri = format!(
+            "{}://{}/v1/projects/{project_id}/messages:send",
+            endpoint.scheme, endpoint.authority
+        );
+        Self {
+            pool,
+            tokens,
+            project_id: project_id.to_string(),
+            send_uri,
+            request_timeout,
+            app_pause_until: Mutex::new(None),
+        }
+    }
+
+    /// Builds the provider from an app's `[fcm]` section; errors name the offending key under
+    /// `key` (e.g. `apps.shop.fcm`).
+    pub fn from_config(key: &str, config: &FcmConfig) -> Result<Self, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            key: format!("{key}.{field}"),
+            reason,
+        };
+        let (json, source) = match (&config.credentials_json, &config.credentials_file) {
+            (Some(json), _) => (json.clone(), "credentials_json"),
+            (None, Some(path)) => (
+                std::fs::read_to_string(path).map_err(|e| {
+                    invalid("credentials_file", format!("cannot read {}: {e}", path.display()))
+                })?,
+                "credentials_file",
+            ),
+            (None, None) => {
+                return Err(invalid(
+                    "credentials_file",
+                    "set credentials_file or credentials_json".into(),
+                ));
+            }
+        };
+        let account =
+            ServiceAccountKey::from_json(&json).map_err(|e| invalid(source, e.to_string()))?;
+        let project_id = match (&config.project_id, &account.project_id) {
+            (Some(id), _) => {
+                check_project_id(id).map_err(|reason| invalid("project_id", reason))?;
+                id.clone()
+            }
+            (None, Some(id)) => {
+                check_project_id(id)
+                    .map_err(|reason| invalid(source, format!("`project_id` {reason}")))?;
+                id.clone()
+            }
+            (None, None) => {
+                return Err(invalid(
+                    source,
+                    "the service-account JSON has no `project_id` (or set project_id)".into(),
+                ));
+            }
+        };
+        if config.request_timeout_ms == 0 {
+            return Err(invalid("request_timeout_ms", "must be at least 1".into()));
+        }
+        let request_timeout = Duration::from_millis(config.request_timeout_ms);
+        let ca = match &config.ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                invalid("ca_file", format!("cannot read {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let url = config.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
+        let endpoint = parse_origin(url, ca.as_deref(), &invalid, "endpoint")?;
+        let token_uri: http::Uri = account.token_uri.parse().map_err(|e| {
+            invalid(source, format!("`token_uri` is not a URL: {e}"))
+        })?;
+        let (Some(scheme), Some(authority)) = (token_uri.scheme(), token_uri.authority()) else {
+            return Err(invalid(source, "`token_uri` must be an absolute https:// URL".into()));
+        };
+        let token_endpoint = Endpoint::parse(&format!("{scheme}://{authority}"), ca.as_deref())
+            .map_err(|e| invalid(source, format!("`token_uri`: {e}")))?;
+        let pool = H2Pool::new(
+            endpoint,
+            PoolConfig {
+                name: format!("fcm:{project_id}"),
+                connections: config.connections.max(1),
+                request_timeout,
+                initial_max_streams: 100,
+                ..PoolConfig::default()
+            },
+        );
+        let token_pool = H2Pool::new(
+            token_endpoint,
+            PoolConfig {
+                name: format!("fcm-oauth:{project_id}"),
+                connections: 1,
+                request_timeout,
+                initial_max_streams: 10,
+                ..PoolConfig::default()
+            },
+        );
+        let tokens = TokenSource::new(account, token_pool, RefreshPolicy::default());
+        Ok(Self::new(pool, tokens, &project_id, request_timeout))
+    }
+
+    /// The FCM connection pool (for metrics and tests).
+    pub fn pool(&self) -> &H2Pool {
+        &self.pool
+    }
+
+    /// The access-token cache (for metrics and tests).
+    pub fn tokens(&self) -> &TokenSource {
+        &self.tokens
+    }
+
+    /// The project messages are sent to.
+    pub fn project_id(&self) -> &str {
+        &self.project_id
+    }
+
+    /// Until when sends are paused after a quota 429, if they are.
+    pub fn paused_until(&self) -> Option<Instant> {
+        let pause = *self.app_pause_until.lock();
+        pause.filter(|until| *until > Instant::now())
+    }
+
+    /// Pauses every send of this provider for `delay` (never shortens a pause in force).
+    pub fn pause_app(&self, delay: Duration) {
+        if delay.is_zero() {
+            return;
+        }
+        let until = Instant::now() + delay.min(MAX_APP_PAUSE);
+        let mut pause = self.app_pause_until.lock();
+        if pause.is_none_or(|current| current < until) {
+            *pause = Some(until);
+            warn!(project = %self.project_id, ?delay, "FCM quota exceeded; pausing sends");
+        }
+    }
+
+    /// Waits out a quota pause, if one is in force. A pause longer than a request may take is
+    /// not waited out here: the message goes back to the retry queue with the remaining time.
+    async fn wait_for_quota(&self) -> Result<(), Outcome> {
+        let Some(until) = self.paused_until() else {
+            return Ok(());
+        };
+        let remaining = until.saturating_duration_since(Instant::now());
+        if remaining > self.request_timeout {
+            return Err(Outcome::Retry {
+                reason: format!(
+                    "FCM project quota exceeded: sends for project {} paused for another {:.1}s",
+                    self.project_id,
+                    remaining.as_secs_f64()
+                ),
+                status: 429,
+                retry_after: Some(remaining),
+            });
+        }
+        tokio::time::sleep_until(until).await;
+        Ok(())
+    }
+
+    fn build_request(&self, token: &AccessToken) -> Result<Request<()>, String> {
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
+            .map_err(|_| "the access token is not a valid header value".to_string())?;
+        authorization.set_sensitive(true);
+        Request::builder()
+            .method(Method::POST)
+            .uri(self.send_uri.as_str())
+            .header("authorization", authorization)
+            .header("content-type", HeaderValue::from_static("application/json"))
+            .body(())
+            .map_err(|e| format!("invalid FCM request: {e}"))
+    }
+
+    async fn deliver_fcm(&self, message: &FcmRequest) -> Outcome {
+        if let Err(outcome) = self.wait_for_quota().await {
+            return outcome;
+        }
+        let mut refreshed = false;
+        loop {
+            let token = match self.tokens.token().await {
+                Ok(token) => token,
+                Err(error) => return token_outcome(error),
+            };
+            let request = match self.build_request(&token) {
+                Ok(request) => request,
+                Err(reason) => return Outcome::Failed { reason, status: 0 },
+            };
+            let response = match self.pool.send(request, message.body.clone()).await {
+                Ok(response) => response,
+                Err(error) => return transport_outcome(error),
+            };
+            let retry_after = response
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            let status = response.status.as_u16();
+            match classify(status, &response.body, retry_after, SystemTime::now()) {
+                Verdict::Final(outcome) => {
+                    if let Outcome::Retry {
+                        status: 429,
+                        retry_after: Some(delay),
+                        ..
+                    } = &outcome
+                    {
+                        self.pause_app(*delay);
+                    }
+                    return outcome;
+                }
+                Verdict::RefreshToken(_) if !refreshed => {
+                    refreshed = true;
+                    self.tokens.invalidate(&token);
+                }
+                Verdict::RefreshToken(message) => {
+                    return Outcome::Failed {
+                        reason: format!("FCM rejected the access token: {message}"),
+                        status: 401,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Provider for FcmProvider {
+    fn platform(&self) -> Platform {
+        Platform::Fcm
+    }
+
+    fn deliver<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            match request {
+                ProviderRequest::Fcm(message) => self.deliver_fcm(message).await,
+                other => wrong_platform(Platform::Fcm, other),
+            }
+        })
+    }
+}
+
+/// No access token: retry when the token endpoint is down, fail when it refuses the credentials.
+fn token_outcome(error: TokenError) -> Outcome {
+    match error {
+        TokenError::Unavailable(_) => Outcome::Retry {
+            reason: error.to_string(),
+            status: 0,
+            retry_after: None,
+        },
+        TokenError::Rejected(_) | TokenError::Sign(_) => Outcome::Failed {
+            reason: error.to_string(),
+            status: 0,
+        },
+    }
+}
+
+/// Project ids go into the URL path: `^[^/]+$`, and in practice letters, digits, `-`, `.`, `:`
+/// (legacy domain-scoped ids) or a numeric project number.
+fn check_project_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._:~".contains(c))
+    {
+        return Err(format!("`{id}` is not a valid Firebase project id"));
+    }
+    Ok(())
+}
+
+fn parse_origin(
+    url: &str,
+    ca: Option<&str>,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+    field: &str,
+) -> Result<Endpoint, ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid(field, format!("invalid URL `{url}`: {e}")))?;
+    if uri.path().trim_matches('/') != "" || uri.query().is_some() {
+        return Err(invalid(
+            field,
+            format!("`{url}` must be an origin (scheme://host[:port]) without a path"),
+        ));
+    }
+    Endpoint::parse(url, ca).map_err(|e| {
+        let field = if matches!(e, super::h2pool::EndpointError::Ca(_)) {
+            "ca_file"
+        } else {
+            field
+        };
+        invalid(field, e.to_string())
     })
 }
+
+/// Builds the FCM provider of one app.
+pub fn build(key: &str, config: &FcmConfig) -> Result<Arc<dyn Provider>, ConfigError> {
+    Ok(Arc::new(FcmProvider::from_config(key, config)?))
+}
+
+#[cfg(test)]
+mod tests;
