@@ -320,6 +320,7 @@ impl Gateway {
                 "messages still unresolved after the hard stop"
             );
         }
+        self.hub.close();
     }
 
     async fn wait_drained(&self, limit: Duration) -> bool {

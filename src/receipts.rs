@@ -40,6 +40,7 @@ const SUBSCRIBER_BUFFER: usize = 16_384;
 pub struct ReceiptHub {
     apps: DashMap<Arc<str>, broadcast::Sender<Arc<Receipt>>>,
     metrics: Arc<Metrics>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl ReceiptHub {
@@ -47,7 +48,15 @@ impl ReceiptHub {
         Self {
             apps: DashMap::new(),
             metrics,
+            closed: Default::default(),
         }
+    }
+
+    /// Ends every subscription (after the receipts already buffered for it) and refuses new
+    /// ones: the last step of a shutdown, once every message has its terminal receipt.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.apps.clear();
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -56,6 +65,10 @@ impl ReceiptHub {
 
     /// Subscribes to every receipt of `app` emitted from now on.
     pub fn subscribe(&self, app: &str) -> broadcast::Receiver<Arc<Receipt>> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            // A receiver whose sender is gone: the subscription ends at once.
+            return broadcast::channel(1).0.subscribe();
+        }
         if let Some(sender) = self.apps.get(app) {
             return sender.subscribe();
         }

@@ -145,6 +145,7 @@ fn build_apns(key: &str, apns: &ApnsConfig) -> Result<ApnsProvider, ConfigError>
             connections: apns.connections,
             request_timeout: Duration::from_millis(apns.request_timeout_ms),
             initial_max_streams: 1,
+            single_stream_until_success: true,
             ..PoolConfig::default()
         },
     );

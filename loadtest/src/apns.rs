@@ -311,6 +311,7 @@ pub struct ApnsFaults {
     reject_all: RwLock<Option<ApnsReason>>,
     has_reject_all: AtomicBool,
     wrong_env_keys: RwLock<HashSet<String>>,
+    has_wrong_env_keys: AtomicBool,
     clock: MockClock,
 }
 
@@ -330,6 +331,7 @@ impl ApnsFaults {
             reject_all: RwLock::new(None),
             has_reject_all: AtomicBool::new(false),
             wrong_env_keys: RwLock::default(),
+            has_wrong_env_keys: AtomicBool::new(false),
             clock: MockClock::default(),
         }
     }
@@ -417,6 +419,7 @@ impl ApnsFaults {
     /// JWTs signed with key `kid` answer 403 with the wrong-environment reason.
     pub fn add_wrong_environment_key(&self, kid: &str) {
         self.wrong_env_keys.write().insert(kid.to_string());
+        self.has_wrong_env_keys.store(true, Relaxed);
     }
 
     /// Moves the mock's clock forward (ages JWTs; expiration checks), without sleeping.
@@ -427,7 +430,9 @@ impl ApnsFaults {
     /// Turns every fault off (the clock offset stays).
     pub fn clear(&self) {
         self.unregistered.write().clear();
+        self.has_unregistered.store(false, Relaxed);
         self.bad_tokens.write().clear();
+        self.has_bad_tokens.store(false, Relaxed);
         self.too_many_requests.set(0);
         self.internal_error.set(0);
         self.unavailable.set(0);
@@ -437,6 +442,7 @@ impl ApnsFaults {
         self.force_expired.disarm();
         self.reject_all_auth(None);
         self.wrong_env_keys.write().clear();
+        self.has_wrong_env_keys.store(false, Relaxed);
     }
 }
 
@@ -452,6 +458,9 @@ enum JwtVerdict {
 struct ConnToken {
     jwt: Option<Arc<str>>,
     first_used: i64,
+    /// The current JWT's verdict, so the common case skips the shared cache.
+    kid: Option<Arc<str>>,
+    iat: i64,
 }
 
 /// Per-connection state.
@@ -789,10 +798,22 @@ impl ApnsInner {
             Some((scheme, jwt)) if scheme.eq_ignore_ascii_case("bearer") => jwt.trim(),
             _ => return Err(InvalidProviderToken.into()),
         };
-        let JwtVerdict::Valid { kid, iat } = self.verdict(jwt) else {
-            return Err(InvalidProviderToken.into());
+        // Fast path: the connection's current JWT was verified already.
+        let known = {
+            let t = conn.token.lock();
+            match (&t.jwt, &t.kid) {
+                (Some(cur), Some(kid)) if &**cur == jwt => Some((kid.clone(), t.iat)),
+                _ => None,
+            }
         };
-        if !f.wrong_env_keys.read().is_empty() && f.wrong_env_keys.read().contains(&*kid) {
+        let (kid, iat) = match known {
+            Some(k) => k,
+            None => match self.verdict(jwt) {
+                JwtVerdict::Valid { kid, iat } => (kid, iat),
+                JwtVerdict::Invalid => return Err(InvalidProviderToken.into()),
+            },
+        };
+        if f.has_wrong_env_keys.load(Relaxed) && f.wrong_env_keys.read().contains(&*kid) {
             return Err(match self.cfg.bad_environment_spelling {
                 BadEnvironmentSpelling::Documented => BadEnvironmentKeyIdInToken,
                 BadEnvironmentSpelling::Wire => BadEnvironmentKeyInToken,
@@ -819,6 +840,8 @@ impl ApnsInner {
                 *token = ConnToken {
                     jwt: Some(Arc::from(jwt)),
                     first_used: now,
+                    kid: Some(kid),
+                    iat,
                 };
             }
         }
@@ -991,5 +1014,35 @@ impl Handler for ApnsInner {
         mut resp: SendResponse<Bytes>,
     ) {
         self.handle(&conn.state, req, &mut resp).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_uuid() {
+        assert!(is_canonical_uuid("eabeae54-14a8-11e5-b60b-1697f925ec7b"));
+        assert!(!is_canonical_uuid("EABEAE54-14A8-11E5-B60B-1697F925EC7B"));
+        assert!(!is_canonical_uuid("eabeae5414a811e5b60b1697f925ec7b"));
+        assert!(!is_canonical_uuid("eabeae54-14a8-11e5-b60b-1697f925ec7"));
+        assert!(!is_canonical_uuid("eabeae54_14a8-11e5-b60b-1697f925ec7b"));
+    }
+
+    #[test]
+    fn reason_table_matches_the_enum() {
+        assert_eq!(
+            REASON_NAMES.len(),
+            ApnsReason::BadRequestPayload as usize + 1
+        );
+        assert_eq!(ApnsReason::Unregistered.as_str(), "Unregistered");
+        assert_eq!(ApnsReason::Unregistered.status(), 410);
+        assert_eq!(
+            ApnsReason::BadEnvironmentKeyInToken.as_str(),
+            "BadEnvironmentKeyInToken"
+        );
+        assert_eq!(ApnsReason::TooManyProviderTokenUpdates.status(), 429);
+        assert_eq!(ApnsReason::Shutdown.status(), 503);
     }
 }

@@ -1343,3 +1343,47 @@ impl Handler for FcmInner {
         self.handle(req, &mut resp).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3600s"), Some(3600.0));
+        assert_eq!(parse_duration("3.000000001s"), Some(3.000000001));
+        assert_eq!(parse_duration("0s"), Some(0.0));
+        for bad in ["3600", "1h", "s", ".5s", "1.s", "-1s", "1.0000000001s", ""] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn form_decoding() {
+        assert_eq!(
+            form_decode("urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"),
+            "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        );
+        assert_eq!(form_decode("a+b%2"), "a b%2");
+        assert_eq!(form_decode("%zz%"), "%zz%");
+    }
+
+    #[test]
+    fn camel_case_alias() {
+        let m: Map<String, Value> =
+            serde_json::from_str(r#"{"validateOnly":true,"fcmOptions":{}}"#).unwrap();
+        assert_eq!(field(&m, "validate_only"), Some(&Value::Bool(true)));
+        assert!(field(&m, "fcm_options").is_some());
+        assert!(field(&m, "direct_boot_ok").is_none());
+    }
+
+    #[test]
+    fn size_limit_excludes_the_token() {
+        let token = "t".repeat(5000);
+        let body = json!({"message": {"token": token}}).to_string();
+        assert!(validate_send(body.as_bytes()).is_ok());
+        let body = json!({"message": {"topic": "x".repeat(5000)}}).to_string();
+        let err = validate_send(body.as_bytes()).err().unwrap();
+        assert!(err.details.is_empty());
+    }
+}

@@ -124,7 +124,8 @@ pub struct MockStats {
     /// Streams whose HEADERS were accepted (including refused, reset and dropped ones). For FCM
     /// this counts token-endpoint and legacy-endpoint requests too.
     pub requests: u64,
-    /// Requests answered 200 (APNs notifications; FCM `messages:send`, `validate_only` included).
+    /// Notifications answered 200 and recorded: APNs pushes, FCM `messages:send` (not counting
+    /// `validate_only` requests or token-endpoint responses).
     pub accepted: u64,
     /// Responses by HTTP status.
     pub by_status: BTreeMap<u16, u64>,
@@ -560,5 +561,54 @@ pub(crate) fn send(
 pub(crate) async fn delay(latency_micros: u64) {
     if latency_micros > 0 {
         tokio::time::sleep(Duration::from_micros(latency_micros)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_mille_is_exact_and_evenly_spread() {
+        let p = PerMille::default();
+        p.set(250);
+        let hits: Vec<bool> = (0..8).map(|_| p.hit()).collect();
+        assert_eq!(hits, [false, false, false, true, false, false, false, true]);
+        p.set(7);
+        assert_eq!((0..1000).filter(|_| p.hit()).count(), 7);
+        p.set(0);
+        assert!(!(0..100).any(|_| p.hit()));
+        p.set(1000);
+        assert!((0..100).all(|_| p.hit()));
+    }
+
+    #[test]
+    fn countdown_fires_once_on_the_nth_event() {
+        let c = Countdown::default();
+        assert!(!c.tick());
+        c.arm(3);
+        assert_eq!(
+            (0..5).map(|_| c.tick()).collect::<Vec<_>>(),
+            [false, false, true, false, false]
+        );
+        c.arm(2);
+        assert_eq!(
+            (0..3).map(|_| c.take()).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+    }
+
+    #[test]
+    fn stats_snapshot_names_reasons() {
+        let c = Counters::new(&["A", "B"]);
+        c.record(400, Some(1));
+        c.record(400, Some(1));
+        c.record(200, None);
+        c.record(999, Some(7)); // out of range: ignored, no panic
+        let s = c.snapshot();
+        assert_eq!(s.status(400), 2);
+        assert_eq!(s.status(200), 1);
+        assert_eq!(s.reason("B"), 2);
+        assert_eq!(s.reason("A"), 0);
     }
 }

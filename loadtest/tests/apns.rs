@@ -69,7 +69,9 @@ async fn valid_request_is_accepted_recorded_and_jwt_verified_once() {
     assert_eq!(r.headers["apns-id"], id);
     assert!(r.body.is_empty());
     // Second request without apns-id: one is generated.
-    let req = push(&c, &j, &format!("/3/device/{TOKEN}")).body(()).unwrap();
+    let req = push(&c, &j, &format!("/3/device/{TOKEN}"))
+        .body(())
+        .unwrap();
     let r = c.send(req, ALERT).await.unwrap();
     assert_eq!(r.status, 200);
     let generated = r.headers["apns-id"].to_str().unwrap().to_string();
@@ -103,46 +105,275 @@ async fn each_check_answers_the_documented_status_and_reason() {
     let j = jwt(&key, now);
     let p = format!("/3/device/{TOKEN}");
     // Authorize the connection first so stream refusal never interferes.
-    let r = c.send(push(&c, &j, &p).body(()).unwrap(), ALERT).await.unwrap();
+    let r = c
+        .send(push(&c, &j, &p).body(()).unwrap(), ALERT)
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
 
     let other = generate_apns_key();
     let big = format!(r#"{{"aps":{{"alert":"{}"}}}}"#, "x".repeat(4100));
     let voip_ok = format!(r#"{{"aps":{{}},"x":"{}"}}"#, "x".repeat(5000));
     let cases: Vec<(&str, http::request::Builder, Vec<u8>, u16, &str)> = vec![
-        ("GET", c.req("GET", "/").header("apns-topic", TOPIC), vec![], 405, "MethodNotAllowed"),
-        ("bad apns-id", push(&c, &j, &p).header("apns-id", "not-a-uuid"), ALERT.to_vec(), 400, "BadMessageId"),
-        ("uppercase apns-id", push(&c, &j, &p).header("apns-id", "EABEAE54-14A8-11E5-B60B-1697F925EC7B"), ALERT.to_vec(), 400, "BadMessageId"),
-        ("bad apns-id wins over method", c.req("GET", &p).header("apns-id", "x"), vec![], 400, "BadMessageId"),
-        ("missing topic", c.req("POST", &p).header("authorization", format!("bearer {j}")), ALERT.to_vec(), 400, "MissingTopic"),
-        ("collapse id 65 bytes", push(&c, &j, &p).header("apns-collapse-id", "c".repeat(65)), ALERT.to_vec(), 400, "BadCollapseId"),
-        ("priority 7", push(&c, &j, &p).header("apns-priority", "7"), ALERT.to_vec(), 400, "BadPriority"),
-        ("unknown push type", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", TOPIC).header("apns-push-type", "banana"), ALERT.to_vec(), 400, "InvalidPushType"),
-        ("voip without .voip topic", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", TOPIC).header("apns-push-type", "voip"), ALERT.to_vec(), 400, "BadTopic"),
-        ("topic not allowed", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", "com.other.app"), ALERT.to_vec(), 400, "TopicDisallowed"),
-        ("empty token", push(&c, &j, "/3/device/"), ALERT.to_vec(), 400, "MissingDeviceToken"),
-        ("bad path", push(&c, &j, "/4/device/abcd"), ALERT.to_vec(), 404, "BadPath"),
-        ("non-hex token", push(&c, &j, "/3/device/zz12"), ALERT.to_vec(), 400, "BadDeviceToken"),
-        ("odd-length token", push(&c, &j, "/3/device/abc"), ALERT.to_vec(), 400, "BadDeviceToken"),
-        ("relative expiration", push(&c, &j, &p).header("apns-expiration", "300"), ALERT.to_vec(), 400, "BadExpirationDate"),
-        ("garbage expiration", push(&c, &j, &p).header("apns-expiration", "soon"), ALERT.to_vec(), 400, "BadExpirationDate"),
-        ("no authorization", c.req("POST", &p).header("apns-topic", TOPIC), ALERT.to_vec(), 403, "MissingProviderToken"),
-        ("not bearer", c.req("POST", &p).header("apns-topic", TOPIC).header("authorization", j.clone()), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("garbage jwt", push(&c, "a.b.c", &p), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("HS256", push(&c, &jwt_with(&key, &key.key_id, &key.team_id, now, Algorithm::HS256), &p), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("unknown kid", push(&c, &jwt_with(&other, &other.key_id, &key.team_id, now, Algorithm::ES256), &p), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("bad signature", push(&c, &jwt_with(&other, &key.key_id, &key.team_id, now, Algorithm::ES256), &p), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("wrong team", push(&c, &jwt_with(&key, &key.key_id, "OTHERTEAM1", now, Algorithm::ES256), &p), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("iat in the future", push(&c, &jwt(&key, now + 600), &p), ALERT.to_vec(), 403, "InvalidProviderToken"),
-        ("iat too old", push(&c, &jwt(&key, now - 3700), &p), ALERT.to_vec(), 403, "ExpiredProviderToken"),
-        ("new JWT within 20 min", push(&c, &jwt(&key, now - 1), &p), ALERT.to_vec(), 429, "TooManyProviderTokenUpdates"),
+        (
+            "GET",
+            c.req("GET", "/").header("apns-topic", TOPIC),
+            vec![],
+            405,
+            "MethodNotAllowed",
+        ),
+        (
+            "bad apns-id",
+            push(&c, &j, &p).header("apns-id", "not-a-uuid"),
+            ALERT.to_vec(),
+            400,
+            "BadMessageId",
+        ),
+        (
+            "uppercase apns-id",
+            push(&c, &j, &p).header("apns-id", "EABEAE54-14A8-11E5-B60B-1697F925EC7B"),
+            ALERT.to_vec(),
+            400,
+            "BadMessageId",
+        ),
+        (
+            "bad apns-id wins over method",
+            c.req("GET", &p).header("apns-id", "x"),
+            vec![],
+            400,
+            "BadMessageId",
+        ),
+        (
+            "missing topic",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}")),
+            ALERT.to_vec(),
+            400,
+            "MissingTopic",
+        ),
+        (
+            "collapse id 65 bytes",
+            push(&c, &j, &p).header("apns-collapse-id", "c".repeat(65)),
+            ALERT.to_vec(),
+            400,
+            "BadCollapseId",
+        ),
+        (
+            "priority 7",
+            push(&c, &j, &p).header("apns-priority", "7"),
+            ALERT.to_vec(),
+            400,
+            "BadPriority",
+        ),
+        (
+            "unknown push type",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", TOPIC)
+                .header("apns-push-type", "banana"),
+            ALERT.to_vec(),
+            400,
+            "InvalidPushType",
+        ),
+        (
+            "voip without .voip topic",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", TOPIC)
+                .header("apns-push-type", "voip"),
+            ALERT.to_vec(),
+            400,
+            "BadTopic",
+        ),
+        (
+            "topic not allowed",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", "com.other.app"),
+            ALERT.to_vec(),
+            400,
+            "TopicDisallowed",
+        ),
+        (
+            "empty token",
+            push(&c, &j, "/3/device/"),
+            ALERT.to_vec(),
+            400,
+            "MissingDeviceToken",
+        ),
+        (
+            "bad path",
+            push(&c, &j, "/4/device/abcd"),
+            ALERT.to_vec(),
+            404,
+            "BadPath",
+        ),
+        (
+            "non-hex token",
+            push(&c, &j, "/3/device/zz12"),
+            ALERT.to_vec(),
+            400,
+            "BadDeviceToken",
+        ),
+        (
+            "odd-length token",
+            push(&c, &j, "/3/device/abc"),
+            ALERT.to_vec(),
+            400,
+            "BadDeviceToken",
+        ),
+        (
+            "relative expiration",
+            push(&c, &j, &p).header("apns-expiration", "300"),
+            ALERT.to_vec(),
+            400,
+            "BadExpirationDate",
+        ),
+        (
+            "garbage expiration",
+            push(&c, &j, &p).header("apns-expiration", "soon"),
+            ALERT.to_vec(),
+            400,
+            "BadExpirationDate",
+        ),
+        (
+            "no authorization",
+            c.req("POST", &p).header("apns-topic", TOPIC),
+            ALERT.to_vec(),
+            403,
+            "MissingProviderToken",
+        ),
+        (
+            "not bearer",
+            c.req("POST", &p)
+                .header("apns-topic", TOPIC)
+                .header("authorization", j.clone()),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "garbage jwt",
+            push(&c, "a.b.c", &p),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "HS256",
+            push(
+                &c,
+                &jwt_with(&key, &key.key_id, &key.team_id, now, Algorithm::HS256),
+                &p,
+            ),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "unknown kid",
+            push(
+                &c,
+                &jwt_with(&other, &other.key_id, &key.team_id, now, Algorithm::ES256),
+                &p,
+            ),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "bad signature",
+            push(
+                &c,
+                &jwt_with(&other, &key.key_id, &key.team_id, now, Algorithm::ES256),
+                &p,
+            ),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "wrong team",
+            push(
+                &c,
+                &jwt_with(&key, &key.key_id, "OTHERTEAM1", now, Algorithm::ES256),
+                &p,
+            ),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "iat in the future",
+            push(&c, &jwt(&key, now + 600), &p),
+            ALERT.to_vec(),
+            403,
+            "InvalidProviderToken",
+        ),
+        (
+            "iat too old",
+            push(&c, &jwt(&key, now - 3700), &p),
+            ALERT.to_vec(),
+            403,
+            "ExpiredProviderToken",
+        ),
+        (
+            "new JWT within 20 min",
+            push(&c, &jwt(&key, now - 1), &p),
+            ALERT.to_vec(),
+            429,
+            "TooManyProviderTokenUpdates",
+        ),
         ("empty body", push(&c, &j, &p), vec![], 400, "PayloadEmpty"),
-        ("too large", push(&c, &j, &p), big.clone().into_bytes(), 413, "PayloadTooLarge"),
-        ("not JSON", push(&c, &j, &p), b"hello".to_vec(), 400, "BadRequestPayload"),
-        ("JSON array", push(&c, &j, &p), b"[1]".to_vec(), 400, "BadRequestPayload"),
-        ("background at priority 10", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", TOPIC).header("apns-push-type", "background"), br#"{"aps":{"content-available":1}}"#.to_vec(), 400, "BadPriority"),
-        ("background with alert", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", TOPIC).header("apns-push-type", "background").header("apns-priority", "5"), br#"{"aps":{"content-available":1,"alert":"x"}}"#.to_vec(), 400, "BadPriority"),
-        ("duplicate topic", push(&c, &j, &p).header("apns-topic", TOPIC), ALERT.to_vec(), 400, "DuplicateHeaders"),
+        (
+            "too large",
+            push(&c, &j, &p),
+            big.clone().into_bytes(),
+            413,
+            "PayloadTooLarge",
+        ),
+        (
+            "not JSON",
+            push(&c, &j, &p),
+            b"hello".to_vec(),
+            400,
+            "BadRequestPayload",
+        ),
+        (
+            "JSON array",
+            push(&c, &j, &p),
+            b"[1]".to_vec(),
+            400,
+            "BadRequestPayload",
+        ),
+        (
+            "background at priority 10",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", TOPIC)
+                .header("apns-push-type", "background"),
+            br#"{"aps":{"content-available":1}}"#.to_vec(),
+            400,
+            "BadPriority",
+        ),
+        (
+            "background with alert",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", TOPIC)
+                .header("apns-push-type", "background")
+                .header("apns-priority", "5"),
+            br#"{"aps":{"content-available":1,"alert":"x"}}"#.to_vec(),
+            400,
+            "BadPriority",
+        ),
+        (
+            "duplicate topic",
+            push(&c, &j, &p).header("apns-topic", TOPIC),
+            ALERT.to_vec(),
+            400,
+            "DuplicateHeaders",
+        ),
     ];
     for (name, builder, body, status, expected) in cases {
         let r = c.send(builder.body(()).unwrap(), &body).await.unwrap();
@@ -153,10 +384,38 @@ async fn each_check_answers_the_documented_status_and_reason() {
     }
     // Passing variants.
     let ok: Vec<(&str, http::request::Builder, Vec<u8>)> = vec![
-        ("voip 5000 bytes", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", "com.example.app.voip").header("apns-push-type", "voip"), voip_ok.into_bytes()),
-        ("background done right", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", TOPIC).header("apns-push-type", "background").header("apns-priority", "5"), br#"{"aps":{"content-available":1},"k":"v"}"#.to_vec()),
-        ("expiration 0", push(&c, &j, &p).header("apns-expiration", "0").header("apns-priority", "1"), ALERT.to_vec()),
-        ("liveactivity suffix", c.req("POST", &p).header("authorization", format!("bearer {j}")).header("apns-topic", "com.example.app.push-type.liveactivity").header("apns-push-type", "liveactivity"), ALERT.to_vec()),
+        (
+            "voip 5000 bytes",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", "com.example.app.voip")
+                .header("apns-push-type", "voip"),
+            voip_ok.into_bytes(),
+        ),
+        (
+            "background done right",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", TOPIC)
+                .header("apns-push-type", "background")
+                .header("apns-priority", "5"),
+            br#"{"aps":{"content-available":1},"k":"v"}"#.to_vec(),
+        ),
+        (
+            "expiration 0",
+            push(&c, &j, &p)
+                .header("apns-expiration", "0")
+                .header("apns-priority", "1"),
+            ALERT.to_vec(),
+        ),
+        (
+            "liveactivity suffix",
+            c.req("POST", &p)
+                .header("authorization", format!("bearer {j}"))
+                .header("apns-topic", "com.example.app.push-type.liveactivity")
+                .header("apns-push-type", "liveactivity"),
+            ALERT.to_vec(),
+        ),
     ];
     for (name, builder, body) in ok {
         let r = c.send(builder.body(()).unwrap(), &body).await.unwrap();
@@ -170,14 +429,26 @@ async fn each_check_answers_the_documented_status_and_reason() {
     // After 20 minutes a new JWT is accepted on the same connection.
     mock.faults().advance_clock(Duration::from_secs(1201));
     let r = c
-        .send(push(&c, &jwt(&key, now + 1200), &p).body(()).unwrap(), ALERT)
+        .send(
+            push(&c, &jwt(&key, now + 1200), &p).body(()).unwrap(),
+            ALERT,
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200);
     // And an hour later the (old) JWT is expired.
     mock.faults().advance_clock(Duration::from_secs(3600));
-    let r = c.send(push(&c, &jwt(&key, now + 1200), &p).body(()).unwrap(), ALERT).await.unwrap();
-    assert_eq!((r.status.as_u16(), reason(&r).as_str()), (403, "ExpiredProviderToken"));
+    let r = c
+        .send(
+            push(&c, &jwt(&key, now + 1200), &p).body(()).unwrap(),
+            ALERT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (403, "ExpiredProviderToken")
+    );
 }
 
 #[tokio::test]
@@ -189,18 +460,42 @@ async fn unregistered_carries_a_millisecond_timestamp_and_bad_tokens_are_rejecte
     let dead = "00ff00ff";
     let fixed = "0123abcd";
     mock.faults().add_unregistered(dead, None);
-    mock.faults().add_unregistered(fixed, Some(1_700_000_000_000));
+    mock.faults()
+        .add_unregistered(fixed, Some(1_700_000_000_000));
     mock.faults().add_bad_device_token("beef");
-    let r = c.send(push(&c, &j, &format!("/3/device/{dead}")).body(()).unwrap(), ALERT).await.unwrap();
+    let r = c
+        .send(
+            push(&c, &j, &format!("/3/device/{dead}")).body(()).unwrap(),
+            ALERT,
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 410);
     let v = r.json();
     assert_eq!(v["reason"], "Unregistered");
     let ts = v["timestamp"].as_i64().unwrap();
-    assert!((ts - now_secs() * 1000).abs() < 60_000, "milliseconds, not seconds: {ts}");
-    let r = c.send(push(&c, &j, &format!("/3/device/{fixed}")).body(()).unwrap(), ALERT).await.unwrap();
+    assert!(
+        (ts - now_secs() * 1000).abs() < 60_000,
+        "milliseconds, not seconds: {ts}"
+    );
+    let r = c
+        .send(
+            push(&c, &j, &format!("/3/device/{fixed}"))
+                .body(())
+                .unwrap(),
+            ALERT,
+        )
+        .await
+        .unwrap();
     assert_eq!(r.json()["timestamp"], 1_700_000_000_000i64);
-    let r = c.send(push(&c, &j, "/3/device/BEEF").body(()).unwrap(), ALERT).await.unwrap();
-    assert_eq!((r.status.as_u16(), reason(&r).as_str()), (400, "BadDeviceToken"));
+    let r = c
+        .send(push(&c, &j, "/3/device/BEEF").body(()).unwrap(), ALERT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (400, "BadDeviceToken")
+    );
     assert!(r.json().get("timestamp").is_none());
     assert_eq!(mock.stats().reason("Unregistered"), 2);
 }
@@ -219,7 +514,12 @@ async fn streams_are_refused_until_the_connection_is_authorized() {
         Bytes::from_static(ALERT),
     ));
     tokio::time::sleep(Duration::from_millis(40)).await;
-    let second = send_on(c.send.clone(), push(&c, &j, &p).body(()).unwrap(), Bytes::from_static(ALERT)).await;
+    let second = send_on(
+        c.send.clone(),
+        push(&c, &j, &p).body(()).unwrap(),
+        Bytes::from_static(ALERT),
+    )
+    .await;
     let err = second.err().expect("second stream must be refused");
     assert_eq!(err.reason(), Some(h2::Reason::REFUSED_STREAM));
     assert_eq!(first.await.unwrap().unwrap().status, 200);
@@ -260,18 +560,27 @@ async fn auth_faults_rate_faults_and_connection_faults() {
     assert_eq!(c.send(send(&c, &j1), ALERT).await.unwrap().status, 200);
     f.force_expired_provider_token(1);
     let r = c.send(send(&c, &j1), ALERT).await.unwrap();
-    assert_eq!((r.status.as_u16(), reason(&r).as_str()), (403, "ExpiredProviderToken"));
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (403, "ExpiredProviderToken")
+    );
     let j2 = jwt(&key, now);
     assert_eq!(c.send(send(&c, &j2), ALERT).await.unwrap().status, 200);
 
     f.reject_all_auth(Some(ApnsReason::InvalidProviderToken));
     let r = c.send(send(&c, &j2), ALERT).await.unwrap();
-    assert_eq!((r.status.as_u16(), reason(&r).as_str()), (403, "InvalidProviderToken"));
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (403, "InvalidProviderToken")
+    );
     f.reject_all_auth(None);
 
     f.add_wrong_environment_key(&key.key_id);
     let r = c.send(send(&c, &j2), ALERT).await.unwrap();
-    assert_eq!((r.status.as_u16(), reason(&r).as_str()), (403, "BadEnvironmentKeyInToken"));
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (403, "BadEnvironmentKeyInToken")
+    );
     f.clear();
 
     // Per-mille faults are deterministic: 500 per mille = every second request.
@@ -287,7 +596,10 @@ async fn auth_faults_rate_faults_and_connection_faults() {
     f.set_internal_error_per_mille(0);
     f.set_unavailable_per_mille(1000);
     let r = c.send(send(&c, &j2), ALERT).await.unwrap();
-    assert_eq!((r.status.as_u16(), reason(&r).as_str()), (503, "ServiceUnavailable"));
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (503, "ServiceUnavailable")
+    );
     f.set_unavailable_per_mille(0);
 
     // RST_STREAM on the next request.
@@ -315,4 +627,65 @@ async fn auth_faults_rate_faults_and_connection_faults() {
     assert_eq!(mock.stats().connections_dropped, 1);
     assert_eq!(mock.stats().connections_opened, 2);
     mock.shutdown().await;
+}
+
+/// Rough throughput probe (run with `--ignored --nocapture`; meaningful in release builds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_probe() {
+    let key = generate_apns_key();
+    let mut cfg = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    cfg.tls = false;
+    cfg.record_accepted = false;
+    let mock = MockApns::start(cfg).await.unwrap();
+    let c = connect(&mock.url(), None).await;
+    let j = jwt(&key, now_secs());
+    let p = format!("/3/device/{TOKEN}");
+    let mut warm = connect(&mock.url(), None).await;
+    let _ = warm.send(push(&c, &j, &p).body(()).unwrap(), ALERT).await;
+    // Authorize the measuring connection.
+    assert_eq!(
+        send_on(
+            c.send.clone(),
+            push(&c, &j, &p).body(()).unwrap(),
+            Bytes::from_static(ALERT)
+        )
+        .await
+        .unwrap()
+        .status,
+        200
+    );
+    let n = 20_000usize;
+    let conc = 200usize;
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let send = c.send.clone();
+        let req = push(&c, &j, &p);
+        let headers = req.body(()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / conc {
+                let mut r = http::Request::builder()
+                    .method("POST")
+                    .uri(headers.uri().clone())
+                    .body(())
+                    .unwrap();
+                *r.headers_mut() = headers.headers().clone();
+                let resp = send_on(send.clone(), r, Bytes::from_static(ALERT))
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{} req in {secs:.2}s = {:.0} req/s (client and server share the process)",
+        n,
+        n as f64 / secs
+    );
+    assert_eq!(mock.stats().jwt_verifications, 1);
 }

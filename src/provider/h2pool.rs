@@ -126,6 +126,9 @@ pub struct PoolConfig {
     pub reconnect_cap: Duration,
     /// Streams assumed before the server's SETTINGS arrive (APNs token connections start at 1).
     pub initial_max_streams: usize,
+    /// Send one request at a time on a new connection until one succeeds (2xx). APNs allows a
+    /// token-authenticated connection a single stream until it has seen a valid token.
+    pub single_stream_until_success: bool,
 }
 
 impl Default for PoolConfig {
@@ -139,6 +142,7 @@ impl Default for PoolConfig {
             reconnect_base: Duration::from_millis(100),
             reconnect_cap: Duration::from_secs(30),
             initial_max_streams: 1,
+            single_stream_until_success: false,
         }
     }
 }
@@ -182,6 +186,9 @@ struct Conn {
     send: SendRequest<Bytes>,
     in_flight: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
+    /// Set once a request on this connection succeeded; until then `warmup` admits one at a time.
+    warmed: AtomicBool,
+    warmup: tokio::sync::Semaphore,
 }
 
 struct Slot {
@@ -275,7 +282,22 @@ impl H2Pool {
             let mut last = None;
             for _ in 0..3 {
                 let conn = self.pick().await?;
-                match send_on(&conn, clone_request(&request), body.clone()).await {
+                let mut warmup = None;
+                if !conn.warmed.load(Ordering::Acquire) {
+                    let permit = conn.warmup.acquire().await.ok();
+                    // Another request may have warmed the connection while this one waited.
+                    if !conn.warmed.load(Ordering::Acquire) {
+                        warmup = permit;
+                    }
+                }
+                let result = send_on(&conn, clone_request(&request), body.clone()).await;
+                if let Ok(response) = &result
+                    && response.status.is_success()
+                {
+                    conn.warmed.store(true, Ordering::Release);
+                }
+                drop(warmup);
+                match result {
                     Ok(response) => return Ok(response),
                     Err(e) if e.is_unprocessed() => last = Some(e),
                     Err(e) => return Err(e),
@@ -404,6 +426,8 @@ async fn supervise(shared: Arc<Shared>, index: usize) {
                     send,
                     in_flight: Arc::new(AtomicUsize::new(0)),
                     closed: Arc::clone(&closed),
+                    warmed: AtomicBool::new(!shared.config.single_stream_until_success),
+                    warmup: tokio::sync::Semaphore::new(1),
                 });
                 *shared.slots[index].conn.write() = Some(Arc::clone(&conn));
                 shared.connected.notify_waiters();

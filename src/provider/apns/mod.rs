@@ -33,6 +33,11 @@ pub struct ApnsProvider {
     /// hammering APNs with a key it refuses.
     credentials_block: Mutex<Option<(Instant, String)>>,
     credentials_retry: Duration,
+    /// False until APNs accepts a request signed with the current credentials (and again after
+    /// it rejects them): while false, requests go one at a time, so a wrong key costs one
+    /// request, not a burst.
+    credentials_proven: std::sync::atomic::AtomicBool,
+    probe: tokio::sync::Mutex<()>,
 }
 
 impl ApnsProvider {
@@ -44,6 +49,8 @@ impl ApnsProvider {
             signer,
             credentials_block: Mutex::new(None),
             credentials_retry,
+            credentials_proven: std::sync::atomic::AtomicBool::new(false),
+            probe: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -93,9 +100,33 @@ impl ApnsProvider {
     }
 
     async fn deliver_apns(&self, message: &ApnsRequest) -> Outcome {
+        use std::sync::atomic::Ordering;
+        let mut probe = None;
+        if !self.credentials_proven.load(Ordering::Acquire) {
+            let guard = self.probe.lock().await;
+            // Another request may have proven the credentials while this one waited.
+            if !self.credentials_proven.load(Ordering::Acquire) {
+                probe = Some(guard);
+            }
+        }
         if let Some(reason) = self.blocked() {
             return Outcome::Failed { reason, status: 403 };
         }
+        let outcome = self.send_apns(message).await;
+        match &outcome {
+            Outcome::Failed { status: 403, .. } => {
+                self.credentials_proven.store(false, Ordering::Release);
+            }
+            Outcome::Delivered { .. } | Outcome::InvalidToken { .. } | Outcome::Rejected { .. } => {
+                self.credentials_proven.store(true, Ordering::Release);
+            }
+            _ => {}
+        }
+        drop(probe);
+        outcome
+    }
+
+    async fn send_apns(&self, message: &ApnsRequest) -> Outcome {
         let mut refreshed = false;
         loop {
             let token = match self.signer.token() {

@@ -55,7 +55,12 @@ impl std::fmt::Debug for FcmProvider {
 impl FcmProvider {
     /// `pool` points at the FCM endpoint; `request_timeout` also bounds how long a delivery waits
     /// out a quota pause before handing the message back for a later retry.
-    pub fn new(pool: H2Pool, tokens: TokenSource, project_id: &str, request_timeout: Duration) -> Self {
+    pub fn new(
+        pool: H2Pool,
+        tokens: TokenSource,
+        project_id: &str,
+        request_timeout: Duration,
+    ) -> Self {
         let endpoint = pool.endpoint();
         let send_uri = format!(
             "{}://{}/v1/projects/{project_id}/messages:send",
@@ -82,7 +87,10 @@ impl FcmProvider {
             (Some(json), _) => (json.clone(), "credentials_json"),
             (None, Some(path)) => (
                 std::fs::read_to_string(path).map_err(|e| {
-                    invalid("credentials_file", format!("cannot read {}: {e}", path.display()))
+                    invalid(
+                        "credentials_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })?,
                 "credentials_file",
             ),
@@ -116,19 +124,24 @@ impl FcmProvider {
             return Err(invalid("request_timeout_ms", "must be at least 1".into()));
         }
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
-        let ca = match &config.ca_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                invalid("ca_file", format!("cannot read {}: {e}", path.display()))
-            })?),
-            None => None,
-        };
+        let ca =
+            match &config.ca_file {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                    invalid("ca_file", format!("cannot read {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
         let url = config.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
         let endpoint = parse_origin(url, ca.as_deref(), &invalid, "endpoint")?;
-        let token_uri: http::Uri = account.token_uri.parse().map_err(|e| {
-            invalid(source, format!("`token_uri` is not a URL: {e}"))
-        })?;
+        let token_uri: http::Uri = account
+            .token_uri
+            .parse()
+            .map_err(|e| invalid(source, format!("`token_uri` is not a URL: {e}")))?;
         let (Some(scheme), Some(authority)) = (token_uri.scheme(), token_uri.authority()) else {
-            return Err(invalid(source, "`token_uri` must be an absolute https:// URL".into()));
+            return Err(invalid(
+                source,
+                "`token_uri` must be an absolute https:// URL".into(),
+            ));
         };
         let token_endpoint = Endpoint::parse(&format!("{scheme}://{authority}"), ca.as_deref())
             .map_err(|e| invalid(source, format!("`token_uri`: {e}")))?;
@@ -329,7 +342,7 @@ fn parse_origin(
     let uri: http::Uri = url
         .parse()
         .map_err(|e| invalid(field, format!("invalid URL `{url}`: {e}")))?;
-    if uri.path().trim_matches('/') != "" || uri.query().is_some() {
+    if !uri.path().trim_matches('/').is_empty() || uri.query().is_some() {
         return Err(invalid(
             field,
             format!("`{url}` must be an origin (scheme://host[:port]) without a path"),

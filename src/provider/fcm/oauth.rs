@@ -173,7 +173,8 @@ impl ServiceAccountKey {
             iat,
             exp: iat + ASSERTION_LIFETIME_SECS,
         };
-        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| TokenError::Sign(e.to_string()))
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|e| TokenError::Sign(e.to_string()))
     }
 }
 
@@ -372,7 +373,11 @@ impl TokenSource {
         let mut last = String::new();
         for attempt in 1..=self.policy.attempts.max(1) {
             if attempt > 1 {
-                let delay = h2pool::backoff(self.policy.backoff_base, self.policy.backoff_cap, attempt - 1);
+                let delay = h2pool::backoff(
+                    self.policy.backoff_base,
+                    self.policy.backoff_cap,
+                    attempt - 1,
+                );
                 tokio::time::sleep(delay).await;
             }
             match self.fetch_once().await? {
@@ -412,7 +417,10 @@ impl TokenSource {
 }
 
 /// Classifies a token endpoint response: the token and its lifetime, or why not.
-pub fn parse_token_response(status: u16, body: &[u8]) -> Result<(AccessToken, Duration), FetchError> {
+pub fn parse_token_response(
+    status: u16,
+    body: &[u8],
+) -> Result<(AccessToken, Duration), FetchError> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     let field = |name: &str| {
         json.as_ref()
@@ -441,9 +449,8 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<(AccessToken, Du
         }
         let lifetime = match json.as_ref().and_then(|j| j.get("expires_in")) {
             None | Some(Value::Null) => DEFAULT_LIFETIME,
-            Some(value) => parse_expires_in(value).ok_or_else(|| {
-                FetchError::Transient(format!("invalid expires_in {value}"))
-            })?,
+            Some(value) => parse_expires_in(value)
+                .ok_or_else(|| FetchError::Transient(format!("invalid expires_in {value}")))?,
         };
         return Ok((AccessToken(token.into()), lifetime));
     }
@@ -510,7 +517,10 @@ mod tests {
         assert_eq!(claims["scope"], SCOPE);
         assert_eq!(claims["aud"], "https://127.0.0.1:1/token");
         assert_eq!(claims["iat"].as_u64(), Some(iat));
-        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 3600);
+        assert_eq!(
+            claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+            3600
+        );
         assert_eq!(claims.as_object().unwrap().len(), 5, "{claims}");
     }
 
@@ -543,7 +553,8 @@ mod tests {
         file["private_key"] = Value::from(loadtest::keys::generate_apns_key().private_p8_pem);
         let err = ServiceAccountKey::from_json(&file.to_string()).unwrap_err();
         assert!(matches!(err, CredentialsError::Key(_)), "{err:?}");
-        file["private_key"] = Value::from("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+        file["private_key"] =
+            Value::from("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
         assert!(matches!(
             ServiceAccountKey::from_json(&file.to_string()),
             Err(CredentialsError::Key(_))
@@ -582,7 +593,12 @@ mod tests {
         assert_eq!(d, Duration::from_secs(3599), "expires_in as a string");
         let (_, d) = parse_token_response(200, br#"{"access_token":"ya29.x"}"#).unwrap();
         assert_eq!(d, DEFAULT_LIFETIME);
-        for body in [&b"<html/>"[..], b"{}", br#"{"access_token":""}"#, br#"{"access_token":"a b"}"#] {
+        for body in [
+            &b"<html/>"[..],
+            b"{}",
+            br#"{"access_token":""}"#,
+            br#"{"access_token":"a b"}"#,
+        ] {
             assert!(matches!(
                 parse_token_response(200, body),
                 Err(FetchError::Transient(_))
@@ -604,7 +620,10 @@ mod tests {
             ))
         );
         let body = br#"{"error":"invalid_grant","error_description":"Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim."}"#;
-        assert!(matches!(parse_token_response(400, body), Err(FetchError::Permanent(_))));
+        assert!(matches!(
+            parse_token_response(400, body),
+            Err(FetchError::Permanent(_))
+        ));
         for status in [408, 429, 500, 502, 503, 504] {
             assert!(matches!(
                 parse_token_response(status, b"<html>"),
@@ -612,9 +631,15 @@ mod tests {
             ));
         }
         let body = br#"{"error":"temporarily_unavailable"}"#;
-        assert!(matches!(parse_token_response(400, body), Err(FetchError::Transient(_))));
+        assert!(matches!(
+            parse_token_response(400, body),
+            Err(FetchError::Transient(_))
+        ));
         let reason = TokenError::Rejected("HTTP 400 invalid_grant: Invalid JWT Signature.".into())
             .to_string();
-        assert!(reason.contains("invalid_grant") && reason.contains("credentials"), "{reason}");
+        assert!(
+            reason.contains("invalid_grant") && reason.contains("credentials"),
+            "{reason}"
+        );
     }
 }

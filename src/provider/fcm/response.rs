@@ -35,7 +35,7 @@ pub enum Verdict {
 
 /// The parts of a Google API error body that matter for classification.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ErrorInfo {
+pub struct ApiError {
     /// `error.message`.
     pub message: Option<String>,
     /// `error.status`, the canonical gRPC code.
@@ -52,16 +52,16 @@ pub struct ErrorInfo {
     pub error_info_reason: Option<String>,
 }
 
-impl ErrorInfo {
+impl ApiError {
     /// Parses `{"error":{...}}`; `None` when the body is not that shape (HTML, empty, ...).
     pub fn parse(body: &[u8]) -> Option<Self> {
         let root: Value = serde_json::from_slice(body).ok()?;
         let error = root.get("error")?.as_object()?;
         let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
-        let mut info = ErrorInfo {
+        let mut info = ApiError {
             message: text(error.get("message")),
             status: text(error.get("status")),
-            ..ErrorInfo::default()
+            ..ApiError::default()
         };
         let details = error.get("details").and_then(Value::as_array);
         for detail in details.into_iter().flatten() {
@@ -70,7 +70,9 @@ impl ErrorInfo {
                     info.fcm_code = info.fcm_code.or(text(detail.get("errorCode")));
                 }
                 Some(APNS_ERROR) => {
-                    let code = detail.get("statusCode").or_else(|| detail.get("status_code"));
+                    let code = detail
+                        .get("statusCode")
+                        .or_else(|| detail.get("status_code"));
                     info.apns_status = info.apns_status.or(code.and_then(as_u16));
                     info.apns_reason = info.apns_reason.or(text(detail.get("reason")));
                 }
@@ -101,7 +103,9 @@ impl ErrorInfo {
     }
 
     fn token_violation(&self) -> Option<&(String, String)> {
-        self.field_violations.iter().find(|(field, _)| field == "message.token")
+        self.field_violations
+            .iter()
+            .find(|(field, _)| field == "message.token")
     }
 
     fn sender_id_mismatch(&self) -> bool {
@@ -162,7 +166,7 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<&str>, now: System
         return Verdict::Final(classify_success(status, body));
     }
     let retry_after = retry_after.and_then(|v| crate::provider::retry_after::parse(v, now));
-    match ErrorInfo::parse(body) {
+    match ApiError::parse(body) {
         Some(info) => classify_error(status, &info, retry_after),
         None => Verdict::Final(classify_status_only(status, retry_after)),
     }
@@ -195,7 +199,7 @@ fn classify_success(status: u16, body: &[u8]) -> Outcome {
     }
 }
 
-fn classify_error(status: u16, info: &ErrorInfo, retry_after: Option<Duration>) -> Verdict {
+fn classify_error(status: u16, info: &ApiError, retry_after: Option<Duration>) -> Verdict {
     let reason = info.describe(status);
     let code = info.code().unwrap_or_default();
     // Server-side trouble and quota always retry, whatever the code says.
@@ -249,7 +253,11 @@ fn classify_status_only(status: u16, retry_after: Option<Duration>) -> Outcome {
 }
 
 /// The HTTP status decides: used for bodies without a usable error code.
-fn classify_status_only_with(status: u16, reason: String, retry_after: Option<Duration>) -> Outcome {
+fn classify_status_only_with(
+    status: u16,
+    reason: String,
+    retry_after: Option<Duration>,
+) -> Outcome {
     match status {
         400 | 413 => Outcome::Rejected { reason, status },
         // Our token, but the body could not tell us so for sure: a re-send with a fresh token is
@@ -386,9 +394,18 @@ mod tests {
 
     #[test]
     fn success_without_name_is_not_delivered() {
-        for body in ["", "{}", r#"{"name":""}"#, r#"{"name":5}"#, "<html>ok</html>"] {
+        for body in [
+            "",
+            "{}",
+            r#"{"name":""}"#,
+            r#"{"name":5}"#,
+            "<html>ok</html>",
+        ] {
             let o = outcome(200, body);
-            assert!(matches!(o, Outcome::Retry { status: 200, .. }), "{body}: {o:?}");
+            assert!(
+                matches!(o, Outcome::Retry { status: 200, .. }),
+                "{body}: {o:?}"
+            );
             assert!(reason(&o).contains("without a message name"));
         }
     }
@@ -397,8 +414,14 @@ mod tests {
     fn token_field_violation_is_invalid_token_in_both_orders() {
         for body in [INVALID_TOKEN, INVALID_TOKEN_REVERSED] {
             let o = outcome(400, body);
-            assert!(matches!(o, Outcome::InvalidToken { status: 400, .. }), "{o:?}");
-            assert!(reason(&o).contains("message.token: Invalid registration token"), "{o:?}");
+            assert!(
+                matches!(o, Outcome::InvalidToken { status: 400, .. }),
+                "{o:?}"
+            );
+            assert!(
+                reason(&o).contains("message.token: Invalid registration token"),
+                "{o:?}"
+            );
         }
     }
 
@@ -429,7 +452,10 @@ mod tests {
             }
         );
         let o = outcome(404, DEAD_IOS_404);
-        assert!(matches!(o, Outcome::InvalidToken { status: 404, .. }), "{o:?}");
+        assert!(
+            matches!(o, Outcome::InvalidToken { status: 404, .. }),
+            "{o:?}"
+        );
         assert!(reason(&o).contains("APNs 410 Unregistered"), "{o:?}");
     }
 
@@ -437,7 +463,10 @@ mod tests {
     fn dead_ios_token_as_400_with_apns_error_is_invalid_token_in_both_orders() {
         for body in [DEAD_IOS, DEAD_IOS_REVERSED] {
             let o = outcome(400, body);
-            assert!(matches!(o, Outcome::InvalidToken { status: 400, .. }), "{o:?}");
+            assert!(
+                matches!(o, Outcome::InvalidToken { status: 400, .. }),
+                "{o:?}"
+            );
             assert!(reason(&o).contains("APNs 410 Unregistered"), "{o:?}");
         }
         // snake_case schema name, reason only, status only.
@@ -456,12 +485,22 @@ mod tests {
 
     #[test]
     fn sender_id_mismatch_is_invalid_token_with_a_warning() {
-        for body in [SENDER_MISMATCH_FCM, SENDER_MISMATCH_INFO, SENDER_MISMATCH_BARE] {
+        for body in [
+            SENDER_MISMATCH_FCM,
+            SENDER_MISMATCH_INFO,
+            SENDER_MISMATCH_BARE,
+        ] {
             let o = outcome(403, body);
-            assert!(matches!(o, Outcome::InvalidToken { status: 403, .. }), "{o:?}");
+            assert!(
+                matches!(o, Outcome::InvalidToken { status: 403, .. }),
+                "{o:?}"
+            );
             let r = reason(&o);
             assert!(r.starts_with("SENDER_ID_MISMATCH: "), "{r}");
-            assert!(r.contains("token belongs to another Firebase project"), "{r}");
+            assert!(
+                r.contains("token belongs to another Firebase project"),
+                "{r}"
+            );
             assert!(r.contains("check the app's project before deleting"), "{r}");
         }
     }
@@ -530,15 +569,25 @@ mod tests {
         ));
         assert!(matches!(
             outcome_ra(429, QUOTA, Some("Wed, 21 Oct 2015 07:28:00 GMT")),
-            Outcome::Retry { retry_after: Some(Duration::ZERO), .. }
+            Outcome::Retry {
+                retry_after: Some(Duration::ZERO),
+                ..
+            }
         ));
         assert!(matches!(
             outcome_ra(429, QUOTA, Some("soon")),
-            Outcome::Retry { retry_after: None, .. }
+            Outcome::Retry {
+                retry_after: None,
+                ..
+            }
         ));
         assert!(matches!(
             outcome_ra(429, "", None),
-            Outcome::Retry { status: 429, retry_after: None, .. }
+            Outcome::Retry {
+                status: 429,
+                retry_after: None,
+                ..
+            }
         ));
     }
 
@@ -581,17 +630,34 @@ mod tests {
     #[test]
     fn unparseable_bodies_classify_by_status() {
         for (status, body) in [(400, "bad"), (413, "<html/>"), (418, "")] {
-            assert!(matches!(outcome(status, body), Outcome::Rejected { .. }), "{status}");
+            assert!(
+                matches!(outcome(status, body), Outcome::Rejected { .. }),
+                "{status}"
+            );
         }
         // A bare 404 is never a dead token.
-        assert!(matches!(outcome(404, "Not Found"), Outcome::Failed { status: 404, .. }));
+        assert!(matches!(
+            outcome(404, "Not Found"),
+            Outcome::Failed { status: 404, .. }
+        ));
         let not_found = r#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND"}}"#;
-        assert!(matches!(outcome(404, not_found), Outcome::Failed { status: 404, .. }));
+        assert!(matches!(
+            outcome(404, not_found),
+            Outcome::Failed { status: 404, .. }
+        ));
         for status in [408, 500, 503, 504] {
-            assert!(matches!(outcome(status, "x"), Outcome::Retry { .. }), "{status}");
+            assert!(
+                matches!(outcome(status, "x"), Outcome::Retry { .. }),
+                "{status}"
+            );
         }
         // Not JSON of the right shape at all.
-        for body in [r#"{"error":"x"}"#, "[]", r#"{"error":{"details":"nope"}}"#, "\u{0}\u{1}"] {
+        for body in [
+            r#"{"error":"x"}"#,
+            "[]",
+            r#"{"error":{"details":"nope"}}"#,
+            "\u{0}\u{1}",
+        ] {
             let _ = outcome(400, body);
         }
     }
@@ -604,7 +670,7 @@ mod tests {
             {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"X"},
             {"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#;
         assert!(matches!(outcome(404, body), Outcome::InvalidToken { .. }));
-        let info = ErrorInfo::parse(body.as_bytes()).unwrap();
+        let info = ApiError::parse(body.as_bytes()).unwrap();
         assert_eq!(info.code(), Some("UNREGISTERED"));
         assert_eq!(info.status.as_deref(), Some("NOT_FOUND"));
         assert_eq!(info.error_info_reason.as_deref(), Some("X"));

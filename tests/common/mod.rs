@@ -1,0 +1,138 @@
+//! Test harness: a real gateway on a free port, a real gRPC client, and a mock APNs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use loadtest::apns::{MockApns, MockApnsConfig};
+use pushgate::config::Config;
+use pushgate::proto::push_gateway_client::PushGatewayClient;
+use pushgate::proto::{self, Receipt, ReceiptStatus};
+use pushgate::server::Running;
+use tonic::transport::Channel;
+
+pub const TOPIC: &str = "com.example.shop";
+
+pub struct Harness {
+    pub mock: MockApns,
+    pub gateway: Running,
+    pub dir: tempfile::TempDir,
+    pub key: loadtest::keys::ApnsKey,
+}
+
+/// Extra TOML appended to the gateway config (pipeline/retry sections).
+pub struct Options {
+    pub tls: bool,
+    pub pipeline: String,
+    pub retry: String,
+    pub mock: Box<dyn FnOnce(&mut MockApnsConfig)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            tls: false,
+            pipeline: "shutdown_grace_secs = 5".into(),
+            retry: "base_ms = 5\ncap_ms = 50\nmax_attempts = 6".into(),
+            mock: Box::new(|_| {}),
+        }
+    }
+}
+
+pub async fn start(options: Options) -> Harness {
+    let key = loadtest::keys::generate_apns_key();
+    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    mock_config.tls = options.tls;
+    mock_config.topics = vec![TOPIC.into()];
+    (options.mock)(&mut mock_config);
+    let mock = MockApns::start(mock_config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("AuthKey.p8");
+    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
+    let ca_line = match mock.ca_pem() {
+        Some(pem) => {
+            let ca = dir.path().join("ca.pem");
+            std::fs::write(&ca, pem).unwrap();
+            format!("ca_file = \"{}\"", ca.display())
+        }
+        None => String::new(),
+    };
+    let config = Config::from_toml(&format!(
+        r#"
+        listen = "127.0.0.1:0"
+        [pipeline]
+        {pipeline}
+        [retry]
+        {retry}
+        [apps.shop.apns]
+        key_file = "{key_file}"
+        key_id = "{key_id}"
+        team_id = "{team_id}"
+        topic = "{TOPIC}"
+        endpoint = "{endpoint}"
+        connections = 2
+        request_timeout_ms = 5000
+        {ca_line}
+        "#,
+        pipeline = options.pipeline,
+        retry = options.retry,
+        key_file = key_file.display(),
+        key_id = key.key_id,
+        team_id = key.team_id,
+        endpoint = mock.url(),
+    ))
+    .unwrap();
+    let gateway = pushgate::server::start(config).await.unwrap();
+    Harness {
+        mock,
+        gateway,
+        dir,
+        key,
+    }
+}
+
+impl Harness {
+    pub async fn client(&self) -> PushGatewayClient<Channel> {
+        PushGatewayClient::connect(format!("http://{}", self.gateway.addr))
+            .await
+            .unwrap()
+    }
+
+    pub fn unresolved_drops(&self) -> u64 {
+        self.gateway.gateway.metrics().unresolved_drops.get()
+    }
+}
+
+pub fn token(n: u64) -> String {
+    format!("{n:064x}")
+}
+
+pub fn recipient(n: u64, vars: &[(&str, &str)]) -> proto::Recipient {
+    proto::Recipient {
+        message_id: format!("m-{n}"),
+        platform: proto::Platform::Apns as i32,
+        device_token: token(n),
+        vars: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        user_id: format!("u-{n}"),
+        ..Default::default()
+    }
+}
+
+pub fn template(title: &str, body: &str) -> proto::Template {
+    proto::Template {
+        title: title.into(),
+        body: body.into(),
+        ..Default::default()
+    }
+}
+
+pub fn status(r: &Receipt) -> ReceiptStatus {
+    ReceiptStatus::try_from(r.status).unwrap()
+}
+
+pub fn path(p: &str) -> PathBuf {
+    PathBuf::from(p)
+}
