@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream, errors::BroadcastStreamRecvError};
+use tokio_stream::wrappers::{
+    BroadcastStream, UnboundedReceiverStream, errors::BroadcastStreamRecvError,
+};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::debug;
@@ -271,14 +273,20 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         Ok(proto::Priority::Normal) => Priority::Normal,
         Ok(proto::Priority::High) => Priority::High,
         Err(_) => {
-            errors.push(FieldError::new("template.priority", "unknown priority value"));
+            errors.push(FieldError::new(
+                "template.priority",
+                "unknown priority value",
+            ));
             Priority::Default
         }
     };
     let push_type = match proto::PushType::try_from(template.push_type) {
         Ok(p) => push_type_from_proto(p),
         Err(_) => {
-            errors.push(FieldError::new("template.push_type", "unknown push type value"));
+            errors.push(FieldError::new(
+                "template.push_type",
+                "unknown push type value",
+            ));
             None
         }
     };
@@ -294,7 +302,8 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         thread_id: template.thread_id,
         data: template.data,
         collapse_key: template.collapse_key,
-        ttl: (template.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(template.ttl_seconds))),
+        ttl: (template.ttl_seconds > 0)
+            .then(|| Duration::from_secs(u64::from(template.ttl_seconds))),
         priority,
         push_type,
         content_available: template.content_available,
@@ -390,7 +399,10 @@ pub fn to_proto_receipt(r: &model::Receipt) -> proto::Receipt {
     }
 }
 
-fn to_proto_response(result: BatchResult, receipts: Vec<proto::Receipt>) -> proto::SendBatchResponse {
+fn to_proto_response(
+    result: BatchResult,
+    receipts: Vec<proto::Receipt>,
+) -> proto::SendBatchResponse {
     let accepted = u32::try_from(result.accepted()).unwrap_or(u32::MAX);
     let rejected = u32::try_from(result.rejected()).unwrap_or(u32::MAX);
     proto::SendBatchResponse {

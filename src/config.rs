@@ -291,7 +291,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.pipeline;
         if p.accept_window == 0 {
-            return Err(ConfigError::invalid("pipeline.accept_window", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "pipeline.accept_window",
+                "must be at least 1",
+            ));
         }
         if p.max_in_flight_requests == 0 {
             return Err(ConfigError::invalid(
@@ -300,7 +303,10 @@ impl Config {
             ));
         }
         if p.dispatch_queue == 0 {
-            return Err(ConfigError::invalid("pipeline.dispatch_queue", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "pipeline.dispatch_queue",
+                "must be at least 1",
+            ));
         }
         if p.max_batch_recipients == 0 {
             return Err(ConfigError::invalid(
@@ -311,7 +317,11 @@ impl Config {
         validate_retry("retry", &self.retry)?;
         for (id, app) in &self.apps {
             let prefix = format!("apps.{id}");
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(ConfigError::invalid(
                     &prefix,
                     "app ids use letters, digits, '-', '_' and '.'",
@@ -338,7 +348,10 @@ impl Config {
                     ));
                 }
                 if fcm.connections == 0 {
-                    return Err(ConfigError::invalid(format!("{key}.connections"), "must be at least 1"));
+                    return Err(ConfigError::invalid(
+                        format!("{key}.connections"),
+                        "must be at least 1",
+                    ));
                 }
             }
         }
@@ -348,10 +361,16 @@ impl Config {
 
 fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
     if retry.max_attempts == 0 {
-        return Err(ConfigError::invalid(format!("{key}.max_attempts"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            format!("{key}.max_attempts"),
+            "must be at least 1",
+        ));
     }
     if retry.cap_ms < retry.base_ms {
-        return Err(ConfigError::invalid(format!("{key}.cap_ms"), "must be >= base_ms"));
+        return Err(ConfigError::invalid(
+            format!("{key}.cap_ms"),
+            "must be >= base_ms",
+        ));
     }
     Ok(())
 }
@@ -371,7 +390,10 @@ fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
         ));
     }
     if apns.topic.trim().is_empty() {
-        return Err(ConfigError::invalid(format!("{key}.topic"), "must be the app's bundle id"));
+        return Err(ConfigError::invalid(
+            format!("{key}.topic"),
+            "must be the app's bundle id",
+        ));
     }
     if apns.key_file.is_none() && apns.key_pem.is_none() {
         return Err(ConfigError::invalid(
@@ -380,7 +402,10 @@ fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
         ));
     }
     if apns.connections == 0 {
-        return Err(ConfigError::invalid(format!("{key}.connections"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            format!("{key}.connections"),
+            "must be at least 1",
+        ));
     }
     if apns.request_timeout_ms == 0 {
         return Err(ConfigError::invalid(
@@ -423,7 +448,9 @@ mod tests {
         let err = Config::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("apps.shop.apns.environment"), "{err}");
 
-        let err = Config::from_toml("[pipeline]\naccept_window = 0").unwrap_err().to_string();
+        let err = Config::from_toml("[pipeline]\naccept_window = 0")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pipeline.accept_window"), "{err}");
 
         let err = Config::from_toml("[apps.empty]").unwrap_err().to_string();

@@ -80,12 +80,18 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     ))?;
     let running = crate::server::start(config).await?;
     let endpoint = format!("http://{}", running.addr);
-    println!("gateway listening on {endpoint}, mock APNs at {}", mock.url());
+    println!(
+        "gateway listening on {endpoint}, mock APNs at {}",
+        mock.url()
+    );
 
     let mut client = PushGatewayClient::connect(endpoint).await?;
     let (tx, rx) = mpsc::channel::<proto::SendBatchRequest>(4);
     let started = Instant::now();
-    let mut response = client.stream_send(ReceiverStream::new(rx)).await?.into_inner();
+    let mut response = client
+        .stream_send(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
 
     let producer = async {
         let mut n: u64 = 0;
@@ -199,7 +205,10 @@ fn scratch_dir() -> anyhow::Result<PathBuf> {
 pub fn print(report: &DemoReport) {
     let secs = report.elapsed.as_secs_f64().max(f64::EPSILON);
     println!();
-    println!("pushgate demo: {} notifications in {:.1} s", report.sent, secs);
+    println!(
+        "pushgate demo: {} notifications in {:.1} s",
+        report.sent, secs
+    );
     println!("  terminal receipts   {}", report.terminal);
     for (status, count) in &report.by_status {
         println!("    {status:<16}{count}");

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::config::PipelineConfig;
 use crate::metrics::{AppLabels, Metrics};
-use crate::model::{FieldError, MessageMeta, Recipient, ReceiptStatus, Template};
+use crate::model::{FieldError, MessageMeta, ReceiptStatus, Recipient, Template};
 use crate::pipeline::{Deliverer, Job};
 use crate::queue::MemoryRetryQueue;
 use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
@@ -150,17 +150,17 @@ impl Gateway {
         stream_rejections: bool,
     ) -> Result<BatchResult, SubmitError> {
         if !self.is_accepting() {
-            return Err(SubmitError::Unavailable("the gateway is shutting down".into()));
+            return Err(SubmitError::Unavailable(
+                "the gateway is shutting down".into(),
+            ));
         }
         if batch.app_id.is_empty() {
             return Err(FieldError::new("app_id", "required").into());
         }
         let Some(app) = self.apps.get(&batch.app_id).cloned() else {
-            return Err(FieldError::new(
-                "app_id",
-                format!("unknown app `{}`", batch.app_id),
-            )
-            .into());
+            return Err(
+                FieldError::new("app_id", format!("unknown app `{}`", batch.app_id)).into(),
+            );
         };
         if batch.recipients.len() > self.config.max_batch_recipients {
             return Err(FieldError::new(
@@ -189,7 +189,11 @@ impl Gateway {
             app: app_id.to_string(),
         };
         let accepted_counter = self.metrics.accepted.get_or_create(&labels).clone();
-        let rejected_counter = self.metrics.rejected_at_ingest.get_or_create(&labels).clone();
+        let rejected_counter = self
+            .metrics
+            .rejected_at_ingest
+            .get_or_create(&labels)
+            .clone();
         let ttl = batch.template.ttl;
         let mut seen_ids = HashSet::with_capacity(batch.recipients.len());
         let mut results = Vec::with_capacity(batch.recipients.len());
@@ -306,7 +310,11 @@ impl Gateway {
     pub async fn shutdown(&self, grace: Duration) {
         self.accepting.cancel();
         let in_flight = self.metrics.in_flight.get();
-        info!(in_flight, ?grace, "shutting down: draining in-flight messages");
+        info!(
+            in_flight,
+            ?grace,
+            "shutting down: draining in-flight messages"
+        );
         if !self.wait_drained(grace).await {
             warn!(
                 remaining = self.metrics.in_flight.get(),

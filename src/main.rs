@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "pushgate", version, about = "Push-notification delivery gateway")]
+#[command(
+    name = "pushgate",
+    version,
+    about = "Push-notification delivery gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

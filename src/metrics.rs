@@ -56,7 +56,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pushgate");
         let accepted = Family::<AppLabels, Counter>::default();
-        registry.register("accepted", "Recipients accepted for delivery", accepted.clone());
+        registry.register(
+            "accepted",
+            "Recipients accepted for delivery",
+            accepted.clone(),
+        );
         let rejected_at_ingest = Family::<AppLabels, Counter>::default();
         registry.register(
             "rejected_at_ingest",

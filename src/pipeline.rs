@@ -146,11 +146,12 @@ impl Deliverer {
         let policy = &job.app.retry;
         let attempt = job.pending.attempt();
         if attempt >= policy.max_attempts {
-            job.pending.resolve(Resolution::from_outcome(Outcome::Retry {
-                reason: format!("{reason} (after {attempt} attempts)"),
-                status,
-                retry_after,
-            }));
+            job.pending
+                .resolve(Resolution::from_outcome(Outcome::Retry {
+                    reason: format!("{reason} (after {attempt} attempts)"),
+                    status,
+                    retry_after,
+                }));
             return;
         }
         let delay = retry_delay(policy, attempt, retry_after);

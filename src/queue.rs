@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::pipeline::Job;
 use crate::model::ReceiptStatus;
+use crate::pipeline::Job;
 use crate::receipts::Resolution;
 
 /// Parks jobs until they are due, then hands them back to the dispatcher.

@@ -55,7 +55,8 @@ impl ReceiptHub {
     /// Ends every subscription (after the receipts already buffered for it) and refuses new
     /// ones: the last step of a shutdown, once every message has its terminal receipt.
     pub fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.apps.clear();
     }
 
@@ -80,7 +81,11 @@ impl ReceiptHub {
 
     /// Publishes the terminal REJECTED receipt of a recipient that failed validation and never
     /// entered the pipeline, and returns it for the caller.
-    pub fn rejection(&self, meta: &Arc<MessageMeta>, error: &crate::model::FieldError) -> Arc<Receipt> {
+    pub fn rejection(
+        &self,
+        meta: &Arc<MessageMeta>,
+        error: &crate::model::FieldError,
+    ) -> Arc<Receipt> {
         let receipt = Arc::new(Receipt {
             meta: Arc::clone(meta),
             status: ReceiptStatus::Rejected,
@@ -339,7 +344,11 @@ mod tests {
         assert!(second.receipt.terminal());
         assert_eq!(second.receipt.attempt, 1);
         assert!(rx.try_recv().is_err(), "no further receipts");
-        assert_eq!(window.available_permits(), 0, "permit travels with the receipt");
+        assert_eq!(
+            window.available_permits(),
+            0,
+            "permit travels with the receipt"
+        );
         drop(second);
         assert_eq!(window.available_permits(), 1);
         assert_eq!(sub.try_recv().unwrap().status, ReceiptStatus::Retrying);

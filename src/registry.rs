@@ -69,7 +69,11 @@ impl AppRegistry {
                 id.clone(),
                 Arc::new(AppRuntime {
                     id: Arc::from(id.as_str()),
-                    apns_topic: app.apns.as_ref().map(|a| a.topic.clone()).unwrap_or_default(),
+                    apns_topic: app
+                        .apns
+                        .as_ref()
+                        .map(|a| a.topic.clone())
+                        .unwrap_or_default(),
                     apns,
                     fcm,
                     retry: app.retry.clone().unwrap_or_else(|| config.retry.clone()),
@@ -125,7 +129,11 @@ fn build_apns(key: &str, apns: &ApnsConfig) -> Result<ApnsProvider, ConfigError>
     .map_err(|e| ConfigError::Invalid {
         key: format!(
             "{key}.{}",
-            if apns.key_pem.is_some() { "key_pem" } else { "key_file" }
+            if apns.key_pem.is_some() {
+                "key_pem"
+            } else {
+                "key_file"
+            }
         ),
         reason: e.to_string(),
     })?;

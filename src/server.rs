@@ -135,7 +135,7 @@ async fn serve_metrics(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Res
                 let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let metrics = Arc::clone(&metrics);
                     async move {
-                        let response = if request.uri().path() == "/metrics" {
+                        if request.uri().path() == "/metrics" {
                             hyper::Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4")
                                 .body(Full::new(Bytes::from(metrics.encode())))
@@ -143,8 +143,7 @@ async fn serve_metrics(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Res
                             hyper::Response::builder()
                                 .status(404)
                                 .body(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        response
+                        }
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

@@ -34,7 +34,11 @@ async fn stream_all(h: &common::Harness, batches: Vec<proto::SendBatchRequest>) 
     receipts
 }
 
-fn batch(n: usize, recipients: Vec<proto::Recipient>, t: proto::Template) -> proto::SendBatchRequest {
+fn batch(
+    n: usize,
+    recipients: Vec<proto::Recipient>,
+    t: proto::Template,
+) -> proto::SendBatchRequest {
     proto::SendBatchRequest {
         app_id: "shop".into(),
         batch_id: format!("batch-{n}"),
@@ -83,7 +87,10 @@ async fn ten_thousand_personalized_recipients_under_faults() {
     faults.set_internal_error_per_mille(20);
     faults.goaway_after(3_000);
 
-    let t = template("Hi {{ first_name }}", "Your {{ item | default: \"cart\" }} is waiting");
+    let t = template(
+        "Hi {{ first_name }}",
+        "Your {{ item | default: \"cart\" }} is waiting",
+    );
     let batches = (0..TOTAL / PER_BATCH)
         .map(|b| {
             let recipients = (1..=PER_BATCH)
@@ -102,7 +109,11 @@ async fn ten_thousand_personalized_recipients_under_faults() {
     let receipts = stream_all(&h, batches).await;
 
     let terminal = terminal_by_message(&receipts);
-    assert_eq!(terminal.len() as u64, TOTAL, "exactly one terminal receipt each");
+    assert_eq!(
+        terminal.len() as u64,
+        TOTAL,
+        "exactly one terminal receipt each"
+    );
     for (id, want) in &expected {
         let got = &terminal[id];
         assert_eq!(status(got), *want, "{id}: {got:?}");
@@ -121,7 +132,11 @@ async fn ten_thousand_personalized_recipients_under_faults() {
     let stats = h.mock.stats();
     assert!(stats.status(429) > 0 && stats.status(500) > 0, "{stats:?}");
     assert!(stats.goaways_sent >= 1, "{stats:?}");
-    assert!(receipts.iter().any(|r| !r.terminal && status(r) == ReceiptStatus::Retrying));
+    assert!(
+        receipts
+            .iter()
+            .any(|r| !r.terminal && status(r) == ReceiptStatus::Retrying)
+    );
     assert!(h.gateway.gateway.apps().get("shop").is_some());
 
     // The mock received exactly the delivered payloads, rendered for each recipient.
@@ -131,7 +146,11 @@ async fn ten_thousand_personalized_recipients_under_faults() {
         .map(|r| r.message_id.clone())
         .collect();
     let accepted = h.mock.accepted();
-    assert_eq!(accepted.len(), delivered.len(), "no duplicates, nothing missing");
+    assert_eq!(
+        accepted.len(),
+        delivered.len(),
+        "no duplicates, nothing missing"
+    );
     for a in &accepted {
         let n = u64::from_str_radix(&a.device_token, 16).unwrap();
         assert!(delivered.contains(&format!("m-{n}")));
@@ -167,10 +186,20 @@ async fn fast_caller_is_held_to_the_accept_window() {
     let receipts = stream_all(&h, batches).await;
     let terminal = terminal_by_message(&receipts);
     assert_eq!(terminal.len(), 4_000);
-    assert!(terminal.values().all(|r| status(r) == ReceiptStatus::Delivered));
+    assert!(
+        terminal
+            .values()
+            .all(|r| status(r) == ReceiptStatus::Delivered)
+    );
     let high_water = h.gateway.gateway.window_high_water();
-    assert!(high_water <= WINDOW, "in flight {high_water} exceeded the window");
-    assert_eq!(high_water, WINDOW, "the caller outpaced the provider, so the window filled");
+    assert!(
+        high_water <= WINDOW,
+        "in flight {high_water} exceeded the window"
+    );
+    assert_eq!(
+        high_water, WINDOW,
+        "the caller outpaced the provider, so the window filled"
+    );
     assert!(h.mock.stats().max_concurrent_streams_seen <= WINDOW as u64);
     assert_eq!(h.unresolved_drops(), 0);
     h.gateway.shutdown().await.unwrap();
@@ -183,18 +212,31 @@ async fn dropped_connections_and_resets_are_retried() {
     h.mock.faults().reset_after(400);
     let t = template("Hi", "there");
     let batches = (0..5u64)
-        .map(|b| batch(b as usize, (1..=200).map(|i| recipient(b * 200 + i, &[])).collect(), t.clone()))
+        .map(|b| {
+            batch(
+                b as usize,
+                (1..=200).map(|i| recipient(b * 200 + i, &[])).collect(),
+                t.clone(),
+            )
+        })
         .collect();
     let receipts = stream_all(&h, batches).await;
     let terminal = terminal_by_message(&receipts);
     assert_eq!(terminal.len(), 1_000);
     assert!(
-        terminal.values().all(|r| status(r) == ReceiptStatus::Delivered),
+        terminal
+            .values()
+            .all(|r| status(r) == ReceiptStatus::Delivered),
         "{:?}",
-        terminal.values().find(|r| status(r) != ReceiptStatus::Delivered)
+        terminal
+            .values()
+            .find(|r| status(r) != ReceiptStatus::Delivered)
     );
     let stats = h.mock.stats();
-    assert!(stats.connections_dropped >= 1 && stats.resets_sent >= 1, "{stats:?}");
+    assert!(
+        stats.connections_dropped >= 1 && stats.resets_sent >= 1,
+        "{stats:?}"
+    );
     assert!(stats.connections_opened >= 2, "reconnected: {stats:?}");
     assert_eq!(h.unresolved_drops(), 0);
     h.gateway.shutdown().await.unwrap();
@@ -207,7 +249,11 @@ async fn rejected_credentials_fail_fast_with_operator_advice() {
         .faults()
         .reject_all_auth(Some(ApnsReason::InvalidProviderToken));
     let t = template("Hi", "there");
-    let receipts = stream_all(&h, vec![batch(0, (1..=300).map(|i| recipient(i, &[])).collect(), t)]).await;
+    let receipts = stream_all(
+        &h,
+        vec![batch(0, (1..=300).map(|i| recipient(i, &[])).collect(), t)],
+    )
+    .await;
     let terminal = terminal_by_message(&receipts);
     assert_eq!(terminal.len(), 300);
     for r in terminal.values() {
@@ -253,7 +299,11 @@ async fn shutdown_drains_in_flight_within_grace() {
         .unwrap()
         .into_inner();
     let response = client
-        .send_batch(batch(0, (1..=200).map(|i| recipient(i, &[])).collect(), template("a", "b")))
+        .send_batch(batch(
+            0,
+            (1..=200).map(|i| recipient(i, &[])).collect(),
+            template("a", "b"),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -266,9 +316,13 @@ async fn shutdown_drains_in_flight_within_grace() {
     let terminal = terminal_by_message(&receipts);
     assert_eq!(terminal.len(), 200);
     assert!(
-        terminal.values().all(|r| status(r) == ReceiptStatus::Delivered),
+        terminal
+            .values()
+            .all(|r| status(r) == ReceiptStatus::Delivered),
         "{:?}",
-        terminal.values().find(|r| status(r) != ReceiptStatus::Delivered)
+        terminal
+            .values()
+            .find(|r| status(r) != ReceiptStatus::Delivered)
     );
 }
 
@@ -290,7 +344,11 @@ async fn shutdown_past_grace_fails_the_rest_with_a_receipt_each() {
         .unwrap()
         .into_inner();
     let response = client
-        .send_batch(batch(0, (1..=100).map(|i| recipient(i, &[])).collect(), template("a", "b")))
+        .send_batch(batch(
+            0,
+            (1..=100).map(|i| recipient(i, &[])).collect(),
+            template("a", "b"),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -332,14 +390,26 @@ async fn send_batch_validates_and_waits_for_receipts() {
         .send_batch(batch(0, vec![recipient(1, &[]), bad], template("a", "b")))
         .await
         .unwrap_err();
-    assert!(err.message().contains("recipients[1].platform"), "{}", err.message());
+    assert!(
+        err.message().contains("recipients[1].platform"),
+        "{}",
+        err.message()
+    );
 
     // Malformed template: named.
     let err = client
-        .send_batch(batch(0, vec![recipient(1, &[])], template("Hi {{ name", "b")))
+        .send_batch(batch(
+            0,
+            vec![recipient(1, &[])],
+            template("Hi {{ name", "b"),
+        ))
         .await
         .unwrap_err();
-    assert!(err.message().contains("template.title"), "{}", err.message());
+    assert!(
+        err.message().contains("template.title"),
+        "{}",
+        err.message()
+    );
 
     // Mixed batch with wait_for_receipts.
     let mut b = batch(
@@ -389,8 +459,14 @@ async fn subscribe_receipts_filters_by_campaign() {
     let first = sub.message().await.unwrap().unwrap();
     let second = sub.message().await.unwrap().unwrap();
     assert_eq!(
-        BTreeMap::from([(first.message_id.clone(), first.campaign_id.clone()), (second.message_id.clone(), second.campaign_id.clone())]),
-        BTreeMap::from([("m-2".to_string(), "wanted".to_string()), ("m-4".to_string(), "wanted".to_string())])
+        BTreeMap::from([
+            (first.message_id.clone(), first.campaign_id.clone()),
+            (second.message_id.clone(), second.campaign_id.clone())
+        ]),
+        BTreeMap::from([
+            ("m-2".to_string(), "wanted".to_string()),
+            ("m-4".to_string(), "wanted".to_string())
+        ])
     );
     let err = client
         .subscribe_receipts(proto::SubscribeReceiptsRequest {
@@ -423,9 +499,16 @@ async fn health_service_reports_serving_over_tls_upstream() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(response.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        response.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // And a delivery over TLS to the mock works.
-    let receipts = stream_all(&h, vec![batch(0, vec![recipient(9, &[])], template("a", "b"))]).await;
+    let receipts = stream_all(
+        &h,
+        vec![batch(0, vec![recipient(9, &[])], template("a", "b"))],
+    )
+    .await;
     assert_eq!(status(receipts.last().unwrap()), ReceiptStatus::Delivered);
     h.gateway.shutdown().await.unwrap();
 }

@@ -177,7 +177,10 @@ impl TransportError {
     /// True when the server certainly did not process the request, so re-sending it at once on
     /// another stream cannot duplicate it.
     pub fn is_unprocessed(&self) -> bool {
-        matches!(self, TransportError::Refused | TransportError::NoConnection { .. })
+        matches!(
+            self,
+            TransportError::Refused | TransportError::NoConnection { .. }
+        )
     }
 }
 
@@ -258,7 +261,12 @@ impl H2Pool {
         self.shared
             .slots
             .iter()
-            .filter_map(|s| s.conn.read().as_ref().map(|c| c.in_flight.load(Ordering::Relaxed)))
+            .filter_map(|s| {
+                s.conn
+                    .read()
+                    .as_ref()
+                    .map(|c| c.in_flight.load(Ordering::Relaxed))
+            })
             .sum()
     }
 
@@ -275,7 +283,11 @@ impl H2Pool {
     /// Sends one request with a complete body and reads the complete response, within the
     /// pool's request timeout. A stream refused before processing is re-sent once on another
     /// connection.
-    pub async fn send(&self, request: Request<()>, body: Bytes) -> Result<H2Response, TransportError> {
+    pub async fn send(
+        &self,
+        request: Request<()>,
+        body: Bytes,
+    ) -> Result<H2Response, TransportError> {
         self.ensure_started();
         let timeout = self.shared.config.request_timeout;
         let attempt = async {
@@ -367,10 +379,19 @@ impl Drop for InFlightGuard {
     }
 }
 
-async fn send_on(conn: &Conn, request: Request<()>, body: Bytes) -> Result<H2Response, TransportError> {
+async fn send_on(
+    conn: &Conn,
+    request: Request<()>,
+    body: Bytes,
+) -> Result<H2Response, TransportError> {
     conn.in_flight.fetch_add(1, Ordering::Relaxed);
     let _guard = InFlightGuard(Arc::clone(&conn.in_flight));
-    let mut send = conn.send.clone().ready().await.map_err(|e| map_h2(e, conn))?;
+    let mut send = conn
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| map_h2(e, conn))?;
     let end_of_stream = body.is_empty();
     let (response, mut stream) = send
         .send_request(request, end_of_stream)
@@ -459,7 +480,11 @@ async fn supervise(shared: Arc<Shared>, index: usize) {
             }
         }
         failures = failures.saturating_add(1).min(1_000);
-        let delay = backoff(shared.config.reconnect_base, shared.config.reconnect_cap, failures);
+        let delay = backoff(
+            shared.config.reconnect_base,
+            shared.config.reconnect_cap,
+            failures,
+        );
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -493,24 +518,19 @@ async fn drive(shared: &Shared, mut connection: Connection) -> DriveEnd {
                 let Some(pinger) = ping_pong.as_mut() else { continue };
                 let ping = tokio::time::timeout(shared.config.request_timeout, pinger.ping(h2::Ping::opaque()));
                 // The connection future must keep running while we wait for the PONG.
-                let mut ping = std::pin::pin!(ping);
-                loop {
-                    tokio::select! {
-                        _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
-                        result = &mut connection => {
-                            return DriveEnd::Closed(match result {
-                                Ok(()) => "closed by peer".into(),
-                                Err(e) => e.to_string(),
-                            });
-                        }
-                        pong = &mut ping => {
-                            match pong {
-                                Ok(Ok(_)) => break,
-                                Ok(Err(e)) => return DriveEnd::Closed(format!("ping failed: {e}")),
-                                Err(_) => return DriveEnd::Closed("ping timed out".into()),
-                            }
-                        }
+                tokio::select! {
+                    _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
+                    result = &mut connection => {
+                        return DriveEnd::Closed(match result {
+                            Ok(()) => "closed by peer".into(),
+                            Err(e) => e.to_string(),
+                        });
                     }
+                    pong = ping => match pong {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return DriveEnd::Closed(format!("ping failed: {e}")),
+                        Err(_) => return DriveEnd::Closed("ping timed out".into()),
+                    },
                 }
             }
         }
@@ -537,7 +557,10 @@ async fn connect(shared: &Shared) -> Result<(SendRequest<Bytes>, Connection), St
                     .await
                     .map_err(|e| format!("TLS handshake with {}: {e}", endpoint.host))?;
                 if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(format!("{} did not negotiate HTTP/2 (ALPN h2)", endpoint.host));
+                    return Err(format!(
+                        "{} did not negotiate HTTP/2 (ALPN h2)",
+                        endpoint.host
+                    ));
                 }
                 Box::new(stream)
             }
@@ -582,7 +605,10 @@ mod tests {
         let base = Duration::from_millis(100);
         let cap = Duration::from_secs(5);
         assert_eq!(exponential_ceiling(base, cap, 1), base);
-        assert_eq!(exponential_ceiling(base, cap, 3), Duration::from_millis(400));
+        assert_eq!(
+            exponential_ceiling(base, cap, 3),
+            Duration::from_millis(400)
+        );
         assert_eq!(exponential_ceiling(base, cap, 40), cap);
         for attempt in 1..20 {
             assert!(backoff(base, cap, attempt) <= exponential_ceiling(base, cap, attempt));

@@ -10,8 +10,8 @@ use std::pin::Pin;
 use crate::model::{Outcome, Platform, ProviderRequest};
 
 pub mod apns;
-pub mod h2pool;
 pub mod fcm;
+pub mod h2pool;
 pub mod retry_after;
 
 /// A boxed, sendable future, so providers can sit behind `dyn Provider`.

@@ -31,7 +31,10 @@ mod tests {
         let later = now + Duration::from_secs(90);
         let header = httpdate::fmt_http_date(later);
         assert_eq!(parse(&header, now), Some(Duration::from_secs(90)));
-        assert_eq!(parse(&header, later + Duration::from_secs(5)), Some(Duration::ZERO));
+        assert_eq!(
+            parse(&header, later + Duration::from_secs(5)),
+            Some(Duration::ZERO)
+        );
     }
 
     #[test]

@@ -96,7 +96,9 @@ impl ApnsProvider {
         if let Some(collapse) = &message.collapse_id {
             builder = builder.header("apns-collapse-id", value(collapse, "apns-collapse-id")?);
         }
-        builder.body(()).map_err(|e| format!("invalid APNs request: {e}"))
+        builder
+            .body(())
+            .map_err(|e| format!("invalid APNs request: {e}"))
     }
 
     async fn deliver_apns(&self, message: &ApnsRequest) -> Outcome {
@@ -110,7 +112,10 @@ impl ApnsProvider {
             }
         }
         if let Some(reason) = self.blocked() {
-            return Outcome::Failed { reason, status: 403 };
+            return Outcome::Failed {
+                reason,
+                status: 403,
+            };
         }
         let outcome = self.send_apns(message).await;
         match &outcome {
@@ -169,7 +174,10 @@ impl ApnsProvider {
                     warn!(%reason, "APNs rejected the credentials; failing fast for {:?}", self.credentials_retry);
                     *self.credentials_block.lock() =
                         Some((Instant::now() + self.credentials_retry, reason.clone()));
-                    return Outcome::Failed { reason, status: 403 };
+                    return Outcome::Failed {
+                        reason,
+                        status: 403,
+                    };
                 }
             }
         }
@@ -208,7 +216,8 @@ fn bearer(token: &str) -> Result<HeaderValue, String> {
 }
 
 fn value(s: &str, name: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(s).map_err(|_| format!("{name} contains characters not allowed in a header"))
+    HeaderValue::from_str(s)
+        .map_err(|_| format!("{name} contains characters not allowed in a header"))
 }
 
 fn priority_value(priority: u8) -> HeaderValue {
@@ -216,6 +225,10 @@ fn priority_value(priority: u8) -> HeaderValue {
 }
 
 /// Builds the provider for one key.
-pub fn shared(pool: H2Pool, signer: ApnsTokenSigner, credentials_retry: Duration) -> Arc<ApnsProvider> {
+pub fn shared(
+    pool: H2Pool,
+    signer: ApnsTokenSigner,
+    credentials_retry: Duration,
+) -> Arc<ApnsProvider> {
     Arc::new(ApnsProvider::new(pool, signer, credentials_retry))
 }

@@ -109,7 +109,10 @@ mod tests {
 
     #[test]
     fn unregistered_keeps_millisecond_timestamp() {
-        let o = outcome(410, r#"{"reason":"Unregistered","timestamp":1700000000000}"#);
+        let o = outcome(
+            410,
+            r#"{"reason":"Unregistered","timestamp":1700000000000}"#,
+        );
         let Outcome::InvalidToken {
             invalid_since,
             reason,
@@ -134,7 +137,10 @@ mod tests {
     fn token_errors_are_invalid_token() {
         for reason in ["BadDeviceToken", "DeviceTokenNotForTopic"] {
             let body = format!(r#"{{"reason":"{reason}"}}"#);
-            assert!(matches!(outcome(400, &body), Outcome::InvalidToken { .. }), "{reason}");
+            assert!(
+                matches!(outcome(400, &body), Outcome::InvalidToken { .. }),
+                "{reason}"
+            );
         }
     }
 
@@ -147,8 +153,14 @@ mod tests {
                 status: 413
             }
         );
-        assert!(matches!(outcome(400, r#"{"reason":"BadTopic"}"#), Outcome::Rejected { .. }));
-        assert!(matches!(outcome(400, r#"{"reason":"SomethingNew"}"#), Outcome::Rejected { .. }));
+        assert!(matches!(
+            outcome(400, r#"{"reason":"BadTopic"}"#),
+            Outcome::Rejected { .. }
+        ));
+        assert!(matches!(
+            outcome(400, r#"{"reason":"SomethingNew"}"#),
+            Outcome::Rejected { .. }
+        ));
     }
 
     #[test]
@@ -161,7 +173,10 @@ mod tests {
             (503, r#"{"reason":"Shutdown"}"#),
             (502, "<html>bad gateway</html>"),
         ] {
-            assert!(matches!(outcome(status, body), Outcome::Retry { .. }), "{status} {body}");
+            assert!(
+                matches!(outcome(status, body), Outcome::Retry { .. }),
+                "{status} {body}"
+            );
         }
     }
 
