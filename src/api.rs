@@ -207,6 +207,7 @@ impl BatchSkeleton {
                     priority: Priority::Default,
                     accepted_at: now,
                     expires_at: None,
+                    campaign_rate_per_minute: 0,
                 });
                 ReceiptEnvelope {
                     receipt: Arc::new(model::Receipt {
@@ -344,6 +345,7 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         campaign_id: request.campaign_id,
         template,
         recipients,
+        campaign_rate_per_minute: request.campaign_rate_per_minute,
     })
 }
 

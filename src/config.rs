@@ -49,6 +49,9 @@ pub struct Config {
     pub retry: RetryConfig,
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
+    /// `[redis]`: durable delivery; off (in-memory queue) unless `redis.url` is set.
+    #[serde(default)]
+    pub redis: crate::durable::RedisConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -137,6 +140,9 @@ pub struct AppConfig {
     pub fcm: Option<FcmConfig>,
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// Rate limits, fair-share weight and adaptive-concurrency bounds (`[apps.<id>.limits]`).
+    #[serde(default)]
+    pub limits: crate::limit::LimitConfig,
 }
 
 /// APNs environment.
@@ -289,6 +295,9 @@ impl Config {
 
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.redis
+            .validate()
+            .map_err(|(key, reason)| ConfigError::invalid(key, reason))?;
         let p = &self.pipeline;
         if p.accept_window == 0 {
             return Err(ConfigError::invalid(
@@ -336,6 +345,7 @@ impl Config {
             if let Some(retry) = &app.retry {
                 validate_retry(&format!("{prefix}.retry"), retry)?;
             }
+            app.limits.validate(&format!("{prefix}.limits"))?;
             if let Some(apns) = &app.apns {
                 validate_apns(&format!("{prefix}.apns"), apns)?;
             }

@@ -1,8 +1,9 @@
 //! `pushgate demo`: the gateway, mock providers and a client in one process, no account needed.
 //!
-//! Starts a TLS mock APNs (with a few dead tokens and a sprinkle of 503s), starts the gateway on
-//! the in-memory defaults pointed at it, streams personalized batches through `StreamSend` for a
-//! few seconds, and prints what happened.
+//! Starts a TLS mock APNs and a TLS mock FCM (with its OAuth token endpoint), both with a few
+//! dead tokens and a sprinkle of 503s, starts the gateway on the in-memory defaults pointed at
+//! them, streams personalized batches (half iOS, half Android) through `StreamSend` for a few
+//! seconds, and prints what happened.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use loadtest::apns::{MockApns, MockApnsConfig};
+use loadtest::fcm::{MockFcm, MockFcmConfig};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -33,6 +35,8 @@ pub struct DemoReport {
     pub by_status: BTreeMap<String, u64>,
     pub retry_receipts: u64,
     pub mock_accepted: u64,
+    pub fcm_accepted: u64,
+    pub fcm_token_requests: u64,
     pub elapsed: Duration,
     pub latency_ms: Option<(f64, f64, f64, f64)>,
 }
@@ -50,7 +54,28 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let mock = MockApns::start(mock_config).await?;
     mock.faults().set_unavailable_per_mille(5);
 
+    let account =
+        loadtest::keys::try_generate_service_account("demo-shop", "https://127.0.0.1:1/token")
+            .context("generating a demo service account")?;
+    let mut fcm_config = MockFcmConfig::new(
+        &account.project_id,
+        &account.client_email,
+        &account.public_pem,
+    );
+    fcm_config.record_accepted = false;
+    let fcm = MockFcm::start(fcm_config).await?;
+    fcm.faults().set_unavailable_per_mille(5);
+    // The mock's default Retry-After is 30 s, which the gateway would honour; keep the demo short.
+    fcm.faults()
+        .set_retry_after(loadtest::fcm::RetryAfter::Seconds(1));
+    let mut account_json: serde_json::Value = serde_json::from_str(&account.json)?;
+    account_json["token_uri"] = serde_json::Value::from(fcm.token_uri());
+
     let dir = scratch_dir()?;
+    let account_file = dir.join("service-account.json");
+    std::fs::write(&account_file, serde_json::to_vec_pretty(&account_json)?)?;
+    let fcm_ca_file = dir.join("mock-fcm-ca.pem");
+    std::fs::write(&fcm_ca_file, fcm.ca_pem().unwrap_or_default())?;
     let key_file = dir.join(format!("AuthKey_{}.p8", key.key_id));
     std::fs::write(&key_file, &key.private_p8_pem)?;
     let ca_file = dir.join("mock-ca.pem");
@@ -71,7 +96,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         endpoint = "{endpoint}"
         ca_file = "{ca_file}"
         connections = 2
+        [apps.shop.fcm]
+        credentials_file = "{account_file}"
+        endpoint = "{fcm_endpoint}"
+        ca_file = "{fcm_ca_file}"
+        connections = 2
         "#,
+        account_file = account_file.display(),
+        fcm_endpoint = fcm.url(),
+        fcm_ca_file = fcm_ca_file.display(),
         key_file = key_file.display(),
         key_id = key.key_id,
         team_id = key.team_id,
@@ -81,8 +114,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let running = crate::server::start(config).await?;
     let endpoint = format!("http://{}", running.addr);
     println!(
-        "gateway listening on {endpoint}, mock APNs at {}",
-        mock.url()
+        "gateway listening on {endpoint}, mock APNs at {}, mock FCM at {}",
+        mock.url(),
+        fcm.url()
     );
 
     let mut client = PushGatewayClient::connect(endpoint).await?;
@@ -102,9 +136,18 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
             let mut recipients = Vec::with_capacity(options.batch_size);
             for _ in 0..options.batch_size {
                 n += 1;
-                let token = format!("{n:064x}");
+                let android = n % 2 == 0;
+                let token = if android {
+                    format!("fcm-token-{n}:APA91b{n:020}")
+                } else {
+                    format!("{n:064x}")
+                };
                 if n % DEAD_TOKEN_EVERY == 0 {
-                    mock.faults().add_unregistered(&token, None);
+                    if android {
+                        fcm.faults().add_unregistered(&token);
+                    } else {
+                        mock.faults().add_unregistered(&token, None);
+                    }
                 }
                 let mut vars = BTreeMap::new();
                 if n % MISSING_VAR_EVERY != 0 {
@@ -113,7 +156,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
                 vars.insert("cart_items".to_string(), (n % 7 + 1).to_string());
                 recipients.push(proto::Recipient {
                     message_id: format!("demo-{n}"),
-                    platform: proto::Platform::Apns as i32,
+                    platform: if android {
+                        proto::Platform::Fcm as i32
+                    } else {
+                        proto::Platform::Apns as i32
+                    },
                     device_token: token,
                     vars,
                     user_id: format!("user-{n}"),
@@ -129,6 +176,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
                 template: Some(demo_template()),
                 recipients,
                 wait_for_receipts: false,
+                campaign_rate_per_minute: 0,
             };
             if tx.send(request).await.is_err() {
                 break;
@@ -175,8 +223,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     report.sent = sent;
     report.elapsed = started.elapsed();
     report.mock_accepted = mock.stats().accepted;
+    let fcm_stats = fcm.stats();
+    report.fcm_accepted = fcm_stats.accepted;
+    report.fcm_token_requests = fcm_stats.token_requests;
     running.shutdown().await?;
     mock.shutdown().await;
+    fcm.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
@@ -216,6 +268,10 @@ pub fn print(report: &DemoReport) {
     println!("  retries (RETRYING)  {}", report.retry_receipts);
     println!("  mock APNs accepted  {}", report.mock_accepted);
     println!(
+        "  mock FCM accepted   {} (OAuth token requests: {})",
+        report.fcm_accepted, report.fcm_token_requests
+    );
+    println!(
         "  throughput          {:.0} receipts/s",
         report.terminal as f64 / secs
     );
@@ -223,6 +279,6 @@ pub fn print(report: &DemoReport) {
         println!("  receipt latency     p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms");
     }
     println!(
-        "  (DELIVERED means APNs accepted the notification: hand-off, not display on a device.)"
+        "  (DELIVERED means APNs/FCM accepted the notification: hand-off, not display on a device.)"
     );
 }

@@ -28,6 +28,8 @@ pub struct Batch {
     pub campaign_id: String,
     pub template: Template,
     pub recipients: Vec<Recipient>,
+    /// The campaign's rate limit (messages per minute) carried in the request; 0 means none.
+    pub campaign_rate_per_minute: u32,
 }
 
 /// Accepted or rejected, per recipient.
@@ -76,20 +78,53 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     accepting: CancellationToken,
     hard_stop: CancellationToken,
+    limits: Arc<crate::limit::Limits>,
+    /// The Redis retry queue, when durable delivery is configured.
+    durable: Option<Arc<crate::durable::RedisRetryQueue>>,
 }
 
 impl Gateway {
     /// Starts the deliver stage and the in-memory retry queue.
     pub fn start(apps: AppRegistry, config: PipelineConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::start_with(apps, config, metrics, None)
+    }
+
+    /// Starts the deliver stage with the Redis retry queue when `redis` is given (durable
+    /// delivery), else with the in-memory one.
+    pub fn start_with(
+        apps: AppRegistry,
+        config: PipelineConfig,
+        metrics: Arc<Metrics>,
+        redis: Option<Arc<crate::durable::RedisStore>>,
+    ) -> Arc<Self> {
         let hard_stop = CancellationToken::new();
+        let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
+        let limits = Arc::new(crate::limit::Limits::new());
         let (dispatch, dispatch_rx) = mpsc::channel(config.dispatch_queue);
-        let retry_queue =
-            MemoryRetryQueue::start(dispatch.clone(), Arc::clone(&metrics), hard_stop.clone());
+        let durable = redis.map(|store| {
+            let runtimes: Vec<_> = apps.ids().filter_map(|id| apps.get(id).cloned()).collect();
+            let queue = crate::durable::RedisRetryQueue::start(
+                store,
+                Arc::clone(&hub),
+                runtimes,
+                dispatch.clone(),
+                hard_stop.clone(),
+            );
+            hub.add_observer(Arc::clone(&queue) as _);
+            queue
+        });
+        let retry_queue: Arc<dyn crate::queue::RetryQueue> = match &durable {
+            Some(queue) => Arc::clone(queue) as _,
+            None => {
+                MemoryRetryQueue::start(dispatch.clone(), Arc::clone(&metrics), hard_stop.clone())
+            }
+        };
         let deliverer = Arc::new(Deliverer {
             metrics: Arc::clone(&metrics),
             retry_queue,
             requests: Arc::new(Semaphore::new(config.max_in_flight_requests)),
             hard_stop: hard_stop.clone(),
+            limits: Arc::clone(&limits),
         });
         tokio::spawn(deliverer.run(dispatch_rx));
         Arc::new(Self {
@@ -98,11 +133,29 @@ impl Gateway {
             window_high_water: AtomicUsize::new(0),
             config,
             dispatch,
-            hub: Arc::new(ReceiptHub::new(Arc::clone(&metrics))),
+            hub,
             metrics,
             accepting: CancellationToken::new(),
             hard_stop,
+            limits,
+            durable,
         })
+    }
+
+    /// Replaces `app`'s rate limits, weight and concurrency bounds, effective at once (no
+    /// restart). Used at start, on SIGHUP and by tests.
+    pub fn update_limits(&self, app: &str, limits: crate::limit::LimitConfig) {
+        self.limits.set(app, limits);
+    }
+
+    /// The live limit settings and adaptive-concurrency state.
+    pub fn limits(&self) -> &Arc<crate::limit::Limits> {
+        &self.limits
+    }
+
+    /// The Redis retry queue, when durable delivery is configured.
+    pub fn durable(&self) -> Option<&Arc<crate::durable::RedisRetryQueue>> {
+        self.durable.as_ref()
     }
 
     pub fn hub(&self) -> &Arc<ReceiptHub> {
@@ -152,6 +205,13 @@ impl Gateway {
         if !self.is_accepting() {
             return Err(SubmitError::Unavailable(
                 "the gateway is shutting down".into(),
+            ));
+        }
+        if let Some(durable) = &self.durable
+            && !durable.store().is_healthy()
+        {
+            return Err(SubmitError::Unavailable(
+                "redis is unreachable: durable delivery is unavailable, retry later".into(),
             ));
         }
         if batch.app_id.is_empty() {
@@ -216,6 +276,7 @@ impl Gateway {
                 priority: batch.template.priority,
                 accepted_at,
                 expires_at: ttl.map(|t| accepted_at + t),
+                campaign_rate_per_minute: batch.campaign_rate_per_minute,
             });
             let rendered = if !seen_ids.insert(message_id.clone()) {
                 Err(FieldError::new(

@@ -7,7 +7,9 @@
 pub mod api;
 pub mod config;
 pub mod demo;
+pub mod durable;
 pub mod gateway;
+pub mod limit;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -83,8 +83,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = pushgate::config::Config::load(config.as_deref())?;
+    let path = config;
+    let config = pushgate::config::Config::load(path.as_deref())?;
     let running = pushgate::server::start(config).await?;
+    tokio::spawn(pushgate::limit::reload_on_sighup(
+        std::sync::Arc::clone(&running.gateway),
+        path,
+    ));
     let stop = running.stop_token();
     tokio::spawn(async move {
         pushgate::server::shutdown_signal().await;

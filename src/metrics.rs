@@ -44,6 +44,10 @@ pub struct Metrics {
     /// Messages finalized by the drop guard instead of by the pipeline: a gateway bug. Tests
     /// assert this stays 0.
     pub unresolved_drops: Counter,
+    /// Time messages waited in the limit stage (rate, fairness, concurrency), per app.
+    pub rate_limit_wait_seconds: Family<AppLabels, Histogram>,
+    /// Messages waiting in the limit stage's queues, per app.
+    pub scheduler_queue_depth: Family<AppLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -101,6 +105,20 @@ impl Metrics {
             "Messages finalized by the drop guard (a gateway bug when non-zero)",
             unresolved_drops.clone(),
         );
+        let rate_limit_wait_seconds = Family::<AppLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 20))
+        });
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time messages waited in the limit stage (rate limit, fair share, concurrency)",
+            rate_limit_wait_seconds.clone(),
+        );
+        let scheduler_queue_depth = Family::<AppLabels, Gauge>::default();
+        registry.register(
+            "scheduler_queue_depth",
+            "Messages waiting in the limit stage's queues",
+            scheduler_queue_depth.clone(),
+        );
         Self {
             registry,
             accepted,
@@ -111,6 +129,8 @@ impl Metrics {
             in_flight,
             retry_queue_depth,
             unresolved_drops,
+            rate_limit_wait_seconds,
+            scheduler_queue_depth,
         }
     }
 

@@ -153,6 +153,8 @@ pub struct MessageMeta {
     pub accepted_at: SystemTime,
     /// After this instant the message must not be handed to a provider any more.
     pub expires_at: Option<SystemTime>,
+    /// The request's campaign rate limit, messages per minute; 0 means none.
+    pub campaign_rate_per_minute: u32,
 }
 
 /// A validation failure that names the offending field, e.g. `recipients[3].vars.first_name`.

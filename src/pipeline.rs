@@ -40,55 +40,45 @@ pub struct Deliverer {
     pub requests: Arc<Semaphore>,
     /// Fires when the shutdown grace period is over: in-flight attempts are abandoned.
     pub hard_stop: CancellationToken,
+    /// Per-app rate limits, fair-share weights and adaptive concurrency (the limit stage).
+    pub limits: Arc<crate::limit::Limits>,
 }
 
 impl Deliverer {
     /// Runs until the dispatch channel closes; then every job still in it has been resolved.
-    pub async fn run(self: Arc<Self>, mut dispatch: mpsc::Receiver<Job>) {
-        while let Some(job) = dispatch.recv().await {
-            if self.hard_stop.is_cancelled() {
-                job.pending.resolve(Resolution::gateway(
-                    ReceiptStatus::Failed,
-                    "gateway shut down before delivery",
-                ));
-                continue;
-            }
-            let permit = tokio::select! {
-                permit = Arc::clone(&self.requests).acquire_owned() => permit,
-                _ = self.hard_stop.cancelled() => {
-                    job.pending.resolve(Resolution::gateway(
-                        ReceiptStatus::Failed,
-                        "gateway shut down before delivery",
-                    ));
-                    continue;
-                }
-            };
-            let Ok(permit) = permit else {
-                job.pending.resolve(Resolution::gateway(
-                    ReceiptStatus::Failed,
-                    "gateway shut down before delivery",
-                ));
-                continue;
-            };
-            let this = Arc::clone(&self);
-            let span = info_span!(
-                "deliver",
-                app = %job.app.id,
-                message_id = %job.pending.meta().message_id,
-                provider = job.request.platform().as_str(),
-            );
-            tokio::spawn(
-                async move {
-                    this.attempt(job).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
-        }
+    /// Jobs pass the limit stage (per-app fair queues, rate limits, adaptive concurrency) and
+    /// take a global request permit only when they may go.
+    pub async fn run(self: Arc<Self>, dispatch: mpsc::Receiver<Job>) {
+        let scheduler = crate::limit::Scheduler::new(
+            Arc::clone(&self.limits),
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.requests),
+            self.hard_stop.clone(),
+        );
+        scheduler
+            .run(dispatch, |job, permit, slot| {
+                let this = Arc::clone(&self);
+                let span = info_span!(
+                    "deliver",
+                    app = %job.app.id,
+                    message_id = %job.pending.meta().message_id,
+                    provider = job.request.platform().as_str(),
+                );
+                tokio::spawn(
+                    async move {
+                        this.attempt(job, &slot).await;
+                        // The global permit first: the slot's drop wakes the scheduler.
+                        drop(permit);
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
+            })
+            .await;
     }
 
     /// One provider attempt and what follows from it.
-    async fn attempt(&self, mut job: Job) {
+    async fn attempt(&self, mut job: Job, slot: &crate::limit::Slot) {
         let meta = Arc::clone(job.pending.meta());
         if meta.expires_at.is_some_and(|t| SystemTime::now() >= t) {
             job.pending.resolve(Resolution::gateway(
@@ -116,12 +106,14 @@ impl Deliverer {
                 return;
             }
         };
+        let rtt = started.elapsed();
+        slot.observe(&outcome, rtt);
         self.metrics
             .delivery_seconds
             .get_or_create(&ProviderLabels {
                 provider: meta.platform.as_str().into(),
             })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(rtt.as_secs_f64());
         self.metrics
             .deliveries
             .get_or_create(&OutcomeLabels {
@@ -146,12 +138,12 @@ impl Deliverer {
         let policy = &job.app.retry;
         let attempt = job.pending.attempt();
         if attempt >= policy.max_attempts {
-            job.pending
-                .resolve(Resolution::from_outcome(Outcome::Retry {
-                    reason: format!("{reason} (after {attempt} attempts)"),
-                    status,
-                    retry_after,
-                }));
+            let resolution = Resolution::from_outcome(Outcome::Retry {
+                reason: format!("{reason} (after {attempt} attempts)"),
+                status,
+                retry_after,
+            });
+            self.retry_queue.dead_letter(job, resolution);
             return;
         }
         let delay = retry_delay(policy, attempt, retry_after);

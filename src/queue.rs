@@ -23,6 +23,11 @@ use crate::receipts::Resolution;
 pub trait RetryQueue: Send + Sync + 'static {
     /// Parks `job` until `due`.
     fn schedule(&self, job: Job, due: Instant);
+    /// Ends a job whose attempts are exhausted with `resolution`. A durable queue keeps it as a
+    /// dead letter (with its last error) for the admin RPCs; the default just resolves it.
+    fn dead_letter(&self, job: Job, resolution: Resolution) {
+        job.pending.resolve(resolution);
+    }
     /// Jobs waiting.
     fn len(&self) -> usize;
     /// True when nothing waits.

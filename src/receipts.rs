@@ -36,11 +36,17 @@ pub type CallerSink = mpsc::UnboundedSender<ReceiptEnvelope>;
 /// Capacity of each app's broadcast channel for subscribers.
 const SUBSCRIBER_BUFFER: usize = 16_384;
 
+/// Sees every receipt the hub publishes (durable layer: lease acks, receipt stream).
+pub trait ReceiptObserver: Send + Sync {
+    fn observe(&self, receipt: &Arc<Receipt>);
+}
+
 /// Fans receipts out to the subscribers of each app.
 pub struct ReceiptHub {
     apps: DashMap<Arc<str>, broadcast::Sender<Arc<Receipt>>>,
     metrics: Arc<Metrics>,
     closed: std::sync::atomic::AtomicBool,
+    observers: parking_lot::RwLock<Vec<Arc<dyn ReceiptObserver>>>,
 }
 
 impl ReceiptHub {
@@ -49,7 +55,13 @@ impl ReceiptHub {
             apps: DashMap::new(),
             metrics,
             closed: Default::default(),
+            observers: Default::default(),
         }
+    }
+
+    /// Adds an observer of every receipt published from now on.
+    pub fn add_observer(&self, observer: Arc<dyn ReceiptObserver>) {
+        self.observers.write().push(observer);
     }
 
     /// Ends every subscription (after the receipts already buffered for it) and refuses new
@@ -111,6 +123,9 @@ impl ReceiptHub {
                 outcome: receipt.status.as_str().to_string(),
             })
             .inc();
+        for observer in self.observers.read().iter() {
+            observer.observe(receipt);
+        }
         if let Some(sender) = self.apps.get(&*receipt.meta.app_id)
             && sender.receiver_count() > 0
         {
@@ -211,6 +226,21 @@ impl Pending {
             attempt: 0,
             resolved: false,
         }
+    }
+
+    /// A message taken over from Redis after a crash or restart, or on another replica: its
+    /// original caller is gone, so its receipts go to the app's subscribers only.
+    pub fn detached(meta: Arc<MessageMeta>, hub: Arc<ReceiptHub>, attempt: u32) -> Self {
+        let mut pending = Self::new(meta, None, hub, None);
+        pending.attempt = attempt;
+        pending
+    }
+
+    /// Releases the handle without a terminal receipt, because the message lives on durably
+    /// (parked in Redis at shutdown): whichever replica finishes it emits the terminal receipt.
+    pub fn hand_off(mut self) {
+        self.resolved = true;
+        self.hub.metrics.in_flight.dec();
     }
 
     pub fn meta(&self) -> &Arc<MessageMeta> {
@@ -323,6 +353,7 @@ mod tests {
             priority: Priority::Default,
             accepted_at: SystemTime::now(),
             expires_at: None,
+            campaign_rate_per_minute: 0,
         })
     }
 

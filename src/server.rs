@@ -51,6 +51,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let apps = AppRegistry::from_config(&config)?;
     let gateway = Gateway::start(apps, config.pipeline.clone(), Arc::clone(&metrics));
+    for (id, app) in &config.apps {
+        gateway.update_limits(id, app.limits.clone());
+    }
     warn!(
         "no Redis configured: the retry queue is in memory and delivery is not crash-safe \
          (messages in flight are lost if the process is killed)"

@@ -46,6 +46,7 @@ fn batch(
         template: Some(t),
         recipients,
         wait_for_receipts: false,
+        campaign_rate_per_minute: 0,
     }
 }
 

@@ -26,6 +26,7 @@ fn meta(message_id: &str) -> MessageMeta {
         priority: Priority::Default,
         accepted_at: SystemTime::UNIX_EPOCH + Duration::from_secs(ACCEPTED),
         expires_at: None,
+        campaign_rate_per_minute: 0,
     }
 }
 

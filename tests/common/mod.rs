@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use loadtest::apns::{MockApns, MockApnsConfig};
+use loadtest::fcm::{MockFcm, MockFcmConfig};
 use pushgate::config::Config;
 use pushgate::proto::push_gateway_client::PushGatewayClient;
 use pushgate::proto::{self, Receipt, ReceiptStatus};
@@ -15,6 +16,8 @@ pub const TOPIC: &str = "com.example.shop";
 
 pub struct Harness {
     pub mock: MockApns,
+    /// Present when `Options::fcm` is set.
+    pub fcm: Option<MockFcm>,
     pub gateway: Running,
     pub dir: tempfile::TempDir,
     pub key: loadtest::keys::ApnsKey,
@@ -26,6 +29,8 @@ pub struct Options {
     pub pipeline: String,
     pub retry: String,
     pub mock: Box<dyn FnOnce(&mut MockApnsConfig)>,
+    /// Also start a mock FCM (with its token endpoint) and give the app FCM credentials.
+    pub fcm: bool,
 }
 
 impl Default for Options {
@@ -35,6 +40,7 @@ impl Default for Options {
             pipeline: "shutdown_grace_secs = 5".into(),
             retry: "base_ms = 5\ncap_ms = 50\nmax_attempts = 6".into(),
             mock: Box::new(|_| {}),
+            fcm: false,
         }
     }
 }
@@ -57,6 +63,12 @@ pub async fn start(options: Options) -> Harness {
         }
         None => String::new(),
     };
+    let (fcm, fcm_section) = if options.fcm {
+        let (mock, section) = start_fcm(dir.path()).await;
+        (Some(mock), section)
+    } else {
+        (None, String::new())
+    };
     let config = Config::from_toml(&format!(
         r#"
         listen = "127.0.0.1:0"
@@ -73,6 +85,7 @@ pub async fn start(options: Options) -> Harness {
         connections = 2
         request_timeout_ms = 5000
         {ca_line}
+        {fcm_section}
         "#,
         pipeline = options.pipeline,
         retry = options.retry,
@@ -85,13 +98,48 @@ pub async fn start(options: Options) -> Harness {
     let gateway = pushgate::server::start(config).await.unwrap();
     Harness {
         mock,
+        fcm,
         gateway,
         dir,
         key,
     }
 }
 
+/// RSA key generation is slow in debug builds: one service account per test binary.
+fn service_account() -> &'static loadtest::keys::ServiceAccount {
+    static ACCOUNT: std::sync::OnceLock<loadtest::keys::ServiceAccount> =
+        std::sync::OnceLock::new();
+    ACCOUNT.get_or_init(|| {
+        loadtest::keys::generate_service_account("pushgate-test", "https://127.0.0.1:1/token")
+    })
+}
+
+async fn start_fcm(dir: &std::path::Path) -> (MockFcm, String) {
+    let account = service_account();
+    let mut config = MockFcmConfig::new(
+        &account.project_id,
+        &account.client_email,
+        &account.public_pem,
+    );
+    config.tls = false;
+    let mock = MockFcm::start(config).await.unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&account.json).unwrap();
+    json["token_uri"] = serde_json::Value::from(mock.token_uri());
+    let file = dir.join("service-account.json");
+    std::fs::write(&file, json.to_string()).unwrap();
+    let section = format!(
+        "[apps.shop.fcm]\ncredentials_file = \"{}\"\nendpoint = \"{}\"\nconnections = 2\nrequest_timeout_ms = 5000\n",
+        file.display(),
+        mock.url()
+    );
+    (mock, section)
+}
+
 impl Harness {
+    pub fn fcm(&self) -> &MockFcm {
+        self.fcm.as_ref().unwrap()
+    }
+
     pub async fn client(&self) -> PushGatewayClient<Channel> {
         PushGatewayClient::connect(format!("http://{}", self.gateway.addr))
             .await
@@ -118,6 +166,18 @@ pub fn recipient(n: u64, vars: &[(&str, &str)]) -> proto::Recipient {
             .collect::<BTreeMap<_, _>>(),
         user_id: format!("u-{n}"),
         ..Default::default()
+    }
+}
+
+pub fn fcm_token(n: u64) -> String {
+    format!("fcm-{n}:APA91b{n:016}")
+}
+
+pub fn fcm_recipient(n: u64, vars: &[(&str, &str)]) -> proto::Recipient {
+    proto::Recipient {
+        platform: proto::Platform::Fcm as i32,
+        device_token: fcm_token(n),
+        ..recipient(n, vars)
     }
 }
 

@@ -206,7 +206,11 @@ mod tests {
         let base = s.signatures();
         tokio::time::advance(Duration::from_secs(59 * 60)).await;
         s.token().unwrap();
-        assert_eq!(s.signatures(), base + 1, "re-signed before Apple's 60-minute limit");
+        assert_eq!(
+            s.signatures(),
+            base + 1,
+            "re-signed before Apple's 60-minute limit"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,24 @@
+//! The load generator behind `pushgate-loadtest`: drives a gateway over gRPC with personalized
+//! batches (`run`), or blasts the mock providers directly with a raw HTTP/2 client (`ceiling`),
+//! and reports throughput, receipt latency and the CPU and memory it cost.
+//!
+//! - [`settings`]: every knob, loadable from a scenario TOML and overridden by flags.
+//! - [`env`]: the mock providers (on their own runtime, so their CPU is measured apart) and the
+//!   gateway child process with its generated config.
+//! - [`driver`]: the gRPC client side (StreamSend or SendBatch), bounded in count and time.
+//! - [`ceiling`]: the raw HTTP/2 client against the same mocks, no gateway.
+//! - [`procstat`]: CPU and RSS from `/proc`.
+//! - [`report`]: the summary, its JSON and an HTML page with inline SVG charts.
+
+pub mod ceiling;
+pub mod driver;
+pub mod env;
+pub mod procstat;
+pub mod report;
+pub mod settings;
+
+/// Generated protobuf types and the gRPC client for `pushgate.v1` (client only).
+pub mod proto {
+    #![allow(clippy::all, missing_docs, dead_code)]
+    tonic::include_proto!("pushgate.v1");
+}

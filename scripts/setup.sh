@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what pushgate's build and tests need on a fresh Debian/Ubuntu machine:
+# a Rust toolchain (if cargo is missing) and redis-server (the Redis tests start their own).
+set -euo pipefail
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install Rust from https://rustup.rs (stable, 1.85 or newer)" >&2
+  exit 1
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server (Debian package)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+redis-server --version

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property and integration tests of every workspace crate, against
+# the mock providers and a real redis-server that the tests start on free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo test --workspace --locked "$@"

@@ -1,0 +1,70 @@
+//! The Redis key layout. Every key of an app carries the hash tag `{app}`, so all keys a script
+//! or a MULTI touches live in one Cluster slot.
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `<p>:{app}:jobs` | HASH | message_id -> job record (JSON) while parked or leased |
+//! | `<p>:{app}:delay:<replica>` | ZSET | message_id scored by due time (ms), per replica |
+//! | `<p>:{app}:leases` | ZSET | message_id scored by lease deadline (ms) |
+//! | `<p>:{app}:owner` | HASH | message_id -> replica holding the lease |
+//! | `<p>:{app}:replicas` | ZSET | replica id scored by "alive until" (ms) |
+//! | `<p>:{app}:dead` | HASH | message_id -> dead-letter record (JSON, with last error) |
+//! | `<p>:{app}:dead_idx` | ZSET | message_id scored by dead-letter time (ms) |
+//!
+//! `<p>` is `redis.key_prefix` (default `pushgate`).
+
+/// Key builder for one app.
+#[derive(Debug, Clone)]
+pub struct AppKeys {
+    base: String,
+}
+
+impl AppKeys {
+    pub fn new(prefix: &str, app: &str) -> Self {
+        Self {
+            base: format!("{prefix}:{{{app}}}"),
+        }
+    }
+    pub fn jobs(&self) -> String {
+        format!("{}:jobs", self.base)
+    }
+    pub fn delay(&self, replica: &str) -> String {
+        format!("{}:delay:{replica}", self.base)
+    }
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.base)
+    }
+    pub fn owner(&self) -> String {
+        format!("{}:owner", self.base)
+    }
+    pub fn replicas(&self) -> String {
+        format!("{}:replicas", self.base)
+    }
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.base)
+    }
+    pub fn dead_idx(&self) -> String {
+        format!("{}:dead_idx", self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_has_the_app_hash_tag() {
+        let k = AppKeys::new("pg", "shop");
+        for key in [
+            k.jobs(),
+            k.delay("r1"),
+            k.leases(),
+            k.owner(),
+            k.replicas(),
+            k.dead(),
+            k.dead_idx(),
+        ] {
+            assert!(key.starts_with("pg:{shop}:"), "{key}");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Durable delivery with Redis: the retry queue that survives a crash, shared safely by several
+//! replicas, and the dead letters its admin RPCs manage.
+//!
+//! # Design
+//! - [`RedisStore`] owns the connection (a `redis` `ConnectionManager`: one multiplexed,
+//!   auto-reconnecting connection; every hot-path write is pipelined in batches) and watches
+//!   Redis health: while Redis is unreachable the gateway reports NOT_SERVING and refuses new
+//!   sends with UNAVAILABLE, and it recovers by itself when Redis answers again.
+//! - [`RedisRetryQueue`] implements the pipeline's `RetryQueue` seam. The pipeline still decides
+//!   *when* (backoff, jitter, Retry-After, ttl -> EXPIRED); this queue persists the job and hands
+//!   it back when due. See `queue.rs` for the claim/lease protocol and `keys.rs` for the layout.
+//!
+//! # Receipts of parked jobs
+//! A parked job's `Pending` (the caller's receipt sink and accept-window slot) cannot live in
+//! Redis. We keep it simple and honest: while a job is parked, this process keeps its `Pending`
+//! in a map keyed by app and message id, so the original caller still gets every receipt when
+//! this replica claims the job back (each replica claims its own delay set while it is alive).
+//! A job claimed after a crash or restart, by this or another replica, gets a fresh *detached*
+//! `Pending`: its receipts go to the app's subscribers (SubscribeReceipts) only, because the
+//! original caller's stream died with the process that held it. On an orderly shutdown, parked
+//! jobs stay in Redis and their `Pending`s are handed off without a terminal receipt: the
+//! replica that finishes the job emits it.
+
+pub mod keys;
+pub mod queue;
+pub mod record;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use queue::RedisRetryQueue;
+
+/// `[redis]`: durable delivery settings. Durable delivery is on when `url` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; absent means the in-memory queue (not crash-safe).
+    pub url: Option<String>,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// How long a claimed job stays leased to a replica without renewal; also how long a
+    /// silent replica is considered alive before others take over its delay set.
+    pub lease_ms: u64,
+    /// Jobs claimed per app in one script call.
+    pub claim_batch: usize,
+    /// Pause between claim rounds when nothing was due.
+    pub poll_ms: u64,
+    /// Operations per pipelined write.
+    pub write_batch: usize,
+    /// How long a command may take before Redis counts as unreachable.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "pushgate".into(),
+            lease_ms: 30_000,
+            claim_batch: 512,
+            poll_ms: 50,
+            write_batch: 1_024,
+            command_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Checks values serde cannot; errors name the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(url) = &self.url
+            && let Err(e) = redis::Client::open(url.as_str())
+        {
+            return Err(("redis.url".into(), e.to_string()));
+        }
+        for (key, value) in [
+            ("redis.lease_ms", self.lease_ms),
+            ("redis.poll_ms", self.poll_ms),
+            ("redis.command_timeout_ms", self.command_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err((key.into(), "must be at least 1".into()));
+            }
+        }
+        if self.claim_batch == 0 || self.write_batch == 0 {
+            return Err((
+                "redis.claim_batch / redis.write_batch".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err((
+                "redis.key_prefix".into(),
+                "must not contain `{` or `}` (they delimit hash tags)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why Redis could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DurableError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis is not configured")]
+    NotConfigured,
+}
+
+/// The shared Redis connection, this replica's identity, and Redis health.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    config: RedisConfig,
+    replica: String,
+    healthy: AtomicBool,
+    health: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("replica", &self.replica)
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects lazily (startup does not need Redis up) and starts the health monitor, which
+    /// ends with `stop`.
+    pub fn connect(
+        config: &RedisConfig,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, DurableError> {
+        let url = config.url.as_deref().ok_or(DurableError::NotConfigured)?;
+        let client = redis::Client::open(url)?;
+        let timeout = Duration::from_millis(config.command_timeout_ms);
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let (health, _) = watch::channel(false);
+        let store = Arc::new(Self {
+            conn,
+            config: config.clone(),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            healthy: AtomicBool::new(false),
+            health,
+        });
+        let monitor = Arc::clone(&store);
+        tokio::spawn(async move { monitor.monitor(stop).await });
+        Ok(store)
+    }
+
+    /// A handle on the shared multiplexed connection.
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// This process's replica id (random per start).
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// True while Redis answers.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Follows Redis health (for the gRPC health service).
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
+    /// Records the result of a Redis call made elsewhere (so failures are seen at once).
+    pub fn observe<T>(&self, result: &redis::RedisResult<T>) {
+        if let Err(e) = result {
+            self.set_healthy(false, Some(e));
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool, error: Option<&redis::RedisError>) {
+        let was = self.healthy.swap(healthy, Ordering::AcqRel);
+        if was != healthy {
+            if healthy {
+                info!("redis reachable: durable delivery available");
+            } else {
+                warn!(error = ?error.map(|e| e.to_string()), "redis unreachable: refusing new sends until it is back");
+            }
+        }
+        self.health
+            .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
+    }
+
+    /// Waits until Redis answers a PING (startup, tests), at most `limit`.
+    pub async fn wait_healthy(&self, limit: Duration) -> bool {
+        let mut rx = self.health();
+        tokio::time::timeout(limit, rx.wait_for(|h| *h))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn monitor(self: Arc<Self>, stop: CancellationToken) {
+        let period = Duration::from_millis(250);
+        loop {
+            let mut conn = self.conn();
+            let ping = tokio::time::timeout(
+                Duration::from_millis(self.config.command_timeout_ms),
+                redis::cmd("PING").query_async::<String>(&mut conn),
+            )
+            .await;
+            match ping {
+                Ok(Ok(_)) => self.set_healthy(true, None),
+                Ok(Err(e)) => self.set_healthy(false, Some(&e)),
+                Err(_) => self.set_healthy(false, None),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> i64 {
+    crate::model::epoch_millis(std::time::SystemTime::now())
+}

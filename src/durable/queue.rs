@@ -1,0 +1,609 @@
+//! The Redis retry queue: parks transiently failed jobs by due time, claims due ones in batches
+//! under a lease, and dead-letters jobs whose attempts are exhausted.
+//!
+//! # Protocol
+//! - **Park** (`schedule`): one pipelined MULTI per write batch: `HSET jobs id record`,
+//!   `ZADD delay:<me> due id`, and the job's lease (if it had one) is dropped.
+//! - **Claim** (Lua, per app, up to `claim_batch` jobs): due ids move from this replica's delay
+//!   set to `leases` (score = lease deadline) with `owner[id] = me`; leases that expired
+//!   (their replica died or stalled) are taken over in the same call and counted as reclaimed.
+//! - **Renew**: every `lease_ms / 3`, the leases of jobs this replica still holds are pushed
+//!   forward (`ZADD XX GT`, pipelined), and the replica's heartbeat in `replicas` too.
+//! - **Take over**: the delay set of a replica whose heartbeat expired is merged into ours (Lua),
+//!   so jobs parked by a dead replica are still delivered.
+//! - **Ack** (Lua, per app and batch): when a claimed job gets its terminal receipt, its lease,
+//!   owner and record are removed, only if this replica still owns the lease.
+//! - **Dead letter**: after the last attempt the record (with its last error) moves to
+//!   `dead` / `dead_idx`; admin RPCs list, replay (back into a delay set with attempts reset) or
+//!   purge them.
+//!
+//! Each message is held by one replica at a time; only a lease that expires (crash, or a
+//! replica stalled for longer than `lease_ms`) lets a second replica attempt it, which the
+//! `reclaimed` counter shows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::Script;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use super::keys::AppKeys;
+use super::record::StoredJob;
+use super::{RedisStore, now_ms};
+use crate::model::{Receipt, ReceiptStatus};
+use crate::pipeline::Job;
+use crate::queue::RetryQueue;
+use crate::receipts::{Pending, ReceiptHub, ReceiptObserver, Resolution};
+use crate::registry::AppRuntime;
+
+type JobKey = (Arc<str>, String);
+
+const CLAIM: &str = r#"
+local now = tonumber(ARGV[1])
+local deadline = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local me = ARGV[4]
+local out = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local rec = redis.call('HGET', KEYS[4], id)
+  if rec then
+    redis.call('ZADD', KEYS[2], deadline, id)
+    redis.call('HSET', KEYS[3], id, me)
+    out[#out + 1] = id
+    out[#out + 1] = rec
+    out[#out + 1] = '0'
+  end
+end
+local left = limit - #ids
+if left > 0 then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, left)
+  for _, id in ipairs(expired) do
+    local rec = redis.call('HGET', KEYS[4], id)
+    if rec then
+      redis.call('ZADD', KEYS[2], deadline, id)
+      redis.call('HSET', KEYS[3], id, me)
+      out[#out + 1] = id
+      out[#out + 1] = rec
+      out[#out + 1] = '1'
+    else
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('HDEL', KEYS[3], id)
+    end
+  end
+end
+return out
+"#;
+
+const ACK: &str = r#"
+local me = ARGV[1]
+local n = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) == me then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HDEL', KEYS[3], id)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+const TAKEOVER: &str = r#"
+redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MIN')
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"#;
+
+/// Counters for tests, benchmarks and logs.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub scheduled: AtomicU64,
+    pub claimed: AtomicU64,
+    /// Claimed from an expired lease: possibly attempted twice (crash or stall).
+    pub reclaimed: AtomicU64,
+    pub acked: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+enum Write {
+    Park {
+        app: Arc<str>,
+        id: String,
+        record: String,
+        due_ms: i64,
+    },
+    Ack {
+        app: Arc<str>,
+        id: String,
+    },
+    Dead {
+        app: Arc<str>,
+        id: String,
+        record: String,
+        at_ms: i64,
+    },
+}
+
+/// The durable `RetryQueue`. See the module docs.
+pub struct RedisRetryQueue {
+    store: Arc<RedisStore>,
+    hub: Arc<ReceiptHub>,
+    apps: HashMap<String, (Arc<AppRuntime>, AppKeys)>,
+    /// Pendings of jobs parked by this process, for their original caller.
+    local: DashMap<JobKey, Pending>,
+    /// Jobs this replica holds a lease on (renewed until their terminal receipt).
+    held: DashMap<JobKey, ()>,
+    writes: mpsc::UnboundedSender<Write>,
+    stopped: AtomicBool,
+    stats: QueueStats,
+    claim: Script,
+    ack: Script,
+    takeover: Script,
+}
+
+impl RedisRetryQueue {
+    /// Starts the writer and the claimer. Due jobs go into `dispatch`; when `stop` fires, claiming
+    /// ends, pending writes are flushed and the parked jobs' `Pending`s are handed off (they stay
+    /// in Redis for the next replica).
+    pub fn start(
+        store: Arc<RedisStore>,
+        hub: Arc<ReceiptHub>,
+        apps: impl IntoIterator<Item = Arc<AppRuntime>>,
+        dispatch: mpsc::Sender<Job>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let prefix = store.config().key_prefix.clone();
+        let apps = apps
+            .into_iter()
+            .map(|a| {
+                (
+                    a.id.to_string(),
+                    (Arc::clone(&a), AppKeys::new(&prefix, &a.id)),
+                )
+            })
+            .collect();
+        let (writes, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Self {
+            store,
+            hub,
+            apps,
+            local: DashMap::new(),
+            held: DashMap::new(),
+            writes,
+            stopped: AtomicBool::new(false),
+            stats: QueueStats::default(),
+            claim: Script::new(CLAIM),
+            ack: Script::new(ACK),
+            takeover: Script::new(TAKEOVER),
+        });
+        let writer = Arc::clone(&queue);
+        let writer_stop = stop.clone();
+        let writer_done = tokio::spawn(async move { writer.write_loop(rx, writer_stop).await });
+        let claimer = Arc::clone(&queue);
+        tokio::spawn(async move {
+            claimer.claim_loop(dispatch, stop).await;
+            let _ = writer_done.await;
+            claimer.hand_off_parked();
+        });
+        queue
+    }
+
+    /// The Redis connection and health this queue uses.
+    pub fn store(&self) -> &Arc<RedisStore> {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &QueueStats {
+        &self.stats
+    }
+
+    /// Jobs parked by this process whose `Pending` is still held here.
+    pub fn parked_here(&self) -> usize {
+        self.local.len()
+    }
+
+    fn keys(&self, app: &str) -> Option<&AppKeys> {
+        self.apps.get(app).map(|(_, k)| k)
+    }
+
+    /// Sends a write to the writer; false when the writer has ended.
+    fn write(&self, w: Write) -> bool {
+        self.writes.send(w).is_ok()
+    }
+
+    async fn write_loop(&self, mut rx: mpsc::UnboundedReceiver<Write>, stop: CancellationToken) {
+        let batch = self.store.config().write_batch;
+        let mut buf = Vec::with_capacity(batch);
+        loop {
+            if buf.is_empty() {
+                let n = tokio::select! {
+                    n = rx.recv_many(&mut buf, batch) => n,
+                    _ = stop.cancelled() => {
+                        // Drain what was queued before the stop, then end.
+                        rx.close();
+                        rx.recv_many(&mut buf, usize::MAX).await
+                    }
+                };
+                if n == 0 {
+                    return;
+                }
+            }
+            match self.flush(&buf).await {
+                Ok(()) => buf.clear(),
+                Err(e) => {
+                    self.store.observe::<()>(&Err(e));
+                    if stop.is_cancelled() && self.stopped.load(Ordering::Acquire) {
+                        // Shutting down with Redis away: give up on these writes.
+                        self.abandon(std::mem::take(&mut buf));
+                        if rx.is_closed() && rx.is_empty() {
+                            return;
+                        }
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Writes that could not be made durable at shutdown: the caller gets a FAILED receipt.
+    fn abandon(&self, writes: Vec<Write>) {
+        for w in writes {
+            if let Write::Park { app, id, .. } = w
+                && let Some((_, pending)) = self.local.remove(&(app, id))
+            {
+                pending.resolve(Resolution::gateway(
+                    ReceiptStatus::Failed,
+                    "gateway shut down and Redis was unreachable; the retry was not persisted",
+                ));
+            }
+        }
+    }
+
+    async fn flush(&self, buf: &[Write]) -> redis::RedisResult<()> {
+        let me = self.store.replica();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut acks: HashMap<&str, Vec<&str>> = HashMap::new();
+        for w in buf {
+            match w {
+                Write::Park {
+                    app,
+                    id,
+                    record,
+                    due_ms,
+                } => {
+                    let Some(k) = self.keys(app) else { continue };
+                    pipe.hset(k.jobs(), id, record).ignore();
+                    pipe.zadd(k.delay(me), id, *due_ms).ignore();
+                    pipe.zrem(k.leases(), id).ignore();
+                    pipe.hdel(k.owner(), id).ignore();
+                }
+                Write::Dead {
+                    app,
+                    id,
+                    record,
+                    at_ms,
+                } => {
+                    let Some(k) = self.keys(app) else { continue };
+                    pipe.hset(k.dead(), id, record).ignore();
+                    pipe.zadd(k.dead_idx(), id, *at_ms).ignore();
+                    pipe.hdel(k.jobs(), id).ignore();
+                    pipe.zrem(k.leases(), id).ignore();
+                    pipe.hdel(k.owner(), id).ignore();
+                }
+                Write::Ack { app, id } => acks.entry(app).or_default().push(id),
+            }
+        }
+        let mut conn = self.store.conn();
+        pipe.query_async::<()>(&mut conn).await?;
+        for (app, ids) in acks {
+            let Some(k) = self.keys(app) else { continue };
+            let mut inv = self.ack.prepare_invoke();
+            inv.key(k.leases()).key(k.owner()).key(k.jobs()).arg(me);
+            for id in &ids {
+                inv.arg(*id);
+            }
+            let n: u64 = inv.invoke_async(&mut conn).await?;
+            self.stats.acked.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn claim_loop(&self, dispatch: mpsc::Sender<Job>, stop: CancellationToken) {
+        let config = self.store.config().clone();
+        let poll = Duration::from_millis(config.poll_ms);
+        let maintain_every = Duration::from_millis((config.lease_ms / 3).max(1));
+        let mut next_maintenance = Instant::now();
+        'outer: loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            if Instant::now() >= next_maintenance {
+                if let Err(e) = self.maintain().await {
+                    self.store.observe::<()>(&Err(e));
+                }
+                next_maintenance = Instant::now() + maintain_every;
+            }
+            let mut full = false;
+            for (app_id, (app, keys)) in &self.apps {
+                let claimed = match self.claim_batch(keys, config.claim_batch).await {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        debug!(app = %app_id, error = %e, "claim failed");
+                        self.store.observe::<()>(&Err(e));
+                        continue;
+                    }
+                };
+                full |= claimed.len() >= config.claim_batch;
+                for (id, record, reclaimed) in claimed {
+                    let Some(job) = self.job_of(app, id, &record, reclaimed) else {
+                        continue;
+                    };
+                    let slot = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => None,
+                        slot = dispatch.reserve() => slot.ok(),
+                    };
+                    match slot {
+                        Some(slot) => slot.send(job),
+                        None => {
+                            // Leave the lease to expire: another replica (or our restart)
+                            // reclaims the job; this process hands the receipt duty off.
+                            job.pending.hand_off();
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            if !full {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    async fn claim_batch(
+        &self,
+        keys: &AppKeys,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<(String, Vec<u8>, bool)>> {
+        let now = now_ms();
+        let deadline = now + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
+        let me = self.store.replica();
+        let mut conn = self.store.conn();
+        let flat: Vec<redis::Value> = self
+            .claim
+            .key(keys.delay(me))
+            .key(keys.leases())
+            .key(keys.owner())
+            .key(keys.jobs())
+            .arg(now)
+            .arg(deadline)
+            .arg(limit)
+            .arg(me)
+            .invoke_async(&mut conn)
+            .await?;
+        let mut out = Vec::with_capacity(flat.len() / 3);
+        let mut it = flat.into_iter();
+        while let (Some(id), Some(rec), Some(flag)) = (it.next(), it.next(), it.next()) {
+            let id: String = redis::from_redis_value(id)?;
+            let rec: Vec<u8> = redis::from_redis_value(rec)?;
+            let flag: String = redis::from_redis_value(flag)?;
+            out.push((id, rec, flag == "1"));
+        }
+        Ok(out)
+    }
+
+    /// Turns a claimed record into a job, with the local `Pending` when this process parked it.
+    fn job_of(
+        &self,
+        app: &Arc<AppRuntime>,
+        id: String,
+        record: &[u8],
+        reclaimed: bool,
+    ) -> Option<Job> {
+        self.stats.claimed.fetch_add(1, Ordering::Relaxed);
+        if reclaimed {
+            self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
+            warn!(app = %app.id, message_id = %id, "reclaimed an expired lease: the job may be attempted twice");
+        }
+        let key: JobKey = (Arc::clone(&app.id), id);
+        let parsed = StoredJob::from_json(record).and_then(|r| {
+            let request = r.provider_request()?;
+            Ok((r, request))
+        });
+        let (stored, request) = match parsed {
+            Ok(ok) => ok,
+            Err(e) => {
+                error!(app = %app.id, message_id = %key.1, error = %e, "corrupt job record: dead-lettered");
+                let at_ms = now_ms();
+                let record = serde_json::json!({
+                    "raw": String::from_utf8_lossy(record),
+                    "last_error": e.to_string(),
+                })
+                .to_string();
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.write(Write::Dead {
+                    app: key.0,
+                    id: key.1,
+                    record,
+                    at_ms,
+                });
+                return None;
+            }
+        };
+        let pending = match self.local.remove(&key) {
+            Some((_, pending)) => pending,
+            None => Pending::detached(
+                Arc::new(stored.meta(Arc::clone(&app.id))),
+                Arc::clone(&self.hub),
+                stored.attempt,
+            ),
+        };
+        self.held.insert(key, ());
+        Some(Job {
+            pending,
+            request,
+            app: Arc::clone(app),
+        })
+    }
+
+    /// Lease renewal, heartbeat, and takeover of dead replicas' delay sets.
+    async fn maintain(&self) -> redis::RedisResult<()> {
+        let me = self.store.replica();
+        let now = now_ms();
+        let deadline = now + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
+        let mut by_app: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        for entry in self.held.iter() {
+            let (app, id) = entry.key();
+            by_app.entry(Arc::clone(app)).or_default().push(id.clone());
+        }
+        let mut pipe = redis::pipe();
+        for (app, (_, keys)) in &self.apps {
+            pipe.zadd(keys.replicas(), me, deadline).ignore();
+            if let Some(ids) = by_app.get(app.as_str()) {
+                for chunk in ids.chunks(1_000) {
+                    let mut cmd = redis::cmd("ZADD");
+                    cmd.arg(keys.leases()).arg("XX").arg("GT");
+                    for id in chunk {
+                        cmd.arg(deadline).arg(id);
+                    }
+                    pipe.add_command(cmd).ignore();
+                }
+            }
+            pipe.zrangebyscore(keys.replicas(), "-inf", now);
+        }
+        let mut conn = self.store.conn();
+        let dead: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        for ((_, (_, keys)), dead) in self.apps.iter().zip(dead) {
+            for replica in dead.iter().filter(|r| r.as_str() != me) {
+                warn!(%replica, "replica heartbeat expired: taking over its parked jobs");
+                let _: i64 = self
+                    .takeover
+                    .key(keys.delay(replica))
+                    .key(keys.delay(me))
+                    .key(keys.replicas())
+                    .arg(replica)
+                    .invoke_async(&mut conn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At shutdown: parked jobs stay in Redis; their `Pending`s are released without a terminal
+    /// receipt, which the replica that finishes each job emits.
+    fn hand_off_parked(&self) {
+        let keys: Vec<JobKey> = self.local.iter().map(|e| e.key().clone()).collect();
+        for key in keys {
+            if let Some((_, pending)) = self.local.remove(&key) {
+                pending.hand_off();
+            }
+        }
+    }
+
+    fn park(&self, job: Job, due_ms: i64) {
+        let meta = Arc::clone(job.pending.meta());
+        let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
+        if self.keys(&meta.app_id).is_none() {
+            job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "app unknown to the retry queue",
+            ));
+            return;
+        }
+        let stored = StoredJob::new(&meta, &job.request, job.pending.attempt());
+        self.held.remove(&key);
+        self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
+        let record = stored.to_json();
+        if self.stopped.load(Ordering::Acquire) {
+            job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "gateway shut down before the retry was attempted",
+            ));
+            return;
+        }
+        self.local.insert(key.clone(), job.pending);
+        if !self.write(Write::Park {
+            app: Arc::clone(&key.0),
+            id: key.1.clone(),
+            record,
+            due_ms,
+        }) && let Some((_, pending)) = self.local.remove(&key)
+        {
+            pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "gateway shut down before the retry was attempted",
+            ));
+        }
+    }
+}
+
+impl RetryQueue for RedisRetryQueue {
+    fn schedule(&self, job: Job, due: Instant) {
+        let wait = due.saturating_duration_since(Instant::now());
+        let due_ms = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+        self.park(job, due_ms);
+    }
+
+    fn dead_letter(&self, job: Job, resolution: Resolution) {
+        // The record is written before the terminal receipt is emitted (same writer order as
+        // the job's earlier writes); the lease is released by the dead-letter write itself.
+        let Job {
+            pending,
+            request,
+            app,
+        } = job;
+        let meta = Arc::clone(pending.meta());
+        let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
+        self.held.remove(&key);
+        let mut stored = StoredJob::new(&meta, &request, pending.attempt());
+        stored.last_error = resolution.reason.clone();
+        if self.keys(&app.id).is_some() {
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            self.write(Write::Dead {
+                app: key.0,
+                id: key.1,
+                record: stored.to_json(),
+                at_ms: now_ms(),
+            });
+        }
+        pending.resolve(resolution);
+    }
+
+    fn len(&self) -> usize {
+        self.local.len()
+    }
+}
+
+impl ReceiptObserver for RedisRetryQueue {
+    fn observe(&self, receipt: &Arc<Receipt>) {
+        if !receipt.terminal() {
+            return;
+        }
+        let key: JobKey = (
+            Arc::clone(&receipt.meta.app_id),
+            receipt.meta.message_id.clone(),
+        );
+        if self.held.remove(&key).is_some() {
+            self.write(Write::Ack {
+                app: key.0,
+                id: key.1,
+            });
+        }
+    }
+}

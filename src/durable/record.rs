@@ -1,0 +1,288 @@
+//! What a job looks like at rest in Redis: everything needed to attempt it again on any replica
+//! (identity, rendered provider request, attempts so far), as JSON.
+//!
+//! These mirror types keep the domain types in `model` free of serde and Redis concerns; the
+//! conversions are total in one direction (domain -> record) and validated in the other, so a
+//! corrupt or foreign record is an error, never a panic.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    ApnsRequest, FcmRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType,
+    epoch_millis,
+};
+
+/// A parked job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredJob {
+    pub app_id: String,
+    pub batch_id: String,
+    pub campaign_id: String,
+    pub message_id: String,
+    pub user_id: String,
+    pub priority: u8,
+    pub accepted_at_ms: i64,
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
+    /// Provider attempts made so far.
+    pub attempt: u32,
+    pub request: StoredRequest,
+    /// The last transient error (dead letters).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+}
+
+/// The rendered provider request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "p", rename_all = "lowercase")]
+pub enum StoredRequest {
+    Apns {
+        device_token: String,
+        topic: String,
+        push_type: String,
+        priority: u8,
+        #[serde(default)]
+        expiration: Option<u64>,
+        #[serde(default)]
+        collapse_id: Option<String>,
+        apns_id: String,
+        payload: Payload,
+    },
+    Fcm {
+        device_token: String,
+        body: Payload,
+    },
+}
+
+/// Provider bodies are JSON (UTF-8) in practice; anything else is kept as base64.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    Text(String),
+    B64(String),
+}
+
+impl Payload {
+    fn of(bytes: &Bytes) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Payload::Text(s.to_owned()),
+            Err(_) => Payload::B64(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        }
+    }
+    fn bytes(&self) -> Result<Bytes, RecordError> {
+        match self {
+            Payload::Text(s) => Ok(Bytes::from(s.clone().into_bytes())),
+            Payload::B64(s) => base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map(Bytes::from)
+                .map_err(|e| RecordError(format!("payload: {e}"))),
+        }
+    }
+}
+
+/// A record that cannot be turned back into a job.
+#[derive(Debug, thiserror::Error)]
+#[error("stored job: {0}")]
+pub struct RecordError(pub String);
+
+impl StoredJob {
+    /// The record of `meta` + `request` after `attempt` attempts.
+    pub fn new(meta: &MessageMeta, request: &ProviderRequest, attempt: u32) -> Self {
+        Self {
+            app_id: meta.app_id.to_string(),
+            batch_id: meta.batch_id.to_string(),
+            campaign_id: meta.campaign_id.to_string(),
+            message_id: meta.message_id.clone(),
+            user_id: meta.user_id.clone(),
+            priority: priority_code(meta.priority),
+            accepted_at_ms: epoch_millis(meta.accepted_at),
+            expires_at_ms: meta.expires_at.map(epoch_millis),
+            attempt,
+            request: match request {
+                ProviderRequest::Apns(a) => StoredRequest::Apns {
+                    device_token: a.device_token.clone(),
+                    topic: a.topic.clone(),
+                    push_type: a.push_type.header_value().to_owned(),
+                    priority: a.priority,
+                    expiration: a.expiration,
+                    collapse_id: a.collapse_id.clone(),
+                    apns_id: a.apns_id.clone(),
+                    payload: Payload::of(&a.payload),
+                },
+                ProviderRequest::Fcm(f) => StoredRequest::Fcm {
+                    device_token: f.device_token.clone(),
+                    body: Payload::of(&f.body),
+                },
+            },
+            last_error: String::new(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain strings and numbers cannot fail; an empty object is never stored
+        // because `from_json` would reject it.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(s: &[u8]) -> Result<Self, RecordError> {
+        serde_json::from_slice(s).map_err(|e| RecordError(e.to_string()))
+    }
+
+    pub fn platform(&self) -> Platform {
+        match self.request {
+            StoredRequest::Apns { .. } => Platform::Apns,
+            StoredRequest::Fcm { .. } => Platform::Fcm,
+        }
+    }
+
+    /// The message identity, with `app_id` shared with the app registry.
+    pub fn meta(&self, app_id: Arc<str>) -> MessageMeta {
+        MessageMeta {
+            app_id,
+            batch_id: self.batch_id.as_str().into(),
+            campaign_id: self.campaign_id.as_str().into(),
+            message_id: self.message_id.clone(),
+            platform: self.platform(),
+            user_id: self.user_id.clone(),
+            priority: priority_from_code(self.priority),
+            accepted_at: from_millis(self.accepted_at_ms),
+            expires_at: self.expires_at_ms.map(from_millis),
+            // Not persisted yet (limit stage): a recovered message has no campaign rate.
+            campaign_rate_per_minute: 0,
+        }
+    }
+
+    /// The provider request, ready to send again.
+    pub fn provider_request(&self) -> Result<ProviderRequest, RecordError> {
+        Ok(match &self.request {
+            StoredRequest::Apns {
+                device_token,
+                topic,
+                push_type,
+                priority,
+                expiration,
+                collapse_id,
+                apns_id,
+                payload,
+            } => ProviderRequest::Apns(ApnsRequest {
+                device_token: device_token.clone(),
+                topic: topic.clone(),
+                push_type: push_type_from_header(push_type)
+                    .ok_or_else(|| RecordError(format!("unknown push type `{push_type}`")))?,
+                priority: *priority,
+                expiration: *expiration,
+                collapse_id: collapse_id.clone(),
+                apns_id: apns_id.clone(),
+                payload: payload.bytes()?,
+            }),
+            StoredRequest::Fcm { device_token, body } => ProviderRequest::Fcm(FcmRequest {
+                device_token: device_token.clone(),
+                body: body.bytes()?,
+            }),
+        })
+    }
+}
+
+fn priority_code(p: Priority) -> u8 {
+    match p {
+        Priority::Default => 0,
+        Priority::Normal => 1,
+        Priority::High => 2,
+    }
+}
+
+fn priority_from_code(c: u8) -> Priority {
+    match c {
+        1 => Priority::Normal,
+        2 => Priority::High,
+        _ => Priority::Default,
+    }
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn push_type_from_header(s: &str) -> Option<PushType> {
+    const ALL: [PushType; 11] = [
+        PushType::Alert,
+        PushType::Background,
+        PushType::Voip,
+        PushType::Complication,
+        PushType::FileProvider,
+        PushType::Mdm,
+        PushType::LiveActivity,
+        PushType::Location,
+        PushType::PushToTalk,
+        PushType::Widgets,
+        PushType::Controls,
+    ];
+    ALL.into_iter().find(|p| p.header_value() == s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_apns_and_fcm() {
+        let meta = MessageMeta {
+            app_id: "shop".into(),
+            batch_id: "b".into(),
+            campaign_id: "c".into(),
+            message_id: "m-1".into(),
+            platform: Platform::Apns,
+            user_id: "u".into(),
+            priority: Priority::High,
+            accepted_at: from_millis(1_700_000_000_123),
+            expires_at: Some(from_millis(1_700_000_100_000)),
+            campaign_rate_per_minute: 0,
+        };
+        let apns = ProviderRequest::Apns(ApnsRequest {
+            device_token: "ab".into(),
+            topic: "t.voip".into(),
+            push_type: PushType::Voip,
+            priority: 10,
+            expiration: Some(5),
+            collapse_id: None,
+            apns_id: "id".into(),
+            payload: Bytes::from_static(b"{\"aps\":{}}"),
+        });
+        let rec = StoredJob::new(&meta, &apns, 3);
+        let back = StoredJob::from_json(rec.to_json().as_bytes()).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(back.attempt, 3);
+        let m = back.meta("shop".into());
+        assert_eq!(m.accepted_at, meta.accepted_at);
+        assert_eq!(m.expires_at, meta.expires_at);
+        assert_eq!(m.priority, Priority::High);
+        match back.provider_request().unwrap() {
+            ProviderRequest::Apns(a) => {
+                assert_eq!(a.push_type, PushType::Voip);
+                assert_eq!(&a.payload[..], b"{\"aps\":{}}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let fcm = ProviderRequest::Fcm(FcmRequest {
+            device_token: "t".into(),
+            body: Bytes::from_static(&[0xff, 0x00]),
+        });
+        let rec = StoredJob::new(&meta, &fcm, 1);
+        let back = StoredJob::from_json(rec.to_json().as_bytes()).unwrap();
+        match back.provider_request().unwrap() {
+            ProviderRequest::Fcm(f) => assert_eq!(&f.body[..], &[0xff, 0x00]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupt_records_are_errors() {
+        assert!(StoredJob::from_json(b"{}").is_err());
+        assert!(StoredJob::from_json(b"\xff").is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! The scheduler task: reads the bounded dispatch channel into [`Queues`], and launches each
+//! job when its app's turn, rate and concurrency allow and a global request permit is free.
+//!
+//! Memory stays bounded without a bound of its own: every job in the queues holds one slot of
+//! the gateway's accept window (taken at ingest, released with its terminal receipt), retries
+//! included, so at most `pipeline.accept_window` jobs are ever queued here. Reading the channel
+//! eagerly is what lets a small app's message overtake a flooding app's backlog; a caller that
+//! outpaces its limit fills the window and ingest (and StreamSend reading) waits.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Limits;
+use super::queues::{Next, Queues, Schedulable, Slot};
+use crate::metrics::Metrics;
+use crate::model::{Platform, Priority, ReceiptStatus};
+use crate::pipeline::Job;
+use crate::receipts::Resolution;
+
+/// How often queued messages are checked against their ttl.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+impl Schedulable for Job {
+    fn app(&self) -> &Arc<str> {
+        &self.app.id
+    }
+    fn platform(&self) -> Platform {
+        self.request.platform()
+    }
+    fn high_priority(&self) -> bool {
+        self.pending.meta().priority == Priority::High
+    }
+    fn campaign_limit(&self) -> Option<(&Arc<str>, u32)> {
+        let meta = self.pending.meta();
+        if meta.campaign_rate_per_minute == 0 {
+            return None;
+        }
+        // Without a campaign id, the batch is the campaign.
+        let key = if meta.campaign_id.is_empty() {
+            &meta.batch_id
+        } else {
+            &meta.campaign_id
+        };
+        Some((key, meta.campaign_rate_per_minute))
+    }
+    fn expired(&self, now: SystemTime) -> bool {
+        self.pending.meta().expires_at.is_some_and(|t| now >= t)
+    }
+}
+
+/// Runs the limit stage for the deliver stage.
+pub struct Scheduler {
+    queues: Queues<Job>,
+    requests: Arc<Semaphore>,
+    hard_stop: CancellationToken,
+}
+
+impl Scheduler {
+    /// `requests` is the global in-flight request limit; `hard_stop` fails whatever still waits.
+    pub fn new(
+        limits: Arc<Limits>,
+        metrics: Arc<Metrics>,
+        requests: Arc<Semaphore>,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        Self {
+            queues: Queues::new(limits, metrics),
+            requests,
+            hard_stop,
+        }
+    }
+
+    /// Runs until `dispatch` closes and the queues are empty (or the hard stop has failed the
+    /// rest). `launch` starts one provider attempt; it must keep the permit and the slot until the
+    /// attempt ends, and report the outcome with [`Slot::observe`].
+    pub async fn run<F>(mut self, mut dispatch: mpsc::Receiver<Job>, mut launch: F)
+    where
+        F: FnMut(Job, OwnedSemaphorePermit, Slot),
+    {
+        let wake = Arc::clone(self.queues.wake());
+        let limits = Arc::clone(self.queues.limits());
+        let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        let mut expired = Vec::new();
+        loop {
+            if self.hard_stop.is_cancelled() {
+                for job in self.queues.drain() {
+                    fail_shutdown(job);
+                }
+                while let Some(job) = dispatch.recv().await {
+                    fail_shutdown(job);
+                }
+                return;
+            }
+            while open {
+                match dispatch.try_recv() {
+                    Ok(job) => self.queues.push(job),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.queues.refresh();
+            let mut wake_at = None;
+            while !self.queues.is_empty() {
+                let Ok(permit) = Arc::clone(&self.requests).try_acquire_owned() else {
+                    break;
+                };
+                match self.queues.next(SystemTime::now(), &mut expired) {
+                    Next::Ready(job, slot, _waited) => launch(job, permit, slot),
+                    Next::Idle(at) => {
+                        wake_at = at;
+                        break;
+                    }
+                }
+            }
+            for job in expired.drain(..) {
+                expire(job);
+            }
+            if !open && self.queues.is_empty() {
+                return;
+            }
+            let sleep = async {
+                match wake_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.hard_stop.cancelled() => {}
+                job = dispatch.recv(), if open => match job {
+                    Some(job) => self.queues.push(job),
+                    None => open = false,
+                },
+                _ = wake.notified() => {}
+                _ = limits.changed() => {}
+                _ = sleep => {}
+                _ = sweep.tick() => {
+                    self.queues.expire(SystemTime::now(), &mut expired);
+                    for job in expired.drain(..) {
+                        expire(job);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fail_shutdown(job: Job) {
+    job.pending.resolve(Resolution::gateway(
+        ReceiptStatus::Failed,
+        "gateway shut down before delivery",
+    ));
+}
+
+fn expire(job: Job) {
+    job.pending.resolve(Resolution::gateway(
+        ReceiptStatus::Expired,
+        "ttl passed while the message waited for its turn (rate limit)",
+    ));
+}
