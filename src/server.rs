@@ -50,14 +50,37 @@ impl Running {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let apps = AppRegistry::from_config(&config)?;
-    let gateway = Gateway::start(apps, config.pipeline.clone(), Arc::clone(&metrics));
+    let redis_stop = CancellationToken::new();
+    let redis = match config.redis.url {
+        Some(_) => Some(
+            crate::durable::RedisStore::connect(&config.redis, redis_stop.clone())
+                .context("redis.url")?,
+        ),
+        None => None,
+    };
+    if let Some(store) = &redis {
+        let limit = std::time::Duration::from_millis(config.redis.command_timeout_ms);
+        if store.wait_healthy(limit).await {
+            info!(replica = store.replica(), "durable delivery: retry queue in Redis");
+        } else {
+            warn!("redis is not reachable yet: sends are refused until it is");
+        }
+    }
+    let gateway = Gateway::start_with(
+        apps,
+        config.pipeline.clone(),
+        Arc::clone(&metrics),
+        redis.clone(),
+    );
     for (id, app) in &config.apps {
         gateway.update_limits(id, app.limits.clone());
     }
-    warn!(
-        "no Redis configured: the retry queue is in memory and delivery is not crash-safe \
-         (messages in flight are lost if the process is killed)"
-    );
+    if redis.is_none() {
+        warn!(
+            "no Redis configured: the retry queue is in memory and delivery is not crash-safe \
+             (messages in flight are lost if the process is killed)"
+        );
+    }
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -73,13 +96,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     health
         .set_serving::<proto::push_gateway_server::PushGatewayServer<Api>>()
         .await;
+    let stop = CancellationToken::new();
+    if let Some(store) = &redis {
+        tokio::spawn(crate::durable::follow_health(
+            store.health(),
+            health.clone(),
+            stop.clone(),
+        ));
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
 
-    let stop = CancellationToken::new();
     let grace = config.pipeline.shutdown_grace();
     let server_stop = CancellationToken::new();
     let router = tonic::transport::Server::builder()
@@ -101,6 +131,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .set_not_serving::<proto::push_gateway_server::PushGatewayServer<Api>>()
                 .await;
             gateway.shutdown(grace).await;
+            redis_stop.cancel();
             server_stop.cancel();
             server.await.context("gRPC server task")??;
             info!("gateway stopped");

@@ -239,3 +239,28 @@ impl RedisStore {
 pub(crate) fn now_ms() -> i64 {
     crate::model::epoch_millis(std::time::SystemTime::now())
 }
+
+/// Mirrors Redis health onto the gRPC health service (NOT_SERVING while Redis is unreachable)
+/// until `stop` fires (shutdown owns the status from then on).
+pub async fn follow_health(
+    mut redis: watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    type Svc = crate::proto::push_gateway_server::PushGatewayServer<crate::api::Api>;
+    loop {
+        let healthy = *redis.borrow_and_update();
+        if stop.is_cancelled() {
+            return;
+        }
+        if healthy {
+            reporter.set_serving::<Svc>().await;
+        } else {
+            reporter.set_not_serving::<Svc>().await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = redis.changed() => if changed.is_err() { return },
+        }
+    }
+}
