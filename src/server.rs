@@ -61,7 +61,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(store) = &redis {
         let limit = std::time::Duration::from_millis(config.redis.command_timeout_ms);
         if store.wait_healthy(limit).await {
-            info!(replica = store.replica(), "durable delivery: retry queue in Redis");
+            info!(
+                replica = store.replica(),
+                "durable delivery: retry queue in Redis"
+            );
         } else {
             warn!("redis is not reachable yet: sends are refused until it is");
         }

@@ -5,34 +5,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use common::{Options, recipient, status, template, token};
+use common::{Options, recipient, status, stream_all, template, terminal_by_message, token};
 use loadtest::apns::ApnsReason;
-use pushgate::proto::{self, Receipt, ReceiptStatus};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use pushgate::proto::{self, ReceiptStatus};
 use tonic_types::StatusExt;
-
-/// Streams `batches` through StreamSend and returns every receipt (terminal and not) in order.
-async fn stream_all(h: &common::Harness, batches: Vec<proto::SendBatchRequest>) -> Vec<Receipt> {
-    let mut client = h.client().await;
-    let (tx, rx) = mpsc::channel(16);
-    let mut inbound = client
-        .stream_send(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let producer = tokio::spawn(async move {
-        for b in batches {
-            tx.send(b).await.unwrap();
-        }
-    });
-    let mut receipts = Vec::new();
-    while let Some(r) = inbound.message().await.unwrap() {
-        receipts.push(r);
-    }
-    producer.await.unwrap();
-    receipts
-}
 
 fn batch(
     n: usize,
@@ -48,18 +24,6 @@ fn batch(
         wait_for_receipts: false,
         campaign_rate_per_minute: 0,
     }
-}
-
-fn terminal_by_message(receipts: &[Receipt]) -> HashMap<String, Receipt> {
-    let mut out = HashMap::new();
-    for r in receipts.iter().filter(|r| r.terminal) {
-        assert!(
-            out.insert(r.message_id.clone(), r.clone()).is_none(),
-            "two terminal receipts for {}",
-            r.message_id
-        );
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

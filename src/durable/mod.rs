@@ -21,6 +21,7 @@
 //! jobs stay in Redis and their `Pending`s are handed off without a terminal receipt: the
 //! replica that finishes the job emits it.
 
+pub mod admin;
 pub mod keys;
 pub mod queue;
 pub mod record;

@@ -497,6 +497,15 @@ enum DriveEnd {
     Closed(String),
 }
 
+impl DriveEnd {
+    fn closed(result: Result<(), h2::Error>) -> Self {
+        DriveEnd::Closed(match result {
+            Ok(()) => "closed by peer".into(),
+            Err(e) => e.to_string(),
+        })
+    }
+}
+
 type Connection = h2::client::Connection<Box<dyn Io>, Bytes>;
 
 /// Runs the connection until it ends, with PING keep-alives.
@@ -509,10 +518,7 @@ async fn drive(shared: &Shared, mut connection: Connection) -> DriveEnd {
         tokio::select! {
             _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
             result = &mut connection => {
-                return DriveEnd::Closed(match result {
-                    Ok(()) => "closed by peer".into(),
-                    Err(e) => e.to_string(),
-                });
+                return DriveEnd::closed(result);
             }
             _ = ticker.tick() => {
                 let Some(pinger) = ping_pong.as_mut() else { continue };
@@ -521,10 +527,7 @@ async fn drive(shared: &Shared, mut connection: Connection) -> DriveEnd {
                 tokio::select! {
                     _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
                     result = &mut connection => {
-                        return DriveEnd::Closed(match result {
-                            Ok(()) => "closed by peer".into(),
-                            Err(e) => e.to_string(),
-                        });
+                        return DriveEnd::closed(result);
                     }
                     pong = ping => match pong {
                         Ok(Ok(_)) => {}

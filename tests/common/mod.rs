@@ -196,3 +196,38 @@ pub fn status(r: &Receipt) -> ReceiptStatus {
 pub fn path(p: &str) -> PathBuf {
     PathBuf::from(p)
 }
+
+/// Streams `batches` through StreamSend and returns every receipt (terminal and not) in order.
+pub async fn stream_all(h: &Harness, batches: Vec<proto::SendBatchRequest>) -> Vec<Receipt> {
+    let mut client = h.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut inbound = client
+        .stream_send(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let producer = tokio::spawn(async move {
+        for b in batches {
+            tx.send(b).await.unwrap();
+        }
+    });
+    let mut receipts = Vec::new();
+    while let Some(r) = inbound.message().await.unwrap() {
+        receipts.push(r);
+    }
+    producer.await.unwrap();
+    receipts
+}
+
+/// The terminal receipts by message id, asserting there is at most one per message.
+pub fn terminal_by_message(receipts: &[Receipt]) -> std::collections::HashMap<String, Receipt> {
+    let mut out = std::collections::HashMap::new();
+    for r in receipts.iter().filter(|r| r.terminal) {
+        assert!(
+            out.insert(r.message_id.clone(), r.clone()).is_none(),
+            "two terminal receipts for {}",
+            r.message_id
+        );
+    }
+    out
+}

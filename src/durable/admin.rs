@@ -1,0 +1,144 @@
+//! Dead-letter administration: list, replay and purge the jobs whose attempts ran out. Used by
+//! the `PushGatewayAdmin` gRPC service (`api_admin`) and by tests.
+
+use redis::Script;
+
+use super::keys::AppKeys;
+use super::record::StoredJob;
+use super::{RedisStore, now_ms};
+
+/// One dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub dead_at_ms: i64,
+    /// The job, when the record could be read back.
+    pub job: Option<StoredJob>,
+    /// The last error (from the record), or why the record is unreadable.
+    pub last_error: String,
+}
+
+/// Moves dead letters back into this replica's delay set, due now, with attempts reset.
+/// ARGV: now, limit, then ids (none = the oldest `limit`).
+const REPLAY: &str = r#"
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local ids = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  ids = redis.call('ZRANGE', KEYS[2], 0, limit - 1)
+end
+local n = 0
+for _, id in ipairs(ids) do
+  local rec = redis.call('HGET', KEYS[1], id)
+  if rec then
+    local ok, t = pcall(cjson.decode, rec)
+    if ok and type(t) == 'table' and t.request ~= nil then
+      t.attempt = 0
+      t.last_error = nil
+      redis.call('HSET', KEYS[3], id, cjson.encode(t))
+      redis.call('ZADD', KEYS[4], now, id)
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('ZREM', KEYS[2], id)
+      n = n + 1
+    end
+  end
+end
+return n
+"#;
+
+/// Lists up to `limit` dead letters of `app`, oldest first, from `offset`; and the total.
+pub async fn list(
+    store: &RedisStore,
+    app: &str,
+    offset: usize,
+    limit: usize,
+) -> redis::RedisResult<(Vec<DeadLetter>, u64)> {
+    let keys = AppKeys::new(&store.config().key_prefix, app);
+    let mut conn = store.conn();
+    let stop = (offset + limit.max(1)) as isize - 1;
+    let (ids, total): (Vec<(String, f64)>, u64) = redis::pipe()
+        .zrange_withscores(keys.dead_idx(), offset as isize, stop)
+        .zcard(keys.dead_idx())
+        .query_async(&mut conn)
+        .await?;
+    if ids.is_empty() {
+        return Ok((Vec::new(), total));
+    }
+    let names: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
+    let records: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+        .arg(keys.dead())
+        .arg(&names)
+        .query_async(&mut conn)
+        .await?;
+    let letters = ids
+        .into_iter()
+        .zip(records)
+        .map(|((message_id, score), record)| {
+            let (job, last_error) = match record.map(|r| StoredJob::from_json(&r)) {
+                Some(Ok(job)) => {
+                    let e = job.last_error.clone();
+                    (Some(job), e)
+                }
+                Some(Err(e)) => (None, format!("unreadable record: {e}")),
+                None => (None, "record missing".into()),
+            };
+            DeadLetter {
+                message_id,
+                dead_at_ms: score as i64,
+                job,
+                last_error,
+            }
+        })
+        .collect();
+    Ok((letters, total))
+}
+
+/// Replays the dead letters `ids` (all, up to `limit`, when empty): they are attempted again
+/// from attempt 1 by this replica. Returns how many were replayed.
+pub async fn replay(
+    store: &RedisStore,
+    app: &str,
+    ids: &[String],
+    limit: usize,
+) -> redis::RedisResult<u64> {
+    let keys = AppKeys::new(&store.config().key_prefix, app);
+    let mut conn = store.conn();
+    let script = Script::new(REPLAY);
+    let mut inv = script.prepare_invoke();
+    inv.key(keys.dead())
+        .key(keys.dead_idx())
+        .key(keys.jobs())
+        .key(keys.delay(store.replica()))
+        .arg(now_ms())
+        .arg(limit.max(1));
+    for id in ids {
+        inv.arg(id);
+    }
+    inv.invoke_async(&mut conn).await
+}
+
+/// Deletes the dead letters `ids` (all when empty). Returns how many were deleted.
+pub async fn purge(store: &RedisStore, app: &str, ids: &[String]) -> redis::RedisResult<u64> {
+    let keys = AppKeys::new(&store.config().key_prefix, app);
+    let mut conn = store.conn();
+    if ids.is_empty() {
+        let (n, _, _): (u64, (), ()) = redis::pipe()
+            .atomic()
+            .zcard(keys.dead_idx())
+            .del(keys.dead())
+            .del(keys.dead_idx())
+            .query_async(&mut conn)
+            .await?;
+        return Ok(n);
+    }
+    let (n, _): (u64, ()) = redis::pipe()
+        .atomic()
+        .zrem(keys.dead_idx(), ids)
+        .hdel(keys.dead(), ids)
+        .ignore()
+        .query_async(&mut conn)
+        .await?;
+    Ok(n)
+}
