@@ -14,6 +14,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::debug;
 
+use crate::auth::Caller;
 use crate::gateway::{Batch, BatchResult, Gateway, SubmitError};
 use crate::model::{self, FieldError, Platform, Priority, PushType, ReceiptStatus, epoch_millis};
 use crate::proto;
@@ -45,7 +46,11 @@ impl proto::push_gateway_server::PushGateway for Api {
         &self,
         request: Request<proto::SendBatchRequest>,
     ) -> Result<Response<proto::SendBatchResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        if !caller.may_use(&request.app_id) {
+            return Err(forbidden(&request.app_id));
+        }
         let wait = request.wait_for_receipts;
         let mut batch = into_batch(request).map_err(invalid_argument)?;
         let (sink, mut receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
@@ -86,6 +91,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         &self,
         request: Request<Streaming<proto::SendBatchRequest>>,
     ) -> Result<Response<Self::StreamSendStream>, Status> {
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let (sink, receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let gateway = Arc::clone(&self.gateway);
@@ -107,6 +113,13 @@ impl proto::push_gateway_server::PushGateway for Api {
                     }
                 };
                 let skeleton = BatchSkeleton::of(&request);
+                if !caller.may_use(&request.app_id) {
+                    let error = FieldError::new("app_id", forbidden(&request.app_id).message());
+                    for receipt in skeleton.reject_all(&[error]) {
+                        let _ = sink.send(receipt);
+                    }
+                    continue;
+                }
                 let outcome = match into_batch(request) {
                     Ok(mut batch) => gateway
                         .submit(&mut batch, Some(&sink), true)
@@ -137,7 +150,11 @@ impl proto::push_gateway_server::PushGateway for Api {
         &self,
         request: Request<proto::SubscribeReceiptsRequest>,
     ) -> Result<Response<Self::SubscribeReceiptsStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
+        if !caller.may_use(&request.app_id) {
+            return Err(forbidden(&request.app_id));
+        }
         if self.gateway.apps().get(&request.app_id).is_none() {
             return Err(invalid_argument(vec![FieldError::new(
                 "app_id",
@@ -227,6 +244,10 @@ impl BatchSkeleton {
             })
             .collect()
     }
+}
+
+fn forbidden(app_id: &str) -> Status {
+    Status::permission_denied(format!("this API key may not use app `{app_id}`"))
 }
 
 fn invalid_argument(errors: Vec<FieldError>) -> Status {

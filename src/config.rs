@@ -140,9 +140,24 @@ pub struct AppConfig {
     pub fcm: Option<FcmConfig>,
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// API keys allowed to send for and subscribe to this app (`authorization: Bearer <key>`).
+    /// When no app has any, the API is open (for development; the gateway logs a warning).
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
     /// Rate limits, fair-share weight and adaptive-concurrency bounds (`[apps.<id>.limits]`).
     #[serde(default)]
     pub limits: crate::limit::LimitConfig,
+}
+
+/// An API key; its `Debug` never shows the secret.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
 }
 
 /// APNs environment.
@@ -341,6 +356,14 @@ impl Config {
                     &prefix,
                     "an app needs an [apns] or [fcm] section",
                 ));
+            }
+            for (i, key) in app.api_keys.iter().enumerate() {
+                if key.0.len() < 16 || key.0.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(ConfigError::invalid(
+                        format!("{prefix}.api_keys[{i}]"),
+                        "an API key is at least 16 printable characters without spaces",
+                    ));
+                }
             }
             if let Some(retry) = &app.retry {
                 validate_retry(&format!("{prefix}.retry"), retry)?;

@@ -257,6 +257,18 @@ impl Gateway {
         let ttl = batch.template.ttl;
         let mut seen_ids = HashSet::with_capacity(batch.recipients.len());
         let mut results = Vec::with_capacity(batch.recipients.len());
+        // Idempotency (durable delivery only): caller ids seen recently are not sent again.
+        let earlier = match &self.durable {
+            Some(durable) => crate::durable::idempotency::claim(
+                durable.store(),
+                &app_id,
+                batch.recipients.iter().map(|r| r.message_id.as_str()),
+            )
+            .await
+            .map_err(|e| SubmitError::Unavailable(format!("redis is unreachable: {e}")))?,
+            None => Default::default(),
+        };
+        let mut release = Vec::new();
 
         let recipients = std::mem::take(&mut batch.recipients);
         for (index, recipient) in recipients.into_iter().enumerate() {
@@ -278,6 +290,28 @@ impl Gateway {
                 expires_at: ttl.map(|t| accepted_at + t),
                 campaign_rate_per_minute: batch.campaign_rate_per_minute,
             });
+            let first = !seen_ids.contains(&message_id);
+            if let Some(state) = earlier.get(&message_id).filter(|_| first) {
+                seen_ids.insert(message_id.clone());
+                let (receipt, reason) =
+                    crate::durable::idempotency::duplicate_receipt(&meta, index, state);
+                if let Some(sink) = sink {
+                    let _ = sink.send(ReceiptEnvelope {
+                        receipt: Arc::new(receipt),
+                        permit: None,
+                    });
+                }
+                results.push(RecipientResult {
+                    index,
+                    message_id,
+                    accepted: false,
+                    field: format!("recipients[{index}].message_id"),
+                    reason,
+                });
+                continue;
+            }
+            // A caller id claimed for idempotency is released when the recipient is not taken.
+            let claimed = first && self.durable.is_some() && !recipient.message_id.is_empty();
             let rendered = if !seen_ids.insert(message_id.clone()) {
                 Err(FieldError::new(
                     format!("recipients[{index}].message_id"),
@@ -299,6 +333,9 @@ impl Gateway {
                 Ok(request) => request,
                 Err(error) => {
                     rejected_counter.inc();
+                    if claimed {
+                        release.push(message_id.clone());
+                    }
                     self.reject(&meta, &error, sink.filter(|_| stream_rejections));
                     results.push(RecipientResult {
                         index,
@@ -316,6 +353,9 @@ impl Gateway {
             };
             let Some(permit) = permit else {
                 let error = FieldError::new("", "the gateway is shutting down");
+                if claimed {
+                    release.push(message_id.clone());
+                }
                 self.reject(&meta, &error, sink.filter(|_| stream_rejections));
                 results.push(RecipientResult {
                     index,
@@ -348,6 +388,12 @@ impl Gateway {
                 field: String::new(),
                 reason: String::new(),
             });
+        }
+        if let Some(durable) = &self.durable
+            && let Err(e) =
+                crate::durable::idempotency::release(durable.store(), &app_id, &release).await
+        {
+            warn!(app = %app_id, error = %e, "could not release idempotency keys of rejected recipients");
         }
         Ok(BatchResult {
             batch_id: batch_id.to_string(),

@@ -5,6 +5,7 @@
 //! queue (`queue`).
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod durable;

@@ -85,6 +85,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
 
+    let api_keys = crate::auth::ApiKeys::from_config(&config);
+    if !api_keys.enabled() {
+        warn!("no API keys configured: the gRPC API accepts every caller (set apps.<id>.api_keys)");
+    }
+
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding gRPC listener on {}", config.listen))?;
@@ -119,7 +124,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(Api::new(Arc::clone(&gateway)).into_server());
+        .add_service({
+            let keys = api_keys.clone();
+            tonic::service::interceptor::InterceptedService::new(
+                Api::new(Arc::clone(&gateway)).into_server(),
+                move |request| keys.intercept(request),
+            )
+        })
+        .add_optional_service(redis.clone().map(|store| {
+            let keys = api_keys.clone();
+            tonic::service::interceptor::InterceptedService::new(
+                crate::durable::api::AdminApi::new(store, config.apps.keys().cloned())
+                    .into_server(),
+                move |request| keys.intercept(request),
+            )
+        }));
     let serve = router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
         server_stop.clone().cancelled_owned(),

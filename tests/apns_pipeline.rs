@@ -477,3 +477,49 @@ async fn health_service_reports_serving_over_tls_upstream() {
     assert_eq!(status(receipts.last().unwrap()), ReceiptStatus::Delivered);
     h.gateway.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_gate_each_app() {
+    let key = "shop-secret-key-0123456789";
+    let h = common::start(Options {
+        api_keys: vec![key.to_string()],
+        ..Default::default()
+    })
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.gateway.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // No key: unauthenticated.
+    let mut anonymous = proto::push_gateway_client::PushGatewayClient::new(channel.clone());
+    let err = anonymous
+        .send_batch(batch(0, vec![recipient(1, &[])], template("a", "b")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // The right key: accepted.
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let mut client = proto::push_gateway_client::PushGatewayClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            Ok(request)
+        },
+    );
+    let mut b = batch(0, vec![recipient(1, &[])], template("a", "b"));
+    b.wait_for_receipts = true;
+    let response = client.send_batch(b).await.unwrap().into_inner();
+    assert_eq!(status(&response.receipts[0]), ReceiptStatus::Delivered);
+
+    // The key does not grant other apps.
+    let mut other = batch(0, vec![recipient(2, &[])], template("a", "b"));
+    other.app_id = "news".into();
+    let err = client.send_batch(other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    h.gateway.shutdown().await.unwrap();
+}

@@ -124,7 +124,7 @@ pub async fn purge(store: &RedisStore, app: &str, ids: &[String]) -> redis::Redi
     let keys = AppKeys::new(&store.config().key_prefix, app);
     let mut conn = store.conn();
     if ids.is_empty() {
-        let (n, _, _): (u64, (), ()) = redis::pipe()
+        let (n, _, _): (u64, u64, u64) = redis::pipe()
             .atomic()
             .zcard(keys.dead_idx())
             .del(keys.dead())
@@ -133,7 +133,7 @@ pub async fn purge(store: &RedisStore, app: &str, ids: &[String]) -> redis::Redi
             .await?;
         return Ok(n);
     }
-    let (n, _): (u64, ()) = redis::pipe()
+    let (n,): (u64,) = redis::pipe()
         .atomic()
         .zrem(keys.dead_idx(), ids)
         .hdel(keys.dead(), ids)

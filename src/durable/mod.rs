@@ -22,6 +22,8 @@
 //! replica that finishes the job emits it.
 
 pub mod admin;
+pub mod api;
+pub mod idempotency;
 pub mod keys;
 pub mod queue;
 pub mod record;
@@ -57,6 +59,9 @@ pub struct RedisConfig {
     pub write_batch: usize,
     /// How long a command may take before Redis counts as unreachable.
     pub command_timeout_ms: u64,
+    /// A caller-supplied `message_id` seen this recently (same app) is not sent again; 0 turns
+    /// idempotency off.
+    pub idempotency_ttl_secs: u64,
 }
 
 impl Default for RedisConfig {
@@ -69,6 +74,7 @@ impl Default for RedisConfig {
             poll_ms: 50,
             write_batch: 1_024,
             command_timeout_ms: 2_000,
+            idempotency_ttl_secs: 86_400,
         }
     }
 }

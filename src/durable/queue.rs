@@ -126,6 +126,12 @@ enum Write {
         app: Arc<str>,
         id: String,
     },
+    /// The terminal status of a message, for idempotent resends.
+    Outcome {
+        app: Arc<str>,
+        id: String,
+        status: &'static str,
+    },
     Dead {
         app: Arc<str>,
         id: String,
@@ -303,6 +309,15 @@ impl RedisRetryQueue {
                     pipe.hdel(k.owner(), id).ignore();
                 }
                 Write::Ack { app, id } => acks.entry(app).or_default().push(id),
+                Write::Outcome { app, id, status } => {
+                    let key = super::idempotency::key(&self.store.config().key_prefix, app, id);
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(*status)
+                        .arg("XX")
+                        .arg("KEEPTTL")
+                        .ignore();
+                }
             }
         }
         let mut conn = self.store.conn();
@@ -599,6 +614,17 @@ impl ReceiptObserver for RedisRetryQueue {
             Arc::clone(&receipt.meta.app_id),
             receipt.meta.message_id.clone(),
         );
+        // Rejections at ingest never claimed an idempotency key (or released it).
+        if self.store.config().idempotency_ttl_secs > 0
+            && receipt.status != ReceiptStatus::Rejected
+            && self.keys(&key.0).is_some()
+        {
+            self.write(Write::Outcome {
+                app: Arc::clone(&key.0),
+                id: key.1.clone(),
+                status: receipt.status.as_str(),
+            });
+        }
         if self.held.remove(&key).is_some() {
             self.write(Write::Ack {
                 app: key.0,

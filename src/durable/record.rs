@@ -29,6 +29,9 @@ pub struct StoredJob {
     pub accepted_at_ms: i64,
     #[serde(default)]
     pub expires_at_ms: Option<i64>,
+    /// The campaign rate limit the message was sent under (messages per minute; 0 = none).
+    #[serde(default)]
+    pub campaign_rate_per_minute: u32,
     /// Provider attempts made so far.
     pub attempt: u32,
     pub request: StoredRequest,
@@ -102,6 +105,7 @@ impl StoredJob {
             priority: priority_code(meta.priority),
             accepted_at_ms: epoch_millis(meta.accepted_at),
             expires_at_ms: meta.expires_at.map(epoch_millis),
+            campaign_rate_per_minute: meta.campaign_rate_per_minute,
             attempt,
             request: match request {
                 ProviderRequest::Apns(a) => StoredRequest::Apns {
@@ -153,7 +157,7 @@ impl StoredJob {
             accepted_at: from_millis(self.accepted_at_ms),
             expires_at: self.expires_at_ms.map(from_millis),
             // Not persisted yet (limit stage): a recovered message has no campaign rate.
-            campaign_rate_per_minute: 0,
+            campaign_rate_per_minute: self.campaign_rate_per_minute,
         }
     }
 

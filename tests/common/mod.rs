@@ -31,6 +31,8 @@ pub struct Options {
     pub mock: Box<dyn FnOnce(&mut MockApnsConfig)>,
     /// Also start a mock FCM (with its token endpoint) and give the app FCM credentials.
     pub fcm: bool,
+    /// API keys of the app `shop` (none: the API is open).
+    pub api_keys: Vec<String>,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             retry: "base_ms = 5\ncap_ms = 50\nmax_attempts = 6".into(),
             mock: Box::new(|_| {}),
             fcm: false,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -76,6 +79,8 @@ pub async fn start(options: Options) -> Harness {
         {pipeline}
         [retry]
         {retry}
+        [apps.shop]
+        api_keys = {api_keys:?}
         [apps.shop.apns]
         key_file = "{key_file}"
         key_id = "{key_id}"
@@ -88,6 +93,7 @@ pub async fn start(options: Options) -> Harness {
         {fcm_section}
         "#,
         pipeline = options.pipeline,
+        api_keys = options.api_keys,
         retry = options.retry,
         key_file = key_file.display(),
         key_id = key.key_id,

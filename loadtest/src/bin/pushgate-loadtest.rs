@@ -92,6 +92,9 @@ struct Flags {
     fault_500_per_mille: Option<u32>,
     #[arg(long)]
     fault_503_per_mille: Option<u32>,
+    /// Retry-After seconds on the FCM mock's injected 429/503 (0 = none).
+    #[arg(long)]
+    fcm_retry_after_secs: Option<u64>,
     #[arg(long)]
     burst_on_secs: Option<f64>,
     #[arg(long)]
@@ -163,6 +166,9 @@ impl Flags {
         }
         if self.open_loop {
             s.rate = None;
+        }
+        if self.fcm_retry_after_secs.is_some() {
+            s.fcm_retry_after_secs = self.fcm_retry_after_secs;
         }
         if self.messages.is_some() {
             s.messages = self.messages;
@@ -389,7 +395,7 @@ async fn run_gateway(
     let delivered = live.delivered();
     let send_secs = s.duration_secs.min(elapsed);
     let last_terminal = live.last_terminal_us.load(Relaxed) as f64 / 1e6;
-    let completed = terminal.max(1) as f64;
+    let completed = terminal as f64;
     Ok(Summary {
         settings: s.clone(),
         target: url.to_string(),
@@ -412,7 +418,12 @@ async fn run_gateway(
         gateway: gw.map(|(pid, cpu, rss)| GatewayCost {
             pid,
             cpu_secs: cpu,
-            cpu_secs_per_100k: cpu * 100_000.0 / completed,
+            // NaN (null in JSON) when nothing completed.
+            cpu_secs_per_100k: if terminal > 0 {
+                cpu * 100_000.0 / completed
+            } else {
+                f64::NAN
+            },
             peak_rss_mb: rss as f64 / 1_048_576.0,
         }),
         tool: ToolCost {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use loadtest::apns::{MockApns, MockApnsConfig};
-use loadtest::fcm::{MockFcm, MockFcmConfig};
+use loadtest::fcm::{MockFcm, MockFcmConfig, RetryAfter};
 use loadtest::keys::{ApnsKey, ServiceAccount};
 
 use super::settings::Settings;
@@ -105,6 +105,11 @@ pub async fn start_mocks(s: &Settings) -> anyhow::Result<Mocks> {
     ff.set_quota_exceeded_per_mille(s.fault_429_per_mille);
     ff.set_internal_per_mille(s.fault_500_per_mille);
     ff.set_unavailable_per_mille(s.fault_503_per_mille);
+    match s.fcm_retry_after_secs {
+        Some(0) => ff.set_retry_after(RetryAfter::None),
+        Some(secs) => ff.set_retry_after(RetryAfter::Seconds(secs)),
+        None => {}
+    }
     if s.unregistered_per_mille > 0 {
         for n in (0..s.token_pool).filter(|n| is_dead(*n, s.unregistered_per_mille)) {
             af.add_unregistered(&apns_token(n), None);

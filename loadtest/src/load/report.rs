@@ -109,7 +109,9 @@ pub struct Summary {
     pub missing_receipts: u64,
     pub grpc_errors: u64,
     pub stream_errors: Vec<String>,
+    /// Accepted recipients / seconds of sending.
     pub accepted_per_sec: f64,
+    /// DELIVERED receipts / seconds from the start to the last terminal receipt (drain included).
     pub delivered_per_sec: f64,
     pub statuses: BTreeMap<String, u64>,
     pub latency: Latency,
@@ -117,6 +119,7 @@ pub struct Summary {
     pub timeline: Vec<Sample>,
     pub gateway: Option<GatewayCost>,
     pub tool: ToolCost,
+    /// Mock counters since the mock started (a ceiling run before this one is included).
     pub mock_apns: Option<MockSummary>,
     pub mock_fcm: Option<MockSummary>,
     pub ceiling: Option<CeilingReport>,
@@ -217,7 +220,7 @@ pub fn print(s: &Summary) {
     for (name, m) in [("APNs", &s.mock_apns), ("FCM", &s.mock_fcm)] {
         if let Some(m) = m {
             println!(
-                "mock {name}: {} requests {:?}, {} JWT verifications, {} tokens issued, {} connections",
+                "mock {name} (since mock start, ceiling included): {} requests {:?}, {} JWT verifications, {} tokens issued, {} connections",
                 m.requests, m.by_status, m.jwt_verifications, m.tokens_issued, m.connections_opened
             );
         }

@@ -63,6 +63,9 @@ pub struct Settings {
     pub fault_429_per_mille: u32,
     pub fault_500_per_mille: u32,
     pub fault_503_per_mille: u32,
+    /// `Retry-After` seconds the FCM mock sends with injected 429/503 (0 = no header; absent =
+    /// the mock's default of 30 s, as Google).
+    pub fcm_retry_after_secs: Option<u64>,
     /// Bursts: send for `burst_on_secs`, pause for `burst_off_secs` (0 = no bursts).
     pub burst_on_secs: f64,
     pub burst_off_secs: f64,
@@ -115,6 +118,7 @@ impl Default for Settings {
             fault_429_per_mille: 0,
             fault_500_per_mille: 0,
             fault_503_per_mille: 0,
+            fcm_retry_after_secs: None,
             burst_on_secs: 0.0,
             burst_off_secs: 0.0,
             drain_secs: 30.0,

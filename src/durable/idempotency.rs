@@ -1,0 +1,125 @@
+//! Idempotency: a caller-supplied `message_id` seen for the same app within
+//! `redis.idempotency_ttl_secs` is not sent again.
+//!
+//! At ingest, one pipeline per batch runs `SET <p>:{app}:idem:<id> accepted NX GET EX ttl` for
+//! every caller-supplied id (Redis >= 7.0 for NX with GET): a nil reply means the id is new and
+//! now claimed; any other reply is the earlier state of that id: `accepted` while it is in
+//! flight, or its terminal status (`delivered`, `failed`, ...) once the receipt was emitted
+//! (written by the receipt observer with `SET XX KEEPTTL`). Ids of recipients rejected by
+//! validation are released again, so a corrected resend is accepted.
+
+use std::collections::{HashMap, HashSet};
+
+use super::RedisStore;
+
+/// The value of an idempotency key whose message has no terminal receipt yet.
+pub const IN_FLIGHT: &str = "accepted";
+
+/// The idempotency key of `id` for `app`.
+pub fn key(prefix: &str, app: &str, id: &str) -> String {
+    format!("{prefix}:{{{app}}}:idem:{id}")
+}
+
+/// Claims `ids` (the first occurrence of each; empty ids are skipped). Returns the ids seen
+/// before, with their earlier state.
+pub async fn claim<'a>(
+    store: &RedisStore,
+    app: &str,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> redis::RedisResult<HashMap<String, String>> {
+    let ttl = store.config().idempotency_ttl_secs;
+    if ttl == 0 {
+        return Ok(HashMap::new());
+    }
+    let prefix = &store.config().key_prefix;
+    let mut seen = HashSet::new();
+    let ids: Vec<&str> = ids
+        .into_iter()
+        .filter(|id| !id.is_empty() && seen.insert(*id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("SET")
+            .arg(key(prefix, app, id))
+            .arg(IN_FLIGHT)
+            .arg("NX")
+            .arg("GET")
+            .arg("EX")
+            .arg(ttl);
+    }
+    let mut conn = store.conn();
+    let replies: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+    Ok(ids
+        .into_iter()
+        .zip(replies)
+        .filter_map(|(id, earlier)| earlier.map(|e| (id.to_owned(), e)))
+        .collect())
+}
+
+/// Releases ids claimed by `claim` whose recipients were not accepted after all.
+pub async fn release(store: &RedisStore, app: &str, ids: &[String]) -> redis::RedisResult<()> {
+    if ids.is_empty() || store.config().idempotency_ttl_secs == 0 {
+        return Ok(());
+    }
+    let prefix = &store.config().key_prefix;
+    let keys: Vec<String> = ids.iter().map(|id| key(prefix, app, id)).collect();
+    let mut conn = store.conn();
+    redis::cmd("DEL").arg(keys).query_async(&mut conn).await
+}
+
+/// The terminal status recorded for an id, or `None` while it is in flight.
+pub fn recorded_status(state: &str) -> Option<crate::model::ReceiptStatus> {
+    use crate::model::ReceiptStatus as S;
+    [
+        S::Delivered,
+        S::InvalidToken,
+        S::Rejected,
+        S::Failed,
+        S::Expired,
+        S::Dropped,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == state)
+}
+
+/// What the caller of a duplicate resend is told, and the reason text: the original outcome
+/// when known (a terminal receipt with that status), else a non-terminal "already accepted"
+/// receipt (the terminal one goes to the original request and to subscribers).
+pub fn duplicate_receipt(
+    meta: &std::sync::Arc<crate::model::MessageMeta>,
+    index: usize,
+    state: &str,
+) -> (crate::model::Receipt, String) {
+    let (status, reason) = match recorded_status(state) {
+        Some(status) => (
+            status,
+            format!(
+                "duplicate message_id: already sent within the idempotency window; original outcome: {}",
+                status.as_str()
+            ),
+        ),
+        None => (
+            crate::model::ReceiptStatus::Retrying,
+            "duplicate message_id: already accepted and still in flight; its receipt follows on the original request and SubscribeReceipts".to_string(),
+        ),
+    };
+    let terminal = status.is_terminal();
+    (
+        crate::model::Receipt {
+            meta: std::sync::Arc::clone(meta),
+            status,
+            reason: reason.clone(),
+            field: format!("recipients[{index}].message_id"),
+            provider_status: 0,
+            provider_message_id: String::new(),
+            attempt: 0,
+            completed_at: terminal.then(std::time::SystemTime::now),
+            next_attempt_at: None,
+            token_invalid_since: None,
+        },
+        reason,
+    )
+}
