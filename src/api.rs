@@ -161,6 +161,30 @@ impl proto::push_gateway_server::PushGateway for Api {
                 format!("unknown app `{}`", request.app_id),
             )]));
         }
+        if !request.resume_after.is_empty() {
+            let Some(durable) = self.gateway.durable() else {
+                return Err(Status::failed_precondition(
+                    "resume_after needs durable delivery (redis.url); this gateway has none",
+                ));
+            };
+            if !crate::durable::receipts::valid_cursor(&request.resume_after) {
+                return Err(invalid_argument(vec![FieldError::new(
+                    "resume_after",
+                    "must be `0`, `$` or a receipt's cursor",
+                )]));
+            }
+            let filter = crate::durable::receipts::Filter {
+                campaign_id: request.campaign_id,
+                include_non_terminal: request.include_non_terminal,
+            };
+            let stream = crate::durable::receipts::subscribe(
+                Arc::clone(durable.store()),
+                &request.app_id,
+                request.resume_after,
+                filter,
+            );
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let campaign = request.campaign_id;
         let include_non_terminal = request.include_non_terminal;
         let stream = BroadcastStream::new(self.gateway.hub().subscribe(&request.app_id))
@@ -419,6 +443,7 @@ pub fn to_proto_receipt(r: &model::Receipt) -> proto::Receipt {
         token_invalid_since_ms: r.token_invalid_since.map(epoch_millis).unwrap_or(0),
         user_id: r.meta.user_id.clone(),
         field: r.field.clone(),
+        cursor: String::new(),
     }
 }
 

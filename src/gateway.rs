@@ -99,7 +99,12 @@ impl Gateway {
     ) -> Arc<Self> {
         let hard_stop = CancellationToken::new();
         let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
-        let limits = Arc::new(crate::limit::Limits::new());
+        // Everything admitted holds an accept-window slot; the bound backs up the dispatch
+        // channel for jobs that do not (claimed from a durable queue).
+        let limits = Arc::new(crate::limit::Limits::with_queue_bound(
+            config.accept_window + config.dispatch_queue,
+            (config.accept_window / 2).max(1),
+        ));
         let (dispatch, dispatch_rx) = mpsc::channel(config.dispatch_queue);
         let durable = redis.map(|store| {
             let runtimes: Vec<_> = apps.ids().filter_map(|id| apps.get(id).cloned()).collect();
@@ -269,6 +274,7 @@ impl Gateway {
             None => Default::default(),
         };
         let mut release = Vec::new();
+        let mut staged = Vec::new();
 
         let recipients = std::mem::take(&mut batch.recipients);
         for (index, recipient) in recipients.into_iter().enumerate() {
@@ -347,11 +353,27 @@ impl Gateway {
                     continue;
                 }
             };
+            // Durable delivery: staged messages hold limit-stage places and window slots until
+            // they are flushed, so flush before a wait they might be causing.
+            if !staged.is_empty()
+                && let Some(durable) = &self.durable
+                && (self.window.available_permits() == 0
+                    || futures::FutureExt::now_or_never(self.limits.admit(&app_id)).is_none())
+            {
+                self.flush_staged(durable, &mut staged, &mut results, &mut release)
+                    .await;
+            }
+            // First the app's place in the limit stage (one app's backlog cannot fill the
+            // shared window), then the window slot.
             let permit = tokio::select! {
-                permit = Arc::clone(&self.window).acquire_owned() => permit.ok(),
+                permit = async {
+                    let admission = self.limits.admit(&app_id).await;
+                    let permit = Arc::clone(&self.window).acquire_owned().await.ok()?;
+                    Some((admission, permit))
+                } => permit,
                 _ = self.accepting.cancelled() => None,
             };
-            let Some(permit) = permit else {
+            let Some((admission, permit)) = permit else {
                 let error = FieldError::new("", "the gateway is shutting down");
                 if claimed {
                     release.push(message_id.clone());
@@ -375,11 +397,22 @@ impl Gateway {
                 request,
                 app: Arc::clone(&app),
             };
-            if let Err(mpsc::error::SendError(job)) = self.dispatch.send(job).await {
-                job.pending.resolve(Resolution::gateway(
+            if let Some(durable) = &self.durable {
+                // Durable delivery: accepted messages are written to Redis (in chunks, before
+                // the caller hears they were accepted), then dispatched.
+                staged.push((job, admission, index, message_id));
+                if staged.len() >= 256 {
+                    self.flush_staged(durable, &mut staged, &mut results, &mut release)
+                        .await;
+                }
+                continue;
+            }
+            match self.dispatch.send(job).await {
+                Ok(()) => admission.commit(),
+                Err(mpsc::error::SendError(job)) => job.pending.resolve(Resolution::gateway(
                     ReceiptStatus::Failed,
                     "gateway shut down before delivery",
-                ));
+                )),
             }
             results.push(RecipientResult {
                 index,
@@ -388,6 +421,11 @@ impl Gateway {
                 field: String::new(),
                 reason: String::new(),
             });
+        }
+        if let Some(durable) = &self.durable {
+            self.flush_staged(durable, &mut staged, &mut results, &mut release)
+                .await;
+            results.sort_by_key(|r| r.index);
         }
         if let Some(durable) = &self.durable
             && let Err(e) =
@@ -399,6 +437,55 @@ impl Gateway {
             batch_id: batch_id.to_string(),
             results,
         })
+    }
+
+    /// Durable delivery: persists the staged accepted jobs in Redis, then dispatches them. When
+    /// Redis fails, they are not acknowledged as accepted: each ends FAILED (with a receipt) and
+    /// its idempotency id is released.
+    async fn flush_staged(
+        &self,
+        durable: &crate::durable::RedisRetryQueue,
+        staged: &mut Vec<(Job, crate::limit::Admission, usize, String)>,
+        results: &mut Vec<RecipientResult>,
+        release: &mut Vec<String>,
+    ) {
+        if staged.is_empty() {
+            return;
+        }
+        let chunk = std::mem::take(staged);
+        let persisted = durable
+            .persist_accepted(chunk.iter().map(|(job, ..)| job))
+            .await;
+        for (job, admission, index, message_id) in chunk {
+            if let Err(e) = &persisted {
+                let reason = format!("redis is unreachable, the message was not accepted: {e}");
+                job.pending
+                    .resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
+                release.push(message_id.clone());
+                results.push(RecipientResult {
+                    index,
+                    message_id,
+                    accepted: false,
+                    field: String::new(),
+                    reason,
+                });
+                continue;
+            }
+            match self.dispatch.send(job).await {
+                Ok(()) => admission.commit(),
+                Err(mpsc::error::SendError(job)) => job.pending.resolve(Resolution::gateway(
+                    ReceiptStatus::Failed,
+                    "gateway shut down before delivery",
+                )),
+            }
+            results.push(RecipientResult {
+                index,
+                message_id,
+                accepted: true,
+                field: String::new(),
+                reason: String::new(),
+            });
+        }
     }
 
     /// Emits a REJECTED receipt for a recipient that never entered the pipeline.

@@ -1,5 +1,10 @@
 //! The `pushgate` binary: `serve` runs the gateway, `demo` shows it working without any account.
 
+// mimalloc: the profile of a saturated gateway showed a third of its CPU in glibc malloc/free;
+// with mimalloc CPU per message fell by about a third (loadtest, same session).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

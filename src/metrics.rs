@@ -44,6 +44,9 @@ pub struct Metrics {
     /// Messages finalized by the drop guard instead of by the pipeline: a gateway bug. Tests
     /// assert this stays 0.
     pub unresolved_drops: Counter,
+    /// Durable delivery: messages claimed from an expired lease (their replica crashed or
+    /// stalled), so possibly attempted twice.
+    pub redis_reclaimed: Counter,
     /// Time messages waited in the limit stage (rate, fairness, concurrency), per app.
     pub rate_limit_wait_seconds: Family<AppLabels, Histogram>,
     /// Messages waiting in the limit stage's queues, per app.
@@ -105,6 +108,12 @@ impl Metrics {
             "Messages finalized by the drop guard (a gateway bug when non-zero)",
             unresolved_drops.clone(),
         );
+        let redis_reclaimed = Counter::default();
+        registry.register(
+            "redis_reclaimed",
+            "Messages claimed from an expired lease (crashed or stalled replica): possible duplicates",
+            redis_reclaimed.clone(),
+        );
         let rate_limit_wait_seconds = Family::<AppLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 2.0, 20))
         });
@@ -129,6 +138,7 @@ impl Metrics {
             in_flight,
             retry_queue_depth,
             unresolved_drops,
+            redis_reclaimed,
             rate_limit_wait_seconds,
             scheduler_queue_depth,
         }

@@ -78,6 +78,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for (id, app) in &config.apps {
         gateway.update_limits(id, app.limits.clone());
     }
+    if let Some(store) = &redis {
+        // Cluster-wide limits: replicas sharing this Redis split every rate.
+        tokio::spawn(crate::limit::cluster::share_through_redis(
+            Arc::clone(store),
+            Arc::clone(gateway.limits()),
+            redis_stop.clone(),
+        ));
+    }
     if redis.is_none() {
         warn!(
             "no Redis configured: the retry queue is in memory and delivery is not crash-safe \

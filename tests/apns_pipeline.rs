@@ -411,6 +411,7 @@ async fn subscribe_receipts_filters_by_campaign() {
             app_id: "shop".into(),
             campaign_id: "wanted".into(),
             include_non_terminal: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -3,6 +3,8 @@
 //! mocks' arrival timestamps (`received_at`), never on how fast the machine is.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -40,6 +42,7 @@ async fn start(apps: &[AppSpec], pipeline: &str) -> Multi {
     for app in apps {
         let key = loadtest::keys::generate_apns_key();
         let mut cfg = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+        cfg.tls = false;
         cfg.topics = vec![common::TOPIC.into()];
         cfg.latency = app.latency;
         let mock = MockApns::start(cfg).await.unwrap();
@@ -373,13 +376,15 @@ async fn a_429_slows_only_the_app_that_gets_it() {
     let limits = m.gateway.gateway.limits();
     let t = limits.concurrency("throttled", Platform::Apns).unwrap();
     let h = limits.concurrency("healthy", Platform::Apns).unwrap();
+    // The 429s cut the throttled app's concurrency, never the healthy app's. (The healthy
+    // app's limit itself may move with RTT on a busy machine, so compare the causes.)
     assert!(
-        t.limit < pushgate::limit::DEFAULT_INITIAL_CONCURRENCY / 2,
-        "429s halved the throttled app's concurrency: {t:?}"
+        t.backpressure_decreases >= 1 && t.limit < pushgate::limit::DEFAULT_INITIAL_CONCURRENCY,
+        "429s cut the throttled app's concurrency: {t:?}"
     );
-    assert!(
-        h.limit >= pushgate::limit::DEFAULT_INITIAL_CONCURRENCY,
-        "the healthy app kept its concurrency: {h:?}"
+    assert_eq!(
+        h.backpressure_decreases, 0,
+        "the healthy app was not slowed by the other's 429s: {h:?}"
     );
     // Counts over the same period: the healthy app got all of its messages through while the
     // throttled one got fewer than half of its own.
@@ -459,8 +464,12 @@ async fn rate_limited_messages_stay_in_the_accept_window_and_slow_the_stream() {
         "the caller got ahead of delivery: all {N} sent with only {delivered_when_all_sent} delivered"
     );
     all_delivered(&stream.await.unwrap(), N as usize);
+    // The app may hold half the window waiting (default `max_queued`), plus what is in flight.
     let high_water = m.gateway.gateway.window_high_water();
-    assert_eq!(high_water, WINDOW, "limited messages held the whole window");
+    assert!(
+        (WINDOW / 2..=WINDOW).contains(&high_water),
+        "window high water {high_water}"
+    );
     assert_eq!(m.gateway.gateway.metrics().unresolved_drops.get(), 0);
     m.gateway.shutdown().await.unwrap();
 }
@@ -514,5 +523,178 @@ async fn ttl_applies_while_waiting_and_limits_reload_without_restart() {
     // Under the old 1/s limit the last of these could not arrive before +99 s.
     assert!(span < 10.0, "last arrival at +{span:.3}s");
     assert_eq!(m.gateway.gateway.metrics().unresolved_drops.get(), 0);
+    m.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_apps_backlog_cannot_fill_the_shared_accept_window() {
+    const WINDOW: usize = 200;
+    const FLOOD: u64 = 2_000;
+    const SMALL: u64 = 50;
+    let m = start(
+        &[
+            AppSpec {
+                id: "slow",
+                limits: "apns_per_second = 20\nburst = 1",
+                latency: Duration::ZERO,
+            },
+            AppSpec {
+                id: "small",
+                limits: "",
+                latency: Duration::ZERO,
+            },
+        ],
+        &format!("accept_window = {WINDOW}"),
+    )
+    .await;
+    // At 20/s the flood needs 100 s; it may hold at most half the window waiting.
+    let flood = stream_in_background(
+        &m,
+        (0..FLOOD / 100)
+            .map(|b| batch("slow", format!("f{b}"), recipients(b * 100..(b + 1) * 100)))
+            .collect(),
+    );
+    let limits = std::sync::Arc::clone(m.gateway.gateway.limits());
+    while limits.waiting("slow") < WINDOW / 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let small = send_and_wait(
+        &m,
+        batch("small", "s".into(), recipients(FLOOD..FLOOD + SMALL)),
+    )
+    .await;
+    all_delivered(&small, SMALL as usize);
+    let slow_delivered = m.mocks[0].stats().accepted;
+    assert!(
+        slow_delivered < FLOOD / 10,
+        "the small app was admitted and delivered while the flood had {slow_delivered} through"
+    );
+    assert!(limits.waiting("slow") <= WINDOW / 2);
+    // Lift the limit at run time so the flood drains now.
+    m.gateway
+        .gateway
+        .update_limits("slow", pushgate::limit::LimitConfig::default());
+    all_delivered(&flood.await.unwrap(), FLOOD as usize);
+    assert_eq!(limits.waiting("slow"), 0);
+    assert_eq!(m.gateway.gateway.metrics().unresolved_drops.get(), 0);
+    m.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_redis_hold_one_cluster_wide_limit() {
+    const REPLICAS: usize = 3;
+    const RATE: f64 = 60.0;
+    const BURST: usize = 6;
+    const PER_REPLICA: u64 = 120;
+    let redis = redis_harness::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = loadtest::keys::generate_apns_key();
+    let mut cfg = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    cfg.tls = false;
+    cfg.topics = vec![common::TOPIC.into()];
+    let mock = MockApns::start(cfg).await.unwrap();
+    let key_file = dir.path().join("shop.p8");
+    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\n[pipeline]\nshutdown_grace_secs = 5\n\
+         [retry]\nbase_ms = 5\ncap_ms = 50\nmax_attempts = 6\n\
+         [redis]\nurl = \"{redis}\"\npoll_ms = 20\n\
+         [apps.shop.apns]\nkey_file = \"{file}\"\nkey_id = \"{kid}\"\nteam_id = \"{tid}\"\n\
+         topic = \"{topic}\"\nendpoint = \"{url}\"\n\
+         [apps.shop.limits]\napns_per_second = {RATE}\nburst = {BURST}\n",
+        redis = redis.url(),
+        file = key_file.display(),
+        kid = key.key_id,
+        tid = key.team_id,
+        topic = common::TOPIC,
+        url = mock.url(),
+    );
+    let mut gateways = Vec::new();
+    for _ in 0..REPLICAS {
+        let config = Config::from_toml(&toml).unwrap();
+        gateways.push(pushgate::server::start(config).await.unwrap());
+    }
+    // Wait for every replica to see the others' heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateways
+        .iter()
+        .any(|g| g.gateway.limits().replicas() != REPLICAS as u32)
+    {
+        assert!(Instant::now() < deadline, "replicas never saw each other");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sends: Vec<_> = gateways
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let addr = g.addr;
+            let from = i as u64 * PER_REPLICA;
+            tokio::spawn(async move {
+                let mut client = connect(addr).await;
+                let mut b = batch(
+                    "shop",
+                    format!("r{i}"),
+                    recipients(from..from + PER_REPLICA),
+                );
+                b.wait_for_receipts = true;
+                client.send_batch(b).await.unwrap().into_inner().receipts
+            })
+        })
+        .collect();
+    for s in sends {
+        all_delivered(&s.await.unwrap(), PER_REPLICA as usize);
+    }
+    let total = REPLICAS * PER_REPLICA as usize;
+    let accepted = mock.accepted();
+    assert_eq!(accepted.len(), total);
+    let t0 = accepted.iter().map(|a| a.received_at).min().unwrap();
+    let span = arrivals(&mock, t0).into_iter().fold(0.0, f64::max);
+    // After the cluster's burst (each replica's share of it), the rest goes at RATE in total.
+    let rate = (total - BURST) as f64 / span;
+    assert!(
+        (RATE * 0.9..=RATE * 1.1).contains(&rate),
+        "cluster delivered {rate:.1}/s; the limit is {RATE}/s (+-10%)"
+    );
+    for g in gateways {
+        assert_eq!(g.gateway.metrics().unresolved_drops.get(), 0);
+        g.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_reload_from_the_config_file_as_on_sighup() {
+    let m = start(
+        &[AppSpec {
+            id: "shop",
+            limits: "apns_per_second = 5",
+            latency: Duration::ZERO,
+        }],
+        "",
+    )
+    .await;
+    let gateway = &m.gateway.gateway;
+    assert_eq!(gateway.limits().get("shop").apns_per_second, Some(5));
+    // What SIGHUP does: re-read the file, apply each app's [limits].
+    let file = m._dir.path().join("reloaded.toml");
+    let app = "[apps.shop.apns]\nkey_pem = \"x\"\nkey_id = \"ABC123DEFG\"\n\
+               team_id = \"DEF123GHIJ\"\ntopic = \"t\"\n";
+    std::fs::write(
+        &file,
+        format!("{app}[apps.shop.limits]\napns_per_minute = 600\nweight = 3\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        pushgate::limit::reload_limits(gateway, Some(&file)).unwrap(),
+        1
+    );
+    let now = gateway.limits().get("shop");
+    assert_eq!((now.apns_per_minute, now.weight), (Some(600), 3));
+    // An invalid file changes nothing, and the error names the key.
+    std::fs::write(&file, format!("{app}[apps.shop.limits]\nweight = 0\n")).unwrap();
+    let err = pushgate::limit::reload_limits(gateway, Some(&file))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("apps.shop.limits.weight"), "{err}");
+    assert_eq!(gateway.limits().get("shop").weight, 3);
     m.gateway.shutdown().await.unwrap();
 }

@@ -43,7 +43,7 @@ async fn retries_scheduled_and_claimed_per_second() {
         url: Some(redis.url()),
         poll_ms: 5,
         claim_batch: 2_000,
-        write_batch: 4_096,
+        write_batch: 4_000,
         ..Default::default()
     };
     let stop = CancellationToken::new();

@@ -678,3 +678,64 @@ async fn duplicate_in_flight_is_already_accepted_and_rejected_ids_are_released()
     let receipts = collect(&mut rx, Duration::from_secs(5), |r| terminal_count(r) == 1).await;
     assert_eq!(receipts.last().unwrap().status, ReceiptStatus::Delivered);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_before_persist_never_waits_on_its_own_window_or_limit_places() {
+    let redis = RedisServer::start();
+    let provider = Scripted::new(|_| delivered());
+    let config = RedisConfig {
+        url: Some(redis.url()),
+        poll_ms: 20,
+        ..Default::default()
+    };
+    let store = RedisStore::connect(&config, CancellationToken::new()).unwrap();
+    assert!(store.wait_healthy(Duration::from_secs(5)).await);
+    let app = AppRuntime {
+        id: "shop".into(),
+        apns_topic: "com.example.shop".into(),
+        apns: Some(Arc::clone(&provider) as Arc<dyn Provider>),
+        fcm: None,
+        retry: RetryConfig::default(),
+    };
+    // A window and a per-app queue bound far below the 256-message staging chunk.
+    let pipeline = PipelineConfig {
+        accept_window: 8,
+        ..Default::default()
+    };
+    let gateway = Gateway::start_with(
+        AppRegistry::from_apps([app]),
+        pipeline,
+        Arc::new(Metrics::new()),
+        Some(store),
+    );
+    gateway.update_limits(
+        "shop",
+        pushgate::limit::LimitConfig {
+            max_queued: Some(3),
+            ..Default::default()
+        },
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel::<ReceiptEnvelope>();
+    let drain = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(envelope) = rx.recv().await {
+            if envelope.receipt.terminal() {
+                n += 1;
+            }
+        }
+        n
+    });
+    let mut b = batch(0..100);
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        gateway.submit(&mut b, Some(&tx), false),
+    )
+    .await
+    .expect("submit must not deadlock on its own staged messages")
+    .unwrap();
+    drop(tx);
+    assert_eq!(result.accepted(), 100);
+    assert!(result.results.windows(2).all(|w| w[0].index < w[1].index));
+    assert_eq!(drain.await.unwrap(), 100);
+    assert_eq!(provider.delivered().len(), 100);
+}

@@ -168,3 +168,91 @@ async fn dead_letter_rpcs_and_health_follow_redis() {
     );
     assert_eq!(h.unresolved_drops(), 0);
 }
+
+type Client = pushgate::proto::push_gateway_client::PushGatewayClient<tonic::transport::Channel>;
+
+async fn subscribe(client: &Client, cursor: &str) -> tonic::Streaming<proto::Receipt> {
+    client
+        .clone()
+        .subscribe_receipts(proto::SubscribeReceiptsRequest {
+            app_id: "shop".into(),
+            resume_after: cursor.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn next(s: &mut tonic::Streaming<proto::Receipt>) -> proto::Receipt {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a receipt in time")
+        .unwrap()
+        .unwrap()
+}
+
+/// A stream id `<ms>-<seq>` as a comparable pair.
+fn cursor(c: &str) -> (u64, u64) {
+    let (ms, seq) = c.split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_receipts_resumed_from_a_cursor_returns_exactly_the_missing_ones() {
+    let redis = RedisServer::start();
+    let h = common::start(Options {
+        retry: format!(
+            "base_ms = 5\ncap_ms = 10\nmax_attempts = 3\n[redis]\nurl = \"{}\"\npoll_ms = 20",
+            redis.url()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let mut client = h.client().await;
+    let mut first = subscribe(&client, "0").await;
+    let response = client.send_batch(request(1..6)).await.unwrap().into_inner();
+    assert_eq!(response.receipts.len(), 5);
+    // Read two, then disconnect.
+    let r1 = next(&mut first).await;
+    let r2 = next(&mut first).await;
+    assert!(cursor(&r1.cursor) < cursor(&r2.cursor), "{r1:?} {r2:?}");
+    drop(first);
+    // More receipts while the consumer is away.
+    let response = client
+        .send_batch(request(6..11))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.receipts.len(), 5);
+
+    let mut resumed = subscribe(&client, &r2.cursor).await;
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        got.push(next(&mut resumed).await);
+    }
+    let ids: Vec<&str> = got.iter().map(|r| r.message_id.as_str()).collect();
+    let mut expected: Vec<String> = (1..11).map(|n| format!("m-{n}")).collect();
+    expected.retain(|id| *id != r1.message_id && *id != r2.message_id);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "exactly the missing receipts");
+    assert!(
+        got.iter()
+            .all(|r| r.terminal && status(r) == ReceiptStatus::Delivered)
+    );
+    // Nothing more (no duplicates of what was already seen).
+    let extra = tokio::time::timeout(Duration::from_millis(500), resumed.message()).await;
+    assert!(extra.is_err(), "no further receipts: {extra:?}");
+
+    let bad = client
+        .subscribe_receipts(proto::SubscribeReceiptsRequest {
+            app_id: "shop".into(),
+            resume_after: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+}

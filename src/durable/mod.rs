@@ -10,6 +10,12 @@
 //!   *when* (backoff, jitter, Retry-After, ttl -> EXPIRED); this queue persists the job and hands
 //!   it back when due. See `queue.rs` for the claim/lease protocol and `keys.rs` for the layout.
 //!
+//! - With durable delivery on, the gateway persists every accepted message (leased to this
+//!   replica) before acknowledging it, so a crash loses nothing acknowledged; see `queue.rs`.
+//! - `idempotency.rs`: caller message ids are not sent twice within the window.
+//! - `receipts.rs`: the per-app receipts stream behind resumable `SubscribeReceipts`.
+//! - `admin.rs` / `api.rs`: dead letters and the `PushGatewayAdmin` service.
+//!
 //! # Receipts of parked jobs
 //! A parked job's `Pending` (the caller's receipt sink and accept-window slot) cannot live in
 //! Redis. We keep it simple and honest: while a job is parked, this process keeps its `Pending`
@@ -26,6 +32,7 @@ pub mod api;
 pub mod idempotency;
 pub mod keys;
 pub mod queue;
+pub mod receipts;
 pub mod record;
 
 use std::sync::Arc;
@@ -62,6 +69,8 @@ pub struct RedisConfig {
     /// A caller-supplied `message_id` seen this recently (same app) is not sent again; 0 turns
     /// idempotency off.
     pub idempotency_ttl_secs: u64,
+    /// Receipts kept per app in the receipts stream (approximately); 0 turns the stream off.
+    pub receipts_stream_maxlen: usize,
 }
 
 impl Default for RedisConfig {
@@ -75,6 +84,7 @@ impl Default for RedisConfig {
             write_batch: 1_024,
             command_timeout_ms: 2_000,
             idempotency_ttl_secs: 86_400,
+            receipts_stream_maxlen: 100_000,
         }
     }
 }
@@ -96,11 +106,12 @@ impl RedisConfig {
                 return Err((key.into(), "must be at least 1".into()));
             }
         }
-        if self.claim_batch == 0 || self.write_batch == 0 {
-            return Err((
-                "redis.claim_batch / redis.write_batch".into(),
-                "must be at least 1".into(),
-            ));
+        // Scripts unpack a batch into one command; Redis' Lua allows about 8,000 arguments.
+        if !(1..=2_000).contains(&self.claim_batch) {
+            return Err(("redis.claim_batch".into(), "must be in 1..=2000".into()));
+        }
+        if !(1..=4_000).contains(&self.write_batch) {
+            return Err(("redis.write_batch".into(), "must be in 1..=4000".into()));
         }
         if self.key_prefix.contains(['{', '}']) {
             return Err((
@@ -123,6 +134,7 @@ pub enum DurableError {
 
 /// The shared Redis connection, this replica's identity, and Redis health.
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     config: RedisConfig,
     replica: String,
@@ -154,9 +166,10 @@ impl RedisStore {
             .set_connection_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
         let (health, _) = watch::channel(false);
         let store = Arc::new(Self {
+            client,
             conn,
             config: config.clone(),
             replica: uuid::Uuid::new_v4().simple().to_string(),
@@ -166,6 +179,11 @@ impl RedisStore {
         let monitor = Arc::clone(&store);
         tokio::spawn(async move { monitor.monitor(stop).await });
         Ok(store)
+    }
+
+    /// The client, for dedicated connections (blocking reads).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     /// A handle on the shared multiplexed connection.
@@ -268,6 +286,36 @@ pub async fn follow_health(
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = redis.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn redis_section_defaults_and_errors_name_the_key() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.redis.url.is_none(), "in-memory queue by default");
+        assert_eq!(c.redis.lease_ms, 30_000);
+        assert_eq!(c.redis.idempotency_ttl_secs, 86_400);
+        let c = Config::from_toml("[redis]\nurl = \"redis://127.0.0.1:7000/\"").unwrap();
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000/"));
+        for (toml, key) in [
+            ("[redis]\nurl = \"http://x\"", "redis.url"),
+            ("[redis]\nlease_ms = 0", "redis.lease_ms"),
+            ("[redis]\nclaim_batch = 5000", "redis.claim_batch"),
+            ("[redis]\nkey_prefix = \"a{b}\"", "redis.key_prefix"),
+            ("[redis]\nbogus = 1", "redis"),
+        ] {
+            match Config::from_toml(toml) {
+                Err(ConfigError::Invalid { key: k, .. }) => {
+                    assert!(k.starts_with(key), "{toml}: {k}")
+                }
+                Err(ConfigError::Parse(p)) => assert!(p.contains("bogus"), "{toml}: {p}"),
+                Ok(_) => panic!("{toml} accepted"),
+            }
         }
     }
 }

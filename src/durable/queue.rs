@@ -11,15 +11,21 @@
 //!   forward (`ZADD XX GT`, pipelined), and the replica's heartbeat in `replicas` too.
 //! - **Take over**: the delay set of a replica whose heartbeat expired is merged into ours (Lua),
 //!   so jobs parked by a dead replica are still delivered.
-//! - **Ack** (Lua, per app and batch): when a claimed job gets its terminal receipt, its lease,
-//!   owner and record are removed, only if this replica still owns the lease.
+//! - **Accept** (`persist_accepted`, with durable delivery on): every accepted message is written
+//!   to `jobs` and leased to this replica (one MULTI per chunk of a batch) before the caller is
+//!   told it was accepted, so a `kill -9` loses nothing acknowledged.
+//! - **Ack** (Lua inside the MULTI that appends the terminal receipt to the receipts stream):
+//!   the lease, owner and record are removed, only if this replica still owns the lease. A
+//!   message thus has both its terminal receipt and its release in Redis, or neither (then it is
+//!   delivered again after a crash: provider-side duplicates are bounded by the crashed
+//!   replica's in-flight requests plus one write batch).
 //! - **Dead letter**: after the last attempt the record (with its last error) moves to
 //!   `dead` / `dead_idx`; admin RPCs list, replay (back into a delay set with attempts reset) or
 //!   purge them.
 //!
 //! Each message is held by one replica at a time; only a lease that expires (crash, or a
-//! replica stalled for longer than `lease_ms`) lets a second replica attempt it, which the
-//! `reclaimed` counter shows.
+//! replica stalled, or a Redis outage, longer than `lease_ms`) lets a second replica attempt
+//! it, which the `reclaimed` counter shows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,15 +57,27 @@ local limit = tonumber(ARGV[3])
 local me = ARGV[4]
 local out = {}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local rec = redis.call('HGET', KEYS[4], id)
-  if rec then
-    redis.call('ZADD', KEYS[2], deadline, id)
-    redis.call('HSET', KEYS[3], id, me)
-    out[#out + 1] = id
-    out[#out + 1] = rec
-    out[#out + 1] = '0'
+if #ids > 0 then
+  -- The due ids are the lowest ranks.
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #ids - 1)
+  local recs = redis.call('HMGET', KEYS[4], unpack(ids))
+  local lease = {}
+  local own = {}
+  for i, id in ipairs(ids) do
+    local rec = recs[i]
+    if rec then
+      lease[#lease + 1] = deadline
+      lease[#lease + 1] = id
+      own[#own + 1] = id
+      own[#own + 1] = me
+      out[#out + 1] = id
+      out[#out + 1] = rec
+      out[#out + 1] = '0'
+    end
+  end
+  if #lease > 0 then
+    redis.call('ZADD', KEYS[2], unpack(lease))
+    redis.call('HSET', KEYS[3], unpack(own))
   end
 end
 local left = limit - #ids
@@ -67,7 +85,10 @@ if left > 0 then
   local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, left)
   for _, id in ipairs(expired) do
     local rec = redis.call('HGET', KEYS[4], id)
-    if rec then
+    if redis.call('HGET', KEYS[3], id) == me then
+      -- Still ours (renewal lagged, e.g. after a Redis outage): extend, do not re-run.
+      redis.call('ZADD', KEYS[2], deadline, id)
+    elseif rec then
       redis.call('ZADD', KEYS[2], deadline, id)
       redis.call('HSET', KEYS[3], id, me)
       out[#out + 1] = id
@@ -84,17 +105,19 @@ return out
 
 const ACK: &str = r#"
 local me = ARGV[1]
-local n = 0
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  if redis.call('HGET', KEYS[2], id) == me then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('HDEL', KEYS[3], id)
-    n = n + 1
-  end
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+local owners = redis.call('HMGET', KEYS[2], unpack(ids))
+local mine = {}
+for i, id in ipairs(ids) do
+  if owners[i] == me then mine[#mine + 1] = id end
 end
-return n
+if #mine > 0 then
+  redis.call('ZREM', KEYS[1], unpack(mine))
+  redis.call('HDEL', KEYS[2], unpack(mine))
+  redis.call('HDEL', KEYS[3], unpack(mine))
+end
+return #mine
 "#;
 
 const TAKEOVER: &str = r#"
@@ -126,6 +149,13 @@ enum Write {
         app: Arc<str>,
         id: String,
     },
+    /// A receipt for the app's receipts stream (protobuf-encoded).
+    Receipt {
+        app: Arc<str>,
+        encoded: Vec<u8>,
+        /// The message whose lease this terminal receipt releases.
+        ack: Option<String>,
+    },
     /// The terminal status of a message, for idempotent resends.
     Outcome {
         app: Arc<str>,
@@ -153,7 +183,6 @@ pub struct RedisRetryQueue {
     stopped: AtomicBool,
     stats: QueueStats,
     claim: Script,
-    ack: Script,
     takeover: Script,
 }
 
@@ -189,7 +218,6 @@ impl RedisRetryQueue {
             stopped: AtomicBool::new(false),
             stats: QueueStats::default(),
             claim: Script::new(CLAIM),
-            ack: Script::new(ACK),
             takeover: Script::new(TAKEOVER),
         });
         let writer = Arc::clone(&queue);
@@ -202,6 +230,54 @@ impl RedisRetryQueue {
             claimer.hand_off_parked();
         });
         queue
+    }
+
+    /// Persists freshly accepted jobs, leased to this replica, before they are acknowledged to
+    /// the caller: one MULTI per app. If this process dies, the leases expire and another
+    /// replica (or this one restarted) delivers them. The terminal receipt releases them (ack).
+    pub async fn persist_accepted<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = &'a Job>,
+    ) -> redis::RedisResult<()> {
+        let me = self.store.replica();
+        let deadline =
+            now_ms() + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
+        type Rows = (
+            Vec<(String, String)>,
+            Vec<(i64, String)>,
+            Vec<(String, String)>,
+        );
+        let mut by_app: HashMap<Arc<str>, Rows> = HashMap::new();
+        let mut keys = Vec::new();
+        for job in jobs {
+            let meta = job.pending.meta();
+            let id = meta.message_id.clone();
+            let record = StoredJob::new(meta, &job.request, job.pending.attempt()).to_json();
+            let rows = by_app.entry(Arc::clone(&meta.app_id)).or_default();
+            rows.0.push((id.clone(), record));
+            rows.1.push((deadline, id.clone()));
+            rows.2.push((id.clone(), me.to_owned()));
+            keys.push((Arc::clone(&meta.app_id), id));
+        }
+        let mut conn = self.store.conn();
+        for (app, (records, leases, owners)) in &by_app {
+            let Some(k) = self.keys(app) else { continue };
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .hset_multiple(k.jobs(), records)
+                .ignore()
+                .zadd_multiple(k.leases(), leases)
+                .ignore()
+                .hset_multiple(k.owner(), owners)
+                .ignore();
+            let result = pipe.query_async::<()>(&mut conn).await;
+            self.store.observe(&result);
+            result?;
+        }
+        for key in keys {
+            self.held.insert(key, ());
+        }
+        Ok(())
     }
 
     /// The Redis connection and health this queue uses.
@@ -276,11 +352,23 @@ impl RedisRetryQueue {
         }
     }
 
+    /// Writes one batch: per app, one MULTI of variadic commands (all keys share the app's
+    /// hash tag, so this is valid on Cluster), then one ack script call.
     async fn flush(&self, buf: &[Write]) -> redis::RedisResult<()> {
+        #[derive(Default)]
+        struct Group<'a> {
+            jobs: Vec<(&'a str, &'a str)>,
+            due: Vec<(i64, &'a str)>,
+            parked: Vec<&'a str>,
+            dead: Vec<(&'a str, &'a str)>,
+            dead_at: Vec<(i64, &'a str)>,
+            dead_ids: Vec<&'a str>,
+            outcomes: Vec<(&'a str, &'static str)>,
+            receipts: Vec<&'a [u8]>,
+            acks: Vec<&'a str>,
+        }
         let me = self.store.replica();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut acks: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut groups: HashMap<&str, Group<'_>> = HashMap::new();
         for w in buf {
             match w {
                 Write::Park {
@@ -289,11 +377,10 @@ impl RedisRetryQueue {
                     record,
                     due_ms,
                 } => {
-                    let Some(k) = self.keys(app) else { continue };
-                    pipe.hset(k.jobs(), id, record).ignore();
-                    pipe.zadd(k.delay(me), id, *due_ms).ignore();
-                    pipe.zrem(k.leases(), id).ignore();
-                    pipe.hdel(k.owner(), id).ignore();
+                    let g = groups.entry(app).or_default();
+                    g.jobs.push((id, record));
+                    g.due.push((*due_ms, id));
+                    g.parked.push(id);
                 }
                 Write::Dead {
                     app,
@@ -301,36 +388,81 @@ impl RedisRetryQueue {
                     record,
                     at_ms,
                 } => {
-                    let Some(k) = self.keys(app) else { continue };
-                    pipe.hset(k.dead(), id, record).ignore();
-                    pipe.zadd(k.dead_idx(), id, *at_ms).ignore();
-                    pipe.hdel(k.jobs(), id).ignore();
-                    pipe.zrem(k.leases(), id).ignore();
-                    pipe.hdel(k.owner(), id).ignore();
+                    let g = groups.entry(app).or_default();
+                    g.dead.push((id, record));
+                    g.dead_at.push((*at_ms, id));
+                    g.dead_ids.push(id);
                 }
-                Write::Ack { app, id } => acks.entry(app).or_default().push(id),
+                Write::Ack { app, id } => groups.entry(app).or_default().acks.push(id),
                 Write::Outcome { app, id, status } => {
-                    let key = super::idempotency::key(&self.store.config().key_prefix, app, id);
-                    pipe.cmd("SET")
-                        .arg(key)
-                        .arg(*status)
-                        .arg("XX")
-                        .arg("KEEPTTL")
-                        .ignore();
+                    groups.entry(app).or_default().outcomes.push((id, status))
+                }
+                Write::Receipt { app, encoded, ack } => {
+                    let g = groups.entry(app).or_default();
+                    g.receipts.push(encoded);
+                    if let Some(id) = ack {
+                        g.acks.push(id);
+                    }
                 }
             }
         }
         let mut conn = self.store.conn();
-        pipe.query_async::<()>(&mut conn).await?;
-        for (app, ids) in acks {
+        for (app, g) in groups {
             let Some(k) = self.keys(app) else { continue };
-            let mut inv = self.ack.prepare_invoke();
-            inv.key(k.leases()).key(k.owner()).key(k.jobs()).arg(me);
-            for id in &ids {
-                inv.arg(*id);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if !g.parked.is_empty() {
+                pipe.hset_multiple(k.jobs(), &g.jobs).ignore();
+                pipe.zadd_multiple(k.delay(me), &g.due).ignore();
+                pipe.zrem(k.leases(), &g.parked).ignore();
+                pipe.hdel(k.owner(), &g.parked).ignore();
             }
-            let n: u64 = inv.invoke_async(&mut conn).await?;
-            self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            if !g.dead_ids.is_empty() {
+                pipe.hset_multiple(k.dead(), &g.dead).ignore();
+                pipe.zadd_multiple(k.dead_idx(), &g.dead_at).ignore();
+                pipe.hdel(k.jobs(), &g.dead_ids).ignore();
+                pipe.zrem(k.leases(), &g.dead_ids).ignore();
+                pipe.hdel(k.owner(), &g.dead_ids).ignore();
+            }
+            for (id, status) in &g.outcomes {
+                let key = super::idempotency::key(&self.store.config().key_prefix, app, id);
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(*status)
+                    .arg("XX")
+                    .arg("KEEPTTL")
+                    .ignore();
+            }
+            if !g.receipts.is_empty() {
+                let stream = super::receipts::key(&self.store.config().key_prefix, app);
+                let maxlen = self.store.config().receipts_stream_maxlen;
+                for encoded in &g.receipts {
+                    pipe.cmd("XADD")
+                        .arg(&stream)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(maxlen)
+                        .arg("*")
+                        .arg("r")
+                        .arg(*encoded)
+                        .ignore();
+                }
+            }
+            if g.acks.is_empty() {
+                pipe.query_async::<()>(&mut conn).await?;
+            } else {
+                // EVAL (not EVALSHA) inside the MULTI: no NOSCRIPT round trip; Redis caches it.
+                pipe.cmd("EVAL")
+                    .arg(ACK)
+                    .arg(3)
+                    .arg(k.leases())
+                    .arg(k.owner())
+                    .arg(k.jobs())
+                    .arg(me)
+                    .arg(&g.acks);
+                let (n,): (u64,) = pipe.query_async(&mut conn).await?;
+                self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -434,6 +566,7 @@ impl RedisRetryQueue {
         self.stats.claimed.fetch_add(1, Ordering::Relaxed);
         if reclaimed {
             self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().redis_reclaimed.inc();
             warn!(app = %app.id, message_id = %id, "reclaimed an expired lease: the job may be attempted twice");
         }
         let key: JobKey = (Arc::clone(&app.id), id);
@@ -607,29 +740,35 @@ impl RetryQueue for RedisRetryQueue {
 
 impl ReceiptObserver for RedisRetryQueue {
     fn observe(&self, receipt: &Arc<Receipt>) {
-        if !receipt.terminal() {
+        let app = Arc::clone(&receipt.meta.app_id);
+        if self.keys(&app).is_none() {
             return;
         }
-        let key: JobKey = (
-            Arc::clone(&receipt.meta.app_id),
-            receipt.meta.message_id.clone(),
-        );
+        let config = self.store.config();
+        let terminal = receipt.terminal();
+        let id = receipt.meta.message_id.clone();
         // Rejections at ingest never claimed an idempotency key (or released it).
-        if self.store.config().idempotency_ttl_secs > 0
-            && receipt.status != ReceiptStatus::Rejected
-            && self.keys(&key.0).is_some()
+        if terminal && config.idempotency_ttl_secs > 0 && receipt.status != ReceiptStatus::Rejected
         {
             self.write(Write::Outcome {
-                app: Arc::clone(&key.0),
-                id: key.1.clone(),
+                app: Arc::clone(&app),
+                id: id.clone(),
                 status: receipt.status.as_str(),
             });
         }
-        if self.held.remove(&key).is_some() {
-            self.write(Write::Ack {
-                app: key.0,
-                id: key.1,
+        let key: JobKey = (app, id);
+        let ack = terminal && self.held.remove(&key).is_some();
+        let (app, id) = key;
+        if config.receipts_stream_maxlen > 0 {
+            // The terminal receipt and the lease release are written in one MULTI: after a
+            // crash, a message has either both (done) or neither (delivered again).
+            self.write(Write::Receipt {
+                app,
+                encoded: super::receipts::encode(receipt),
+                ack: ack.then_some(id),
             });
+        } else if ack {
+            self.write(Write::Ack { app, id });
         }
     }
 }

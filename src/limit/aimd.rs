@@ -59,6 +59,7 @@ pub struct Aimd {
     slow_rtt: Option<f64>,
     samples: u32,
     last_decrease: Option<Instant>,
+    backpressure_decreases: u64,
 }
 
 impl Aimd {
@@ -73,6 +74,7 @@ impl Aimd {
             slow_rtt: None,
             samples: 0,
             last_decrease: None,
+            backpressure_decreases: 0,
         }
     }
 
@@ -84,6 +86,11 @@ impl Aimd {
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Times the limit was cut because the provider pushed back (429/503).
+    pub fn backpressure_decreases(&self) -> u64 {
+        self.backpressure_decreases
     }
 
     /// True when another request may start.
@@ -111,7 +118,11 @@ impl Aimd {
     pub fn feedback(&mut self, now: Instant, feedback: Feedback) {
         match feedback {
             Feedback::Neutral => {}
-            Feedback::Backpressure => self.decrease(now),
+            Feedback::Backpressure => {
+                if self.decrease(now) {
+                    self.backpressure_decreases += 1;
+                }
+            }
             Feedback::Ok(rtt) => {
                 let rtt = rtt.as_secs_f64();
                 let ewma = |avg: Option<f64>, alpha: f64| match avg {
@@ -142,13 +153,15 @@ impl Aimd {
         }
     }
 
-    fn decrease(&mut self, now: Instant) {
+    /// Halves the limit unless it was halved within the last round trip; true when it did.
+    fn decrease(&mut self, now: Instant) -> bool {
         let hold = MIN_DECREASE_HOLD.max(Duration::from_secs_f64(self.fast_rtt.unwrap_or(0.0)));
         if self.last_decrease.is_some_and(|t| now < t + hold) {
-            return;
+            return false;
         }
         self.limit = (self.limit / 2.0).max(1.0);
         self.last_decrease = Some(now);
+        true
     }
 }
 
@@ -207,6 +220,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(60)).await;
         a.feedback(Instant::now(), Feedback::Backpressure);
         assert_eq!(a.limit(), 16);
+        assert_eq!(a.backpressure_decreases(), 2);
         for _ in 0..10 {
             tokio::time::advance(Duration::from_millis(60)).await;
             a.feedback(Instant::now(), Feedback::Backpressure);

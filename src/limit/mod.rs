@@ -17,10 +17,11 @@
 //!   halved on 429/503 and on rising latency, like Vector's adaptive request concurrency.
 //! - [`Limits`]: the shared, live-updatable limit settings (`Gateway::update_limits`, SIGHUP).
 //!
-//! Cluster-wide limits (sharing one app's rate across replicas through Redis) are not
-//! implemented: every replica applies the configured rate on its own.
+//! - [`cluster`]: with Redis configured, replicas count each other through heartbeats and each
+//!   applies `1/n` of every rate, so the configured rate holds for the whole cluster.
 
 pub mod aimd;
+pub mod cluster;
 pub mod queues;
 pub mod rate;
 pub mod scheduler;
@@ -71,6 +72,10 @@ pub struct LimitConfig {
     pub initial_concurrency: usize,
     /// Adaptive concurrency: the ceiling it grows to.
     pub max_concurrency: usize,
+    /// Messages of this app that may wait in the limit stage at once (not yet sent a first
+    /// time); ingest of this app waits beyond it, so one rate-limited app cannot fill the
+    /// shared accept window. Default: half of `pipeline.accept_window`.
+    pub max_queued: Option<usize>,
 }
 
 impl Default for LimitConfig {
@@ -84,6 +89,7 @@ impl Default for LimitConfig {
             weight: 1,
             initial_concurrency: DEFAULT_INITIAL_CONCURRENCY,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            max_queued: None,
         }
     }
 }
@@ -100,6 +106,15 @@ impl Rate {
     /// `burst` says otherwise.
     pub fn per_minute(per_minute: u32, burst: Option<u32>) -> Self {
         Self::per_second_f64(f64::from(per_minute) / 60.0, burst)
+    }
+
+    /// This replica's share when `replicas` replicas split the rate evenly.
+    pub fn shared(self, replicas: u32) -> Self {
+        let n = replicas.max(1);
+        Self {
+            per_second: self.per_second / f64::from(n),
+            burst: self.burst.div_ceil(n).max(1),
+        }
     }
 
     fn per_second_f64(per_second: f64, burst: Option<u32>) -> Self {
@@ -166,6 +181,9 @@ impl LimitConfig {
         if !(1..=1_000).contains(&self.weight) {
             return Err(invalid("weight", "must be between 1 and 1000"));
         }
+        if self.max_queued == Some(0) {
+            return Err(invalid("max_queued", "must be at least 1"));
+        }
         if self.max_concurrency == 0 {
             return Err(invalid("max_concurrency", "must be at least 1"));
         }
@@ -186,11 +204,21 @@ pub struct ConcurrencySnapshot {
     pub limit: usize,
     /// Requests in flight now.
     pub in_flight: usize,
+    /// Times the limit was halved because the provider answered 429/503.
+    pub backpressure_decreases: u64,
 }
 
 /// The live limit settings of every app, shared by the scheduler and whoever updates them.
 #[derive(Default)]
 pub struct Limits {
+    /// Most jobs the scheduler holds; 0 means unbounded (see [`Limits::with_queue_bound`]).
+    queue_bound: usize,
+    /// `max_queued` of apps that do not set it; 0 means unbounded.
+    default_max_queued: usize,
+    /// Per app: messages admitted at ingest and not yet sent a first time.
+    waiting: DashMap<Arc<str>, Arc<Waiting>>,
+    /// Live replicas sharing every rate (0 and 1 mean alone).
+    replicas: std::sync::atomic::AtomicU32,
     configs: RwLock<HashMap<String, LimitConfig>>,
     controllers: DashMap<(Arc<str>, Platform), Arc<Mutex<Aimd>>>,
     version: AtomicU64,
@@ -200,6 +228,75 @@ pub struct Limits {
 impl Limits {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Limits whose scheduler stops reading the dispatch channel while it holds `bound` jobs.
+    /// Jobs admitted through the accept window never reach it (they are at most the window);
+    /// it bounds jobs that hold no window slot (e.g. claimed from a durable queue).
+    /// `default_max_queued` applies to apps without `max_queued`.
+    pub fn with_queue_bound(bound: usize, default_max_queued: usize) -> Self {
+        Self {
+            queue_bound: bound,
+            default_max_queued,
+            ..Self::default()
+        }
+    }
+
+    /// Waits until `app` may have one more message waiting in the limit stage, and counts it.
+    /// The count drops when the scheduler sends the message a first time (or it expires or is
+    /// failed), or when the returned [`Admission`] is dropped without [`Admission::commit`].
+    pub async fn admit(&self, app: &Arc<str>) -> Admission {
+        let cap = match self.get(app).max_queued {
+            Some(cap) => cap,
+            None if self.default_max_queued > 0 => self.default_max_queued,
+            None => usize::MAX,
+        };
+        let waiting = Arc::clone(
+            self.waiting
+                .entry(Arc::clone(app))
+                .or_insert_with(|| Arc::new(Waiting::default()))
+                .value(),
+        );
+        loop {
+            let freed = waiting.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let taken = waiting
+                .count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < cap).then_some(n + 1)
+                })
+                .is_ok();
+            if taken {
+                return Admission {
+                    waiting: Some(Arc::clone(&waiting)),
+                };
+            }
+            freed.await;
+        }
+    }
+
+    /// Messages of `app` admitted and not yet sent a first time.
+    pub fn waiting(&self, app: &str) -> usize {
+        self.waiting
+            .get(app)
+            .map_or(0, |w| w.count.load(Ordering::Acquire))
+    }
+
+    /// A message admitted by [`Limits::admit`] left the limit stage's queue.
+    pub(crate) fn left_queue(&self, app: &str) {
+        if let Some(w) = self.waiting.get(app) {
+            w.release();
+        }
+    }
+
+    /// See [`Limits::with_queue_bound`]; `usize::MAX` when unbounded.
+    pub fn queue_bound(&self) -> usize {
+        if self.queue_bound == 0 {
+            usize::MAX
+        } else {
+            self.queue_bound
+        }
     }
 
     /// Replaces `app`'s limits; the scheduler applies them before its next decision.
@@ -219,6 +316,24 @@ impl Limits {
         self.configs.read().get(app).cloned().unwrap_or_default()
     }
 
+    /// Sets how many replicas share every app's rate (from [`cluster`]).
+    pub fn set_replicas(&self, n: u32) {
+        if self.replicas.swap(n, Ordering::AcqRel) != n {
+            self.version.fetch_add(1, Ordering::AcqRel);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Replicas sharing every app's rate (1 when alone).
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Acquire).max(1)
+    }
+
+    /// This replica's rate for `platform` under `config`.
+    pub fn local_rate(&self, config: &LimitConfig, platform: Platform) -> Option<Rate> {
+        config.rate(platform).map(|r| r.shared(self.replicas()))
+    }
+
     /// Increments whenever a limit changes.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
@@ -236,6 +351,7 @@ impl Limits {
             ConcurrencySnapshot {
                 limit: c.limit(),
                 in_flight: c.in_flight(),
+                backpressure_decreases: c.backpressure_decreases(),
             }
         })
     }
@@ -261,6 +377,56 @@ impl Limits {
     }
 }
 
+/// One app's count of messages waiting in the limit stage.
+#[derive(Default)]
+struct Waiting {
+    count: std::sync::atomic::AtomicUsize,
+    freed: Notify,
+}
+
+impl Waiting {
+    fn release(&self) {
+        let _ = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.freed.notify_one();
+    }
+}
+
+/// One message's place among its app's waiting messages (see [`Limits::admit`]).
+pub struct Admission {
+    waiting: Option<Arc<Waiting>>,
+}
+
+impl Admission {
+    /// The message is in the dispatch channel: the scheduler releases the place from now on.
+    pub fn commit(mut self) {
+        self.waiting = None;
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(w) = self.waiting.take() {
+            w.release();
+        }
+    }
+}
+
+/// Loads and validates the config at `path` (plus `PUSHGATE_*` overrides) and applies every
+/// app's `[limits]`; returns how many apps it applied. Nothing changes when the config is
+/// invalid.
+pub fn reload_limits(
+    gateway: &crate::gateway::Gateway,
+    path: Option<&std::path::Path>,
+) -> Result<usize, ConfigError> {
+    let config = crate::config::Config::load(path)?;
+    for (id, app) in &config.apps {
+        gateway.update_limits(id, app.limits.clone());
+    }
+    Ok(config.apps.len())
+}
+
 /// Re-reads `path` on every SIGHUP and applies each app's `[limits]` section (apps themselves
 /// are not added or removed by a reload). A config that fails to load or validate is logged and
 /// the current limits stay.
@@ -273,13 +439,8 @@ pub async fn reload_on_sighup(gateway: Arc<crate::gateway::Gateway>, path: Optio
             return;
         };
         while hup.recv().await.is_some() {
-            match crate::config::Config::load(path.as_deref()) {
-                Ok(config) => {
-                    for (id, app) in &config.apps {
-                        gateway.update_limits(id, app.limits.clone());
-                    }
-                    tracing::info!(apps = config.apps.len(), "SIGHUP: limits reloaded");
-                }
+            match reload_limits(&gateway, path.as_deref()) {
+                Ok(apps) => tracing::info!(apps, "SIGHUP: limits reloaded"),
                 Err(error) => {
                     tracing::warn!(%error, "SIGHUP: config reload failed; limits unchanged")
                 }
@@ -317,6 +478,32 @@ mod tests {
                 burst: 1
             })
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_caps_an_apps_waiting_messages() {
+        let limits = Arc::new(Limits::with_queue_bound(100, 2));
+        let app: Arc<str> = "a".into();
+        limits.admit(&app).await.commit();
+        let uncommitted = limits.admit(&app).await;
+        assert_eq!(limits.waiting("a"), 2);
+        let third = tokio::spawn({
+            let (limits, app) = (Arc::clone(&limits), Arc::clone(&app));
+            async move { limits.admit(&app).await.commit() }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!third.is_finished(), "a third waits for a place");
+        // The scheduler sent the committed one: its place goes to the third.
+        limits.left_queue("a");
+        third.await.unwrap();
+        assert_eq!(limits.waiting("a"), 2);
+        // An admission dropped uncommitted (shutdown at ingest) gives its place back.
+        drop(uncommitted);
+        assert_eq!(limits.waiting("a"), 1);
+        // Another app is not affected.
+        let other: Arc<str> = "b".into();
+        limits.admit(&other).await.commit();
+        assert_eq!(limits.waiting("b"), 1);
     }
 
     #[test]

@@ -215,10 +215,10 @@ impl<T: Schedulable> AppQueue<T> {
         self.flows[0].len() + self.flows[1].len()
     }
 
-    fn configure(&mut self, config: &LimitConfig) {
+    fn configure(&mut self, config: &LimitConfig, limits: &Limits) {
         self.weight = config.weight.max(1);
-        self.flows[0].configure(config.rate(Platform::Apns));
-        self.flows[1].configure(config.rate(Platform::Fcm));
+        self.flows[0].configure(limits.local_rate(config, Platform::Apns));
+        self.flows[1].configure(limits.local_rate(config, Platform::Fcm));
     }
 }
 
@@ -354,7 +354,7 @@ impl<T: Schedulable> Queues<T> {
         };
         let flow = |platform| Flow {
             lanes: [Lane::new(), Lane::new()],
-            rate: config.rate(platform).map(Gcra::new),
+            rate: self.limits.local_rate(&config, platform).map(Gcra::new),
             ctl: self.limits.controller(id, platform, &config),
         };
         AppQueue {
@@ -384,7 +384,7 @@ impl<T: Schedulable> Queues<T> {
         }
         self.seen_version = version;
         for (id, app) in &mut self.apps {
-            app.configure(&self.limits.get(id));
+            app.configure(&self.limits.get(id), &self.limits);
         }
     }
 
@@ -761,6 +761,28 @@ mod tests {
         q.expire(SystemTime::now(), &mut expired);
         assert_eq!(expired.len(), 2);
         assert!(q.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_split_the_rate() {
+        let mut q = queues(&[(
+            "a",
+            LimitConfig {
+                apns_per_second: Some(30),
+                burst: Some(9),
+                ..Default::default()
+            },
+        )]);
+        q.limits().set_replicas(3);
+        for n in 0..40 {
+            q.push(item("a", n));
+        }
+        // Alone: burst 9; with 3 replicas: burst 3, then one every 100 ms (10/s).
+        assert_eq!(take(&mut q, 40).len(), 3);
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        assert_eq!(take(&mut q, 40).len(), 3, "10/s, capped by the burst of 3");
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(take(&mut q, 40).len(), 3);
     }
 
     #[tokio::test(start_paused = true)]

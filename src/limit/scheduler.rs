@@ -1,11 +1,13 @@
 //! The scheduler task: reads the bounded dispatch channel into [`Queues`], and launches each
 //! job when its app's turn, rate and concurrency allow and a global request permit is free.
 //!
-//! Memory stays bounded without a bound of its own: every job in the queues holds one slot of
-//! the gateway's accept window (taken at ingest, released with its terminal receipt), retries
-//! included, so at most `pipeline.accept_window` jobs are ever queued here. Reading the channel
-//! eagerly is what lets a small app's message overtake a flooding app's backlog; a caller that
-//! outpaces its limit fills the window and ingest (and StreamSend reading) waits.
+//! Memory stays bounded: every job admitted at ingest holds one slot of the gateway's accept
+//! window (taken at ingest, released with its terminal receipt), retries included, so those are
+//! at most `pipeline.accept_window` here. Reading the channel eagerly is what lets a small app's
+//! message overtake a flooding app's backlog; a caller that outpaces its limit fills the window
+//! and ingest (and StreamSend reading) waits. As a backstop for jobs that hold no window slot
+//! (claimed from a durable queue), the scheduler stops reading the channel while it holds
+//! [`Limits::queue_bound`] jobs (`accept_window + dispatch_queue`), so the channel backs up.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -84,11 +86,13 @@ impl Scheduler {
         let limits = Arc::clone(self.queues.limits());
         let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let bound = limits.queue_bound();
         let mut open = true;
         let mut expired = Vec::new();
         loop {
             if self.hard_stop.is_cancelled() {
                 for job in self.queues.drain() {
+                    left_queue(&limits, &job);
                     fail_shutdown(job);
                 }
                 while let Some(job) = dispatch.recv().await {
@@ -96,7 +100,7 @@ impl Scheduler {
                 }
                 return;
             }
-            while open {
+            while open && self.queues.len() < bound {
                 match dispatch.try_recv() {
                     Ok(job) => self.queues.push(job),
                     Err(mpsc::error::TryRecvError::Empty) => break,
@@ -110,7 +114,10 @@ impl Scheduler {
                     break;
                 };
                 match self.queues.next(SystemTime::now(), &mut expired) {
-                    Next::Ready(job, slot, _waited) => launch(job, permit, slot),
+                    Next::Ready(job, slot, _waited) => {
+                        left_queue(&limits, &job);
+                        launch(job, permit, slot)
+                    }
                     Next::Idle(at) => {
                         wake_at = at;
                         break;
@@ -118,6 +125,7 @@ impl Scheduler {
                 }
             }
             for job in expired.drain(..) {
+                left_queue(&limits, &job);
                 expire(job);
             }
             if !open && self.queues.is_empty() {
@@ -132,7 +140,7 @@ impl Scheduler {
             tokio::select! {
                 biased;
                 _ = self.hard_stop.cancelled() => {}
-                job = dispatch.recv(), if open => match job {
+                job = dispatch.recv(), if open && self.queues.len() < bound => match job {
                     Some(job) => self.queues.push(job),
                     None => open = false,
                 },
@@ -142,11 +150,19 @@ impl Scheduler {
                 _ = sweep.tick() => {
                     self.queues.expire(SystemTime::now(), &mut expired);
                     for job in expired.drain(..) {
+                        left_queue(&limits, &job);
                         expire(job);
                     }
                 }
             }
         }
+    }
+}
+
+/// A job leaving the queue before its first attempt frees its app's admission place.
+fn left_queue(limits: &Limits, job: &Job) {
+    if job.pending.attempt() == 0 {
+        limits.left_queue(&job.app.id);
     }
 }
 

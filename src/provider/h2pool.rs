@@ -569,6 +569,7 @@ async fn connect(shared: &Shared) -> Result<(SendRequest<Bytes>, Connection), St
             }
             None => Box::new(tcp),
         };
+        let io: Box<dyn Io> = Box::new(super::coalesce::CoalescingIo::new(io));
         h2::client::Builder::new()
             .initial_max_send_streams(config.initial_max_streams.max(1))
             .initial_window_size(1 << 20)

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use crate::model::{Outcome, Platform, ProviderRequest};
 
 pub mod apns;
+pub mod coalesce;
 pub mod fcm;
 pub mod h2pool;
 pub mod retry_after;

@@ -393,7 +393,13 @@ async fn run_gateway(
     let terminal = live.terminal.load(Relaxed);
     let rejected = live.rejected_at_ingest.load(Relaxed);
     let delivered = live.delivered();
-    let send_secs = s.duration_secs.min(elapsed);
+    // Until the last batch was handed over (a message budget can end sending early).
+    let last_sent = live.last_sent_us.load(Relaxed) as f64 / 1e6;
+    let send_secs = if last_sent > 0.0 {
+        last_sent.min(s.duration_secs)
+    } else {
+        s.duration_secs.min(elapsed)
+    };
     let last_terminal = live.last_terminal_us.load(Relaxed) as f64 / 1e6;
     let completed = terminal as f64;
     Ok(Summary {

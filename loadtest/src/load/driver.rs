@@ -42,6 +42,8 @@ pub struct Live {
     pub rejected_at_ingest: AtomicU64,
     pub by_status: [AtomicU64; 8],
     pub grpc_errors: AtomicU64,
+    /// Microseconds since the start at which the last batch was handed to a stream.
+    pub last_sent_us: AtomicU64,
     /// Microseconds since the start at which the last terminal receipt arrived.
     pub last_terminal_us: AtomicU64,
     /// Recipients still allowed by the message budget.
@@ -368,6 +370,8 @@ async fn stream_task(
                     ctx.live.sent.fetch_sub(n, Relaxed);
                     break;
                 }
+                let now_us = ctx.start.elapsed().as_micros() as u64;
+                ctx.live.last_sent_us.fetch_max(now_us, Relaxed);
                 seq += 1;
             }
             sender_done.store(true, Relaxed);
@@ -422,6 +426,8 @@ async fn unary_task(
         seq += 1;
         let n = batch.recipients.len() as u64;
         ctx.live.sent.fetch_add(n, Relaxed);
+        let now_us = ctx.start.elapsed().as_micros() as u64;
+        ctx.live.last_sent_us.fetch_max(now_us, Relaxed);
         let call = tokio::time::timeout_at(ctx.hard_deadline, client.send_batch(batch)).await;
         let response = match call {
             Ok(Ok(r)) => r.into_inner(),

@@ -1,0 +1,152 @@
+//! The per-app receipts stream: every receipt is appended (pipelined by the queue's writer) to
+//! `<prefix>:{app}:receipts`, trimmed to about `redis.receipts_stream_maxlen` entries, as the
+//! protobuf-encoded `pushgate.v1.Receipt`. `SubscribeReceipts` with `resume_after` reads it from
+//! the cursor on (`0` = the oldest retained, `$` = from now) and then follows it live, so a
+//! consumer that reconnects with its last receipt's `cursor` misses nothing and sees nothing
+//! twice. Each subscription uses its own connection (blocking XREAD would stall the shared one).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tracing::debug;
+
+use super::RedisStore;
+use crate::proto;
+
+/// The stream key of `app`.
+pub fn key(prefix: &str, app: &str) -> String {
+    format!("{prefix}:{{{app}}}:receipts")
+}
+
+/// Which receipts a subscriber wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub campaign_id: String,
+    pub include_non_terminal: bool,
+}
+
+impl Filter {
+    fn wants(&self, r: &proto::Receipt) -> bool {
+        (self.include_non_terminal || r.terminal)
+            && (self.campaign_id.is_empty() || r.campaign_id == self.campaign_id)
+    }
+}
+
+/// Checks a cursor: `0`, `$`, or a stream id `<ms>-<seq>`.
+pub fn valid_cursor(cursor: &str) -> bool {
+    if cursor == "0" || cursor == "$" {
+        return true;
+    }
+    match cursor.split_once('-') {
+        Some((ms, seq)) => {
+            !ms.is_empty()
+                && !seq.is_empty()
+                && ms.bytes().all(|b| b.is_ascii_digit())
+                && seq.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => !cursor.is_empty() && cursor.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
+/// Receipts of `app` after `cursor`, then live, until the subscriber goes away.
+pub fn subscribe(
+    store: Arc<RedisStore>,
+    app: &str,
+    cursor: String,
+    filter: Filter,
+) -> ReceiverStream<Result<proto::Receipt, Status>> {
+    let (tx, rx) = mpsc::channel(256);
+    let key = key(&store.config().key_prefix, app);
+    tokio::spawn(async move {
+        let mut last = cursor;
+        let mut conn = None;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            if conn.is_none() {
+                match store.client().get_multiplexed_async_connection().await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        debug!(error = %e, "receipts subscription: reconnecting");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            if last == "$" {
+                // Pin "from now" to a concrete position first, so nothing between reads is
+                // missed.
+                let tail: redis::RedisResult<redis::streams::StreamRangeReply> =
+                    redis::AsyncCommands::xrevrange_count(c, &key, "+", "-", 1).await;
+                match tail {
+                    Ok(t) => {
+                        last = t
+                            .ids
+                            .first()
+                            .map(|e| e.id.clone())
+                            .unwrap_or_else(|| "0".into())
+                    }
+                    Err(_) => conn = None,
+                }
+                continue;
+            }
+            let options = StreamReadOptions::default().count(512).block(500);
+            let reply: redis::RedisResult<Option<StreamReadReply>> =
+                redis::AsyncCommands::xread_options(c, &[&key], &[&last], &options).await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) => {
+                    debug!(error = %e, "receipts subscription: read failed, retrying");
+                    conn = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                for entry in stream.ids {
+                    let bytes: Option<Vec<u8>> = entry.get("r");
+                    last = entry.id.clone();
+                    let Some(bytes) = bytes else { continue };
+                    let Ok(mut receipt) = proto::Receipt::decode(bytes.as_slice()) else {
+                        continue;
+                    };
+                    if !filter.wants(&receipt) {
+                        continue;
+                    }
+                    receipt.cursor = entry.id;
+                    if tx.send(Ok(receipt)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The stream entry payload of a receipt.
+pub fn encode(receipt: &crate::model::Receipt) -> Vec<u8> {
+    crate::api::to_proto_receipt(receipt).encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors() {
+        for ok in ["0", "$", "1700000000000-0", "1700000000000"] {
+            assert!(valid_cursor(ok), "{ok}");
+        }
+        for bad in ["", "-", "1-", "-1", "a-1", "1-b", "+"] {
+            assert!(!valid_cursor(bad), "{bad}");
+        }
+    }
+}

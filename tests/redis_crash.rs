@@ -1,0 +1,237 @@
+//! `kill -9` of a real `pushgate serve` child process in the middle of a run: a second process
+//! on the same Redis finishes every acknowledged recipient; each ends with exactly one terminal
+//! receipt in the Redis receipts stream; the mock APNs saw every delivered token, and provider
+//! duplicates stay within the crashed process's in-flight window.
+
+#[path = "common/redis.rs"]
+mod redis_harness;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use loadtest::apns::{MockApns, MockApnsConfig};
+use prost::Message;
+use pushgate::proto::push_gateway_client::PushGatewayClient;
+use pushgate::proto::{self, ReceiptStatus};
+use redis_harness::RedisServer;
+
+const TOPIC: &str = "com.example.shop";
+const N: u64 = 5_000;
+const PER_BATCH: u64 = 500;
+const IN_FLIGHT: u64 = 200;
+const WRITE_BATCH: u64 = 256;
+
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(config: &std::path::Path, log: &std::path::Path) -> Gateway {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting pushgate serve");
+    Gateway(child)
+}
+
+async fn connect(addr: &str) -> PushGatewayClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = PushGatewayClient::connect(format!("http://{addr}")).await {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "gateway did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every receipt in the app's receipts stream.
+async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg("pushgate:{shop}:receipts")
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(5_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Some(last) = reply.ids.last().map(|e| e.id.clone()) else {
+            break;
+        };
+        for entry in reply.ids {
+            let bytes: Vec<u8> = entry.get("r").unwrap();
+            out.push(proto::Receipt::decode(bytes.as_slice()).unwrap());
+        }
+        start = format!("({last}");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_loses_nothing_acknowledged() {
+    let redis = RedisServer::start();
+    let key = loadtest::keys::generate_apns_key();
+    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    mock_config.tls = false;
+    mock_config.topics = vec![TOPIC.into()];
+    // ~1,000 deliveries/s through one connection: the run takes seconds, so the kill lands
+    // in the middle of it.
+    mock_config.latency = Duration::from_millis(100);
+    mock_config.max_concurrent_streams = 100;
+    let mock = MockApns::start(mock_config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("AuthKey.p8");
+    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("pushgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            listen = "{addr}"
+            [pipeline]
+            max_in_flight_requests = {IN_FLIGHT}
+            shutdown_grace_secs = 1
+            [retry]
+            base_ms = 50
+            cap_ms = 200
+            max_attempts = 5
+            [redis]
+            url = "{url}"
+            lease_ms = 1500
+            poll_ms = 20
+            write_batch = {WRITE_BATCH}
+            [apps.shop.apns]
+            key_file = "{key_file}"
+            key_id = "{key_id}"
+            team_id = "{team_id}"
+            topic = "{TOPIC}"
+            endpoint = "{endpoint}"
+            connections = 1
+            request_timeout_ms = 5000
+            "#,
+            url = redis.url(),
+            key_file = key_file.display(),
+            key_id = key.key_id,
+            team_id = key.team_id,
+            endpoint = mock.url(),
+        ),
+    )
+    .unwrap();
+
+    let first = spawn(&config, &dir.path().join("first.log"));
+    let mut client = connect(&addr).await;
+    for b in 0..N / PER_BATCH {
+        let recipients = (b * PER_BATCH..(b + 1) * PER_BATCH)
+            .map(|n| proto::Recipient {
+                message_id: format!("m-{n}"),
+                platform: proto::Platform::Apns as i32,
+                device_token: format!("{n:064x}"),
+                ..Default::default()
+            })
+            .collect();
+        let response = client
+            .send_batch(proto::SendBatchRequest {
+                app_id: "shop".into(),
+                template: Some(proto::Template {
+                    title: "Hi".into(),
+                    body: "there".into(),
+                    ..Default::default()
+                }),
+                recipients,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.accepted as u64, PER_BATCH, "acknowledged");
+    }
+    // Every recipient is acknowledged; kill -9 while deliveries are in full swing.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let delivered_before = mock.accepted().len() as u64;
+    drop(first);
+    assert!(
+        delivered_before < N,
+        "the kill must land mid-run ({delivered_before} of {N} delivered)"
+    );
+
+    let _second = spawn(&config, &dir.path().join("second.log"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let terminal: HashMap<String, Vec<proto::Receipt>> = loop {
+        let mut by_id: HashMap<String, Vec<proto::Receipt>> = HashMap::new();
+        for r in stream_receipts(&redis).await {
+            if r.terminal {
+                by_id.entry(r.message_id.clone()).or_default().push(r);
+            }
+        }
+        if by_id.len() as u64 == N || Instant::now() > deadline {
+            break by_id;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap_or_default();
+    assert_eq!(
+        terminal.len() as u64,
+        N,
+        "every acknowledged recipient has a terminal receipt; second process log:\n{log}"
+    );
+    let twice: Vec<_> = terminal.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "exactly one terminal receipt each: {:?}",
+        &twice[..twice.len().min(3)]
+    );
+    assert!(
+        terminal
+            .values()
+            .all(|v| v[0].status == ReceiptStatus::Delivered as i32),
+        "all delivered"
+    );
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for a in mock.accepted() {
+        *seen.entry(a.device_token).or_default() += 1;
+    }
+    for n in 0..N {
+        assert!(
+            seen.contains_key(&format!("{n:064x}")),
+            "m-{n} reached the mock"
+        );
+    }
+    let duplicates = seen.values().filter(|&&c| c > 1).count() as u64;
+    println!(
+        "kill -9 after {delivered_before} of {N} deliveries: {duplicates} provider-side duplicates"
+    );
+    assert!(
+        duplicates <= IN_FLIGHT + WRITE_BATCH,
+        "duplicates {duplicates} exceed the crashed process's in-flight window"
+    );
+}
