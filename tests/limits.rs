@@ -231,13 +231,13 @@ async fn rate_limited_app_is_spaced_to_its_rate_with_the_burst() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_app_completes_before_a_flooding_apps_backlog_drains() {
-    const FLOOD: u64 = 10_000;
+    const FLOOD: u64 = 200_000;
     const SMALL: u64 = 100;
     let m = start(
         &[
             AppSpec {
                 id: "flood",
-                limits: "apns_per_second = 2000\nburst = 100",
+                limits: "apns_per_second = 20000\nburst = 1000",
                 latency: Duration::ZERO,
             },
             AppSpec {
@@ -261,8 +261,8 @@ async fn small_app_completes_before_a_flooding_apps_backlog_drains() {
             })
             .collect(),
     );
-    // Let the flood's backlog build up: at 2,000/s it needs 5 s to drain.
-    while m.mocks[0].stats().accepted < 500 {
+    // Let the flood's backlog build up: at 20,000/s it needs at least 10 s to drain.
+    while m.mocks[0].stats().accepted < 5_000 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let small = send_and_wait(

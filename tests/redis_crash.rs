@@ -1,7 +1,8 @@
-//! `kill -9` of a real `pushgate serve` child process in the middle of a run: a second process
-//! on the same Redis finishes every acknowledged recipient; each ends with exactly one terminal
-//! receipt in the Redis receipts stream; the mock APNs saw every delivered token, and provider
-//! duplicates stay within the crashed process's in-flight window.
+//! `kill -9` of a real `pushgate serve` child process in the middle of a 50,000-recipient run
+//! (half APNs, half FCM): a second process on the same Redis finishes every acknowledged
+//! recipient; each ends with exactly one terminal receipt in the Redis receipts stream; the mocks
+//! saw every delivered token, and provider duplicates stay within the crashed process's
+//! in-flight window.
 
 #[path = "common/redis.rs"]
 mod redis_harness;
@@ -11,14 +12,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use loadtest::apns::{MockApns, MockApnsConfig};
+use loadtest::fcm::{MockFcm, MockFcmConfig};
 use prost::Message;
 use pushgate::proto::push_gateway_client::PushGatewayClient;
 use pushgate::proto::{self, ReceiptStatus};
 use redis_harness::RedisServer;
 
 const TOPIC: &str = "com.example.shop";
-const N: u64 = 5_000;
-const PER_BATCH: u64 = 500;
+const N: u64 = 50_000;
+const PER_BATCH: u64 = 1_000;
 const IN_FLIGHT: u64 = 200;
 const WRITE_BATCH: u64 = 256;
 
@@ -96,6 +98,15 @@ async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
     out
 }
 
+/// APNs for even recipients (hex), FCM for odd ones.
+fn token(n: u64) -> String {
+    if n % 2 == 0 {
+        format!("{n:064x}")
+    } else {
+        format!("fcm-{n}:APA91b{n:016}")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_loses_nothing_acknowledged() {
     let redis = RedisServer::start();
@@ -109,6 +120,21 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
     mock_config.max_concurrent_streams = 100;
     let mock = MockApns::start(mock_config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let account =
+        loadtest::keys::generate_service_account("pushgate-crash", "https://127.0.0.1:1/token");
+    let mut fcm_config = MockFcmConfig::new(
+        &account.project_id,
+        &account.client_email,
+        &account.public_pem,
+    );
+    fcm_config.tls = false;
+    fcm_config.latency = Duration::from_millis(100);
+    fcm_config.max_concurrent_streams = 100;
+    let fcm = MockFcm::start(fcm_config).await.unwrap();
+    let mut account_json: serde_json::Value = serde_json::from_str(&account.json).unwrap();
+    account_json["token_uri"] = serde_json::Value::from(fcm.token_uri());
+    let account_file = dir.path().join("service-account.json");
+    std::fs::write(&account_file, account_json.to_string()).unwrap();
     let key_file = dir.path().join("AuthKey.p8");
     std::fs::write(&key_file, &key.private_p8_pem).unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
@@ -138,7 +164,14 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
             endpoint = "{endpoint}"
             connections = 1
             request_timeout_ms = 5000
+            [apps.shop.fcm]
+            credentials_file = "{account_file}"
+            endpoint = "{fcm_endpoint}"
+            connections = 1
+            request_timeout_ms = 5000
             "#,
+            account_file = account_file.display(),
+            fcm_endpoint = fcm.url(),
             url = redis.url(),
             key_file = key_file.display(),
             key_id = key.key_id,
@@ -154,8 +187,12 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
         let recipients = (b * PER_BATCH..(b + 1) * PER_BATCH)
             .map(|n| proto::Recipient {
                 message_id: format!("m-{n}"),
-                platform: proto::Platform::Apns as i32,
-                device_token: format!("{n:064x}"),
+                platform: if n % 2 == 0 {
+                    proto::Platform::Apns as i32
+                } else {
+                    proto::Platform::Fcm as i32
+                },
+                device_token: token(n),
                 ..Default::default()
             })
             .collect();
@@ -177,7 +214,7 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
     }
     // Every recipient is acknowledged; kill -9 while deliveries are in full swing.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let delivered_before = mock.accepted().len() as u64;
+    let delivered_before = (mock.accepted().len() + fcm.accepted().len()) as u64;
     drop(first);
     assert!(
         delivered_before < N,
@@ -220,11 +257,11 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
     for a in mock.accepted() {
         *seen.entry(a.device_token).or_default() += 1;
     }
+    for a in fcm.accepted() {
+        *seen.entry(a.token).or_default() += 1;
+    }
     for n in 0..N {
-        assert!(
-            seen.contains_key(&format!("{n:064x}")),
-            "m-{n} reached the mock"
-        );
+        assert!(seen.contains_key(&token(n)), "m-{n} reached its mock");
     }
     let duplicates = seen.values().filter(|&&c| c > 1).count() as u64;
     println!(
@@ -234,4 +271,117 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
         duplicates <= IN_FLIGHT + WRITE_BATCH,
         "duplicates {duplicates} exceed the crashed process's in-flight window"
     );
+}
+
+/// Three `pushgate serve` processes on one Redis, each fed its own batches, with transient 503s
+/// so retries are parked in and claimed back from Redis: no token reaches the mock twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_on_one_redis_deliver_nothing_twice() {
+    const PER_PROCESS: u64 = 3_000;
+    let redis = RedisServer::start();
+    let key = loadtest::keys::generate_apns_key();
+    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    mock_config.tls = false;
+    mock_config.topics = vec![TOPIC.into()];
+    let mock = MockApns::start(mock_config).await.unwrap();
+    mock.faults().set_unavailable_per_mille(50);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("AuthKey.p8");
+    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
+    let mut processes = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join(format!("pushgate-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+                listen = "{addr}"
+                [retry]
+                base_ms = 20
+                cap_ms = 100
+                max_attempts = 8
+                [redis]
+                url = "{url}"
+                poll_ms = 20
+                [apps.shop.apns]
+                key_file = "{key_file}"
+                key_id = "{key_id}"
+                team_id = "{team_id}"
+                topic = "{TOPIC}"
+                endpoint = "{endpoint}"
+                connections = 1
+                "#,
+                url = redis.url(),
+                key_file = key_file.display(),
+                key_id = key.key_id,
+                team_id = key.team_id,
+                endpoint = mock.url(),
+            ),
+        )
+        .unwrap();
+        processes.push(spawn(&config, &dir.path().join(format!("gateway-{i}.log"))));
+        addrs.push(addr);
+    }
+    let mut senders = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let addr = addr.clone();
+        senders.push(tokio::spawn(async move {
+            let mut client = connect(&addr).await;
+            let first = i as u64 * PER_PROCESS;
+            let mut receipts = Vec::new();
+            for b in 0..PER_PROCESS / 500 {
+                let start = first + b * 500;
+                let response = client
+                    .send_batch(proto::SendBatchRequest {
+                        app_id: "shop".into(),
+                        template: Some(proto::Template {
+                            title: "Hi".into(),
+                            ..Default::default()
+                        }),
+                        recipients: (start..start + 500)
+                            .map(|n| proto::Recipient {
+                                message_id: format!("m-{n}"),
+                                platform: proto::Platform::Apns as i32,
+                                device_token: format!("{n:064x}"),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        wait_for_receipts: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                receipts.extend(response.receipts);
+            }
+            receipts
+        }));
+    }
+    let mut terminal = 0;
+    for sender in senders {
+        for r in sender.await.unwrap() {
+            assert!(r.terminal);
+            assert_eq!(r.status, ReceiptStatus::Delivered as i32, "{r:?}");
+            terminal += 1;
+        }
+    }
+    assert_eq!(terminal, 3 * PER_PROCESS);
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for a in mock.accepted() {
+        *seen.entry(a.device_token).or_default() += 1;
+    }
+    assert_eq!(
+        seen.len() as u64,
+        3 * PER_PROCESS,
+        "every token reached the mock"
+    );
+    let twice = seen.values().filter(|&&c| c > 1).count();
+    assert_eq!(twice, 0, "no message delivered twice without a crash");
+    assert!(
+        mock.stats().status(503) > 0,
+        "retries really went through Redis"
+    );
+    drop(processes);
 }
