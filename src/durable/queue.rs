@@ -181,6 +181,10 @@ pub struct RedisRetryQueue {
     held: DashMap<JobKey, ()>,
     writes: mpsc::UnboundedSender<Write>,
     stopped: AtomicBool,
+    /// Set while a write batch failed and waits to be written again. A failed batch may still
+    /// have been applied (its reply lost to an outage or a timeout); writing it again is harmless
+    /// only if no job was claimed in between, so claiming pauses until the batch is through.
+    write_backlog: AtomicBool,
     stats: QueueStats,
     claim: Script,
     takeover: Script,
@@ -216,6 +220,7 @@ impl RedisRetryQueue {
             held: DashMap::new(),
             writes,
             stopped: AtomicBool::new(false),
+            write_backlog: AtomicBool::new(false),
             stats: QueueStats::default(),
             claim: Script::new(CLAIM),
             takeover: Script::new(TAKEOVER),
@@ -321,8 +326,12 @@ impl RedisRetryQueue {
                 }
             }
             match self.flush(&buf).await {
-                Ok(()) => buf.clear(),
+                Ok(()) => {
+                    buf.clear();
+                    self.write_backlog.store(false, Ordering::Release);
+                }
                 Err(e) => {
+                    self.write_backlog.store(true, Ordering::Release);
                     self.store.observe::<()>(&Err(e));
                     if stop.is_cancelled() && self.stopped.load(Ordering::Acquire) {
                         // Shutting down with Redis away: give up on these writes.
@@ -483,6 +492,14 @@ impl RedisRetryQueue {
                 next_maintenance = Instant::now() + maintain_every;
             }
             let mut full = false;
+            if self.write_backlog.load(Ordering::Acquire) {
+                // See `write_backlog`: no claim until the failed write batch is through.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                continue;
+            }
             for (app_id, (app, keys)) in &self.apps {
                 let claimed = match self.claim_batch(keys, config.claim_batch).await {
                     Ok(claimed) => claimed,
