@@ -42,6 +42,28 @@ pub struct RecipientResult {
     pub reason: String,
 }
 
+impl RecipientResult {
+    fn accepted(index: usize, message_id: String) -> Self {
+        Self {
+            index,
+            message_id,
+            accepted: true,
+            field: String::new(),
+            reason: String::new(),
+        }
+    }
+
+    fn rejected(index: usize, message_id: String, field: String, reason: String) -> Self {
+        Self {
+            index,
+            message_id,
+            accepted: false,
+            field,
+            reason,
+        }
+    }
+}
+
 /// What ingest made of a batch.
 #[derive(Debug, Clone)]
 pub struct BatchResult {
@@ -307,13 +329,12 @@ impl Gateway {
                         permit: None,
                     });
                 }
-                results.push(RecipientResult {
+                results.push(RecipientResult::rejected(
                     index,
                     message_id,
-                    accepted: false,
-                    field: format!("recipients[{index}].message_id"),
+                    format!("recipients[{index}].message_id"),
                     reason,
-                });
+                ));
                 continue;
             }
             // A caller id claimed for idempotency is released when the recipient is not taken.
@@ -343,13 +364,12 @@ impl Gateway {
                         release.push(message_id.clone());
                     }
                     self.reject(&meta, &error, sink.filter(|_| stream_rejections));
-                    results.push(RecipientResult {
+                    results.push(RecipientResult::rejected(
                         index,
                         message_id,
-                        accepted: false,
-                        field: error.field,
-                        reason: error.reason,
-                    });
+                        error.field,
+                        error.reason,
+                    ));
                     continue;
                 }
             };
@@ -379,13 +399,12 @@ impl Gateway {
                     release.push(message_id.clone());
                 }
                 self.reject(&meta, &error, sink.filter(|_| stream_rejections));
-                results.push(RecipientResult {
+                results.push(RecipientResult::rejected(
                     index,
                     message_id,
-                    accepted: false,
-                    field: error.field,
-                    reason: error.reason,
-                });
+                    error.field,
+                    error.reason,
+                ));
                 continue;
             };
             let used = self.config.accept_window - self.window.available_permits();
@@ -407,20 +426,8 @@ impl Gateway {
                 }
                 continue;
             }
-            match self.dispatch.send(job).await {
-                Ok(()) => admission.commit(),
-                Err(mpsc::error::SendError(job)) => job.pending.resolve(Resolution::gateway(
-                    ReceiptStatus::Failed,
-                    "gateway shut down before delivery",
-                )),
-            }
-            results.push(RecipientResult {
-                index,
-                message_id,
-                accepted: true,
-                field: String::new(),
-                reason: String::new(),
-            });
+            self.dispatch_accepted(job, admission).await;
+            results.push(RecipientResult::accepted(index, message_id));
         }
         if let Some(durable) = &self.durable {
             self.flush_staged(durable, &mut staged, &mut results, &mut release)
@@ -437,6 +444,18 @@ impl Gateway {
             batch_id: batch_id.to_string(),
             results,
         })
+    }
+
+    /// Hands an accepted job to the deliver stage; its limit-stage place is committed once it is
+    /// in the dispatch channel.
+    async fn dispatch_accepted(&self, job: Job, admission: crate::limit::Admission) {
+        match self.dispatch.send(job).await {
+            Ok(()) => admission.commit(),
+            Err(mpsc::error::SendError(job)) => job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "gateway shut down before delivery",
+            )),
+        }
     }
 
     /// Durable delivery: persists the staged accepted jobs in Redis, then dispatches them. When
@@ -462,29 +481,16 @@ impl Gateway {
                 job.pending
                     .resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
                 release.push(message_id.clone());
-                results.push(RecipientResult {
+                results.push(RecipientResult::rejected(
                     index,
                     message_id,
-                    accepted: false,
-                    field: String::new(),
+                    String::new(),
                     reason,
-                });
+                ));
                 continue;
             }
-            match self.dispatch.send(job).await {
-                Ok(()) => admission.commit(),
-                Err(mpsc::error::SendError(job)) => job.pending.resolve(Resolution::gateway(
-                    ReceiptStatus::Failed,
-                    "gateway shut down before delivery",
-                )),
-            }
-            results.push(RecipientResult {
-                index,
-                message_id,
-                accepted: true,
-                field: String::new(),
-                reason: String::new(),
-            });
+            self.dispatch_accepted(job, admission).await;
+            results.push(RecipientResult::accepted(index, message_id));
         }
     }
 
