@@ -24,6 +24,46 @@ pub struct ProviderLabels {
     pub provider: String,
 }
 
+/// Counter handles of a `{app, provider, outcome}` family, cached by key so the per-message
+/// path does not build three label strings and hash them for every increment.
+#[derive(Default)]
+pub struct OutcomeCounters {
+    family: Family<OutcomeLabels, Counter>,
+    cache: dashmap::DashMap<(std::sync::Arc<str>, &'static str, &'static str), Counter>,
+}
+
+impl OutcomeCounters {
+    /// Increments the counter of (`app`, `provider`, `outcome`).
+    pub fn inc(&self, app: &std::sync::Arc<str>, provider: &'static str, outcome: &'static str) {
+        let key = (std::sync::Arc::clone(app), provider, outcome);
+        if let Some(counter) = self.cache.get(&key) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .family
+            .get_or_create(&OutcomeLabels {
+                app: app.to_string(),
+                provider: provider.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .clone();
+        counter.inc();
+        self.cache.insert(key, counter);
+    }
+
+    /// The current value (tests).
+    pub fn get(&self, app: &str, provider: &str, outcome: &str) -> u64 {
+        self.family
+            .get_or_create(&OutcomeLabels {
+                app: app.to_string(),
+                provider: provider.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .get()
+    }
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -32,11 +72,13 @@ pub struct Metrics {
     /// Recipients rejected at validation.
     pub rejected_at_ingest: Family<AppLabels, Counter>,
     /// Receipts emitted, terminal and not, by status.
-    pub receipts: Family<OutcomeLabels, Counter>,
+    pub receipts: OutcomeCounters,
     /// Provider attempts by their outcome.
-    pub deliveries: Family<OutcomeLabels, Counter>,
+    pub deliveries: OutcomeCounters,
     /// Provider request latency.
     pub delivery_seconds: Family<ProviderLabels, Histogram>,
+    /// The `delivery_seconds` handles of APNs and FCM, resolved once.
+    delivery_seconds_by_platform: [Histogram; 2],
     /// Accepted messages without a terminal receipt yet.
     pub in_flight: Gauge,
     /// Messages waiting in the retry queue.
@@ -74,13 +116,17 @@ impl Metrics {
             "Recipients rejected by validation",
             rejected_at_ingest.clone(),
         );
-        let receipts = Family::<OutcomeLabels, Counter>::default();
-        registry.register("receipts", "Receipts emitted by status", receipts.clone());
-        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        let receipts = OutcomeCounters::default();
+        registry.register(
+            "receipts",
+            "Receipts emitted by status",
+            receipts.family.clone(),
+        );
+        let deliveries = OutcomeCounters::default();
         registry.register(
             "deliveries",
             "Provider delivery attempts by outcome",
-            deliveries.clone(),
+            deliveries.family.clone(),
         );
         let delivery_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -90,6 +136,14 @@ impl Metrics {
             "Provider request latency",
             delivery_seconds.clone(),
         );
+        let delivery_seconds_by_platform =
+            [crate::model::Platform::Apns, crate::model::Platform::Fcm].map(|p| {
+                delivery_seconds
+                    .get_or_create(&ProviderLabels {
+                        provider: p.as_str().to_string(),
+                    })
+                    .clone()
+            });
         let in_flight = Gauge::default();
         registry.register(
             "in_flight_messages",
@@ -135,12 +189,21 @@ impl Metrics {
             receipts,
             deliveries,
             delivery_seconds,
+            delivery_seconds_by_platform,
             in_flight,
             retry_queue_depth,
             unresolved_drops,
             redis_reclaimed,
             rate_limit_wait_seconds,
             scheduler_queue_depth,
+        }
+    }
+
+    /// The provider latency histogram of `platform`.
+    pub fn delivery_seconds_of(&self, platform: crate::model::Platform) -> &Histogram {
+        match platform {
+            crate::model::Platform::Apns => &self.delivery_seconds_by_platform[0],
+            crate::model::Platform::Fcm => &self.delivery_seconds_by_platform[1],
         }
     }
 
@@ -151,5 +214,35 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_counters_count_into_the_exported_family() {
+        let metrics = Metrics::new();
+        let app: std::sync::Arc<str> = "shop".into();
+        metrics.receipts.inc(&app, "apns", "delivered");
+        metrics.receipts.inc(&app, "apns", "delivered");
+        metrics.receipts.inc(&app, "fcm", "invalid_token");
+        assert_eq!(metrics.receipts.get("shop", "apns", "delivered"), 2);
+        assert_eq!(metrics.receipts.get("shop", "fcm", "invalid_token"), 1);
+        metrics
+            .delivery_seconds_of(crate::model::Platform::Fcm)
+            .observe(0.01);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"pushgate_receipts_total{app="shop",provider="apns",outcome="delivered"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pushgate_delivery_seconds_count{provider="fcm"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
-use crate::metrics::{Metrics, OutcomeLabels, ProviderLabels};
+use crate::metrics::Metrics;
 use crate::model::{Outcome, ProviderRequest, ReceiptStatus};
 use crate::provider::h2pool::{backoff, exponential_ceiling};
 use crate::queue::RetryQueue;
@@ -109,19 +109,13 @@ impl Deliverer {
         let rtt = started.elapsed();
         slot.observe(&outcome, rtt);
         self.metrics
-            .delivery_seconds
-            .get_or_create(&ProviderLabels {
-                provider: meta.platform.as_str().into(),
-            })
+            .delivery_seconds_of(meta.platform)
             .observe(rtt.as_secs_f64());
-        self.metrics
-            .deliveries
-            .get_or_create(&OutcomeLabels {
-                app: meta.app_id.to_string(),
-                provider: meta.platform.as_str().into(),
-                outcome: outcome_label(&outcome).into(),
-            })
-            .inc();
+        self.metrics.deliveries.inc(
+            &meta.app_id,
+            meta.platform.as_str(),
+            outcome_label(&outcome),
+        );
         debug!(attempt, ?outcome, "attempt finished");
         match outcome {
             Outcome::Retry {

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 
-use crate::metrics::{Metrics, OutcomeLabels};
+use crate::metrics::Metrics;
 use crate::model::{MessageMeta, Outcome, Receipt, ReceiptStatus};
 
 /// A receipt on its way to the caller, holding the caller's window slot while it waits.
@@ -115,14 +115,11 @@ impl ReceiptHub {
     }
 
     fn publish(&self, receipt: &Arc<Receipt>) {
-        self.metrics
-            .receipts
-            .get_or_create(&OutcomeLabels {
-                app: receipt.meta.app_id.to_string(),
-                provider: receipt.meta.platform.as_str().to_string(),
-                outcome: receipt.status.as_str().to_string(),
-            })
-            .inc();
+        self.metrics.receipts.inc(
+            &receipt.meta.app_id,
+            receipt.meta.platform.as_str(),
+            receipt.status.as_str(),
+        );
         for observer in self.observers.read().iter() {
             observer.observe(receipt);
         }
