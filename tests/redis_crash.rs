@@ -1,8 +1,10 @@
-//! `kill -9` of a real `pushgate serve` child process in the middle of a 50,000-recipient run
-//! (half APNs, half FCM): a second process on the same Redis finishes every acknowledged
-//! recipient; each ends with exactly one terminal receipt in the Redis receipts stream; the mocks
-//! saw every delivered token, and provider duplicates stay within the crashed process's
-//! in-flight window.
+//! Tests with real `pushgate serve` child processes sharing one Redis.
+//!
+//! The first kills one with `kill -9` in the middle of a 50,000-recipient run (half APNs, half
+//! FCM): a second process finishes every acknowledged recipient; each ends with exactly one
+//! terminal receipt in the Redis receipts stream; the mocks saw every delivered token, and
+//! provider duplicates stay within the crashed process's in-flight window. The others run three
+//! processes at once: nothing is delivered twice, and one app's limit holds for the cluster.
 
 #[path = "common/redis.rs"]
 mod redis_harness;
@@ -382,6 +384,133 @@ async fn three_processes_on_one_redis_deliver_nothing_twice() {
     assert!(
         mock.stats().status(503) > 0,
         "retries really went through Redis"
+    );
+    drop(processes);
+}
+
+/// Three `pushgate serve` processes on one Redis share one app's limit of 60/s: together they
+/// deliver at 60/s (+-10%, measured on the mock's arrival timestamps), not 3 x 60.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_hold_one_cluster_wide_limit() {
+    const RATE: f64 = 60.0;
+    const BURST: u64 = 6;
+    const PER_PROCESS: u64 = 120;
+    let redis = RedisServer::start();
+    let key = loadtest::keys::generate_apns_key();
+    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    mock_config.tls = false;
+    mock_config.topics = vec![TOPIC.into()];
+    let mock = MockApns::start(mock_config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("AuthKey.p8");
+    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
+    let mut processes = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join(format!("pushgate-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+                listen = "{addr}"
+                [redis]
+                url = "{url}"
+                [apps.shop.apns]
+                key_file = "{key_file}"
+                key_id = "{key_id}"
+                team_id = "{team_id}"
+                topic = "{TOPIC}"
+                endpoint = "{endpoint}"
+                [apps.shop.limits]
+                apns_per_second = {RATE}
+                burst = {BURST}
+                "#,
+                url = redis.url(),
+                key_file = key_file.display(),
+                key_id = key.key_id,
+                team_id = key.team_id,
+                endpoint = mock.url(),
+            ),
+        )
+        .unwrap();
+        processes.push(spawn(&config, &dir.path().join(format!("gateway-{i}.log"))));
+        addrs.push(addr);
+    }
+    let mut clients = Vec::new();
+    for addr in &addrs {
+        clients.push(connect(addr).await);
+    }
+    // Every process heartbeats into the replica set; each then takes a third of the limit.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let live: u64 = redis::cmd("ZCARD")
+            .arg("pushgate:limit:replicas")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if live == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {live} replicas registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One more heartbeat period (500 ms) so each process has read the count of three.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut sends = Vec::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        sends.push(tokio::spawn(async move {
+            let first = i as u64 * PER_PROCESS;
+            client
+                .send_batch(proto::SendBatchRequest {
+                    app_id: "shop".into(),
+                    template: Some(proto::Template {
+                        title: "Hi".into(),
+                        ..Default::default()
+                    }),
+                    recipients: (first..first + PER_PROCESS)
+                        .map(|n| proto::Recipient {
+                            message_id: format!("m-{n}"),
+                            platform: proto::Platform::Apns as i32,
+                            device_token: format!("{n:064x}"),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    wait_for_receipts: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .receipts
+        }));
+    }
+    for send in sends {
+        let receipts = send.await.unwrap();
+        assert_eq!(receipts.len() as u64, PER_PROCESS);
+        assert!(
+            receipts
+                .iter()
+                .all(|r| r.status == ReceiptStatus::Delivered as i32)
+        );
+    }
+    let accepted = mock.accepted();
+    let total = 3 * PER_PROCESS;
+    assert_eq!(accepted.len() as u64, total);
+    let first = accepted.iter().map(|a| a.received_at).min().unwrap();
+    let last = accepted.iter().map(|a| a.received_at).max().unwrap();
+    let span = (last - first).as_secs_f64();
+    // After the cluster's burst, the rest goes at RATE in total.
+    let rate = (total - BURST) as f64 / span;
+    println!("three processes delivered at {rate:.1}/s against a cluster limit of {RATE}/s");
+    assert!(
+        (RATE * 0.9..=RATE * 1.1).contains(&rate),
+        "three processes delivered {rate:.1}/s; the cluster-wide limit is {RATE}/s (+-10%)"
     );
     drop(processes);
 }
