@@ -136,13 +136,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
             let mut recipients = Vec::with_capacity(options.batch_size);
             for _ in 0..options.batch_size {
                 n += 1;
-                let android = n % 2 == 0;
+                let android = n.is_multiple_of(2);
                 let token = if android {
                     format!("fcm-token-{n}:APA91b{n:020}")
                 } else {
                     format!("{n:064x}")
                 };
-                if n % DEAD_TOKEN_EVERY == 0 {
+                if n.is_multiple_of(DEAD_TOKEN_EVERY) {
                     if android {
                         fcm.faults().add_unregistered(&token);
                     } else {
@@ -150,7 +150,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
                     }
                 }
                 let mut vars = BTreeMap::new();
-                if n % MISSING_VAR_EVERY != 0 {
+                if !n.is_multiple_of(MISSING_VAR_EVERY) {
                     vars.insert("first_name".to_string(), format!("User{n}"));
                 }
                 vars.insert("cart_items".to_string(), (n % 7 + 1).to_string());

@@ -102,7 +102,7 @@ async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
 
 /// APNs for even recipients (hex), FCM for odd ones.
 fn token(n: u64) -> String {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         format!("{n:064x}")
     } else {
         format!("fcm-{n}:APA91b{n:016}")

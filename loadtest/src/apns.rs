@@ -633,10 +633,10 @@ impl ApnsInner {
         if has_duplicate_headers(h) {
             return Err(DuplicateHeaders.into());
         }
-        if let Some(id) = header_str(h, "apns-id") {
-            if !is_canonical_uuid(id) {
-                return Err(BadMessageId.into());
-            }
+        if let Some(id) = header_str(h, "apns-id")
+            && !is_canonical_uuid(id)
+        {
+            return Err(BadMessageId.into());
         }
         if parts.method != Method::POST {
             return Err(MethodNotAllowed.into());
@@ -785,10 +785,10 @@ impl ApnsInner {
             Some(v) if !v.is_empty() => v.to_str().unwrap_or(""),
             _ => return Err(MissingProviderToken.into()),
         };
-        if f.has_reject_all.load(Relaxed) {
-            if let Some(reason) = *f.reject_all.read() {
-                return Err(reason.into());
-            }
+        if f.has_reject_all.load(Relaxed)
+            && let Some(reason) = *f.reject_all.read()
+        {
+            return Err(reason.into());
         }
         if f.force_expired.take() {
             *conn.token.lock() = ConnToken::default();
@@ -872,18 +872,18 @@ impl ApnsInner {
             Ok(p @ serde_json::Value::Object(_)) => p,
             _ => return Err(BadRequestPayload.into()),
         };
-        if v.push_type == "background" {
-            if let Some(err) = self.cfg.background_error {
-                let aps_ok = payload
-                    .get("aps")
-                    .and_then(|a| a.as_object())
-                    .is_some_and(|aps| {
-                        aps.len() == 1
-                            && aps.get("content-available").and_then(|c| c.as_i64()) == Some(1)
-                    });
-                if v.priority != 5 || !aps_ok {
-                    return Err(err.into());
-                }
+        if v.push_type == "background"
+            && let Some(err) = self.cfg.background_error
+        {
+            let aps_ok = payload
+                .get("aps")
+                .and_then(|a| a.as_object())
+                .is_some_and(|aps| {
+                    aps.len() == 1
+                        && aps.get("content-available").and_then(|c| c.as_i64()) == Some(1)
+                });
+            if v.priority != 5 || !aps_ok {
+                return Err(err.into());
             }
         }
         Ok(payload)

@@ -721,10 +721,10 @@ fn parse_duration(s: &str) -> Option<f64> {
     if int.is_empty() || !int.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    if let Some(f) = frac {
-        if f.is_empty() || f.len() > 9 || !f.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
+    if let Some(f) = frac
+        && (f.is_empty() || f.len() > 9 || !f.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return None;
     }
     num.parse::<f64>().ok()
 }
@@ -1299,10 +1299,10 @@ impl FcmInner {
         let mut builder = Response::builder()
             .status(reply.status)
             .header("content-type", reply.content_type);
-        if reply.retry_after {
-            if let Some(v) = self.faults.retry_after_value() {
-                builder = builder.header("retry-after", v);
-            }
+        if reply.retry_after
+            && let Some(v) = self.faults.retry_after_value()
+        {
+            builder = builder.header("retry-after", v);
         }
         if reply.www_authenticate {
             builder = builder.header(

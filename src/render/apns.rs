@@ -81,7 +81,7 @@ pub(super) fn check_token(token: &str) -> Result<(), String> {
             token.len()
         ));
     }
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(format!(
             "device token has an odd number of hex digits ({})",
             token.len()

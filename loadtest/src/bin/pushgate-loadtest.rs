@@ -336,7 +336,7 @@ async fn run_gateway(
                     live.delivered(),
                 );
                 bar.set_position((t.min(duration) * 10.0) as u64);
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     let dt = (t - last_t).max(1e-9);
                     let sample = Sample {
                         t_secs: t,
