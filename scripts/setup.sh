@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pushgate's build and tests need on a fresh Debian/Ubuntu machine:
-# a Rust toolchain (if cargo is missing) and redis-server (the Redis tests start their own).
+# a Rust toolchain (if cargo is missing), redis-server and redis-cli (the Redis tests start their
+# own servers, and a three-node cluster).
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -8,11 +9,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing redis-server (Debian package)"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "installing redis-server and redis-cli (Debian packages)"
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 redis-server --version

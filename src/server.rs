@@ -51,12 +51,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let apps = AppRegistry::from_config(&config)?;
     let redis_stop = CancellationToken::new();
-    let redis = match config.redis.url {
-        Some(_) => Some(
+    let redis = if config.redis.enabled() {
+        Some(
             crate::durable::RedisStore::connect(&config.redis, redis_stop.clone())
-                .context("redis.url")?,
-        ),
-        None => None,
+                .context("redis.url / redis.cluster_nodes")?,
+        )
+    } else {
+        None
     };
     if let Some(store) = &redis {
         let limit = std::time::Duration::from_millis(config.redis.command_timeout_ms);

@@ -51,8 +51,12 @@ pub use queue::RedisRetryQueue;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`; absent means the in-memory queue (not crash-safe).
+    /// `redis://host:port/db`; absent (and no `cluster_nodes`) means the in-memory queue (not
+    /// crash-safe).
     pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each), instead of `url`. Every call
+    /// touches the keys of one app, which share a hash tag, so each lands on one slot.
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// How long a claimed job stays leased to a replica without renewal; also how long a
@@ -77,6 +81,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: None,
+            cluster_nodes: Vec::new(),
             key_prefix: "pushgate".into(),
             lease_ms: 30_000,
             claim_batch: 512,
@@ -90,8 +95,24 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// True when durable delivery is configured (a URL or a cluster seed list).
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() || !self.cluster_nodes.is_empty()
+    }
+
     /// Checks values serde cannot; errors name the key.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.url.is_some() && !self.cluster_nodes.is_empty() {
+            return Err((
+                "redis.cluster_nodes".into(),
+                "set either redis.url or redis.cluster_nodes, not both".into(),
+            ));
+        }
+        if !self.cluster_nodes.is_empty()
+            && let Err(e) = redis::cluster::ClusterClient::new(self.cluster_nodes.clone())
+        {
+            return Err(("redis.cluster_nodes".into(), e.to_string()));
+        }
         if let Some(url) = &self.url
             && let Err(e) = redis::Client::open(url.as_str())
         {
@@ -132,10 +153,88 @@ pub enum DurableError {
     NotConfigured,
 }
 
+enum Backend {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A cluster connection made on first use, so startup does not need the cluster up.
+pub struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        self.conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+/// A connection to a single Redis or to a Redis Cluster; the rest of `durable` does not care
+/// which. Cluster routing works because every call touches the keys of one app, which share the
+/// hash tag `{app}`.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// The shared, auto-reconnecting connection to a single Redis.
+    Single(ConnectionManager),
+    /// A connection of its own to a single Redis (blocking reads).
+    Dedicated(redis::aio::MultiplexedConnection),
+    /// A Redis Cluster connection, routing each command to the node owning its slot.
+    Cluster(Arc<LazyCluster>),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Dedicated(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(lazy) => {
+                let lazy = Arc::clone(lazy);
+                Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(lazy) => {
+                let lazy = Arc::clone(lazy);
+                Box::pin(async move {
+                    lazy.get()
+                        .await?
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Dedicated(c) => c.get_db(),
+            RedisConn::Cluster(_) => 0,
+        }
+    }
+}
+
 /// The shared Redis connection, this replica's identity, and Redis health.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
+    client: Backend,
+    conn: RedisConn,
     config: RedisConfig,
     replica: String,
     healthy: AtomicBool,
@@ -158,15 +257,28 @@ impl RedisStore {
         config: &RedisConfig,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, DurableError> {
-        let url = config.url.as_deref().ok_or(DurableError::NotConfigured)?;
-        let client = redis::Client::open(url)?;
         let timeout = Duration::from_millis(config.command_timeout_ms);
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        let (client, conn) = if config.cluster_nodes.is_empty() {
+            let url = config.url.as_deref().ok_or(DurableError::NotConfigured)?;
+            let client = redis::Client::open(url)?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(timeout))
+                .set_connection_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+            (Backend::Single(client), RedisConn::Single(conn))
+        } else {
+            let client = redis::cluster::ClusterClient::builder(config.cluster_nodes.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()?;
+            let lazy = Arc::new(LazyCluster {
+                client: client.clone(),
+                conn: tokio::sync::OnceCell::new(),
+            });
+            (Backend::Cluster(client), RedisConn::Cluster(lazy))
+        };
         let (health, _) = watch::channel(false);
         let store = Arc::new(Self {
             client,
@@ -181,13 +293,21 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// The client, for dedicated connections (blocking reads).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// A new connection of its own, for blocking reads that must not hold up the shared one.
+    pub async fn dedicated_conn(&self) -> redis::RedisResult<RedisConn> {
+        match &self.client {
+            Backend::Single(client) => Ok(RedisConn::Dedicated(
+                client.get_multiplexed_async_connection().await?,
+            )),
+            Backend::Cluster(client) => Ok(RedisConn::Cluster(Arc::new(LazyCluster {
+                client: client.clone(),
+                conn: tokio::sync::OnceCell::new_with(Some(client.get_async_connection().await?)),
+            }))),
+        }
     }
 
     /// A handle on the shared multiplexed connection.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -304,6 +424,14 @@ mod tests {
         assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000/"));
         for (toml, key) in [
             ("[redis]\nurl = \"http://x\"", "redis.url"),
+            (
+                "[redis]\nurl = \"redis://a/\"\ncluster_nodes = [\"redis://b:1\"]",
+                "redis.cluster_nodes",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"http://x\"]",
+                "redis.cluster_nodes",
+            ),
             ("[redis]\nlease_ms = 0", "redis.lease_ms"),
             ("[redis]\nclaim_batch = 5000", "redis.claim_batch"),
             ("[redis]\nkey_prefix = \"a{b}\"", "redis.key_prefix"),

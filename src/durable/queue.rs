@@ -637,8 +637,11 @@ impl RedisRetryQueue {
             let (app, id) = entry.key();
             by_app.entry(Arc::clone(app)).or_default().push(id.clone());
         }
-        let mut pipe = redis::pipe();
+        let mut conn = self.store.conn();
+        // One pipeline per app: each app's keys share a hash tag, so on a Redis Cluster every
+        // pipeline goes to one node (a pipeline spanning apps would cross slots).
         for (app, (_, keys)) in &self.apps {
+            let mut pipe = redis::pipe();
             pipe.zadd(keys.replicas(), me, deadline).ignore();
             if let Some(ids) = by_app.get(app.as_str()) {
                 for chunk in ids.chunks(1_000) {
@@ -651,10 +654,7 @@ impl RedisRetryQueue {
                 }
             }
             pipe.zrangebyscore(keys.replicas(), "-inf", now);
-        }
-        let mut conn = self.store.conn();
-        let dead: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
-        for ((_, (_, keys)), dead) in self.apps.iter().zip(dead) {
+            let (dead,): (Vec<String>,) = pipe.query_async(&mut conn).await?;
             for replica in dead.iter().filter(|r| r.as_str() != me) {
                 warn!(%replica, "replica heartbeat expired: taking over its parked jobs");
                 let _: i64 = self

@@ -70,7 +70,7 @@ pub fn subscribe(
                 return;
             }
             if conn.is_none() {
-                match store.client().get_multiplexed_async_connection().await {
+                match store.dedicated_conn().await {
                     Ok(c) => conn = Some(c),
                     Err(e) => {
                         debug!(error = %e, "receipts subscription: reconnecting");
