@@ -415,6 +415,7 @@ impl Gateway {
                 pending,
                 request,
                 app: Arc::clone(&app),
+                durable: self.durable.is_some(),
             };
             if let Some(durable) = &self.durable {
                 // Durable delivery: accepted messages are written to Redis (in chunks, before

@@ -21,6 +21,23 @@ pub struct Job {
     pub pending: Pending,
     pub request: ProviderRequest,
     pub app: Arc<AppRuntime>,
+    /// The message is persisted in Redis (durable delivery): a shutdown hands it off to the
+    /// replica that reclaims its lease instead of failing it.
+    pub durable: bool,
+}
+
+impl Job {
+    /// Ends this process's part in the job at shutdown. A durable job stays in Redis and is
+    /// finished (with its terminal receipt) by whichever replica reclaims it; any other job
+    /// ends FAILED with `reason`.
+    pub fn abandon(self, reason: &str) {
+        if self.durable {
+            self.pending.hand_off();
+        } else {
+            self.pending
+                .resolve(Resolution::gateway(ReceiptStatus::Failed, reason));
+        }
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -99,10 +116,9 @@ impl Deliverer {
         let outcome = tokio::select! {
             outcome = provider.deliver(&job.request) => outcome,
             _ = self.hard_stop.cancelled() => {
-                job.pending.resolve(Resolution::gateway(
-                    ReceiptStatus::Failed,
+                job.abandon(
                     "gateway shut down while the provider request was in flight; it may or may not have been delivered",
-                ));
+                );
                 return;
             }
         };

@@ -98,6 +98,7 @@ async fn retries_scheduled_and_claimed_per_second() {
                 payload: payload.clone(),
             }),
             app: Arc::clone(&app),
+            durable: true,
         }
     };
     let built: Vec<Job> = (0..jobs).map(make).collect();

@@ -33,6 +33,8 @@ struct Scripted {
     calls: Mutex<HashMap<String, u32>>,
     delivered: Mutex<HashMap<String, u32>>,
     script: Box<Script>,
+    /// When set, requests never complete (a provider that stopped answering).
+    hang: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -41,6 +43,7 @@ impl Scripted {
             calls: Mutex::default(),
             delivered: Mutex::default(),
             script: Box::new(script),
+            hang: Default::default(),
         })
     }
     fn delivered(&self) -> HashMap<String, u32> {
@@ -63,6 +66,9 @@ impl Provider for Scripted {
             *n += 1;
             *n
         };
+        if self.hang.load(Ordering::Relaxed) {
+            return Box::pin(std::future::pending());
+        }
         let outcome = (self.script)(n);
         if matches!(outcome, Outcome::Delivered { .. }) {
             *self.delivered.lock().entry(token).or_default() += 1;
@@ -796,4 +802,51 @@ async fn staging_before_persist_never_waits_on_its_own_window_or_limit_places() 
     assert!(result.results.windows(2).all(|w| w[0].index < w[1].index));
     assert_eq!(drain.await.unwrap(), 100);
     assert_eq!(provider.delivered().len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_grace_hands_durable_messages_to_the_next_replica() {
+    let redis = RedisServer::start();
+    // A's provider never answers: at shutdown every accepted message is in flight.
+    let stuck = Scripted::new(|_| delivered());
+    stuck.hang.store(true, Ordering::Relaxed);
+    let policy = RetryConfig::default();
+    let a = node(&redis, Arc::clone(&stuck), policy.clone(), |c| {
+        c.lease_ms = 600
+    })
+    .await;
+    const N: u64 = 40;
+    let mut rx = send(&a.gateway, 1..=N).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stuck.calls.lock().len() < N as usize {
+        assert!(Instant::now() < deadline, "A attempted every message");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Grace 0: nothing finishes. The messages are durable, so A emits no FAILED receipt...
+    a.gateway.shutdown(Duration::ZERO).await;
+    assert!(
+        rx.recv().await.is_none(),
+        "A handed its in-flight durable messages off instead of failing them"
+    );
+    assert_eq!(a.gateway.metrics().unresolved_drops.get(), 0);
+    // ... and the next replica reclaims their leases and delivers them.
+    let healthy = Scripted::new(|_| delivered());
+    let b = node(&redis, Arc::clone(&healthy), policy, |c| c.lease_ms = 600).await;
+    let mut sub = b.gateway.hub().subscribe("shop");
+    let mut done: HashMap<String, ReceiptStatus> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (done.len() as u64) < N && Instant::now() < deadline {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
+            && r.terminal()
+        {
+            assert!(done.insert(r.meta.message_id.clone(), r.status).is_none());
+        }
+    }
+    assert_eq!(
+        done.len() as u64,
+        N,
+        "B finished every message A handed off"
+    );
+    assert!(done.values().all(|s| *s == ReceiptStatus::Delivered));
+    assert_eq!(healthy.delivered().len() as u64, N);
 }

@@ -624,6 +624,7 @@ impl RedisRetryQueue {
             pending,
             request,
             app: Arc::clone(app),
+            durable: true,
         })
     }
 
@@ -732,6 +733,7 @@ impl RetryQueue for RedisRetryQueue {
             pending,
             request,
             app,
+            ..
         } = job;
         let meta = Arc::clone(pending.meta());
         let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());

@@ -167,10 +167,7 @@ fn left_queue(limits: &Limits, job: &Job) {
 }
 
 fn fail_shutdown(job: Job) {
-    job.pending.resolve(Resolution::gateway(
-        ReceiptStatus::Failed,
-        "gateway shut down before delivery",
-    ));
+    job.abandon("gateway shut down before delivery");
 }
 
 fn expire(job: Job) {
