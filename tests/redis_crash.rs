@@ -100,6 +100,66 @@ async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
     out
 }
 
+/// A cleartext mock APNs for the app `shop`, and the key it trusts written to `dir`.
+async fn apns_mock(
+    dir: &std::path::Path,
+) -> (MockApns, loadtest::keys::ApnsKey, std::path::PathBuf) {
+    let key = loadtest::keys::generate_apns_key();
+    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    mock_config.tls = false;
+    mock_config.topics = vec![TOPIC.into()];
+    let mock = MockApns::start(mock_config).await.unwrap();
+    let key_file = dir.join("AuthKey.p8");
+    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
+    (mock, key, key_file)
+}
+
+/// Starts three `pushgate serve` processes on one Redis, each with the app `shop` pointed at
+/// `mock`, plus the TOML tables in `extra`; returns them and their gRPC addresses.
+fn start_three(
+    dir: &std::path::Path,
+    redis: &RedisServer,
+    mock: &MockApns,
+    key: &loadtest::keys::ApnsKey,
+    key_file: &std::path::Path,
+    extra: &str,
+) -> (Vec<Gateway>, Vec<String>) {
+    let mut processes = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.join(format!("pushgate-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+                listen = "{addr}"
+                [redis]
+                url = "{url}"
+                poll_ms = 20
+                [apps.shop.apns]
+                key_file = "{key_file}"
+                key_id = "{key_id}"
+                team_id = "{team_id}"
+                topic = "{TOPIC}"
+                endpoint = "{endpoint}"
+                connections = 1
+                {extra}
+                "#,
+                url = redis.url(),
+                key_file = key_file.display(),
+                key_id = key.key_id,
+                team_id = key.team_id,
+                endpoint = mock.url(),
+            ),
+        )
+        .unwrap();
+        processes.push(spawn(&config, &dir.join(format!("gateway-{i}.log"))));
+        addrs.push(addr);
+    }
+    (processes, addrs)
+}
+
 /// APNs for even recipients (hex), FCM for odd ones.
 fn token(n: u64) -> String {
     if n.is_multiple_of(2) {
@@ -281,51 +341,17 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
 async fn three_processes_on_one_redis_deliver_nothing_twice() {
     const PER_PROCESS: u64 = 3_000;
     let redis = RedisServer::start();
-    let key = loadtest::keys::generate_apns_key();
-    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
-    mock_config.tls = false;
-    mock_config.topics = vec![TOPIC.into()];
-    let mock = MockApns::start(mock_config).await.unwrap();
-    mock.faults().set_unavailable_per_mille(50);
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("AuthKey.p8");
-    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
-    let mut processes = Vec::new();
-    let mut addrs = Vec::new();
-    for i in 0..3 {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = dir.path().join(format!("pushgate-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-                listen = "{addr}"
-                [retry]
-                base_ms = 20
-                cap_ms = 100
-                max_attempts = 8
-                [redis]
-                url = "{url}"
-                poll_ms = 20
-                [apps.shop.apns]
-                key_file = "{key_file}"
-                key_id = "{key_id}"
-                team_id = "{team_id}"
-                topic = "{TOPIC}"
-                endpoint = "{endpoint}"
-                connections = 1
-                "#,
-                url = redis.url(),
-                key_file = key_file.display(),
-                key_id = key.key_id,
-                team_id = key.team_id,
-                endpoint = mock.url(),
-            ),
-        )
-        .unwrap();
-        processes.push(spawn(&config, &dir.path().join(format!("gateway-{i}.log"))));
-        addrs.push(addr);
-    }
+    let (mock, key, key_file) = apns_mock(dir.path()).await;
+    mock.faults().set_unavailable_per_mille(50);
+    let (processes, addrs) = start_three(
+        dir.path(),
+        &redis,
+        &mock,
+        &key,
+        &key_file,
+        "[retry]\nbase_ms = 20\ncap_ms = 100\nmax_attempts = 8",
+    );
     let mut senders = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let addr = addr.clone();
@@ -396,47 +422,16 @@ async fn three_processes_hold_one_cluster_wide_limit() {
     const BURST: u64 = 6;
     const PER_PROCESS: u64 = 120;
     let redis = RedisServer::start();
-    let key = loadtest::keys::generate_apns_key();
-    let mut mock_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
-    mock_config.tls = false;
-    mock_config.topics = vec![TOPIC.into()];
-    let mock = MockApns::start(mock_config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("AuthKey.p8");
-    std::fs::write(&key_file, &key.private_p8_pem).unwrap();
-    let mut processes = Vec::new();
-    let mut addrs = Vec::new();
-    for i in 0..3 {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = dir.path().join(format!("pushgate-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-                listen = "{addr}"
-                [redis]
-                url = "{url}"
-                [apps.shop.apns]
-                key_file = "{key_file}"
-                key_id = "{key_id}"
-                team_id = "{team_id}"
-                topic = "{TOPIC}"
-                endpoint = "{endpoint}"
-                [apps.shop.limits]
-                apns_per_second = {RATE}
-                burst = {BURST}
-                "#,
-                url = redis.url(),
-                key_file = key_file.display(),
-                key_id = key.key_id,
-                team_id = key.team_id,
-                endpoint = mock.url(),
-            ),
-        )
-        .unwrap();
-        processes.push(spawn(&config, &dir.path().join(format!("gateway-{i}.log"))));
-        addrs.push(addr);
-    }
+    let (mock, key, key_file) = apns_mock(dir.path()).await;
+    let (processes, addrs) = start_three(
+        dir.path(),
+        &redis,
+        &mock,
+        &key,
+        &key_file,
+        &format!("[apps.shop.limits]\napns_per_second = {RATE}\nburst = {BURST}"),
+    );
     let mut clients = Vec::new();
     for addr in &addrs {
         clients.push(connect(addr).await);
