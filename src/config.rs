@@ -314,29 +314,19 @@ impl Config {
             .validate()
             .map_err(|(key, reason)| ConfigError::invalid(key, reason))?;
         let p = &self.pipeline;
-        if p.accept_window == 0 {
-            return Err(ConfigError::invalid(
-                "pipeline.accept_window",
-                "must be at least 1",
-            ));
-        }
-        if p.max_in_flight_requests == 0 {
-            return Err(ConfigError::invalid(
+        for (key, value) in [
+            ("pipeline.accept_window", p.accept_window as u64),
+            (
                 "pipeline.max_in_flight_requests",
-                "must be at least 1",
-            ));
-        }
-        if p.dispatch_queue == 0 {
-            return Err(ConfigError::invalid(
-                "pipeline.dispatch_queue",
-                "must be at least 1",
-            ));
-        }
-        if p.max_batch_recipients == 0 {
-            return Err(ConfigError::invalid(
+                p.max_in_flight_requests as u64,
+            ),
+            ("pipeline.dispatch_queue", p.dispatch_queue as u64),
+            (
                 "pipeline.max_batch_recipients",
-                "must be at least 1",
-            ));
+                p.max_batch_recipients as u64,
+            ),
+        ] {
+            at_least_one(key, value)?;
         }
         validate_retry("retry", &self.retry)?;
         for (id, app) in &self.apps {
@@ -380,25 +370,26 @@ impl Config {
                         "set credentials_file or credentials_json",
                     ));
                 }
-                if fcm.connections == 0 {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.connections"),
-                        "must be at least 1",
-                    ));
-                }
+                at_least_one(&format!("{key}.connections"), fcm.connections as u64)?;
+                at_least_one(&format!("{key}.request_timeout_ms"), fcm.request_timeout_ms)?;
             }
         }
         Ok(())
     }
 }
 
-fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
-    if retry.max_attempts == 0 {
-        return Err(ConfigError::invalid(
-            format!("{key}.max_attempts"),
-            "must be at least 1",
-        ));
+fn at_least_one(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "must be at least 1"));
     }
+    Ok(())
+}
+
+fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
+    at_least_one(
+        &format!("{key}.max_attempts"),
+        u64::from(retry.max_attempts),
+    )?;
     if retry.cap_ms < retry.base_ms {
         return Err(ConfigError::invalid(
             format!("{key}.cap_ms"),
@@ -434,18 +425,11 @@ fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
             "set key_file (the .p8 file) or key_pem",
         ));
     }
-    if apns.connections == 0 {
-        return Err(ConfigError::invalid(
-            format!("{key}.connections"),
-            "must be at least 1",
-        ));
-    }
-    if apns.request_timeout_ms == 0 {
-        return Err(ConfigError::invalid(
-            format!("{key}.request_timeout_ms"),
-            "must be at least 1",
-        ));
-    }
+    at_least_one(&format!("{key}.connections"), apns.connections as u64)?;
+    at_least_one(
+        &format!("{key}.request_timeout_ms"),
+        apns.request_timeout_ms,
+    )?;
     Ok(())
 }
 
