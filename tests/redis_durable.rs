@@ -131,6 +131,22 @@ async fn node(
     Node { gateway, store }
 }
 
+/// The terminal statuses `gateway` emits on its hub, until `n` messages have one (at most 30 s);
+/// asserts none gets two.
+async fn terminal_statuses(gateway: &Gateway, n: u64) -> HashMap<String, ReceiptStatus> {
+    let mut sub = gateway.hub().subscribe("shop");
+    let mut done = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (done.len() as u64) < n && Instant::now() < deadline {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
+            && r.terminal()
+        {
+            assert!(done.insert(r.meta.message_id.clone(), r.status).is_none());
+        }
+    }
+    done
+}
+
 fn token(n: u64) -> String {
     format!("{n:064x}")
 }
@@ -599,16 +615,7 @@ async fn another_replica_takes_over_the_parked_jobs_of_one_that_went_away() {
         ))
     );
     let b = node(&redis, Arc::clone(&provider), policy, |c| c.lease_ms = 600).await;
-    let mut sub = b.gateway.hub().subscribe("shop");
-    let mut done: HashMap<String, ReceiptStatus> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (done.len() as u64) < N && Instant::now() < deadline {
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
-            && r.terminal()
-        {
-            assert!(done.insert(r.meta.message_id.clone(), r.status).is_none());
-        }
-    }
+    let done = terminal_statuses(&b.gateway, N).await;
     assert_eq!(done.len() as u64, N, "B finished every job A parked");
     assert!(done.values().all(|s| *s == ReceiptStatus::Delivered));
     assert!(provider.delivered().values().all(|&c| c == 1));
@@ -832,16 +839,7 @@ async fn shutdown_past_grace_hands_durable_messages_to_the_next_replica() {
     // ... and the next replica reclaims their leases and delivers them.
     let healthy = Scripted::new(|_| delivered());
     let b = node(&redis, Arc::clone(&healthy), policy, |c| c.lease_ms = 600).await;
-    let mut sub = b.gateway.hub().subscribe("shop");
-    let mut done: HashMap<String, ReceiptStatus> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (done.len() as u64) < N && Instant::now() < deadline {
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
-            && r.terminal()
-        {
-            assert!(done.insert(r.meta.message_id.clone(), r.status).is_none());
-        }
-    }
+    let done = terminal_statuses(&b.gateway, N).await;
     assert_eq!(
         done.len() as u64,
         N,
