@@ -262,7 +262,7 @@ impl Gateway {
         }
         let compiled = CompiledTemplate::compile(&batch.template)?;
         let batch_id: Arc<str> = if batch.batch_id.is_empty() {
-            uuid::Uuid::new_v4().to_string().into()
+            crate::model::random_uuid().to_string().into()
         } else {
             batch.batch_id.as_str().into()
         };
@@ -301,7 +301,7 @@ impl Gateway {
         let recipients = std::mem::take(&mut batch.recipients);
         for (index, recipient) in recipients.into_iter().enumerate() {
             let message_id = if recipient.message_id.is_empty() {
-                uuid::Uuid::new_v4().to_string()
+                crate::model::random_uuid().to_string()
             } else {
                 recipient.message_id.clone()
             };

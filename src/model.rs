@@ -178,16 +178,17 @@ impl FieldError {
 #[derive(Debug, Clone)]
 pub struct ApnsRequest {
     pub device_token: String,
-    /// Bundle id plus the push type's suffix.
-    pub topic: String,
+    /// Bundle id plus the push type's suffix (UTF-8). Bytes so that every message of a batch
+    /// shares one copy and the header is built without copying it.
+    pub topic: Bytes,
     pub push_type: PushType,
     /// 10, 5 or 1.
     pub priority: u8,
     /// Absolute `apns-expiration` in Unix seconds; `None` omits the header.
     pub expiration: Option<u64>,
     pub collapse_id: Option<String>,
-    /// The canonical lower-case UUID sent as `apns-id`.
-    pub apns_id: String,
+    /// Sent as `apns-id`, in canonical lower-case form.
+    pub apns_id: uuid::Uuid,
     /// The JSON body (`aps` plus custom keys), already size-checked.
     pub payload: Bytes,
 }
@@ -292,6 +293,12 @@ impl Receipt {
     pub fn terminal(&self) -> bool {
         self.status.is_terminal()
     }
+}
+
+/// A random (version 4) UUID from the thread-local generator: `Uuid::new_v4` without the
+/// `fast-rng` feature asks the kernel for every one, a system call per message.
+pub fn random_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// Milliseconds since the Unix epoch (0 before it).

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 use crate::metrics::Metrics;
 use crate::model::{Outcome, ProviderRequest, ReceiptStatus};
@@ -75,7 +75,9 @@ impl Deliverer {
         scheduler
             .run(dispatch, |job, permit, slot| {
                 let this = Arc::clone(&self);
-                let span = info_span!(
+                // Debug level: at the default `info` filter a span per message (allocated and
+                // formatted by the subscriber) would cost a measurable share of the message.
+                let span = debug_span!(
                     "deliver",
                     app = %job.app.id,
                     message_id = %job.pending.meta().message_id,

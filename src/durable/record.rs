@@ -110,12 +110,12 @@ impl StoredJob {
             request: match request {
                 ProviderRequest::Apns(a) => StoredRequest::Apns {
                     device_token: a.device_token.clone(),
-                    topic: a.topic.clone(),
+                    topic: String::from_utf8_lossy(&a.topic).into_owned(),
                     push_type: a.push_type.header_value().to_owned(),
                     priority: a.priority,
                     expiration: a.expiration,
                     collapse_id: a.collapse_id.clone(),
-                    apns_id: a.apns_id.clone(),
+                    apns_id: a.apns_id.to_string(),
                     payload: Payload::of(&a.payload),
                 },
                 ProviderRequest::Fcm(f) => StoredRequest::Fcm {
@@ -175,13 +175,14 @@ impl StoredJob {
                 payload,
             } => ProviderRequest::Apns(ApnsRequest {
                 device_token: device_token.clone(),
-                topic: topic.clone(),
+                topic: Bytes::copy_from_slice(topic.as_bytes()),
                 push_type: push_type_from_header(push_type)
                     .ok_or_else(|| RecordError(format!("unknown push type `{push_type}`")))?,
                 priority: *priority,
                 expiration: *expiration,
                 collapse_id: collapse_id.clone(),
-                apns_id: apns_id.clone(),
+                apns_id: uuid::Uuid::try_parse(apns_id)
+                    .map_err(|e| RecordError(format!("apns_id `{apns_id}`: {e}")))?,
                 payload: payload.bytes()?,
             }),
             StoredRequest::Fcm { device_token, body } => ProviderRequest::Fcm(FcmRequest {
@@ -254,7 +255,7 @@ mod tests {
             priority: 10,
             expiration: Some(5),
             collapse_id: None,
-            apns_id: "id".into(),
+            apns_id: uuid::Uuid::new_v4(),
             payload: Bytes::from_static(b"{\"aps\":{}}"),
         });
         let rec = StoredJob::new(&meta, &apns, 3);

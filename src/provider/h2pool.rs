@@ -288,6 +288,17 @@ impl H2Pool {
         request: Request<()>,
         body: Bytes,
     ) -> Result<H2Response, TransportError> {
+        self.send_with(|| clone_request(&request), body).await
+    }
+
+    /// As [`H2Pool::send`], with the request built by `request` for each try: h2 consumes the
+    /// request it sends, and building it again only when a try is refused is cheaper than
+    /// copying it before every try.
+    pub async fn send_with(
+        &self,
+        request: impl Fn() -> Request<()>,
+        body: Bytes,
+    ) -> Result<H2Response, TransportError> {
         self.ensure_started();
         let timeout = self.shared.config.request_timeout;
         let attempt = async {
@@ -302,7 +313,7 @@ impl H2Pool {
                         warmup = permit;
                     }
                 }
-                let result = send_on(&conn, clone_request(&request), body.clone()).await;
+                let result = send_on(&conn, request(), body.clone()).await;
                 if let Ok(response) = &result
                     && response.status.is_success()
                 {
@@ -401,16 +412,32 @@ async fn send_on(
     }
     let response = response.await.map_err(|e| map_h2(e, conn))?;
     let (parts, mut recv) = response.into_parts();
-    let mut body = BytesMut::new();
+    // Responses are small and usually one DATA frame: keep that frame as it is, and copy only
+    // when there are more.
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(|e| map_h2(e, conn))?;
         let _ = recv.flow_control().release_capacity(chunk.len());
-        body.extend_from_slice(&chunk);
+        match &first {
+            None => first = Some(chunk),
+            Some(head) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(head);
+                }
+                rest.extend_from_slice(&chunk);
+            }
+        }
     }
+    let body = if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    };
     Ok(H2Response {
         status: parts.status,
         headers: parts.headers,
-        body: body.freeze(),
+        body,
     })
 }
 

@@ -92,16 +92,15 @@ pub(super) fn check_token(token: &str) -> Result<(), String> {
 
 /// The `apns-id` for a message id: the id itself, lower-cased, when it is a canonical UUID
 /// (8-4-4-4-12 hex digits), else a fresh random UUID.
-pub fn sanitize_apns_id(message_id: &str) -> String {
+pub fn sanitize_apns_id(message_id: &str) -> uuid::Uuid {
     let canonical = message_id.len() == 36
         && message_id.bytes().enumerate().all(|(i, b)| match i {
             8 | 13 | 18 | 23 => b == b'-',
             _ => b.is_ascii_hexdigit(),
         });
-    if canonical {
-        message_id.to_ascii_lowercase()
-    } else {
-        uuid::Uuid::new_v4().hyphenated().to_string()
+    match canonical.then(|| uuid::Uuid::try_parse(message_id)) {
+        Some(Ok(id)) => id,
+        _ => crate::model::random_uuid(),
     }
 }
 
@@ -132,6 +131,21 @@ fn check_merged(payload: &Map<String, Value>, background: bool) -> Result<(), St
 }
 
 impl CompiledTemplate {
+    /// `apns-topic` for `push_type`: the bundle id plus the push type's suffix, built once per
+    /// batch and shared.
+    fn apns_topic_for(&self, bundle_id: &str, push_type: PushType) -> Bytes {
+        let suffix = push_type.topic_suffix();
+        let build = || Bytes::from(format!("{bundle_id}{suffix}"));
+        let (cached_type, cached) = self.apns_topic.get_or_init(|| (push_type, build()));
+        let same_bundle = cached.len() == bundle_id.len() + suffix.len()
+            && cached.starts_with(bundle_id.as_bytes());
+        if *cached_type == push_type && same_bundle {
+            cached.clone()
+        } else {
+            build()
+        }
+    }
+
     /// A template problem that rejects every APNs recipient, if any.
     pub(super) fn find_apns_problem(&self) -> Option<FieldError> {
         self.data.iter().find_map(|(key, _)| {
@@ -287,7 +301,7 @@ impl CompiledTemplate {
         }
         Ok(ApnsRequest {
             device_token: recipient.device_token.clone(),
-            topic: format!("{}{}", ctx.apns_topic, built.push_type.topic_suffix()),
+            topic: self.apns_topic_for(&ctx.apns_topic, built.push_type),
             push_type: built.push_type,
             priority: built.priority,
             expiration: expiration(meta.accepted_at, self.ttl_secs),

@@ -124,6 +124,8 @@ pub struct CompiledTemplate {
     /// The APNs payload, when nothing in it depends on the recipient (no placeholders): built
     /// once, shared by every recipient without overrides.
     apns_cached: Option<Result<apns::Built, FieldError>>,
+    /// The last `apns-topic` built (push type and value), shared by the batch's messages.
+    apns_topic: std::sync::OnceLock<(PushType, bytes::Bytes)>,
 }
 
 /// Where a title or body text comes from, to name it in errors.
@@ -231,6 +233,7 @@ impl CompiledTemplate {
             apns_problem: None,
             fcm_problem: None,
             apns_cached: None,
+            apns_topic: std::sync::OnceLock::new(),
         };
         if compiled.push_type == Some(PushType::Background) {
             compiled.check_background(

@@ -126,7 +126,10 @@ fn apns_alert_exact_payload_and_headers() {
     assert_eq!(a.priority, 10);
     assert_eq!(a.expiration, Some(ACCEPTED + 3600));
     assert_eq!(a.collapse_id.as_deref(), Some("order-42"));
-    assert_eq!(a.apns_id, "7c9e6679-7425-40de-944b-e07fc1f90ae7");
+    assert_eq!(
+        a.apns_id.hyphenated().to_string(),
+        "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+    );
     assert_eq!(a.device_token, TOKEN);
 }
 
@@ -561,12 +564,19 @@ fn apns_topic_and_id() {
         ProviderRequest::Apns(a) => a,
         ProviderRequest::Fcm(_) => unreachable!(),
     };
-    assert_eq!(sanitize_apns_id(&a.apns_id), a.apns_id);
-    assert_eq!(a.apns_id, a.apns_id.to_ascii_lowercase());
-    assert!(uuid::Uuid::try_parse(&a.apns_id).is_ok());
+    // A message id that is not a canonical UUID gets a fresh one.
+    assert_eq!(a.apns_id.get_version_num(), 4);
+    assert_ne!(a.apns_id, sanitize_apns_id("not-a-uuid"), "fresh each time");
+    let upper = "7C9E6679-7425-40DE-944B-E07FC1F90AE7";
+    assert_eq!(
+        sanitize_apns_id(upper).hyphenated().to_string(),
+        upper.to_ascii_lowercase()
+    );
+    let braced = "{7c9e6679-7425-40de-944b-e07fc1f90ae7}";
     assert_ne!(
-        sanitize_apns_id("{7c9e6679-7425-40de-944b-e07fc1f90ae7}").len(),
-        38
+        sanitize_apns_id(braced),
+        sanitize_apns_id(&braced[1..37]),
+        "only the canonical 36-character form is kept"
     );
 }
 
@@ -946,8 +956,8 @@ proptest! {
             .map_err(|e| TestCaseError::fail(format!("invalid JSON: {e}")))?;
         let aps = v.get("aps").and_then(Value::as_object);
         prop_assert!(aps.is_some(), "aps missing or not an object: {}", v);
-        prop_assert!(a.topic.starts_with("com.example.app"));
-        prop_assert!(a.topic.ends_with(a.push_type.topic_suffix()));
+        prop_assert!(a.topic.starts_with(b"com.example.app"));
+        prop_assert!(a.topic.ends_with(a.push_type.topic_suffix().as_bytes()));
         if a.push_type == PushType::Background {
             prop_assert_eq!(&v["aps"], &json!({"content-available": 1}));
             prop_assert_eq!(a.priority, 5);

@@ -9,7 +9,8 @@ pub mod response;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Request};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::warn;
@@ -38,6 +39,52 @@ pub struct ApnsProvider {
     /// request, not a burst.
     credentials_proven: std::sync::atomic::AtomicBool,
     probe: tokio::sync::Mutex<()>,
+    /// The `authorization` header for the current token.
+    bearer: Mutex<Option<(Arc<str>, HeaderValue)>>,
+}
+
+const APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+const APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+const APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+const APNS_ID: HeaderName = HeaderName::from_static("apns-id");
+const APNS_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+const APNS_COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+
+/// One APNs request, checked, in parts that are cheap to clone.
+struct ApnsRequestParts {
+    uri: Uri,
+    authorization: HeaderValue,
+    topic: HeaderValue,
+    push_type: HeaderValue,
+    priority: HeaderValue,
+    apns_id: HeaderValue,
+    expiration: Option<HeaderValue>,
+    collapse_id: Option<HeaderValue>,
+}
+
+impl ApnsRequestParts {
+    fn request(&self) -> Request<()> {
+        let mut headers = HeaderMap::with_capacity(8);
+        headers.insert(AUTHORIZATION, self.authorization.clone());
+        headers.insert(APNS_TOPIC, self.topic.clone());
+        headers.insert(APNS_PUSH_TYPE, self.push_type.clone());
+        headers.insert(APNS_PRIORITY, self.priority.clone());
+        // Unique per message: never worth a place in the HPACK table (on either side).
+        let mut apns_id = self.apns_id.clone();
+        apns_id.set_sensitive(true);
+        headers.insert(APNS_ID, apns_id);
+        if let Some(expiration) = &self.expiration {
+            headers.insert(APNS_EXPIRATION, expiration.clone());
+        }
+        if let Some(collapse_id) = &self.collapse_id {
+            headers.insert(APNS_COLLAPSE_ID, collapse_id.clone());
+        }
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = headers;
+        request
+    }
 }
 
 impl ApnsProvider {
@@ -51,6 +98,7 @@ impl ApnsProvider {
             credentials_retry,
             credentials_proven: std::sync::atomic::AtomicBool::new(false),
             probe: tokio::sync::Mutex::new(()),
+            bearer: Mutex::new(None),
         }
     }
 
@@ -76,29 +124,46 @@ impl ApnsProvider {
         }
     }
 
-    fn build(&self, message: &ApnsRequest, token: &str) -> Result<Request<()>, String> {
+    /// Checks and prepares what goes into the request; `ApnsRequestParts::request` then
+    /// assembles it without failing, once per try.
+    fn prepare(&self, message: &ApnsRequest, token: &Arc<str>) -> Result<ApnsRequestParts, String> {
         let endpoint = self.pool.endpoint();
-        let uri = format!(
-            "{}://{}/3/device/{}",
-            endpoint.scheme, endpoint.authority, message.device_token
-        );
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header("authorization", bearer(token)?)
-            .header("apns-topic", value(&message.topic, "apns-topic")?)
-            .header("apns-push-type", message.push_type.header_value())
-            .header("apns-priority", priority_value(message.priority))
-            .header("apns-id", value(&message.apns_id, "apns-id")?);
-        if let Some(expiration) = message.expiration {
-            builder = builder.header("apns-expiration", HeaderValue::from(expiration));
+        let path = format!("/3/device/{}", message.device_token);
+        let uri = Uri::builder()
+            .scheme(endpoint.scheme.clone())
+            .authority(endpoint.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| "device_token is not valid in a URL path".to_string())?;
+        let mut apns_id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let apns_id = message.apns_id.hyphenated().encode_lower(&mut apns_id);
+        Ok(ApnsRequestParts {
+            uri,
+            authorization: self.bearer(token)?,
+            topic: HeaderValue::from_maybe_shared(message.topic.clone())
+                .map_err(|_| "apns-topic contains characters not allowed in a header")?,
+            push_type: HeaderValue::from_static(message.push_type.header_value()),
+            priority: priority_value(message.priority),
+            apns_id: value(apns_id, "apns-id")?,
+            expiration: message.expiration.map(HeaderValue::from),
+            collapse_id: match &message.collapse_id {
+                Some(collapse) => Some(value(collapse, "apns-collapse-id")?),
+                None => None,
+            },
+        })
+    }
+
+    /// The `authorization` value for `token`, built once per token.
+    fn bearer(&self, token: &Arc<str>) -> Result<HeaderValue, String> {
+        let mut cached = self.bearer.lock();
+        if let Some((for_token, header)) = cached.as_ref()
+            && Arc::ptr_eq(for_token, token)
+        {
+            return Ok(header.clone());
         }
-        if let Some(collapse) = &message.collapse_id {
-            builder = builder.header("apns-collapse-id", value(collapse, "apns-collapse-id")?);
-        }
-        builder
-            .body(())
-            .map_err(|e| format!("invalid APNs request: {e}"))
+        let header = bearer(token)?;
+        *cached = Some((Arc::clone(token), header.clone()));
+        Ok(header)
     }
 
     async fn deliver_apns(&self, message: &ApnsRequest) -> Outcome {
@@ -143,19 +208,23 @@ impl ApnsProvider {
                     };
                 }
             };
-            let request = match self.build(message, &token) {
-                Ok(r) => r,
+            let parts = match self.prepare(message, &token) {
+                Ok(parts) => parts,
                 Err(reason) => return Outcome::Rejected { reason, status: 0 },
             };
-            let response = match self.pool.send(request, message.payload.clone()).await {
+            let response = match self
+                .pool
+                .send_with(|| parts.request(), message.payload.clone())
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => return transport_outcome(e),
             };
             let apns_id = response
                 .headers
-                .get("apns-id")
+                .get(APNS_ID)
                 .and_then(|v| v.to_str().ok())
-                .or(Some(message.apns_id.as_str()));
+                .or(parts.apns_id.to_str().ok());
             match classify(response.status.as_u16(), &response.body, apns_id) {
                 Verdict::Final(outcome) => return outcome,
                 Verdict::RefreshToken if !refreshed => {

@@ -13,7 +13,8 @@ pub mod response;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, Method, Request};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::warn;
@@ -37,6 +38,10 @@ pub struct FcmProvider {
     tokens: TokenSource,
     project_id: String,
     send_uri: String,
+    /// `send_uri` parsed; `None` when the project id does not make a valid URI.
+    send_target: Option<Uri>,
+    /// The `authorization` header for the current access token.
+    authorization: Mutex<Option<(AccessToken, HeaderValue)>>,
     request_timeout: Duration,
     /// Project quota exhausted: no send before this instant.
     app_pause_until: Mutex<Option<Instant>>,
@@ -70,7 +75,9 @@ impl FcmProvider {
             pool,
             tokens,
             project_id: project_id.to_string(),
+            send_target: Uri::try_from(send_uri.as_str()).ok(),
             send_uri,
+            authorization: Mutex::new(None),
             request_timeout,
             app_pause_until: Mutex::new(None),
         }
@@ -225,18 +232,43 @@ impl FcmProvider {
         Ok(())
     }
 
-    fn build_request(&self, token: &AccessToken) -> Result<Request<()>, String> {
-        // Indexable in HPACK (the token lives for an hour): one table index per request instead
-        // of the whole token. Requests are never logged.
-        let authorization = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
+    /// Checks what goes into the request; the returned closure assembles it without failing,
+    /// once per try.
+    fn prepare_request(
+        &self,
+        token: &AccessToken,
+    ) -> Result<impl Fn() -> Request<()> + use<>, String> {
+        let uri = self
+            .send_target
+            .clone()
+            .ok_or_else(|| format!("invalid FCM request: bad URI `{}`", self.send_uri))?;
+        let authorization = self.authorization(token)?;
+        Ok(move || {
+            let mut headers = HeaderMap::with_capacity(2);
+            headers.insert(AUTHORIZATION, authorization.clone());
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let mut request = Request::new(());
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = headers;
+            request
+        })
+    }
+
+    /// The `authorization` value for `token`, built once per token. Indexable in HPACK (the
+    /// token lives for an hour): one table index per request instead of the whole token.
+    /// Requests are never logged.
+    fn authorization(&self, token: &AccessToken) -> Result<HeaderValue, String> {
+        let mut cached = self.authorization.lock();
+        if let Some((for_token, header)) = cached.as_ref()
+            && for_token.is(token)
+        {
+            return Ok(header.clone());
+        }
+        let header = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
             .map_err(|_| "the access token is not a valid header value".to_string())?;
-        Request::builder()
-            .method(Method::POST)
-            .uri(self.send_uri.as_str())
-            .header("authorization", authorization)
-            .header("content-type", HeaderValue::from_static("application/json"))
-            .body(())
-            .map_err(|e| format!("invalid FCM request: {e}"))
+        *cached = Some((token.clone(), header.clone()));
+        Ok(header)
     }
 
     async fn deliver_fcm(&self, message: &FcmRequest) -> Outcome {
@@ -249,11 +281,11 @@ impl FcmProvider {
                 Ok(token) => token,
                 Err(error) => return token_outcome(error),
             };
-            let request = match self.build_request(&token) {
+            let request = match self.prepare_request(&token) {
                 Ok(request) => request,
                 Err(reason) => return Outcome::Failed { reason, status: 0 },
             };
-            let response = match self.pool.send(request, message.body.clone()).await {
+            let response = match self.pool.send_with(request, message.body.clone()).await {
                 Ok(response) => response,
                 Err(error) => return transport_outcome(error),
             };

@@ -74,6 +74,11 @@ impl AccessToken {
     pub fn secret(&self) -> &str {
         &self.0
     }
+
+    /// The same token (not merely an equal one): a cheap check for caches keyed by token.
+    pub fn is(&self, other: &AccessToken) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl std::fmt::Debug for AccessToken {

@@ -245,7 +245,7 @@ async fn wrong_platform_is_reported() {
         priority: 10,
         expiration: None,
         collapse_id: None,
-        apns_id: "id".into(),
+        apns_id: uuid::Uuid::new_v4(),
         payload: Bytes::new(),
     });
     assert!(matches!(
