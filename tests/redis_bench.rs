@@ -94,7 +94,7 @@ async fn retries_scheduled_and_claimed_per_second() {
                 priority: 10,
                 expiration: None,
                 collapse_id: None,
-                apns_id: uuid::Uuid::new_v4().to_string(),
+                apns_id: uuid::Uuid::new_v4(),
                 payload: payload.clone(),
             }),
             app: Arc::clone(&app),

@@ -70,10 +70,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use parking_lot::{Mutex, RwLock};
 
+use crate::json;
 pub use crate::server::MockStats;
 use crate::server::{
     self, Admission, ConnCtx, ConnFaults, Countdown, Counters, Handler, MockClock, PerMille,
@@ -592,6 +594,13 @@ const PUSH_TYPES: &[(&str, &str)] = &[
     ("widgets", ".push-type.widgets"),
 ];
 
+const APNS_ID: HeaderName = HeaderName::from_static("apns-id");
+const APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+const APNS_COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+const APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+const APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+const APNS_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+
 const MAX_PAYLOAD: usize = 4096;
 const MAX_VOIP_PAYLOAD: usize = 5120;
 
@@ -604,11 +613,15 @@ fn is_canonical_uuid(s: &str) -> bool {
         })
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"))
 }
 
 fn has_duplicate_headers(headers: &HeaderMap) -> bool {
+    // No name carries two values: nothing to look at.
+    if headers.len() == headers.keys_len() {
+        return false;
+    }
     headers.keys().any(|k| {
         let n = k.as_str();
         (n.starts_with("apns-") || n == "authorization")
@@ -633,7 +646,7 @@ impl ApnsInner {
         if has_duplicate_headers(h) {
             return Err(DuplicateHeaders.into());
         }
-        if let Some(id) = header_str(h, "apns-id")
+        if let Some(id) = header_str(h, &APNS_ID)
             && !is_canonical_uuid(id)
         {
             return Err(BadMessageId.into());
@@ -641,23 +654,23 @@ impl ApnsInner {
         if parts.method != Method::POST {
             return Err(MethodNotAllowed.into());
         }
-        let topic = match header_str(h, "apns-topic") {
+        let topic = match header_str(h, &APNS_TOPIC) {
             Some(t) if !t.is_empty() => t,
             _ => return Err(MissingTopic.into()),
         };
-        let collapse_id = h.get("apns-collapse-id");
+        let collapse_id = h.get(&APNS_COLLAPSE_ID);
         if collapse_id.is_some_and(|c| c.len() > 64) {
             return Err(BadCollapseId.into());
         }
         let collapse_id = collapse_id.map(|c| c.to_str().unwrap_or("\u{fffd}"));
-        let priority = match header_str(h, "apns-priority") {
+        let priority = match header_str(h, &APNS_PRIORITY) {
             None => 10,
             Some("10") => 10,
             Some("5") => 5,
             Some("1") => 1,
             Some(_) => return Err(BadPriority.into()),
         };
-        let (push_type, suffix) = match header_str(h, "apns-push-type") {
+        let (push_type, suffix) = match header_str(h, &APNS_PUSH_TYPE) {
             None if self.cfg.require_push_type => return Err(InvalidPushType.into()),
             None => ("alert", ""),
             Some(p) => match PUSH_TYPES.iter().find(|(name, _)| *name == p) {
@@ -684,7 +697,7 @@ impl ApnsInner {
         if token.len() % 2 != 0 || !token.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(BadDeviceToken.into());
         }
-        let expiration = match header_str(h, "apns-expiration") {
+        let expiration = match header_str(h, &APNS_EXPIRATION) {
             None => None,
             Some(e) => match e.parse::<u64>() {
                 Ok(v) => {
@@ -781,7 +794,7 @@ impl ApnsInner {
     fn check_auth(&self, headers: &HeaderMap, conn: &ApnsConn) -> Result<(), Reject> {
         use ApnsReason::*;
         let f = &self.faults;
-        let auth = match headers.get("authorization") {
+        let auth = match headers.get(AUTHORIZATION) {
             Some(v) if !v.is_empty() => v.to_str().unwrap_or(""),
             _ => return Err(MissingProviderToken.into()),
         };
@@ -850,12 +863,13 @@ impl ApnsInner {
         Ok(())
     }
 
+    /// Checks the payload; returns it parsed when it is to be recorded.
     fn check_body(
         &self,
         v: &Validated<'_>,
         body: &Bytes,
         truncated: bool,
-    ) -> Result<serde_json::Value, Reject> {
+    ) -> Result<Option<serde_json::Value>, Reject> {
         use ApnsReason::*;
         if body.is_empty() && !truncated {
             return Err(PayloadEmpty.into());
@@ -867,6 +881,11 @@ impl ApnsInner {
         };
         if truncated || body.len() > limit {
             return Err(PayloadTooLarge.into());
+        }
+        // The common case needs no tree: an object, not a `background` push, not recorded.
+        let background = v.push_type == "background" && self.cfg.background_error.is_some();
+        if !background && !self.cfg.record_accepted && json::is_object(body) {
+            return Ok(None);
         }
         let payload: serde_json::Value = match serde_json::from_slice(body) {
             Ok(p @ serde_json::Value::Object(_)) => p,
@@ -886,11 +905,16 @@ impl ApnsInner {
                 return Err(err.into());
             }
         }
-        Ok(payload)
+        Ok(Some(payload))
     }
 
-    fn respond(&self, resp: &mut SendResponse<Bytes>, apns_id: &str, reject: Option<Reject>) {
-        let builder = Response::builder().header("apns-id", apns_id);
+    fn respond(
+        &self,
+        resp: &mut SendResponse<Bytes>,
+        apns_id: &HeaderValue,
+        reject: Option<Reject>,
+    ) {
+        let builder = Response::builder().header(APNS_ID, apns_id.clone());
         match reject {
             None => {
                 self.counters.record(200, None);
@@ -910,7 +934,7 @@ impl ApnsInner {
                 };
                 if let Ok(r) = builder
                     .status(status)
-                    .header("content-type", "application/json")
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                     .body(())
                 {
                     server::send(resp, r, Some(Bytes::from(body)));
@@ -930,9 +954,18 @@ impl ApnsInner {
             return; // the client reset the stream
         };
         server::delay(self.faults.latency_micros.load(Relaxed)).await;
-        let apns_id = match header_str(&parts.headers, "apns-id") {
-            Some(id) if is_canonical_uuid(id) => id.to_string(),
-            _ => uuid::Uuid::new_v4().to_string(),
+        // Echo the client's id (sharing its bytes) or make one.
+        let apns_id = match parts.headers.get(&APNS_ID) {
+            Some(id) if id.to_str().is_ok_and(is_canonical_uuid) => {
+                let mut id = id.clone();
+                id.set_sensitive(false);
+                id
+            }
+            _ => {
+                let mut buf = uuid::Uuid::encode_buffer();
+                let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+                HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static(""))
+            }
         };
         let v = match self.check_headers(&parts) {
             Ok(v) => v,
@@ -967,8 +1000,8 @@ impl ApnsInner {
                 priority: v.priority,
                 expiration: v.expiration,
                 collapse_id: v.collapse_id.map(str::to_string),
-                apns_id: apns_id.clone(),
-                payload,
+                apns_id: apns_id.to_str().unwrap_or_default().to_string(),
+                payload: payload.unwrap_or_default(),
                 received_at: Instant::now(),
             };
             self.accepted.lock().push(record);

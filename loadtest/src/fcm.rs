@@ -53,6 +53,7 @@
 //!   and self-signed JWT bearer tokens are not emulated. Tokens in `apns`/`webpush` blocks are not
 //!   validated.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -63,7 +64,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Method, Response};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Response};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value, json};
@@ -430,6 +432,20 @@ impl FcmFaults {
     }
 }
 
+/// Per-connection state: the access token this connection last showed valid, so the common case
+/// (one token for many requests) skips the shared map. Issued tokens are never removed or changed,
+/// and generation and expiry are re-checked on every request.
+#[derive(Default)]
+pub(crate) struct FcmConn {
+    token: Mutex<Option<CachedToken>>,
+}
+
+struct CachedToken {
+    token: Box<str>,
+    expires_at: i64,
+    generation: u64,
+}
+
 struct Issued {
     expires_at: i64,
     generation: u64,
@@ -445,6 +461,12 @@ struct FcmInner {
     accepted: Mutex<Vec<AcceptedFcm>>,
     error_seq: AtomicU64,
     message_seq: AtomicU64,
+    /// `projects/<p>/messages/`.
+    name_prefix: String,
+    /// `{"name":"projects/<p>/messages/` (JSON-escaped), the start of every 200 body.
+    name_json_head: String,
+    /// The whole 200 body of a `validate_only` request.
+    validate_only_body: Bytes,
 }
 
 /// A running mock FCM. Dropping it stops the listener; [`MockFcm::shutdown`] drains first.
@@ -466,6 +488,15 @@ impl MockFcm {
         };
         let (listener, addr) = server::bind().await?;
         let scheme = if tls.is_some() { "https" } else { "http" };
+        let name_prefix = format!("projects/{}/messages/", cfg.project_id);
+        let name_json = json!({ "name": name_prefix }).to_string();
+        // Drop the closing `"}`: the message id goes there.
+        let name_json_head = name_json
+            .strip_suffix("\"}")
+            .unwrap_or(&name_json)
+            .to_string();
+        let validate_only_body =
+            Bytes::from(json!({ "name": format!("{name_prefix}fake_message_id") }).to_string());
         let inner = Arc::new(FcmInner {
             key,
             token_uri: format!("{scheme}://{addr}/token"),
@@ -475,6 +506,9 @@ impl MockFcm {
             accepted: Mutex::default(),
             error_seq: AtomicU64::new(0),
             message_seq: AtomicU64::new(0),
+            name_prefix,
+            name_json_head,
+            validate_only_body,
             cfg,
         });
         let running = server::spawn(listener, addr, inner.clone(), tls.clone(), true);
@@ -711,6 +745,40 @@ fn check_string_map(obj: &Map<String, Value>, key: &str, path: &str) -> Result<(
     }
 }
 
+/// `0:<millis>%<seq as 16 hex digits>` (what `format!("0:{millis}%{seq:016x}")` gives), the id
+/// part of an accepted message's name, written into `buf` without the formatting machinery. Only
+/// digits, `:`, `-` and `%`: nothing JSON would escape.
+fn message_id(millis: i64, seq: u64, buf: &mut [u8; 48]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 20];
+    let mut d = digits.len();
+    let mut m = millis.unsigned_abs();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    buf[..2].copy_from_slice(b"0:");
+    let mut i = 2;
+    if millis < 0 {
+        buf[i] = b'-';
+        i += 1;
+    }
+    let n = digits.len() - d;
+    buf[i..i + n].copy_from_slice(&digits[d..]);
+    i += n;
+    buf[i] = b'%';
+    i += 1;
+    for (k, out) in buf[i..i + 16].iter_mut().enumerate() {
+        *out = HEX[((seq >> (60 - 4 * k)) & 0xf) as usize];
+    }
+    i += 16;
+    std::str::from_utf8(&buf[..i]).unwrap_or("")
+}
+
 /// Parses a proto Duration string (`"3600s"`, `"3.5s"`) to seconds.
 fn parse_duration(s: &str) -> Option<f64> {
     let num = s.strip_suffix('s')?;
@@ -784,20 +852,328 @@ fn check_android(message: &Map<String, Value>) -> Result<(), GError> {
 }
 
 /// The validated parts of a send request.
-struct SendRequest {
+struct SendRequest<'a> {
+    /// The `message` object; `Null` unless asked for (only recording needs it).
     message: Value,
-    token: Option<String>,
-    topic: Option<String>,
-    condition: Option<String>,
+    token: Option<Cow<'a, str>>,
+    topic: Option<Cow<'a, str>>,
+    condition: Option<Cow<'a, str>>,
     validate_only: bool,
 }
 
-fn validate_send(body: &[u8]) -> Result<SendRequest, GError> {
+/// Checks a `messages:send` body (steps 3 to 7 of the module docs). The common case goes
+/// through [`validate_send_fast`], which builds nothing; whatever it does not accept is answered
+/// by [`validate_send_slow`], whose `Value`-based checks define the error texts.
+fn validate_send(body: &[u8], want_message: bool) -> Result<SendRequest<'_>, GError> {
+    let Some(fast) = validate_send_fast(body) else {
+        return validate_send_slow(body);
+    };
+    let message = if want_message {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(mut root)) => root.remove("message").unwrap_or(Value::Null),
+            _ => return validate_send_slow(body),
+        }
+    } else {
+        Value::Null
+    };
+    Ok(SendRequest {
+        message,
+        token: fast.token.map(Cow::Borrowed),
+        topic: fast.topic.map(Cow::Borrowed),
+        condition: fast.condition.map(Cow::Borrowed),
+        validate_only: fast.validate_only,
+    })
+}
+
+/// The targets of a body [`validate_send_fast`] accepted.
+#[derive(Debug, PartialEq)]
+struct FastSend<'a> {
+    token: Option<&'a str>,
+    topic: Option<&'a str>,
+    condition: Option<&'a str>,
+    validate_only: bool,
+}
+
+/// The allocation-free check of a send body. It accepts only bodies [`validate_send_slow`]
+/// accepts, with the same targets and `validate_only`; it gives up (`None`) on every error and on
+/// anything unusual (duplicate keys, both `validate_only` spellings, escaped keys or target
+/// strings), leaving the answer to the slow path.
+fn validate_send_fast(body: &[u8]) -> Option<FastSend<'_>> {
+    let root: fast::Root<'_> = crate::json::from_body(body)?;
+    let token_len = root.targets[0].map_or(0, str::len);
+    if body.len().saturating_sub(token_len) > MAX_MESSAGE_BYTES {
+        return None;
+    }
+    let [token, topic, condition, _fid] = root.targets;
+    Some(FastSend {
+        token,
+        topic,
+        condition,
+        validate_only: root.validate_only,
+    })
+}
+
+/// The visitors of [`validate_send_fast`]: each mirrors one step of [`validate_send_slow`] and
+/// fails where that step fails or where `Value`'s last-key-wins would matter.
+mod fast {
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    use super::{MAX_TTL_SECS, parse_duration};
+    use crate::json::{Borrowed, OptBool, OptBorrowed, Skip, StrMap, unusual};
+
+    /// The top level: `message` (an object) and at most one of `validate_only`/`validateOnly`.
+    pub(super) struct Root<'a> {
+        /// `token`, `topic`, `condition`, `fid`: exactly one is set.
+        pub targets: [Option<&'a str>; 4],
+        pub validate_only: bool,
+    }
+
+    struct RootVisitor;
+
+    impl<'de> Visitor<'de> for RootVisitor {
+        type Value = Root<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a send request")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Root<'de>, A::Error> {
+            let mut targets = None;
+            let mut validate_only = None;
+            while let Some(Borrowed(key)) = map.next_key()? {
+                match key {
+                    "message" if targets.is_none() => {
+                        let Message(t) = map.next_value()?;
+                        targets = Some(t);
+                    }
+                    "validate_only" | "validateOnly" if validate_only.is_none() => {
+                        let OptBool(b) = map.next_value()?;
+                        validate_only = Some(b.unwrap_or(false));
+                    }
+                    _ => return Err(unusual()),
+                }
+            }
+            Ok(Root {
+                targets: targets.ok_or_else(unusual)?,
+                validate_only: validate_only.unwrap_or(false),
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Root<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Root<'de>, D::Error> {
+            d.deserialize_any(RootVisitor)
+        }
+    }
+
+    /// `message`: only known fields, each once; exactly one target, a string without escapes;
+    /// `data` a string map; `android` and `webpush` as below; other fields any JSON.
+    struct Message<'a>([Option<&'a str>; 4]);
+
+    const MESSAGE_KEYS: [&str; 12] = [
+        "token",
+        "topic",
+        "condition",
+        "fid",
+        "data",
+        "android",
+        "webpush",
+        "name",
+        "notification",
+        "apns",
+        "fcm_options",
+        "fcmOptions",
+    ];
+
+    struct MessageVisitor;
+
+    impl<'de> Visitor<'de> for MessageVisitor {
+        type Value = Message<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a message object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message<'de>, A::Error> {
+            let mut seen = 0u16;
+            let mut targets = [None; 4];
+            while let Some(Borrowed(key)) = map.next_key()? {
+                let i = MESSAGE_KEYS
+                    .iter()
+                    .position(|k| *k == key)
+                    .ok_or_else(unusual)?;
+                if seen & (1 << i) != 0 {
+                    return Err(unusual());
+                }
+                seen |= 1 << i;
+                match i {
+                    0..=3 => {
+                        let OptBorrowed(t) = map.next_value()?;
+                        targets[i] = t;
+                    }
+                    4 => {
+                        map.next_value::<StrMap>()?;
+                    }
+                    5 => {
+                        map.next_value::<Android>()?;
+                    }
+                    6 => {
+                        map.next_value::<Webpush>()?;
+                    }
+                    _ => {
+                        map.next_value::<Skip>()?;
+                    }
+                }
+            }
+            if targets.iter().flatten().count() != 1 {
+                return Err(unusual());
+            }
+            Ok(Message(targets))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Message<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Message<'de>, D::Error> {
+            d.deserialize_any(MessageVisitor)
+        }
+    }
+
+    /// `android`: `null`, or an object whose `data` is a string map, `ttl` a valid Duration
+    /// within the limit and `priority` NORMAL/HIGH (each at most once); other fields any JSON.
+    struct Android;
+
+    struct AndroidVisitor;
+
+    impl<'de> Visitor<'de> for AndroidVisitor {
+        type Value = Android;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("null or an AndroidConfig object")
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Android, E> {
+            Ok(Android)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Android, A::Error> {
+            let mut seen = 0u8;
+            while let Some(Borrowed(key)) = map.next_key()? {
+                let bit = match key {
+                    "data" => 1,
+                    "ttl" => 2,
+                    "priority" => 4,
+                    _ => {
+                        map.next_value::<Skip>()?;
+                        continue;
+                    }
+                };
+                if seen & bit != 0 {
+                    return Err(unusual());
+                }
+                seen |= bit;
+                match bit {
+                    1 => {
+                        map.next_value::<StrMap>()?;
+                    }
+                    2 => {
+                        let Borrowed(ttl) = map.next_value()?;
+                        if !parse_duration(ttl).is_some_and(|s| s <= MAX_TTL_SECS) {
+                            return Err(unusual());
+                        }
+                    }
+                    _ => {
+                        let Borrowed(p) = map.next_value()?;
+                        if !(p.eq_ignore_ascii_case("normal") || p.eq_ignore_ascii_case("high")) {
+                            return Err(unusual());
+                        }
+                    }
+                }
+            }
+            Ok(Android)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Android {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Android, D::Error> {
+            d.deserialize_any(AndroidVisitor)
+        }
+    }
+
+    /// `webpush`: any JSON, but when an object its `data` (at most once) is a string map.
+    struct Webpush;
+
+    struct WebpushVisitor;
+
+    impl<'de> Visitor<'de> for WebpushVisitor {
+        type Value = Webpush;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Webpush, E> {
+            Ok(Webpush)
+        }
+
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Webpush, E> {
+            Ok(Webpush)
+        }
+
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Webpush, E> {
+            Ok(Webpush)
+        }
+
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Webpush, E> {
+            Ok(Webpush)
+        }
+
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Webpush, E> {
+            Ok(Webpush)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Webpush, E> {
+            Ok(Webpush)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Webpush, A::Error> {
+            while seq.next_element::<Skip>()?.is_some() {}
+            Ok(Webpush)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Webpush, A::Error> {
+            let mut data_seen = false;
+            while let Some(Borrowed(key)) = map.next_key()? {
+                if key == "data" {
+                    if data_seen {
+                        return Err(unusual());
+                    }
+                    data_seen = true;
+                    map.next_value::<StrMap>()?;
+                } else {
+                    map.next_value::<Skip>()?;
+                }
+            }
+            Ok(Webpush)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Webpush {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Webpush, D::Error> {
+            d.deserialize_any(WebpushVisitor)
+        }
+    }
+}
+
+/// The `Value`-based check of a send body: the reference behaviour, and the source of every
+/// error text.
+fn validate_send_slow(body: &[u8]) -> Result<SendRequest<'static>, GError> {
     let root: Value = serde_json::from_slice(body).map_err(|e| {
         let msg = format!("Invalid JSON payload received. {e}");
         GError::invalid_json("", msg)
     })?;
-    let Value::Object(root) = root else {
+    let Value::Object(mut root) = root else {
         let msg = "Invalid JSON payload received. Expected an object.".to_string();
         return Err(GError::invalid_json("", msg));
     };
@@ -882,8 +1258,8 @@ fn validate_send(body: &[u8]) -> Result<SendRequest, GError> {
             "Request contains an invalid argument.",
         ));
     }
-    let [token, topic, condition] = targets;
-    let message = root.get("message").cloned().unwrap_or(Value::Null);
+    let [token, topic, condition] = targets.map(|t| t.map(Cow::Owned));
+    let message = root.remove("message").unwrap_or(Value::Null);
     Ok(SendRequest {
         message,
         token,
@@ -1071,9 +1447,9 @@ impl FcmInner {
         }
     }
 
-    fn check_access_token(&self, headers: &http::HeaderMap) -> Result<(), GError> {
+    fn check_access_token(&self, headers: &http::HeaderMap, conn: &FcmConn) -> Result<(), GError> {
         let unauth = |m| GError::new(401, "UNAUTHENTICATED", m, R_UNAUTHENTICATED);
-        let Some(auth) = headers.get("authorization") else {
+        let Some(auth) = headers.get(AUTHORIZATION) else {
             return Err(unauth(UNAUTH_MISSING));
         };
         let auth = auth.to_str().unwrap_or("");
@@ -1081,12 +1457,28 @@ impl FcmInner {
             Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
             _ => return Err(unauth(UNAUTH_INVALID)),
         };
-        let issued = self.issued.read();
-        match issued.get(token) {
-            Some(i)
-                if i.generation == self.faults.generation.load(Relaxed)
-                    && i.expires_at > self.faults.clock.now_secs() =>
-            {
+        let generation = self.faults.generation.load(Relaxed);
+        let now = self.faults.clock.now_secs();
+        let valid = |expires_at: i64, issued_generation: u64| {
+            issued_generation == generation && expires_at > now
+        };
+        let mut cached = conn.token.lock();
+        if let Some(c) = cached.as_ref()
+            && &*c.token == token
+        {
+            return if valid(c.expires_at, c.generation) {
+                Ok(())
+            } else {
+                Err(unauth(UNAUTH_INVALID))
+            };
+        }
+        match self.issued.read().get(token) {
+            Some(i) if valid(i.expires_at, i.generation) => {
+                *cached = Some(CachedToken {
+                    token: token.into(),
+                    expires_at: i.expires_at,
+                    generation: i.generation,
+                });
                 Ok(())
             }
             _ => Err(unauth(UNAUTH_INVALID)),
@@ -1159,6 +1551,7 @@ impl FcmInner {
 
     fn send_endpoint(
         &self,
+        conn: &FcmConn,
         method: &Method,
         project: &str,
         parts: &http::request::Parts,
@@ -1173,7 +1566,7 @@ impl FcmInner {
                 R_NOT_FOUND,
             ));
         }
-        if let Err(e) = self.check_access_token(&parts.headers) {
+        if let Err(e) = self.check_access_token(&parts.headers, conn) {
             return self.error_reply(e);
         }
         if project != self.cfg.project_id {
@@ -1200,7 +1593,7 @@ impl FcmInner {
                 "Request contains an invalid argument.",
             ));
         }
-        let req = match validate_send(body) {
+        let req = match validate_send(body, self.cfg.record_accepted) {
             Ok(r) => r,
             Err(e) => return self.error_reply(e),
         };
@@ -1234,42 +1627,50 @@ impl FcmInner {
         if !f.bucket_take() {
             return self.error_reply(self.quota_error());
         }
-        let name = if req.validate_only {
+        let body = if req.validate_only {
             self.counters.validate_only.fetch_add(1, Relaxed);
-            format!("projects/{}/messages/fake_message_id", self.cfg.project_id)
+            self.validate_only_body.clone()
         } else {
             let n = self.message_seq.fetch_add(1, Relaxed);
-            let name = format!(
-                "projects/{}/messages/0:{}%{:016x}",
-                self.cfg.project_id,
-                self.faults.clock.now_millis(),
-                n
-            );
+            let mut buf = [0u8; 48];
+            let id = message_id(self.faults.clock.now_millis(), n, &mut buf);
             self.counters.accepted.fetch_add(1, Relaxed);
             if self.cfg.record_accepted {
                 let record = AcceptedFcm {
-                    token: req.token.unwrap_or_default(),
-                    topic: req.topic,
-                    condition: req.condition,
+                    token: req.token.map(Cow::into_owned).unwrap_or_default(),
+                    topic: req.topic.map(Cow::into_owned),
+                    condition: req.condition.map(Cow::into_owned),
                     message: req.message,
-                    name: name.clone(),
+                    name: format!("{}{id}", self.name_prefix),
                     received_at: Instant::now(),
                 };
                 self.accepted.lock().push(record);
             }
-            name
+            // `{"name":"projects/<p>/messages/<id>"}`, as `json!` renders it: the id needs no
+            // escaping. Sized exactly, so `Bytes` takes the buffer without another allocation.
+            let head = self.name_json_head.as_bytes();
+            let mut out = Vec::with_capacity(head.len() + id.len() + 2);
+            out.extend_from_slice(head);
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(b"\"}");
+            Bytes::from(out)
         };
         Reply {
             status: 200,
             content_type: "application/json; charset=UTF-8",
-            body: Bytes::from(json!({ "name": name }).to_string()),
+            body,
             reason: None,
             retry_after: false,
             www_authenticate: false,
         }
     }
 
-    async fn handle(&self, req: http::Request<RecvStream>, resp: &mut SendResponse<Bytes>) {
+    async fn handle(
+        &self,
+        conn: &FcmConn,
+        req: http::Request<RecvStream>,
+        resp: &mut SendResponse<Bytes>,
+    ) {
         let (parts, mut body) = req.into_parts();
         let Ok((body, truncated)) = server::read_body(&mut body, MAX_BODY_READ).await else {
             return;
@@ -1286,7 +1687,7 @@ impl FcmInner {
             .and_then(|p| p.strip_suffix("/messages:send"))
             .filter(|p| !p.is_empty() && !p.contains('/'))
         {
-            self.send_endpoint(&parts.method, project, &parts, &body, truncated)
+            self.send_endpoint(conn, &parts.method, project, &parts, &body, truncated)
         } else {
             self.error_reply(GError::new(
                 404,
@@ -1298,7 +1699,7 @@ impl FcmInner {
         self.counters.record(reply.status, reply.reason);
         let mut builder = Response::builder()
             .status(reply.status)
-            .header("content-type", reply.content_type);
+            .header(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
         if reply.retry_after
             && let Some(v) = self.faults.retry_after_value()
         {
@@ -1317,7 +1718,7 @@ impl FcmInner {
 }
 
 impl Handler for FcmInner {
-    type ConnState = ();
+    type ConnState = FcmConn;
 
     fn counters(&self) -> &Counters {
         &self.counters
@@ -1336,11 +1737,11 @@ impl Handler for FcmInner {
 
     async fn serve(
         self: Arc<Self>,
-        _conn: Arc<server::ConnCtx<()>>,
+        conn: Arc<server::ConnCtx<FcmConn>>,
         req: http::Request<RecvStream>,
         mut resp: SendResponse<Bytes>,
     ) {
-        self.handle(req, &mut resp).await
+        self.handle(&conn.state, req, &mut resp).await
     }
 }
 
@@ -1377,13 +1778,116 @@ mod tests {
         assert!(field(&m, "direct_boot_ok").is_none());
     }
 
+    /// Whatever the fast path accepts, the `Value` path accepts with the same targets; the
+    /// shapes clients send do take the fast path.
+    #[test]
+    fn fast_path_accepts_only_what_the_value_path_accepts() {
+        let common = [
+            r#"{"message":{"token":"t1","notification":{"title":"Hi","body":"x"},"data":{"screen":"cart"},"android":{"priority":"HIGH","notification":{"sound":"default"}},"fcm_options":{"analytics_label":"l"}}}"#,
+            r#"{"message":{"topic":"news","data":null,"android":{"ttl":"3600s","priority":"normal","data":{"a":"b"}}}}"#,
+            r#"{"validateOnly":true,"message":{"condition":"'a' in topics","webpush":{"data":{"k":"v"}},"apns":{"payload":{"aps":{}}}}}"#,
+            r#"{"validate_only":null,"message":{"fid":"f","fcmOptions":{},"name":"n","webpush":7}}"#,
+            " {\"message\" : {\"token\":\"t\"}}\n",
+        ];
+        for b in common {
+            assert!(validate_send_fast(b.as_bytes()).is_some(), "{b}");
+        }
+        let unusual = [
+            r#"{"message":{"token":"t","token":null}}"#,
+            r#"{"message":{"token":"t"},"message":{"token":"u"}}"#,
+            r#"{"message":{"token":"t\u0031"}}"#,
+            r#"{"message":{"tok\u0065n":"t"}}"#,
+            r#"{"validate_only":true,"validateOnly":false,"message":{"token":"t"}}"#,
+            r#"{"validate_only":1,"message":{"token":"t"}}"#,
+            r#"{"message":{"token":"t","topic":"u"}}"#,
+            r#"{"message":{"token":"t","fid":null,"topic":null}}"#,
+            r#"{"message":{}}"#,
+            r#"{"message":null}"#,
+            r#"{"message":[]}"#,
+            r#"{"message":["t"]}"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#"{"message":{"token":7}}"#,
+            r#"{"message":{"token":"t","extra":1}}"#,
+            r#"{"message":{"token":"t"},"extra":1}"#,
+            r#"{"message":{"token":"t","data":{"a":1}}}"#,
+            r#"{"message":{"token":"t","data":{"a":1,"a":"x"}}}"#,
+            r#"{"message":{"token":"t","data":[]}}"#,
+            r#"{"message":{"token":"t","data":{"a":"\u00e9"}}}"#,
+            r#"{"message":{"token":"t","android":{"ttl":"1h"}}}"#,
+            r#"{"message":{"token":"t","android":{"ttl":null}}}"#,
+            r#"{"message":{"token":"t","android":{"ttl":"9999999s"}}}"#,
+            r#"{"message":{"token":"t","android":{"ttl":"1s","ttl":"2s"}}}"#,
+            r#"{"message":{"token":"t","android":{"priority":"urgent"}}}"#,
+            r#"{"message":{"token":"t","android":{"priority":"High","x":[1,{"y":2}]}}}"#,
+            r#"{"message":{"token":"t","android":{"data":{"k":2}}}}"#,
+            r#"{"message":{"token":"t","android":7}}"#,
+            r#"{"message":{"token":"t","android":null}}"#,
+            r#"{"message":{"token":"t","webpush":{"data":{"k":false}}}}"#,
+            r#"{"message":{"token":"t","webpush":[1,2,{"data":1}]}}"#,
+            r#"{"message":{"token":"t","webpush":{"da\u0074a":{"k":1}}}}"#,
+            r#"{"message":{"token":"t","notification":{"title":1e400}}}"#,
+            r#"{"message":{"token":"t","notification":{"title":"\ud800"}}}"#,
+            r#"{"message":{"token":"t"}} trailing"#,
+            r#"{"message":{"token":"t"},}"#,
+            "",
+        ];
+        let big = json!({"message": {"token": "t".repeat(5000), "data": {"k": "v"}}}).to_string();
+        let too_big = json!({"message": {"topic": "t".repeat(5000)}}).to_string();
+        for b in unusual
+            .iter()
+            .copied()
+            .chain(common)
+            .chain([big.as_str(), too_big.as_str()])
+        {
+            let Some(fast) = validate_send_fast(b.as_bytes()) else {
+                continue;
+            };
+            match validate_send_slow(b.as_bytes()) {
+                Ok(slow) => {
+                    assert_eq!(fast.token, slow.token.as_deref(), "{b}");
+                    assert_eq!(fast.topic, slow.topic.as_deref(), "{b}");
+                    assert_eq!(fast.condition, slow.condition.as_deref(), "{b}");
+                    assert_eq!(fast.validate_only, slow.validate_only, "{b}");
+                }
+                Err(e) => panic!(
+                    "fast path accepted what the Value path refuses: {b}: {}",
+                    e.message
+                ),
+            }
+        }
+        assert!(validate_send_fast(big.as_bytes()).is_some());
+        assert!(validate_send_fast(too_big.as_bytes()).is_none());
+        // Invalid UTF-8, in a target and in a skipped field: both paths refuse it.
+        for b in [
+            &b"{\"message\":{\"token\":\"\xff\"}}"[..],
+            &b"{\"message\":{\"token\":\"t\",\"name\":\"\xc3\"}}"[..],
+        ] {
+            assert!(validate_send_fast(b).is_none());
+            assert!(validate_send_slow(b).is_err());
+        }
+    }
+
+    #[test]
+    fn accepted_name_body_is_what_json_renders() {
+        let mut buf = [0u8; 48];
+        assert_eq!(
+            message_id(1_700_000_000_123, 255, &mut buf),
+            "0:1700000000123%00000000000000ff"
+        );
+        for (millis, seq) in [(0, 0), (-5, 1), (i64::MIN, u64::MAX), (i64::MAX, 1 << 63)] {
+            let expected = format!("0:{millis}%{seq:016x}");
+            assert_eq!(message_id(millis, seq, &mut buf), expected);
+        }
+    }
+
     #[test]
     fn size_limit_excludes_the_token() {
         let token = "t".repeat(5000);
         let body = json!({"message": {"token": token}}).to_string();
-        assert!(validate_send(body.as_bytes()).is_ok());
+        assert!(validate_send(body.as_bytes(), true).is_ok());
         let body = json!({"message": {"topic": "x".repeat(5000)}}).to_string();
-        let err = validate_send(body.as_bytes()).err().unwrap();
+        let err = validate_send(body.as_bytes(), true).err().unwrap();
         assert!(err.details.is_empty());
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod apns;
 pub mod fcm;
+mod json;
 pub mod keys;
 mod server;
 pub mod tls;

@@ -451,16 +451,21 @@ where
         state: H::ConnState::default(),
     });
     let mut going_away = false;
+    // Created once, not per request (each `changed()` registers with the channel): neither is
+    // polled again after it fired, since either sets `going_away`.
+    let shutdown_changed = shutdown.changed();
+    let goaway_all_changed = goaway_all.changed();
+    tokio::pin!(shutdown_changed, goaway_all_changed);
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
-            _ = shutdown.changed(), if !going_away => {
+            _ = &mut shutdown_changed, if !going_away => {
                 going_away = true;
                 counters.goaways_sent.fetch_add(1, Relaxed);
                 conn.graceful_shutdown();
                 continue;
             }
-            _ = goaway_all.changed(), if !going_away => {
+            _ = &mut goaway_all_changed, if !going_away => {
                 going_away = true;
                 counters.goaways_sent.fetch_add(1, Relaxed);
                 conn.graceful_shutdown();
@@ -491,7 +496,9 @@ where
             .max_in_flight
             .fetch_max(u64::from(now_in_flight), Relaxed);
         let guard = InFlight(ctx.clone());
-        let fut = handler.clone().serve(ctx.clone(), req, resp);
+        // Boxed: the task then holds a pointer, not the whole (large) handler future, which tokio
+        // would otherwise copy several times per request (spawn, completion, output taken).
+        let fut = Box::pin(handler.clone().serve(ctx.clone(), req, resp));
         tokio::spawn(async move {
             fut.await;
             drop(guard);
