@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -149,7 +148,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             )
         }));
     let serve = router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        // `serve_with_incoming*` ignores the builder's `tcp_nodelay`, so the incoming side sets
+        // it: with Nagle on, receipts trickling back to a caller waited for the peer's delayed
+        // ACK (a 40 ms stall that was a third of all batches at half the maximum rate).
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         server_stop.clone().cancelled_owned(),
     );
     let done = {
