@@ -2,6 +2,8 @@
 //! and claimed across slots owned by different nodes, receipts appended to each app's stream and
 //! replayed from it.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -174,23 +176,7 @@ async fn durable_delivery_on_a_redis_cluster() {
     for (a, app) in APPS.iter().enumerate() {
         let first = a as u64 * PER_APP;
         let response = client
-            .send_batch(proto::SendBatchRequest {
-                app_id: app.to_string(),
-                template: Some(proto::Template {
-                    title: "Hi".into(),
-                    ..Default::default()
-                }),
-                recipients: (first..first + PER_APP)
-                    .map(|n| proto::Recipient {
-                        message_id: format!("m-{n}"),
-                        platform: proto::Platform::Apns as i32,
-                        device_token: format!("{n:064x}"),
-                        ..Default::default()
-                    })
-                    .collect(),
-                wait_for_receipts: true,
-                ..Default::default()
-            })
+            .send_batch(common::apns_batch(app, first..first + PER_APP))
             .await
             .unwrap()
             .into_inner();

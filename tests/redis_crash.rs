@@ -6,6 +6,7 @@
 //! provider duplicates stay within the crashed process's in-flight window. The others run three
 //! processes at once: nothing is delivered twice, and one app's limit holds for the cluster.
 
+mod common;
 #[path = "common/redis.rs"]
 mod redis_harness;
 
@@ -362,23 +363,7 @@ async fn three_processes_on_one_redis_deliver_nothing_twice() {
             for b in 0..PER_PROCESS / 500 {
                 let start = first + b * 500;
                 let response = client
-                    .send_batch(proto::SendBatchRequest {
-                        app_id: "shop".into(),
-                        template: Some(proto::Template {
-                            title: "Hi".into(),
-                            ..Default::default()
-                        }),
-                        recipients: (start..start + 500)
-                            .map(|n| proto::Recipient {
-                                message_id: format!("m-{n}"),
-                                platform: proto::Platform::Apns as i32,
-                                device_token: format!("{n:064x}"),
-                                ..Default::default()
-                            })
-                            .collect(),
-                        wait_for_receipts: true,
-                        ..Default::default()
-                    })
+                    .send_batch(common::apns_batch("shop", start..start + 500))
                     .await
                     .unwrap()
                     .into_inner();
@@ -462,23 +447,7 @@ async fn three_processes_hold_one_cluster_wide_limit() {
         sends.push(tokio::spawn(async move {
             let first = i as u64 * PER_PROCESS;
             client
-                .send_batch(proto::SendBatchRequest {
-                    app_id: "shop".into(),
-                    template: Some(proto::Template {
-                        title: "Hi".into(),
-                        ..Default::default()
-                    }),
-                    recipients: (first..first + PER_PROCESS)
-                        .map(|n| proto::Recipient {
-                            message_id: format!("m-{n}"),
-                            platform: proto::Platform::Apns as i32,
-                            device_token: format!("{n:064x}"),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    wait_for_receipts: true,
-                    ..Default::default()
-                })
+                .send_batch(common::apns_batch("shop", first..first + PER_PROCESS))
                 .await
                 .unwrap()
                 .into_inner()

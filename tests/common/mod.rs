@@ -187,6 +187,17 @@ pub fn fcm_recipient(n: u64, vars: &[(&str, &str)]) -> proto::Recipient {
     }
 }
 
+/// A batch of APNs recipients `ids` for `app_id` (title "Hi"), answered with its receipts.
+pub fn apns_batch(app_id: &str, ids: std::ops::Range<u64>) -> proto::SendBatchRequest {
+    proto::SendBatchRequest {
+        app_id: app_id.into(),
+        template: Some(template("Hi", "")),
+        recipients: ids.map(|n| recipient(n, &[])).collect(),
+        wait_for_receipts: true,
+        ..Default::default()
+    }
+}
+
 pub fn template(title: &str, body: &str) -> proto::Template {
     proto::Template {
         title: title.into(),
