@@ -7,6 +7,11 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::Arc;
+
+use http::HeaderValue;
+use parking_lot::Mutex;
+
 use crate::model::{Outcome, Platform, ProviderRequest};
 
 pub mod apns;
@@ -38,5 +43,33 @@ pub(crate) fn wrong_platform(expected: Platform, got: &ProviderRequest) -> Outco
             expected.as_str()
         ),
         status: 0,
+    }
+}
+
+/// The `authorization` header for the current credential token, built once per token and shared
+/// by every request until the token changes. Indexable in HPACK on purpose (tokens live for
+/// minutes to an hour): after the first request it costs a table index instead of the token.
+/// It never reaches a log: requests are not logged.
+#[derive(Default)]
+pub(crate) struct BearerHeader(Mutex<Option<(Arc<str>, HeaderValue)>>);
+
+impl BearerHeader {
+    /// `"{scheme} {token}"`; the error says what is wrong, naming `what` the token is.
+    pub(crate) fn get(
+        &self,
+        scheme: &str,
+        token: &Arc<str>,
+        what: &str,
+    ) -> Result<HeaderValue, String> {
+        let mut cached = self.0.lock();
+        if let Some((for_token, header)) = cached.as_ref()
+            && Arc::ptr_eq(for_token, token)
+        {
+            return Ok(header.clone());
+        }
+        let header = HeaderValue::from_str(&format!("{scheme} {token}"))
+            .map_err(|_| format!("{what} is not a valid header value"))?;
+        *cached = Some((Arc::clone(token), header.clone()));
+        Ok(header)
     }
 }

@@ -18,7 +18,7 @@ use tracing::warn;
 use self::jwt::ApnsTokenSigner;
 use self::response::{Verdict, classify};
 use super::h2pool::{H2Pool, TransportError};
-use super::{BoxFuture, Provider, wrong_platform};
+use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
 use crate::model::{ApnsRequest, Outcome, Platform, ProviderRequest};
 
 /// Apple's production endpoint.
@@ -39,8 +39,7 @@ pub struct ApnsProvider {
     /// request, not a burst.
     credentials_proven: std::sync::atomic::AtomicBool,
     probe: tokio::sync::Mutex<()>,
-    /// The `authorization` header for the current token.
-    bearer: Mutex<Option<(Arc<str>, HeaderValue)>>,
+    bearer: BearerHeader,
 }
 
 const APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
@@ -98,7 +97,7 @@ impl ApnsProvider {
             credentials_retry,
             credentials_proven: std::sync::atomic::AtomicBool::new(false),
             probe: tokio::sync::Mutex::new(()),
-            bearer: Mutex::new(None),
+            bearer: BearerHeader::default(),
         }
     }
 
@@ -139,7 +138,7 @@ impl ApnsProvider {
         let apns_id = message.apns_id.hyphenated().encode_lower(&mut apns_id);
         Ok(ApnsRequestParts {
             uri,
-            authorization: self.bearer(token)?,
+            authorization: self.bearer.get("bearer", token, "provider token")?,
             topic: HeaderValue::from_maybe_shared(message.topic.clone())
                 .map_err(|_| "apns-topic contains characters not allowed in a header")?,
             push_type: HeaderValue::from_static(message.push_type.header_value()),
@@ -151,19 +150,6 @@ impl ApnsProvider {
                 None => None,
             },
         })
-    }
-
-    /// The `authorization` value for `token`, built once per token.
-    fn bearer(&self, token: &Arc<str>) -> Result<HeaderValue, String> {
-        let mut cached = self.bearer.lock();
-        if let Some((for_token, header)) = cached.as_ref()
-            && Arc::ptr_eq(for_token, token)
-        {
-            return Ok(header.clone());
-        }
-        let header = bearer(token)?;
-        *cached = Some((Arc::clone(token), header.clone()));
-        Ok(header)
     }
 
     async fn deliver_apns(&self, message: &ApnsRequest) -> Outcome {
@@ -275,14 +261,6 @@ pub(crate) fn transport_outcome(error: TransportError) -> Outcome {
         status: 0,
         retry_after: None,
     }
-}
-
-/// Not marked HPACK-sensitive on purpose: the token changes at most every 20 minutes and Apple
-/// says it "can be indexed", so after the first request it costs a one-byte table index instead
-/// of ~200 Huffman-coded bytes per request. It never reaches a log: requests are not logged.
-fn bearer(token: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(&format!("bearer {token}"))
-        .map_err(|_| "provider token is not a valid header value".to_string())
 }
 
 fn value(s: &str, name: &str) -> Result<HeaderValue, String> {

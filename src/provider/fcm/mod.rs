@@ -23,7 +23,7 @@ use self::oauth::{AccessToken, RefreshPolicy, ServiceAccountKey, TokenError, Tok
 use self::response::{Verdict, classify};
 use super::apns::transport_outcome;
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
-use super::{BoxFuture, Provider, wrong_platform};
+use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
 use crate::config::{ConfigError, FcmConfig};
 use crate::model::{FcmRequest, Outcome, Platform, ProviderRequest};
 
@@ -40,8 +40,7 @@ pub struct FcmProvider {
     send_uri: String,
     /// `send_uri` parsed; `None` when the project id does not make a valid URI.
     send_target: Option<Uri>,
-    /// The `authorization` header for the current access token.
-    authorization: Mutex<Option<(AccessToken, HeaderValue)>>,
+    authorization: BearerHeader,
     request_timeout: Duration,
     /// Project quota exhausted: no send before this instant.
     app_pause_until: Mutex<Option<Instant>>,
@@ -77,7 +76,7 @@ impl FcmProvider {
             project_id: project_id.to_string(),
             send_target: Uri::try_from(send_uri.as_str()).ok(),
             send_uri,
-            authorization: Mutex::new(None),
+            authorization: BearerHeader::default(),
             request_timeout,
             app_pause_until: Mutex::new(None),
         }
@@ -242,7 +241,9 @@ impl FcmProvider {
             .send_target
             .clone()
             .ok_or_else(|| format!("invalid FCM request: bad URI `{}`", self.send_uri))?;
-        let authorization = self.authorization(token)?;
+        let authorization = self
+            .authorization
+            .get("Bearer", token.shared(), "the access token")?;
         Ok(move || {
             let mut headers = HeaderMap::with_capacity(2);
             headers.insert(AUTHORIZATION, authorization.clone());
@@ -253,22 +254,6 @@ impl FcmProvider {
             *request.headers_mut() = headers;
             request
         })
-    }
-
-    /// The `authorization` value for `token`, built once per token. Indexable in HPACK (the
-    /// token lives for an hour): one table index per request instead of the whole token.
-    /// Requests are never logged.
-    fn authorization(&self, token: &AccessToken) -> Result<HeaderValue, String> {
-        let mut cached = self.authorization.lock();
-        if let Some((for_token, header)) = cached.as_ref()
-            && for_token.is(token)
-        {
-            return Ok(header.clone());
-        }
-        let header = HeaderValue::from_str(&format!("Bearer {}", token.secret()))
-            .map_err(|_| "the access token is not a valid header value".to_string())?;
-        *cached = Some((token.clone(), header.clone()));
-        Ok(header)
     }
 
     async fn deliver_fcm(&self, message: &FcmRequest) -> Outcome {

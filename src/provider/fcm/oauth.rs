@@ -75,9 +75,9 @@ impl AccessToken {
         &self.0
     }
 
-    /// The same token (not merely an equal one): a cheap check for caches keyed by token.
-    pub fn is(&self, other: &AccessToken) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+    /// The token as shared: caches keyed by token compare it by pointer.
+    pub(crate) fn shared(&self) -> &Arc<str> {
+        &self.0
     }
 }
 
