@@ -452,11 +452,7 @@ async fn health_service_reports_serving_over_tls_upstream() {
         ..Default::default()
     })
     .await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.gateway.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = h.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let response = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -487,11 +483,7 @@ async fn api_keys_gate_each_app() {
         ..Default::default()
     })
     .await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.gateway.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = h.channel().await;
 
     // No key: unauthenticated.
     let mut anonymous = proto::push_gateway_client::PushGatewayClient::new(channel.clone());

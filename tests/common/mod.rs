@@ -147,7 +147,14 @@ impl Harness {
     }
 
     pub async fn client(&self) -> PushGatewayClient<Channel> {
-        PushGatewayClient::connect(format!("http://{}", self.gateway.addr))
+        PushGatewayClient::new(self.channel().await)
+    }
+
+    /// A connection to the gateway, for clients other than `PushGateway`.
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.gateway.addr))
+            .unwrap()
+            .connect()
             .await
             .unwrap()
     }
