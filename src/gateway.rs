@@ -14,11 +14,12 @@ use tracing::{info, warn};
 use crate::config::PipelineConfig;
 use crate::metrics::{AppLabels, Metrics};
 use crate::model::{FieldError, MessageMeta, ReceiptStatus, Recipient, Template};
-use crate::pipeline::{Deliverer, Job};
+use crate::pipeline::{Deliverer, Job, Work};
 use crate::queue::MemoryRetryQueue;
 use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
 use crate::registry::AppRegistry;
-use crate::render::{CompiledTemplate, RenderContext};
+use crate::render::{CompiledTemplate, RenderContext, Stamp};
+use crate::waiting::{AcceptedBatch, Waiting};
 
 /// A batch as the domain sees it.
 #[derive(Debug, Clone, Default)]
@@ -95,7 +96,7 @@ pub struct Gateway {
     config: PipelineConfig,
     window: Arc<Semaphore>,
     window_high_water: AtomicUsize,
-    dispatch: mpsc::Sender<Job>,
+    dispatch: mpsc::Sender<Work>,
     hub: Arc<ReceiptHub>,
     metrics: Arc<Metrics>,
     accepting: CancellationToken,
@@ -266,12 +267,22 @@ impl Gateway {
         } else {
             batch.batch_id.as_str().into()
         };
-        let campaign_id: Arc<str> = batch.campaign_id.as_str().into();
-        let app_id = Arc::clone(&app.id);
         let ctx = RenderContext {
             apns_topic: app.apns_topic.clone(),
             analytics_label: (!batch.campaign_id.is_empty()).then(|| batch.campaign_id.clone()),
         };
+        let accepted = Arc::new(AcceptedBatch::new(
+            Arc::clone(&app),
+            batch_id,
+            batch.campaign_id.as_str().into(),
+            compiled,
+            ctx,
+            batch.template.ttl,
+            batch.campaign_rate_per_minute,
+            sink.cloned(),
+            Arc::clone(&self.hub),
+        ));
+        let app_id = Arc::clone(&app.id);
         let labels = AppLabels {
             app: app_id.to_string(),
         };
@@ -281,7 +292,6 @@ impl Gateway {
             .rejected_at_ingest
             .get_or_create(&labels)
             .clone();
-        let ttl = batch.template.ttl;
         let mut seen_ids = HashSet::with_capacity(batch.recipients.len());
         let mut results = Vec::with_capacity(batch.recipients.len());
         // Idempotency (durable delivery only): caller ids seen recently are not sent again.
@@ -306,23 +316,24 @@ impl Gateway {
                 recipient.message_id.clone()
             };
             let accepted_at = SystemTime::now();
-            let meta = Arc::new(MessageMeta {
-                app_id: Arc::clone(&app_id),
-                batch_id: Arc::clone(&batch_id),
-                campaign_id: Arc::clone(&campaign_id),
-                message_id: message_id.clone(),
-                platform: recipient.platform,
-                user_id: recipient.user_id.clone(),
-                priority: batch.template.priority,
-                accepted_at,
-                expires_at: ttl.map(|t| accepted_at + t),
-                campaign_rate_per_minute: batch.campaign_rate_per_minute,
-            });
+            // The full identity is built only where it is needed: a receipt now, or a rendered
+            // job (durable delivery). A waiting message keeps the parts.
+            let meta_of = |message_id: &str| {
+                Arc::new(accepted.meta(
+                    message_id.to_owned(),
+                    recipient.platform,
+                    recipient.user_id.clone(),
+                    accepted_at,
+                ))
+            };
             let first = !seen_ids.contains(&message_id);
             if let Some(state) = earlier.get(&message_id).filter(|_| first) {
                 seen_ids.insert(message_id.clone());
-                let (receipt, reason) =
-                    crate::durable::idempotency::duplicate_receipt(&meta, index, state);
+                let (receipt, reason) = crate::durable::idempotency::duplicate_receipt(
+                    &meta_of(&message_id),
+                    index,
+                    state,
+                );
                 if let Some(sink) = sink {
                     let _ = sink.send(ReceiptEnvelope {
                         receipt: Arc::new(receipt),
@@ -354,7 +365,13 @@ impl Gateway {
                     ),
                 ))
             } else {
-                compiled.render(&recipient, index, &meta, &ctx)
+                let stamp = Stamp {
+                    message_id: &message_id,
+                    accepted_at,
+                };
+                accepted
+                    .template
+                    .render_ref((&recipient).into(), index, stamp, &accepted.ctx)
             };
             let request = match rendered {
                 Ok(request) => request,
@@ -363,7 +380,11 @@ impl Gateway {
                     if claimed {
                         release.push(message_id.clone());
                     }
-                    self.reject(&meta, &error, sink.filter(|_| stream_rejections));
+                    self.reject(
+                        &meta_of(&message_id),
+                        &error,
+                        sink.filter(|_| stream_rejections),
+                    );
                     results.push(RecipientResult::rejected(
                         index,
                         message_id,
@@ -398,7 +419,11 @@ impl Gateway {
                 if claimed {
                     release.push(message_id.clone());
                 }
-                self.reject(&meta, &error, sink.filter(|_| stream_rejections));
+                self.reject(
+                    &meta_of(&message_id),
+                    &error,
+                    sink.filter(|_| stream_rejections),
+                );
                 results.push(RecipientResult::rejected(
                     index,
                     message_id,
@@ -409,17 +434,22 @@ impl Gateway {
             };
             let used = self.config.accept_window - self.window.available_permits();
             self.window_high_water.fetch_max(used, Ordering::Relaxed);
-            let pending = Pending::new(meta, sink.cloned(), Arc::clone(&self.hub), Some(permit));
             accepted_counter.inc();
-            let job = Job {
-                pending,
-                request,
-                app: Arc::clone(&app),
-                durable: self.durable.is_some(),
-            };
             if let Some(durable) = &self.durable {
-                // Durable delivery: accepted messages are written to Redis (in chunks, before
-                // the caller hears they were accepted), then dispatched.
+                // Durable delivery: accepted messages are written to Redis (rendered, in chunks,
+                // before the caller hears they were accepted), then dispatched.
+                let pending = Pending::new(
+                    meta_of(&message_id),
+                    sink.cloned(),
+                    Arc::clone(&self.hub),
+                    Some(permit),
+                );
+                let job = Job {
+                    pending,
+                    request,
+                    app: Arc::clone(&app),
+                    durable: true,
+                };
                 staged.push((job, admission, index, message_id));
                 if staged.len() >= 256 {
                     self.flush_staged(durable, &mut staged, &mut results, &mut release)
@@ -427,7 +457,18 @@ impl Gateway {
                 }
                 continue;
             }
-            self.dispatch_accepted(job, admission).await;
+            // Validated; it waits in compact form and is rendered again when it may go.
+            drop(request);
+            let waiting = Waiting::new(
+                Arc::clone(&accepted),
+                &recipient,
+                &message_id,
+                index,
+                accepted_at,
+                permit,
+            );
+            self.dispatch_accepted(Work::Waiting(waiting), admission)
+                .await;
             results.push(RecipientResult::accepted(index, message_id));
         }
         if let Some(durable) = &self.durable {
@@ -442,17 +483,17 @@ impl Gateway {
             warn!(app = %app_id, error = %e, "could not release idempotency keys of rejected recipients");
         }
         Ok(BatchResult {
-            batch_id: batch_id.to_string(),
+            batch_id: accepted.batch_id.to_string(),
             results,
         })
     }
 
     /// Hands an accepted job to the deliver stage; its limit-stage place is committed once it is
     /// in the dispatch channel.
-    async fn dispatch_accepted(&self, job: Job, admission: crate::limit::Admission) {
-        match self.dispatch.send(job).await {
+    async fn dispatch_accepted(&self, work: Work, admission: crate::limit::Admission) {
+        match self.dispatch.send(work).await {
             Ok(()) => admission.commit(),
-            Err(mpsc::error::SendError(job)) => job.pending.resolve(Resolution::gateway(
+            Err(mpsc::error::SendError(work)) => work.resolve(Resolution::gateway(
                 ReceiptStatus::Failed,
                 "gateway shut down before delivery",
             )),
@@ -490,7 +531,7 @@ impl Gateway {
                 ));
                 continue;
             }
-            self.dispatch_accepted(job, admission).await;
+            self.dispatch_accepted(job.into(), admission).await;
             results.push(RecipientResult::accepted(index, message_id));
         }
     }

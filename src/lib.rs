@@ -20,6 +20,7 @@ pub mod receipts;
 pub mod registry;
 pub mod render;
 pub mod server;
+pub mod waiting;
 
 /// Generated protobuf and gRPC code for `pushgate.v1`.
 pub mod proto {

@@ -2,6 +2,7 @@
 
 // mimalloc: the profile of a saturated gateway showed a third of its CPU in glibc malloc/free;
 // with mimalloc CPU per message fell by about a third (loadtest, same session).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -10,11 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::metrics::Metrics;
-use crate::model::{Outcome, ProviderRequest, ReceiptStatus};
+use crate::model::{Outcome, Platform, ProviderRequest, ReceiptStatus};
 use crate::provider::h2pool::{backoff, exponential_ceiling};
 use crate::queue::RetryQueue;
 use crate::receipts::{Pending, Resolution};
 use crate::registry::AppRuntime;
+use crate::waiting::Waiting;
 
 /// One accepted message on its way to a provider.
 pub struct Job {
@@ -36,6 +37,77 @@ impl Job {
         } else {
             self.pending
                 .resolve(Resolution::gateway(ReceiptStatus::Failed, reason));
+        }
+    }
+}
+
+/// What the dispatch channel and the limit stage carry: a fresh message in its compact,
+/// unrendered form, or a rendered job (accepted durably, claimed from Redis, or back for another
+/// attempt).
+#[derive(Debug)]
+pub enum Work {
+    Waiting(Waiting),
+    Job(Box<Job>),
+}
+
+impl From<Job> for Work {
+    fn from(job: Job) -> Self {
+        Work::Job(Box::new(job))
+    }
+}
+
+impl Work {
+    pub fn app(&self) -> &Arc<AppRuntime> {
+        match self {
+            Work::Waiting(w) => w.app(),
+            Work::Job(job) => &job.app,
+        }
+    }
+
+    pub fn message_id(&self) -> &str {
+        match self {
+            Work::Waiting(w) => w.message_id(),
+            Work::Job(job) => &job.pending.meta().message_id,
+        }
+    }
+
+    pub fn platform(&self) -> Platform {
+        match self {
+            Work::Waiting(w) => w.platform(),
+            Work::Job(job) => job.request.platform(),
+        }
+    }
+
+    /// Provider attempts made so far.
+    pub fn attempt(&self) -> u32 {
+        match self {
+            Work::Waiting(_) => 0,
+            Work::Job(job) => job.pending.attempt(),
+        }
+    }
+
+    /// Ends the message without a (further) attempt.
+    pub fn resolve(self, resolution: Resolution) {
+        match self {
+            Work::Waiting(w) => w.resolve(resolution),
+            Work::Job(job) => job.pending.resolve(resolution),
+        }
+    }
+
+    /// See [`Job::abandon`]; a waiting message was never made durable.
+    pub fn abandon(self, reason: &str) {
+        match self {
+            Work::Waiting(w) => w.resolve(Resolution::gateway(ReceiptStatus::Failed, reason)),
+            Work::Job(job) => job.abandon(reason),
+        }
+    }
+
+    /// The job for a provider attempt: a waiting message is rendered now (and ends with a
+    /// receipt, returning `None`, if that fails).
+    pub fn into_job(self) -> Option<Job> {
+        match self {
+            Work::Waiting(w) => w.into_job(),
+            Work::Job(job) => Some(*job),
         }
     }
 }
@@ -65,7 +137,7 @@ impl Deliverer {
     /// Runs until the dispatch channel closes; then every job still in it has been resolved.
     /// Jobs pass the limit stage (per-app fair queues, rate limits, adaptive concurrency) and
     /// take a global request permit only when they may go.
-    pub async fn run(self: Arc<Self>, dispatch: mpsc::Receiver<Job>) {
+    pub async fn run(self: Arc<Self>, dispatch: mpsc::Receiver<Work>) {
         let scheduler = crate::limit::Scheduler::new(
             Arc::clone(&self.limits),
             Arc::clone(&self.metrics),
@@ -73,19 +145,22 @@ impl Deliverer {
             self.hard_stop.clone(),
         );
         scheduler
-            .run(dispatch, |job, permit, slot| {
+            .run(dispatch, |work, permit, slot| {
                 let this = Arc::clone(&self);
                 // Debug level: at the default `info` filter a span per message (allocated and
                 // formatted by the subscriber) would cost a measurable share of the message.
                 let span = debug_span!(
                     "deliver",
-                    app = %job.app.id,
-                    message_id = %job.pending.meta().message_id,
-                    provider = job.request.platform().as_str(),
+                    app = %work.app().id,
+                    message_id = %work.message_id(),
+                    provider = work.platform().as_str(),
                 );
                 tokio::spawn(
                     async move {
-                        this.attempt(job, &slot).await;
+                        // Rendered here, on any worker, not on the scheduler's task.
+                        if let Some(job) = work.into_job() {
+                            this.attempt(job, &slot).await;
+                        }
                         // The global permit first: the slot's drop wakes the scheduler.
                         drop(permit);
                         drop(slot);

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::model::ReceiptStatus;
-use crate::pipeline::Job;
+use crate::pipeline::{Job, Work};
 use crate::receipts::Resolution;
 
 /// Parks jobs until they are due, then hands them back to the dispatcher.
@@ -77,7 +77,7 @@ impl MemoryRetryQueue {
     /// Starts the pump that feeds due jobs into `dispatch`. When `stop` fires, every waiting job
     /// is resolved FAILED (the gateway is shutting down) and the pump ends.
     pub fn start(
-        dispatch: mpsc::Sender<Job>,
+        dispatch: mpsc::Sender<Work>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -108,7 +108,7 @@ impl MemoryRetryQueue {
         None
     }
 
-    async fn pump(self: Arc<Self>, dispatch: mpsc::Sender<Job>, stop: CancellationToken) {
+    async fn pump(self: Arc<Self>, dispatch: mpsc::Sender<Work>, stop: CancellationToken) {
         loop {
             let wake = self.wake.notified();
             while let Some(job) = self.pop_due(Instant::now()) {
@@ -118,7 +118,7 @@ impl MemoryRetryQueue {
                     slot = dispatch.reserve() => slot.ok(),
                 };
                 match slot {
-                    Some(slot) => slot.send(job),
+                    Some(slot) => slot.send(job.into()),
                     None => {
                         job.pending.resolve(Resolution::gateway(
                             ReceiptStatus::Failed,

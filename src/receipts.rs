@@ -215,6 +215,17 @@ impl Pending {
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
         hub.metrics.in_flight.inc();
+        Self::accepted_earlier(meta, sink, hub, permit)
+    }
+
+    /// The handle of a message that was counted in flight when it was accepted in compact form
+    /// ([`crate::waiting::Waiting`]) and is now taking its place.
+    pub fn accepted_earlier(
+        meta: Arc<MessageMeta>,
+        sink: Option<CallerSink>,
+        hub: Arc<ReceiptHub>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         Self {
             meta,
             sink,

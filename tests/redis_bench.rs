@@ -24,7 +24,7 @@ use pushgate::metrics::Metrics;
 use pushgate::model::{
     ApnsRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType, ReceiptStatus,
 };
-use pushgate::pipeline::Job;
+use pushgate::pipeline::{Job, Work};
 use pushgate::queue::RetryQueue;
 use pushgate::receipts::{Pending, ReceiptHub, Resolution};
 use pushgate::registry::AppRuntime;
@@ -58,7 +58,7 @@ async fn retries_scheduled_and_claimed_per_second() {
         fcm: None,
         retry: RetryConfig::default(),
     });
-    let (dispatch, mut claimed) = mpsc::channel::<Job>(65_536);
+    let (dispatch, mut claimed) = mpsc::channel::<Work>(65_536);
     let queue = RedisRetryQueue::start(
         Arc::clone(&store),
         Arc::clone(&hub),
@@ -117,9 +117,8 @@ async fn retries_scheduled_and_claimed_per_second() {
     }
     let claim_elapsed = started.elapsed();
     let ack_started = Instant::now();
-    for job in got {
-        job.pending
-            .resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));
+    for work in got {
+        work.resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));
     }
     while queue.stats().acked.load(Ordering::Relaxed) < jobs as u64 {
         assert!(

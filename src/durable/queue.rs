@@ -43,7 +43,7 @@ use super::keys::AppKeys;
 use super::record::StoredJob;
 use super::{RedisStore, now_ms};
 use crate::model::{Receipt, ReceiptStatus};
-use crate::pipeline::Job;
+use crate::pipeline::{Job, Work};
 use crate::queue::RetryQueue;
 use crate::receipts::{Pending, ReceiptHub, ReceiptObserver, Resolution};
 use crate::registry::AppRuntime;
@@ -198,7 +198,7 @@ impl RedisRetryQueue {
         store: Arc<RedisStore>,
         hub: Arc<ReceiptHub>,
         apps: impl IntoIterator<Item = Arc<AppRuntime>>,
-        dispatch: mpsc::Sender<Job>,
+        dispatch: mpsc::Sender<Work>,
         stop: CancellationToken,
     ) -> Arc<Self> {
         let prefix = store.config().key_prefix.clone();
@@ -476,7 +476,7 @@ impl RedisRetryQueue {
         Ok(())
     }
 
-    async fn claim_loop(&self, dispatch: mpsc::Sender<Job>, stop: CancellationToken) {
+    async fn claim_loop(&self, dispatch: mpsc::Sender<Work>, stop: CancellationToken) {
         let config = self.store.config().clone();
         let poll = Duration::from_millis(config.poll_ms);
         let maintain_every = Duration::from_millis((config.lease_ms / 3).max(1));
@@ -520,7 +520,7 @@ impl RedisRetryQueue {
                         slot = dispatch.reserve() => slot.ok(),
                     };
                     match slot {
-                        Some(slot) => slot.send(job),
+                        Some(slot) => slot.send(job.into()),
                         None => {
                             // Leave the lease to expire: another replica (or our restart)
                             // reclaims the job; this process hands the receipt duty off.

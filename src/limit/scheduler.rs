@@ -19,43 +19,60 @@ use super::Limits;
 use super::queues::{Next, Queues, Schedulable, Slot};
 use crate::metrics::Metrics;
 use crate::model::{Platform, Priority, ReceiptStatus};
-use crate::pipeline::Job;
+use crate::pipeline::Work;
 use crate::receipts::Resolution;
 
 /// How often queued messages are checked against their ttl.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
-impl Schedulable for Job {
+impl Schedulable for Work {
     fn app(&self) -> &Arc<str> {
-        &self.app.id
+        &Work::app(self).id
     }
     fn platform(&self) -> Platform {
-        self.request.platform()
+        Work::platform(self)
     }
     fn high_priority(&self) -> bool {
-        self.pending.meta().priority == Priority::High
+        let priority = match self {
+            Work::Waiting(w) => w.batch().priority,
+            Work::Job(job) => job.pending.meta().priority,
+        };
+        priority == Priority::High
     }
     fn campaign_limit(&self) -> Option<(&Arc<str>, u32)> {
-        let meta = self.pending.meta();
-        if meta.campaign_rate_per_minute == 0 {
+        let (rate, campaign_id, batch_id) = match self {
+            Work::Waiting(w) => {
+                let b = w.batch();
+                (b.campaign_rate_per_minute, &b.campaign_id, &b.batch_id)
+            }
+            Work::Job(job) => {
+                let m = job.pending.meta();
+                (m.campaign_rate_per_minute, &m.campaign_id, &m.batch_id)
+            }
+        };
+        if rate == 0 {
             return None;
         }
         // Without a campaign id, the batch is the campaign.
-        let key = if meta.campaign_id.is_empty() {
-            &meta.batch_id
+        let key = if campaign_id.is_empty() {
+            batch_id
         } else {
-            &meta.campaign_id
+            campaign_id
         };
-        Some((key, meta.campaign_rate_per_minute))
+        Some((key, rate))
     }
     fn expired(&self, now: SystemTime) -> bool {
-        self.pending.meta().expires_at.is_some_and(|t| now >= t)
+        let expires_at = match self {
+            Work::Waiting(w) => w.expires_at(),
+            Work::Job(job) => job.pending.meta().expires_at,
+        };
+        expires_at.is_some_and(|t| now >= t)
     }
 }
 
 /// Runs the limit stage for the deliver stage.
 pub struct Scheduler {
-    queues: Queues<Job>,
+    queues: Queues<Work>,
     requests: Arc<Semaphore>,
     hard_stop: CancellationToken,
 }
@@ -78,9 +95,9 @@ impl Scheduler {
     /// Runs until `dispatch` closes and the queues are empty (or the hard stop has failed the
     /// rest). `launch` starts one provider attempt; it must keep the permit and the slot until the
     /// attempt ends, and report the outcome with [`Slot::observe`].
-    pub async fn run<F>(mut self, mut dispatch: mpsc::Receiver<Job>, mut launch: F)
+    pub async fn run<F>(mut self, mut dispatch: mpsc::Receiver<Work>, mut launch: F)
     where
-        F: FnMut(Job, OwnedSemaphorePermit, Slot),
+        F: FnMut(Work, OwnedSemaphorePermit, Slot),
     {
         let wake = Arc::clone(self.queues.wake());
         let limits = Arc::clone(self.queues.limits());
@@ -160,18 +177,18 @@ impl Scheduler {
 }
 
 /// A job leaving the queue before its first attempt frees its app's admission place.
-fn left_queue(limits: &Limits, job: &Job) {
-    if job.pending.attempt() == 0 {
-        limits.left_queue(&job.app.id);
+fn left_queue(limits: &Limits, work: &Work) {
+    if work.attempt() == 0 {
+        limits.left_queue(&work.app().id);
     }
 }
 
-fn fail_shutdown(job: Job) {
-    job.abandon("gateway shut down before delivery");
+fn fail_shutdown(work: Work) {
+    work.abandon("gateway shut down before delivery");
 }
 
-fn expire(job: Job) {
-    job.pending.resolve(Resolution::gateway(
+fn expire(work: Work) {
+    work.resolve(Resolution::gateway(
         ReceiptStatus::Expired,
         "ttl passed while the message waited for its turn (rate limit)",
     ));

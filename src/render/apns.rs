@@ -1,17 +1,17 @@
 //! APNs rendering: the `aps` dictionary (shared with FCM's `apns` block) and the direct APNs
 //! request. The conventions are described in the parent module's documentation.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::json::{self, Obj};
 use super::{
-    CompiledTemplate, Content, Effective, MAX_APNS_TOKEN_CHARS, expiration, recipient_field,
+    CompiledTemplate, Content, Effective, MAX_APNS_TOKEN_CHARS, RecipientRef, Stamp, expiration,
+    recipient_field,
 };
-use crate::model::{ApnsRequest, FieldError, MessageMeta, Priority, PushType, Recipient};
+use crate::model::{ApnsRequest, FieldError, Priority, PushType};
 use crate::render::RenderContext;
+use crate::render::template::Vars;
 
 /// A rendered APNs payload with the push type and priority it was rendered for.
 #[derive(Debug, Clone)]
@@ -198,7 +198,7 @@ impl CompiledTemplate {
         &self,
         title: &Effective<'_>,
         body: &Effective<'_>,
-        vars: &BTreeMap<String, String>,
+        vars: &dyn Vars,
         index: usize,
         recipient_json: &str,
     ) -> Result<Built, FieldError> {
@@ -257,9 +257,9 @@ impl CompiledTemplate {
     /// Renders the APNs request of one recipient.
     pub(super) fn render_apns(
         &self,
-        recipient: &Recipient,
+        recipient: RecipientRef<'_>,
         index: usize,
-        meta: &MessageMeta,
+        stamp: Stamp<'_>,
         ctx: &RenderContext,
     ) -> Result<ApnsRequest, FieldError> {
         if let Some(problem) = &self.apns_problem {
@@ -271,7 +271,7 @@ impl CompiledTemplate {
                 "the app has no APNs topic (bundle id) configured",
             ));
         }
-        check_token(&recipient.device_token)
+        check_token(recipient.device_token)
             .map_err(|reason| FieldError::new(recipient_field(index, "device_token"), reason))?;
         let no_overrides = recipient.title.is_none()
             && recipient.body.is_none()
@@ -280,13 +280,7 @@ impl CompiledTemplate {
             Some(cached) if no_overrides => cached.clone()?,
             _ => {
                 let (title, body) = self.effective_texts(recipient, index)?;
-                self.build_apns_payload(
-                    &title,
-                    &body,
-                    &recipient.vars,
-                    index,
-                    &recipient.apns_json,
-                )?
+                self.build_apns_payload(&title, &body, recipient.vars, index, recipient.apns_json)?
             }
         };
         let limit = built.push_type.max_payload_bytes();
@@ -300,13 +294,13 @@ impl CompiledTemplate {
             ));
         }
         Ok(ApnsRequest {
-            device_token: recipient.device_token.clone(),
+            device_token: recipient.device_token.to_owned(),
             topic: self.apns_topic_for(&ctx.apns_topic, built.push_type),
             push_type: built.push_type,
             priority: built.priority,
-            expiration: expiration(meta.accepted_at, self.ttl_secs),
+            expiration: expiration(stamp.accepted_at, self.ttl_secs),
             collapse_id: (!self.collapse_key.is_empty()).then(|| self.collapse_key.clone()),
-            apns_id: sanitize_apns_id(&meta.message_id),
+            apns_id: sanitize_apns_id(stamp.message_id),
             payload: built.payload,
         })
     }

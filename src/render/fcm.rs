@@ -9,10 +9,10 @@ use serde_json::{Map, Value};
 use super::apns::write_aps;
 use super::json::{self, Obj};
 use super::{
-    CompiledTemplate, MAX_FCM_PAYLOAD_BYTES, MAX_FCM_TOKEN_CHARS, MAX_FCM_TTL_SECS, RenderContext,
-    expiration, recipient_field,
+    CompiledTemplate, MAX_FCM_PAYLOAD_BYTES, MAX_FCM_TOKEN_CHARS, MAX_FCM_TTL_SECS, RecipientRef,
+    RenderContext, Stamp, expiration, recipient_field,
 };
-use crate::model::{FcmRequest, FieldError, MessageMeta, Priority, Recipient};
+use crate::model::{FcmRequest, FieldError, Priority};
 
 /// Longest FCM `analytics_label`.
 const MAX_ANALYTICS_LABEL: usize = 50;
@@ -159,19 +159,19 @@ impl CompiledTemplate {
     /// Renders the FCM request of one recipient.
     pub(super) fn render_fcm(
         &self,
-        recipient: &Recipient,
+        recipient: RecipientRef<'_>,
         index: usize,
-        meta: &MessageMeta,
+        stamp: Stamp<'_>,
         ctx: &RenderContext,
     ) -> Result<FcmRequest, FieldError> {
         if let Some(problem) = &self.fcm_problem {
             return Err(problem.clone());
         }
-        let token = recipient.device_token.as_str();
+        let token = recipient.device_token;
         check_token(token)
             .map_err(|reason| FieldError::new(recipient_field(index, "device_token"), reason))?;
         let (title, body) = self.effective_texts(recipient, index)?;
-        let content = self.content(&title, &body, &recipient.vars, index)?;
+        let content = self.content(&title, &body, recipient.vars, index)?;
         let has_text = !(content.title.is_empty() && content.body.is_empty());
         let notification = has_text && !content.is_background();
         let android_priority = match (self.priority, notification) {
@@ -184,7 +184,7 @@ impl CompiledTemplate {
         } else {
             5
         };
-        let expiration = expiration(meta.accepted_at, self.ttl_secs);
+        let expiration = expiration(stamp.accepted_at, self.ttl_secs);
         let label = ctx
             .analytics_label
             .as_deref()
@@ -260,7 +260,7 @@ impl CompiledTemplate {
         root.end();
 
         if self.fcm_json.is_some() || !recipient.fcm_json.trim().is_empty() {
-            buf = self.merge_fcm(&buf, token, &recipient.fcm_json, index)?;
+            buf = self.merge_fcm(&buf, token, recipient.fcm_json, index)?;
         }
         let size = buf.len().saturating_sub(token.len());
         if size > MAX_FCM_PAYLOAD_BYTES {
@@ -272,7 +272,7 @@ impl CompiledTemplate {
             ));
         }
         Ok(FcmRequest {
-            device_token: recipient.device_token.clone(),
+            device_token: recipient.device_token.to_owned(),
             body: Bytes::from(buf),
         })
     }

@@ -69,7 +69,7 @@ use serde_json::{Map, Value};
 use crate::model::{
     FieldError, MessageMeta, Platform, Priority, ProviderRequest, PushType, Recipient, Template,
 };
-use template::Text;
+use template::{Text, Vars};
 
 pub use apns::sanitize_apns_id;
 pub use fcm::sanitize_analytics_label;
@@ -92,6 +92,58 @@ pub struct RenderContext {
     pub apns_topic: String,
     /// Set from the campaign id; sent (sanitized) as FCM `fcm_options.analytics_label`.
     pub analytics_label: Option<String>,
+}
+
+/// What rendering reads of one recipient, borrowed from a decoded [`Recipient`] or from the
+/// packed form a waiting message keeps (`crate::waiting`).
+#[derive(Clone, Copy)]
+pub struct RecipientRef<'a> {
+    pub platform: Platform,
+    pub device_token: &'a str,
+    pub vars: &'a dyn Vars,
+    pub title: Option<&'a str>,
+    pub body: Option<&'a str>,
+    pub apns_json: &'a str,
+    pub fcm_json: &'a str,
+}
+
+impl<'a> From<&'a Recipient> for RecipientRef<'a> {
+    fn from(r: &'a Recipient) -> Self {
+        RecipientRef {
+            platform: r.platform,
+            device_token: &r.device_token,
+            vars: &r.vars,
+            title: r.title.as_deref(),
+            body: r.body.as_deref(),
+            apns_json: &r.apns_json,
+            fcm_json: &r.fcm_json,
+        }
+    }
+}
+
+impl RecipientRef<'_> {
+    /// True when the recipient overrides the template's title or body (its own texts may then
+    /// use any of its variables).
+    pub fn overrides_texts(&self) -> bool {
+        self.title.is_some() || self.body.is_some()
+    }
+}
+
+/// The identity a rendered request carries: the message id (APNs `apns-id` when it is a UUID)
+/// and the acceptance instant (expiration is counted from it).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    pub message_id: &'a str,
+    pub accepted_at: SystemTime,
+}
+
+impl<'a> From<&'a MessageMeta> for Stamp<'a> {
+    fn from(meta: &'a MessageMeta) -> Self {
+        Stamp {
+            message_id: &meta.message_id,
+            accepted_at: meta.accepted_at,
+        }
+    }
 }
 
 /// A batch's template, parsed and validated once, rendered per recipient.
@@ -126,6 +178,9 @@ pub struct CompiledTemplate {
     apns_cached: Option<Result<apns::Built, FieldError>>,
     /// The last `apns-topic` built (push type and value), shared by the batch's messages.
     apns_topic: std::sync::OnceLock<(PushType, bytes::Bytes)>,
+    /// The variable names the template's texts use, sorted: all a waiting recipient without
+    /// text overrides needs to keep of its variables.
+    variables: Vec<String>,
 }
 
 /// Where a title or body text comes from, to name it in errors.
@@ -234,7 +289,17 @@ impl CompiledTemplate {
             fcm_problem: None,
             apns_cached: None,
             apns_topic: std::sync::OnceLock::new(),
+            variables: Vec::new(),
         };
+        let mut variables: Vec<String> = [&compiled.title, &compiled.subtitle, &compiled.body]
+            .into_iter()
+            .chain(compiled.data.iter().map(|(_, text)| text))
+            .flat_map(|text| text.variables())
+            .map(str::to_owned)
+            .collect();
+        variables.sort_unstable();
+        variables.dedup();
+        compiled.variables = variables;
         if compiled.push_type == Some(PushType::Background) {
             compiled.check_background(
                 &Effective {
@@ -271,14 +336,37 @@ impl CompiledTemplate {
         meta: &MessageMeta,
         ctx: &RenderContext,
     ) -> Result<ProviderRequest, FieldError> {
+        self.render_ref(recipient.into(), index, meta.into(), ctx)
+    }
+
+    /// [`render`](Self::render) from borrowed parts.
+    pub fn render_ref(
+        &self,
+        recipient: RecipientRef<'_>,
+        index: usize,
+        stamp: Stamp<'_>,
+        ctx: &RenderContext,
+    ) -> Result<ProviderRequest, FieldError> {
         match recipient.platform {
             Platform::Apns => self
-                .render_apns(recipient, index, meta, ctx)
+                .render_apns(recipient, index, stamp, ctx)
                 .map(ProviderRequest::Apns),
             Platform::Fcm => self
-                .render_fcm(recipient, index, meta, ctx)
+                .render_fcm(recipient, index, stamp, ctx)
                 .map(ProviderRequest::Fcm),
         }
+    }
+
+    /// The template's priority.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// True when some text of the template uses the variable `name`.
+    pub fn uses_variable(&self, name: &str) -> bool {
+        self.variables
+            .binary_search_by(|v| v.as_str().cmp(name))
+            .is_ok()
     }
 
     /// True when no text of the template has a placeholder: every recipient without overrides
@@ -307,7 +395,7 @@ impl CompiledTemplate {
     /// The title and body for one recipient: its overrides (parsed now) or the template's.
     fn effective_texts(
         &self,
-        recipient: &Recipient,
+        recipient: RecipientRef<'_>,
         index: usize,
     ) -> Result<(Effective<'_>, Effective<'_>), FieldError> {
         // Overrides are rare: they are parsed per recipient, only when present.
@@ -319,11 +407,11 @@ impl CompiledTemplate {
                 })
                 .map_err(|e| FieldError::new(recipient_field(index, name), e.to_string()))
         };
-        let title = match &recipient.title {
+        let title = match recipient.title {
             None => self.template_title(),
             Some(source) => own(source, "title")?,
         };
-        let body = match &recipient.body {
+        let body = match recipient.body {
             None => self.template_body(),
             Some(source) => own(source, "body")?,
         };
@@ -379,7 +467,7 @@ impl CompiledTemplate {
         &'a self,
         title: &'a Effective<'_>,
         body: &'a Effective<'_>,
-        vars: &'a BTreeMap<String, String>,
+        vars: &'a dyn Vars,
         index: usize,
     ) -> Result<Content<'a>, FieldError> {
         let push_type = self.resolve_push_type(title, body);

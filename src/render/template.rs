@@ -22,6 +22,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
+/// Where a recipient's variables are looked up: its decoded map, or the packed form a waiting
+/// message keeps (`crate::waiting`).
+pub trait Vars {
+    fn get(&self, name: &str) -> Option<&str>;
+}
+
+impl Vars for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<&str> {
+        BTreeMap::get(self, name).map(String::as_str)
+    }
+}
+
 /// What is wrong with a template text, with the byte offset of the offending tag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
@@ -134,10 +146,7 @@ impl Text {
     }
 
     /// Renders with `vars`. Borrows (no allocation) when the text has no tags or is one tag.
-    pub fn render<'a>(
-        &'a self,
-        vars: &'a BTreeMap<String, String>,
-    ) -> Result<Cow<'a, str>, MissingVar> {
+    pub fn render<'a, V: Vars + ?Sized>(&'a self, vars: &'a V) -> Result<Cow<'a, str>, MissingVar> {
         match self.segments.as_slice() {
             [] => Ok(Cow::Borrowed("")),
             [Segment::Literal(_)] => Ok(Cow::Borrowed(&self.source)),
@@ -151,9 +160,9 @@ impl Text {
     }
 
     /// Renders with `vars`, appending to `out` (left as it was on error).
-    pub fn render_into(
+    pub fn render_into<V: Vars + ?Sized>(
         &self,
-        vars: &BTreeMap<String, String>,
+        vars: &V,
         out: &mut String,
     ) -> Result<(), MissingVar> {
         let start = out.len();
@@ -164,9 +173,9 @@ impl Text {
         result
     }
 
-    fn render_segments(
+    fn render_segments<V: Vars + ?Sized>(
         &self,
-        vars: &BTreeMap<String, String>,
+        vars: &V,
         out: &mut String,
     ) -> Result<(), MissingVar> {
         for segment in &self.segments {
@@ -176,10 +185,10 @@ impl Text {
     }
 
     /// The text a segment renders to.
-    fn value<'a>(
+    fn value<'a, V: Vars + ?Sized>(
         &'a self,
         segment: &Segment,
-        vars: &'a BTreeMap<String, String>,
+        vars: &'a V,
     ) -> Result<&'a str, MissingVar> {
         let slice = |r: &Range<usize>| self.source.get(r.clone()).unwrap_or("");
         match segment {
@@ -187,7 +196,7 @@ impl Text {
             Segment::Var { name, default } => {
                 let name = slice(name);
                 match (vars.get(name), default) {
-                    (Some(v), Some(d)) if v.is_empty() => Ok(slice(d)),
+                    (Some(""), Some(d)) => Ok(slice(d)),
                     (Some(v), _) => Ok(v),
                     (None, Some(d)) => Ok(slice(d)),
                     (None, None) => Err(MissingVar {
