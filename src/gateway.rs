@@ -7,19 +7,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::PipelineConfig;
 use crate::metrics::{AppLabels, Metrics};
-use crate::model::{FieldError, MessageMeta, ReceiptStatus, Recipient, Template};
+use crate::model::{FieldError, MessageMeta, ProviderRequest, ReceiptStatus, Recipient, Template};
 use crate::pipeline::{Deliverer, Job, Work};
 use crate::queue::MemoryRetryQueue;
 use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
 use crate::registry::AppRegistry;
 use crate::render::{CompiledTemplate, RenderContext, Stamp};
-use crate::waiting::{AcceptedBatch, Waiting};
+use crate::waiting::{AcceptedBatch, PackedAt, PackedRecipients, Waiting};
 
 /// A batch as the domain sees it.
 #[derive(Debug, Clone, Default)]
@@ -271,8 +272,8 @@ impl Gateway {
             apns_topic: app.apns_topic.clone(),
             analytics_label: (!batch.campaign_id.is_empty()).then(|| batch.campaign_id.clone()),
         };
-        let accepted = Arc::new(AcceptedBatch::new(
-            Arc::clone(&app),
+        let accepted = AcceptedBatch::new(
+            app,
             batch_id,
             batch.campaign_id.as_str().into(),
             compiled,
@@ -281,43 +282,76 @@ impl Gateway {
             batch.campaign_rate_per_minute,
             sink.cloned(),
             Arc::clone(&self.hub),
-        ));
-        let app_id = Arc::clone(&app.id);
-        let labels = AppLabels {
-            app: app_id.to_string(),
-        };
-        let accepted_counter = self.metrics.accepted.get_or_create(&labels).clone();
-        let rejected_counter = self
-            .metrics
-            .rejected_at_ingest
-            .get_or_create(&labels)
-            .clone();
-        let mut seen_ids = HashSet::with_capacity(batch.recipients.len());
-        let mut results = Vec::with_capacity(batch.recipients.len());
-        // Idempotency (durable delivery only): caller ids seen recently are not sent again.
-        let earlier = match &self.durable {
-            Some(durable) => crate::durable::idempotency::claim(
-                durable.store(),
-                &app_id,
-                batch.recipients.iter().map(|r| r.message_id.as_str()),
-            )
-            .await
-            .map_err(|e| SubmitError::Unavailable(format!("redis is unreachable: {e}")))?,
-            None => Default::default(),
-        };
+        );
+        let batch_id = accepted.batch_id.to_string();
+        let mut ingest = Ingest::new(self, &accepted.app.id, sink, stream_rejections);
+        let recipients = std::mem::take(&mut batch.recipients);
+        match &self.durable {
+            Some(durable) => {
+                self.submit_durable(durable, Arc::new(accepted), recipients, ingest)
+                    .await
+            }
+            None => {
+                let packed = ingest.validate_and_pack(&accepted, recipients);
+                Ok(self.admit_waiting(accepted, packed, ingest).await)
+            }
+        }
+        .map(|results| BatchResult { batch_id, results })
+    }
+
+    /// In-memory delivery, second half of a batch: each validated recipient (packed into the
+    /// batch's buffer) takes its limit-stage place and window slot, then waits as a compact
+    /// [`Waiting`] message.
+    async fn admit_waiting(
+        &self,
+        mut accepted: AcceptedBatch,
+        packed: Validated,
+        mut ingest: Ingest<'_>,
+    ) -> Vec<RecipientResult> {
+        accepted.set_recipients(packed.recipients);
+        let accepted = Arc::new(accepted);
+        for (at, message_id) in packed.valid {
+            let Some((admission, slot)) = self.take_place(&accepted.app.id).await else {
+                let fields = accepted.packed_identity(at);
+                let meta = accepted.meta(message_id.clone(), fields.0, fields.1, SystemTime::now());
+                ingest.shutting_down(&Arc::new(meta), at.index(), message_id);
+                continue;
+            };
+            ingest.accepted.inc();
+            let waiting = Waiting::new(Arc::clone(&accepted), at, slot);
+            self.dispatch_accepted(Work::Waiting(waiting), admission)
+                .await;
+            ingest
+                .results
+                .push(RecipientResult::accepted(at.index(), message_id));
+        }
+        ingest.results.sort_by_key(|r| r.index);
+        ingest.results
+    }
+
+    /// Durable delivery: recipients are rendered, claimed for idempotency and written to Redis
+    /// (in chunks, before the caller hears they were accepted), then dispatched.
+    async fn submit_durable(
+        &self,
+        durable: &crate::durable::RedisRetryQueue,
+        accepted: Arc<AcceptedBatch>,
+        recipients: Vec<Recipient>,
+        mut ingest: Ingest<'_>,
+    ) -> Result<Vec<RecipientResult>, SubmitError> {
+        let app_id = Arc::clone(&accepted.app.id);
+        // Caller ids seen recently are not sent again.
+        let earlier = crate::durable::idempotency::claim(
+            durable.store(),
+            &app_id,
+            recipients.iter().map(|r| r.message_id.as_str()),
+        )
+        .await
+        .map_err(|e| SubmitError::Unavailable(format!("redis is unreachable: {e}")))?;
         let mut release = Vec::new();
         let mut staged = Vec::new();
-
-        let recipients = std::mem::take(&mut batch.recipients);
         for (index, recipient) in recipients.into_iter().enumerate() {
-            let message_id = if recipient.message_id.is_empty() {
-                crate::model::random_uuid().to_string()
-            } else {
-                recipient.message_id.clone()
-            };
+            let message_id = message_id_of(&recipient);
             let accepted_at = SystemTime::now();
-            // The full identity is built only where it is needed: a receipt now, or a rendered
-            // job (durable delivery). A waiting message keeps the parts.
             let meta_of = |message_id: &str| {
                 Arc::new(accepted.meta(
                     message_id.to_owned(),
@@ -326,21 +360,21 @@ impl Gateway {
                     accepted_at,
                 ))
             };
-            let first = !seen_ids.contains(&message_id);
+            let first = !ingest.seen_ids.contains(&message_id);
             if let Some(state) = earlier.get(&message_id).filter(|_| first) {
-                seen_ids.insert(message_id.clone());
+                ingest.seen_ids.insert(message_id.clone());
                 let (receipt, reason) = crate::durable::idempotency::duplicate_receipt(
                     &meta_of(&message_id),
                     index,
                     state,
                 );
-                if let Some(sink) = sink {
+                if let Some(sink) = ingest.sink {
                     let _ = sink.send(ReceiptEnvelope {
                         receipt: Arc::new(receipt),
                         permit: None,
                     });
                 }
-                results.push(RecipientResult::rejected(
+                ingest.results.push(RecipientResult::rejected(
                     index,
                     message_id,
                     format!("recipients[{index}].message_id"),
@@ -349,143 +383,81 @@ impl Gateway {
                 continue;
             }
             // A caller id claimed for idempotency is released when the recipient is not taken.
-            let claimed = first && self.durable.is_some() && !recipient.message_id.is_empty();
-            let rendered = if !seen_ids.insert(message_id.clone()) {
-                Err(FieldError::new(
-                    format!("recipients[{index}].message_id"),
-                    "duplicate message_id in this batch",
-                ))
-            } else if app.provider(recipient.platform).is_none() {
-                Err(FieldError::new(
-                    format!("recipients[{index}].platform"),
-                    format!(
-                        "app `{}` has no {} credentials",
-                        app_id,
-                        recipient.platform.as_str()
-                    ),
-                ))
-            } else {
-                let stamp = Stamp {
-                    message_id: &message_id,
-                    accepted_at,
-                };
-                accepted
-                    .template
-                    .render_ref((&recipient).into(), index, stamp, &accepted.ctx)
-            };
-            let request = match rendered {
+            let claimed = first && !recipient.message_id.is_empty();
+            let checked = ingest.check(&accepted, &recipient, index, &message_id, accepted_at);
+            let request = match checked {
                 Ok(request) => request,
                 Err(error) => {
-                    rejected_counter.inc();
                     if claimed {
                         release.push(message_id.clone());
                     }
-                    self.reject(
-                        &meta_of(&message_id),
-                        &error,
-                        sink.filter(|_| stream_rejections),
-                    );
-                    results.push(RecipientResult::rejected(
-                        index,
-                        message_id,
-                        error.field,
-                        error.reason,
-                    ));
+                    ingest.rejected(&meta_of(&message_id), index, message_id, error);
                     continue;
                 }
             };
-            // Durable delivery: staged messages hold limit-stage places and window slots until
-            // they are flushed, so flush before a wait they might be causing.
+            // Staged messages hold limit-stage places and window slots until they are
+            // flushed, so flush before a wait they might be causing.
             if !staged.is_empty()
-                && let Some(durable) = &self.durable
                 && (self.window.available_permits() == 0
                     || futures::FutureExt::now_or_never(self.limits.admit(&app_id)).is_none())
             {
-                self.flush_staged(durable, &mut staged, &mut results, &mut release)
+                self.flush_staged(durable, &mut staged, &mut ingest.results, &mut release)
                     .await;
             }
-            // First the app's place in the limit stage (one app's backlog cannot fill the
-            // shared window), then the window slot.
-            let permit = tokio::select! {
-                permit = async {
-                    let admission = self.limits.admit(&app_id).await;
-                    let permit = Arc::clone(&self.window).acquire_owned().await.ok()?;
-                    Some((admission, permit))
-                } => permit,
-                _ = self.accepting.cancelled() => None,
-            };
-            let Some((admission, permit)) = permit else {
-                let error = FieldError::new("", "the gateway is shutting down");
+            let Some((admission, permit)) = self.take_place(&app_id).await else {
                 if claimed {
                     release.push(message_id.clone());
                 }
-                self.reject(
-                    &meta_of(&message_id),
-                    &error,
-                    sink.filter(|_| stream_rejections),
-                );
-                results.push(RecipientResult::rejected(
-                    index,
-                    message_id,
-                    error.field,
-                    error.reason,
-                ));
+                ingest.shutting_down(&meta_of(&message_id), index, message_id);
                 continue;
             };
-            let used = self.config.accept_window - self.window.available_permits();
-            self.window_high_water.fetch_max(used, Ordering::Relaxed);
-            accepted_counter.inc();
-            if let Some(durable) = &self.durable {
-                // Durable delivery: accepted messages are written to Redis (rendered, in chunks,
-                // before the caller hears they were accepted), then dispatched.
-                let pending = Pending::new(
-                    meta_of(&message_id),
-                    sink.cloned(),
-                    Arc::clone(&self.hub),
-                    Some(permit),
-                );
-                let job = Job {
-                    pending,
-                    request,
-                    app: Arc::clone(&app),
-                    durable: true,
-                };
-                staged.push((job, admission, index, message_id));
-                if staged.len() >= 256 {
-                    self.flush_staged(durable, &mut staged, &mut results, &mut release)
-                        .await;
-                }
-                continue;
-            }
-            // Validated; it waits in compact form and is rendered again when it may go.
-            drop(request);
-            let waiting = Waiting::new(
-                Arc::clone(&accepted),
-                &recipient,
-                &message_id,
-                index,
-                accepted_at,
-                permit,
+            ingest.accepted.inc();
+            let pending = Pending::new(
+                meta_of(&message_id),
+                ingest.sink.cloned(),
+                Arc::clone(&self.hub),
+                Some(permit),
             );
-            self.dispatch_accepted(Work::Waiting(waiting), admission)
-                .await;
-            results.push(RecipientResult::accepted(index, message_id));
+            let job = Job {
+                pending,
+                request,
+                app: Arc::clone(&accepted.app),
+                durable: true,
+            };
+            staged.push((job, admission, index, message_id));
+            if staged.len() >= 256 {
+                self.flush_staged(durable, &mut staged, &mut ingest.results, &mut release)
+                    .await;
+            }
         }
-        if let Some(durable) = &self.durable {
-            self.flush_staged(durable, &mut staged, &mut results, &mut release)
-                .await;
-            results.sort_by_key(|r| r.index);
-        }
-        if let Some(durable) = &self.durable
-            && let Err(e) =
-                crate::durable::idempotency::release(durable.store(), &app_id, &release).await
+        self.flush_staged(durable, &mut staged, &mut ingest.results, &mut release)
+            .await;
+        if let Err(e) =
+            crate::durable::idempotency::release(durable.store(), &app_id, &release).await
         {
             warn!(app = %app_id, error = %e, "could not release idempotency keys of rejected recipients");
         }
-        Ok(BatchResult {
-            batch_id: accepted.batch_id.to_string(),
-            results,
-        })
+        ingest.results.sort_by_key(|r| r.index);
+        Ok(ingest.results)
+    }
+
+    /// A recipient's place in the limit stage (first, so one app's backlog cannot fill the
+    /// shared window), then its accept-window slot; `None` when shutdown begins meanwhile.
+    async fn take_place(
+        &self,
+        app_id: &Arc<str>,
+    ) -> Option<(crate::limit::Admission, OwnedSemaphorePermit)> {
+        let place = tokio::select! {
+            place = async {
+                let admission = self.limits.admit(app_id).await;
+                let permit = Arc::clone(&self.window).acquire_owned().await.ok()?;
+                Some((admission, permit))
+            } => place,
+            _ = self.accepting.cancelled() => None,
+        };
+        let used = self.config.accept_window - self.window.available_permits();
+        self.window_high_water.fetch_max(used, Ordering::Relaxed);
+        place
     }
 
     /// Hands an accepted job to the deliver stage; its limit-stage place is committed once it is
@@ -582,5 +554,164 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         true
+    }
+}
+
+/// The caller's id, or a fresh one when it gave none.
+fn message_id_of(recipient: &Recipient) -> String {
+    if recipient.message_id.is_empty() {
+        crate::model::random_uuid().to_string()
+    } else {
+        recipient.message_id.clone()
+    }
+}
+
+/// The recipients of an in-memory batch that passed validation, packed.
+struct Validated {
+    recipients: PackedRecipients,
+    valid: Vec<(PackedAt, String)>,
+}
+
+/// The per-batch state of ingest: validation, rejections and the per-recipient results.
+struct Ingest<'a> {
+    gateway: &'a Gateway,
+    sink: Option<&'a CallerSink>,
+    stream_rejections: bool,
+    seen_ids: HashSet<String>,
+    results: Vec<RecipientResult>,
+    accepted: Counter,
+    rejected: Counter,
+}
+
+impl<'a> Ingest<'a> {
+    fn new(
+        gateway: &'a Gateway,
+        app_id: &str,
+        sink: Option<&'a CallerSink>,
+        stream_rejections: bool,
+    ) -> Self {
+        let labels = AppLabels {
+            app: app_id.to_owned(),
+        };
+        Self {
+            gateway,
+            sink,
+            stream_rejections,
+            seen_ids: HashSet::new(),
+            results: Vec::new(),
+            accepted: gateway.metrics.accepted.get_or_create(&labels).clone(),
+            rejected: gateway
+                .metrics
+                .rejected_at_ingest
+                .get_or_create(&labels)
+                .clone(),
+        }
+    }
+
+    /// Validates one recipient by rendering it.
+    fn check(
+        &mut self,
+        batch: &AcceptedBatch,
+        recipient: &Recipient,
+        index: usize,
+        message_id: &str,
+        accepted_at: SystemTime,
+    ) -> Result<ProviderRequest, FieldError> {
+        if !self.seen_ids.insert(message_id.to_owned()) {
+            return Err(FieldError::new(
+                format!("recipients[{index}].message_id"),
+                "duplicate message_id in this batch",
+            ));
+        }
+        if batch.app.provider(recipient.platform).is_none() {
+            return Err(FieldError::new(
+                format!("recipients[{index}].platform"),
+                format!(
+                    "app `{}` has no {} credentials",
+                    batch.app.id,
+                    recipient.platform.as_str()
+                ),
+            ));
+        }
+        let stamp = Stamp {
+            message_id,
+            accepted_at,
+        };
+        batch
+            .template
+            .render_ref(recipient.into(), index, stamp, &batch.ctx)
+    }
+
+    /// In-memory delivery, first half of a batch: validates every recipient (rejections are
+    /// reported now) and packs the valid ones into one buffer.
+    fn validate_and_pack(
+        &mut self,
+        batch: &AcceptedBatch,
+        recipients: Vec<Recipient>,
+    ) -> Validated {
+        let mut packed = Validated {
+            recipients: PackedRecipients::default(),
+            valid: Vec::with_capacity(recipients.len()),
+        };
+        self.results.reserve(recipients.len());
+        for (index, recipient) in recipients.into_iter().enumerate() {
+            let message_id = message_id_of(&recipient);
+            let accepted_at = SystemTime::now();
+            let checked = self
+                .check(batch, &recipient, index, &message_id, accepted_at)
+                .and_then(|_validated| {
+                    packed
+                        .recipients
+                        .push(&recipient, &message_id, index, &batch.template)
+                        .ok_or_else(|| {
+                            FieldError::new("recipients", "the batch is too large to hold")
+                        })
+                });
+            match checked {
+                Ok(at) => packed.valid.push((at, message_id)),
+                Err(error) => {
+                    let meta = batch.meta(
+                        message_id.clone(),
+                        recipient.platform,
+                        recipient.user_id.clone(),
+                        accepted_at,
+                    );
+                    self.rejected(&Arc::new(meta), index, message_id, error);
+                }
+            }
+        }
+        packed
+    }
+
+    /// A recipient that failed validation: counted, reported, and given a REJECTED receipt.
+    fn rejected(
+        &mut self,
+        meta: &Arc<MessageMeta>,
+        index: usize,
+        message_id: String,
+        error: FieldError,
+    ) {
+        self.rejected.inc();
+        self.gateway
+            .reject(meta, &error, self.sink.filter(|_| self.stream_rejections));
+        self.results.push(RecipientResult::rejected(
+            index,
+            message_id,
+            error.field,
+            error.reason,
+        ));
+    }
+
+    /// A valid recipient that shutdown kept from being accepted.
+    fn shutting_down(&mut self, meta: &Arc<MessageMeta>, index: usize, message_id: String) {
+        let error = FieldError::new("", "the gateway is shutting down");
+        self.gateway
+            .reject(meta, &error, self.sink.filter(|_| self.stream_rejections));
+        self.results.push(RecipientResult::rejected(
+            index,
+            message_id,
+            error.field,
+            error.reason,
+        ));
     }
 }

@@ -286,6 +286,16 @@ mod tests {
     use super::*;
     use crate::config::RetryConfig;
 
+    /// The limit stage holds one `Work` per accepted message, up to a million of them.
+    #[test]
+    fn a_queued_message_stays_small() {
+        assert!(
+            std::mem::size_of::<Work>() <= 24,
+            "{} bytes",
+            std::mem::size_of::<Work>()
+        );
+    }
+
     #[test]
     fn retry_after_is_a_floor_and_clamped() {
         let policy = RetryConfig {

@@ -3,10 +3,12 @@
 //! Between ingest and its first provider attempt a message may wait a long time (rate limits, a
 //! slow provider), and the accept window lets a million of them do so. Rendered, a message holds
 //! its payload (an FCM body repeats the token), its identity strings and a job: well over 1 KB.
-//! Waiting, it needs only what its rendering will read. So a [`Waiting`] message is the batch's
-//! shared context ([`AcceptedBatch`], once per batch) plus the recipient's own strings packed in
-//! one allocation: its token, ids, the variables the template uses and any overrides. It is
-//! rendered at ingest to validate it (the result is dropped), and rendered again when it may go.
+//! Waiting, it needs only what its rendering will read. So a [`Waiting`] message is 24 bytes
+//! pointing into its batch's shared context ([`AcceptedBatch`]): the compiled template, the
+//! caller's sink, and one buffer in which every accepted recipient of the batch is packed (its
+//! token, ids, the variables the template uses and any overrides), with no allocation per
+//! message. A recipient is rendered at ingest to validate it (the result is dropped) and
+//! rendered again when it may go.
 //!
 //! Like [`Pending`], a waiting message owes a terminal receipt: it counts as in flight from the
 //! moment it is accepted, and if it is dropped without being turned into a job or resolved it
@@ -44,6 +46,8 @@ pub struct AcceptedBatch {
     window_slots: Mutex<Option<OwnedSemaphorePermit>>,
     /// When acceptance of the batch began; each message's own instant is an offset from it.
     started: SystemTime,
+    /// The accepted recipients, packed one after the other (see [`PackedRecipients`]).
+    recipients: Box<[u8]>,
 }
 
 impl AcceptedBatch {
@@ -72,7 +76,28 @@ impl AcceptedBatch {
             hub,
             window_slots: Mutex::new(None),
             started: SystemTime::now(),
+            recipients: Box::default(),
         }
+    }
+
+    /// Sets the batch's packed recipients, before its messages are taken as waiting.
+    pub fn set_recipients(&mut self, packed: PackedRecipients) {
+        // Copied into an allocation of the exact size: shrinking the grown buffer in place
+        // would keep its whole capacity (allocators keep a block that shrinks by less than
+        // half), up to half as much again, for as long as any message of the batch waits.
+        self.recipients = Box::from(packed.0.as_slice());
+    }
+
+    /// The platform and user id of the recipient packed at `at`.
+    pub fn packed_identity(&self, at: PackedAt) -> (Platform, String) {
+        let fields = self.recipient_at(at.offset);
+        (fields.platform, fields.user_id.to_owned())
+    }
+
+    /// The fields of the recipient packed at `at`.
+    fn recipient_at(&self, at: u32) -> Fields<'_> {
+        let bytes = self.recipients.get(at as usize..).unwrap_or_default();
+        Packed::unpack(bytes, &self.template)
     }
 
     /// The identity of one of this batch's messages.
@@ -113,8 +138,9 @@ impl AcceptedBatch {
 /// An accepted message before its first attempt. See the module docs.
 pub struct Waiting {
     batch: Arc<AcceptedBatch>,
-    /// The recipient's strings (see [`Packed`]); empty once the message has left this form.
-    packed: Box<[u8]>,
+    /// Where the recipient is packed in its batch's buffer; [`Self::LEFT`] once the message has
+    /// left this form.
+    at: u32,
     /// The recipient's position in its batch, for field names in errors.
     index: u32,
     /// Milliseconds from the batch's start to this message's acceptance.
@@ -122,18 +148,12 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    /// Takes `recipient` (validated) as accepted at `accepted_at`, holding `slot` of the accept
-    /// window. `message_id` is its own or the one the gateway gave it.
-    pub fn new(
-        batch: Arc<AcceptedBatch>,
-        recipient: &Recipient,
-        message_id: &str,
-        index: usize,
-        accepted_at: SystemTime,
-        slot: OwnedSemaphorePermit,
-    ) -> Self {
-        let packed = Packed::pack(recipient, message_id, &batch.template);
-        let accepted_ms = accepted_at
+    const LEFT: u32 = u32::MAX;
+
+    /// Takes the recipient packed at `at` in `batch` as accepted now, holding `slot` of the
+    /// accept window.
+    pub fn new(batch: Arc<AcceptedBatch>, at: PackedAt, slot: OwnedSemaphorePermit) -> Self {
+        let accepted_ms = SystemTime::now()
             .duration_since(batch.started)
             .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
             .unwrap_or(0);
@@ -141,8 +161,8 @@ impl Waiting {
         batch.hub.metrics().in_flight.inc();
         Self {
             batch,
-            packed,
-            index: u32::try_from(index).unwrap_or(u32::MAX),
+            at: at.offset,
+            index: at.index,
             accepted_ms,
         }
     }
@@ -155,12 +175,16 @@ impl Waiting {
         &self.batch
     }
 
+    fn fields(&self) -> Fields<'_> {
+        self.batch.recipient_at(self.at)
+    }
+
     pub fn platform(&self) -> Platform {
-        Packed::platform(&self.packed)
+        self.fields().platform
     }
 
     pub fn message_id(&self) -> &str {
-        Packed::unpack(&self.packed).message_id
+        self.fields().message_id
     }
 
     pub fn accepted_at(&self) -> SystemTime {
@@ -174,23 +198,26 @@ impl Waiting {
     /// Renders the message for its first attempt. A rendering error (the recipient passed the
     /// same rendering at ingest, so this is not expected) ends it REJECTED naming the field.
     pub fn into_job(mut self) -> Option<Job> {
-        let packed = std::mem::take(&mut self.packed);
-        let fields = Packed::unpack(&packed);
-        let pending = self.pending(&fields);
-        let stamp = Stamp {
-            message_id: fields.message_id,
-            accepted_at: pending.meta().accepted_at,
+        let pending = self.pending();
+        let rendered = {
+            let batch = &self.batch;
+            let fields = self.fields();
+            let stamp = Stamp {
+                message_id: fields.message_id,
+                accepted_at: pending.meta().accepted_at,
+            };
+            let recipient = fields.recipient();
+            let index = self.index as usize;
+            batch
+                .template
+                .render_ref(recipient, index, stamp, &batch.ctx)
         };
-        let batch = &self.batch;
-        let index = self.index as usize;
-        match batch
-            .template
-            .render_ref(fields.recipient(), index, stamp, &batch.ctx)
-        {
+        self.at = Self::LEFT;
+        match rendered {
             Ok(request) => Some(Job {
                 pending,
                 request,
-                app: Arc::clone(&batch.app),
+                app: Arc::clone(&self.batch.app),
                 durable: false,
             }),
             Err(error) => {
@@ -205,13 +232,16 @@ impl Waiting {
 
     /// Ends the message without an attempt.
     pub fn resolve(mut self, resolution: Resolution) {
-        let packed = std::mem::take(&mut self.packed);
-        self.pending(&Packed::unpack(&packed)).resolve(resolution);
+        let pending = self.pending();
+        self.at = Self::LEFT;
+        pending.resolve(resolution);
     }
 
-    /// The receipt handle the message becomes; it was counted in flight when it was accepted.
-    fn pending(&self, fields: &Fields<'_>) -> Pending {
+    /// The receipt handle the message becomes (it was counted in flight when it was accepted).
+    /// The caller marks the message as left ([`Self::LEFT`]).
+    fn pending(&self) -> Pending {
         let batch = &self.batch;
+        let fields = self.fields();
         let meta = batch.meta(
             fields.message_id.to_owned(),
             fields.platform,
@@ -229,10 +259,11 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if !self.packed.is_empty() {
-            let packed = std::mem::take(&mut self.packed);
+        if self.at != Self::LEFT {
+            let pending = self.pending();
+            self.at = Self::LEFT;
             // Dropped unresolved: the Pending's own drop emits FAILED and counts it.
-            drop(self.pending(&Packed::unpack(&packed)));
+            drop(pending);
         }
     }
 }
@@ -246,16 +277,99 @@ impl std::fmt::Debug for Waiting {
     }
 }
 
-/// The packed recipient: a flag byte (platform, and which text overrides are present), then
-/// length-prefixed (LEB128) strings: device token, message id, user id, title and body when
-/// present, APNs and FCM overrides, then variable name and value pairs to the end. Only the
-/// variables the template uses are kept, unless the recipient overrides a text (which may use
-/// any of them).
-struct Packed;
+/// The accepted recipients of one batch, packed one after the other into one buffer.
+///
+/// A recipient is a flag byte (platform, which text overrides are present, how variables are
+/// named), then length-prefixed (LEB128) strings: device token, message id, user id, title and
+/// body when present, the APNs and FCM overrides; then the number of variables and each name and
+/// value. Only the variables the template uses are kept, named by their index in the template's
+/// sorted list of names; a recipient that overrides a text (which may use any variable) keeps all
+/// of them, by name.
+#[derive(Default)]
+pub struct PackedRecipients(Vec<u8>);
+
+/// Where [`PackedRecipients::push`] put a recipient.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedAt {
+    offset: u32,
+    index: u32,
+}
+
+impl PackedAt {
+    /// The recipient's position in its batch.
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
+}
 
 const FCM: u8 = 1;
 const HAS_TITLE: u8 = 2;
 const HAS_BODY: u8 = 4;
+const NAMES_INLINE: u8 = 8;
+
+impl PackedRecipients {
+    /// Packs `recipient` (the `index`th of its batch) under `message_id`; `None` when the
+    /// buffer is full (4 GiB, far beyond any gRPC message).
+    pub fn push(
+        &mut self,
+        recipient: &Recipient,
+        message_id: &str,
+        index: usize,
+        template: &CompiledTemplate,
+    ) -> Option<PackedAt> {
+        let offset = u32::try_from(self.0.len())
+            .ok()
+            .filter(|&o| o != Waiting::LEFT)?;
+        let out = &mut self.0;
+        let names_inline = recipient.title.is_some() || recipient.body.is_some();
+        let mut flags = match recipient.platform {
+            Platform::Apns => 0,
+            Platform::Fcm => FCM,
+        };
+        for (present, flag) in [
+            (recipient.title.is_some(), HAS_TITLE),
+            (recipient.body.is_some(), HAS_BODY),
+            (names_inline, NAMES_INLINE),
+        ] {
+            if present {
+                flags |= flag;
+            }
+        }
+        out.push(flags);
+        let strings = [&recipient.device_token, message_id, &recipient.user_id];
+        for s in strings
+            .into_iter()
+            .chain(recipient.title.as_deref())
+            .chain(recipient.body.as_deref())
+            .chain([recipient.apns_json.as_str(), &recipient.fcm_json])
+        {
+            put_str(out, s);
+        }
+        if names_inline {
+            put_len(out, recipient.vars.len());
+            for (name, value) in &recipient.vars {
+                put_str(out, name);
+                put_str(out, value);
+            }
+        } else {
+            let used = || {
+                recipient
+                    .vars
+                    .iter()
+                    .filter_map(|(name, value)| Some((template.variable_index(name)?, value)))
+            };
+            put_len(out, used().count());
+            for (name, value) in used() {
+                put_len(out, name);
+                put_str(out, value);
+            }
+        }
+        Some(PackedAt {
+            offset,
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+        })
+    }
+}
 
 /// The fields of a packed recipient, borrowed.
 struct Fields<'a> {
@@ -284,67 +398,13 @@ impl<'a> Fields<'a> {
     }
 }
 
+struct Packed;
+
 impl Packed {
-    fn pack(recipient: &Recipient, message_id: &str, template: &CompiledTemplate) -> Box<[u8]> {
-        let keep_all = recipient.title.is_some() || recipient.body.is_some();
-        let vars = recipient
-            .vars
-            .iter()
-            .filter(|(name, _)| keep_all || template.uses_variable(name));
-        let strings = [
-            recipient.device_token.as_str(),
-            message_id,
-            &recipient.user_id,
-        ];
-        let optional = [recipient.title.as_deref(), recipient.body.as_deref()];
-        let overrides = [recipient.apns_json.as_str(), &recipient.fcm_json];
-        let len = 1
-            + strings
-                .iter()
-                .chain(optional.iter().flatten())
-                .chain(&overrides)
-                .map(|s| encoded_len(s))
-                .sum::<usize>()
-            + vars
-                .clone()
-                .map(|(k, v)| encoded_len(k) + encoded_len(v))
-                .sum::<usize>();
-        let mut out = Vec::with_capacity(len);
-        let mut flags = match recipient.platform {
-            Platform::Apns => 0,
-            Platform::Fcm => FCM,
-        };
-        if recipient.title.is_some() {
-            flags |= HAS_TITLE;
-        }
-        if recipient.body.is_some() {
-            flags |= HAS_BODY;
-        }
-        out.push(flags);
-        for s in strings
-            .iter()
-            .chain(optional.iter().flatten())
-            .chain(&overrides)
-        {
-            put_str(&mut out, s);
-        }
-        for (name, value) in vars {
-            put_str(&mut out, name);
-            put_str(&mut out, value);
-        }
-        out.into_boxed_slice()
-    }
-
-    fn platform(packed: &[u8]) -> Platform {
-        match packed.first() {
-            Some(flags) if flags & FCM != 0 => Platform::Fcm,
-            _ => Platform::Apns,
-        }
-    }
-
-    fn unpack(packed: &[u8]) -> Fields<'_> {
-        let flags = packed.first().copied().unwrap_or(0);
-        let mut r = Reader(packed.get(1..).unwrap_or_default());
+    /// Reads the recipient at the start of `bytes`, packed for `template`.
+    fn unpack<'a>(bytes: &'a [u8], template: &'a CompiledTemplate) -> Fields<'a> {
+        let flags = bytes.first().copied().unwrap_or(0);
+        let mut r = Reader(bytes.get(1..).unwrap_or_default());
         let device_token = r.str();
         let message_id = r.str();
         let user_id = r.str();
@@ -352,8 +412,13 @@ impl Packed {
         let body = (flags & HAS_BODY != 0).then(|| r.str());
         let apns_json = r.str();
         let fcm_json = r.str();
+        let count = r.len();
         Fields {
-            platform: Packed::platform(packed),
+            platform: if flags & FCM != 0 {
+                Platform::Fcm
+            } else {
+                Platform::Apns
+            },
             device_token,
             message_id,
             user_id,
@@ -361,45 +426,61 @@ impl Packed {
             body,
             apns_json,
             fcm_json,
-            vars: PackedVars(r.0),
+            vars: PackedVars {
+                bytes: r.0,
+                count,
+                names: (flags & NAMES_INLINE == 0).then_some(template),
+            },
         }
     }
 }
 
-/// Name and value pairs, packed; looked up by a linear scan (a template uses a handful).
-struct PackedVars<'a>(&'a [u8]);
+/// Name and value pairs, packed; looked up by a linear scan (a template uses a handful). Names
+/// are inline, or indexes into the template's names.
+struct PackedVars<'a> {
+    bytes: &'a [u8],
+    count: usize,
+    names: Option<&'a CompiledTemplate>,
+}
 
 impl Vars for PackedVars<'_> {
     fn get(&self, name: &str) -> Option<&str> {
-        let mut r = Reader(self.0);
-        while !r.0.is_empty() {
-            let key = r.str();
-            let value = r.str();
-            if key == name {
-                return Some(value);
+        let mut r = Reader(self.bytes);
+        match self.names {
+            Some(template) => {
+                let wanted = template.variable_index(name)?;
+                for _ in 0..self.count {
+                    let index = r.len();
+                    let value = r.str();
+                    if index == wanted {
+                        return Some(value);
+                    }
+                }
+            }
+            None => {
+                for _ in 0..self.count {
+                    let key = r.str();
+                    let value = r.str();
+                    if key == name {
+                        return Some(value);
+                    }
+                }
             }
         }
         None
     }
 }
 
-fn encoded_len(s: &str) -> usize {
-    let mut n = s.len();
-    let mut prefix = 1;
-    while n >= 0x80 {
-        n >>= 7;
-        prefix += 1;
-    }
-    prefix + s.len()
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let mut n = s.len();
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
     while n >= 0x80 {
         out.push((n as u8 & 0x7f) | 0x80);
         n >>= 7;
     }
     out.push(n as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_len(out, s.len());
     out.extend_from_slice(s.as_bytes());
 }
 
@@ -408,7 +489,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn str(&mut self) -> &'a str {
+    fn len(&mut self) -> usize {
         let mut len = 0usize;
         let mut shift = 0;
         while let Some((&byte, rest)) = self.0.split_first() {
@@ -419,7 +500,11 @@ impl<'a> Reader<'a> {
                 break;
             }
         }
-        let len = len.min(self.0.len());
+        len
+    }
+
+    fn str(&mut self) -> &'a str {
+        let len = self.len().min(self.0.len());
         let (s, rest) = self.0.split_at(len);
         self.0 = rest;
         std::str::from_utf8(s).unwrap_or_default()
@@ -429,7 +514,10 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::Template;
     use std::collections::BTreeMap;
+    use tokio::sync::{Semaphore, mpsc};
 
     fn recipient() -> Recipient {
         Recipient {
@@ -451,7 +539,7 @@ mod tests {
     }
 
     fn template(title: &str) -> CompiledTemplate {
-        CompiledTemplate::compile(&crate::model::Template {
+        CompiledTemplate::compile(&Template {
             title: title.into(),
             ..Default::default()
         })
@@ -460,9 +548,18 @@ mod tests {
 
     #[test]
     fn packing_round_trips_every_field() {
+        let template = template("Hi {{ first_name }}, {{ cart }}");
+        let mut packed = PackedRecipients::default();
+        let mut plain = recipient();
+        plain.body = None;
+        plain.platform = Platform::Apns;
+        let first = packed.push(&plain, "m-0", 0, &template).unwrap();
         let r = recipient();
-        let packed = Packed::pack(&r, "m-1", &template("Hi {{ first_name }}"));
-        let f = Packed::unpack(&packed);
+        let second = packed.push(&r, "m-1", 1, &template).unwrap();
+        assert!(second.offset > first.offset);
+        assert_eq!(second.index, 1);
+
+        let f = Packed::unpack(&packed.0[second.offset as usize..], &template);
         assert_eq!(f.platform, Platform::Fcm);
         assert_eq!(
             f.device_token, r.device_token,
@@ -481,30 +578,123 @@ mod tests {
             "a text override may use any variable, so all are kept"
         );
         assert_eq!(f.vars.get("missing"), None);
-    }
 
-    #[test]
-    fn keeps_only_the_variables_the_template_uses() {
-        let mut r = recipient();
-        r.body = None;
-        let packed = Packed::pack(&r, "m-1", &template("Hi {{ first_name }}"));
-        let f = Packed::unpack(&packed);
+        let f = Packed::unpack(&packed.0[first.offset as usize..], &template);
+        assert_eq!(f.platform, Platform::Apns);
+        assert_eq!(f.message_id, "m-0");
+        assert_eq!(f.body, None);
         assert_eq!(f.vars.get("first_name"), Some("Ada"));
-        assert_eq!(f.vars.get("unused"), None);
-        assert!(packed.len() < 400, "{} bytes", packed.len());
+        assert_eq!(f.vars.get("cart"), None, "used by the template, absent");
+        assert_eq!(
+            f.vars.get("unused"),
+            None,
+            "not used by the template: not kept"
+        );
+        assert!(
+            second.offset < 400,
+            "the unused variable took no room: {} bytes",
+            second.offset
+        );
     }
 
     #[test]
     fn a_damaged_packing_reads_as_empty_strings_not_a_panic() {
-        for packed in [
+        let template = template("{{ a }}");
+        for bytes in [
             &[][..],
             &[1],
             &[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
             &[0, 5, b'a'],
+            &[0, 0, 0, 0, 0, 0, 9, 0],
         ] {
-            let f = Packed::unpack(packed);
+            let f = Packed::unpack(bytes, &template);
             assert!(f.message_id.is_empty());
-            assert_eq!(f.vars.get("x"), None);
+            assert_eq!(f.vars.get("a").unwrap_or_default(), "");
         }
+    }
+
+    fn batch(hub: Arc<ReceiptHub>, sink: CallerSink, template: CompiledTemplate) -> AcceptedBatch {
+        let app = Arc::new(AppRuntime {
+            id: "app".into(),
+            apns_topic: "com.example".into(),
+            apns: None,
+            fcm: None,
+            retry: Default::default(),
+        });
+        let ctx = RenderContext {
+            apns_topic: "com.example".into(),
+            analytics_label: None,
+        };
+        AcceptedBatch::new(
+            app,
+            "b".into(),
+            "c".into(),
+            template,
+            ctx,
+            None,
+            0,
+            Some(sink),
+            hub,
+        )
+    }
+
+    #[test]
+    fn a_waiting_message_renders_into_a_job_and_releases_its_window_slot_with_its_receipt() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let window = Arc::new(Semaphore::new(2));
+        let template = template("Hi {{ first_name }}");
+        let mut accepted = batch(Arc::clone(&hub), tx, template);
+        let mut packed = PackedRecipients::default();
+        let mut r = recipient();
+        r.body = None;
+        let at = [
+            packed.push(&r, "m-0", 0, &accepted.template).unwrap(),
+            packed.push(&r, "m-1", 1, &accepted.template).unwrap(),
+        ];
+        accepted.set_recipients(packed);
+        let accepted = Arc::new(accepted);
+        let slot = || Arc::clone(&window).try_acquire_owned().unwrap();
+        let waiting: Vec<_> = at
+            .into_iter()
+            .map(|at| Waiting::new(Arc::clone(&accepted), at, slot()))
+            .collect();
+        assert_eq!(window.available_permits(), 0);
+        assert_eq!(metrics.in_flight.get(), 2);
+        let [first, second] = <[Waiting; 2]>::try_from(waiting).unwrap();
+        assert_eq!(first.message_id(), "m-0");
+        assert_eq!(second.platform(), Platform::Fcm);
+
+        let job = first.into_job().expect("renders");
+        assert_eq!(job.pending.meta().message_id, "m-0");
+        assert_eq!(job.pending.meta().user_id, "user-1");
+        let crate::model::ProviderRequest::Fcm(request) = &job.request else {
+            panic!("an FCM request");
+        };
+        assert_eq!(request.device_token, r.device_token);
+        let body = std::str::from_utf8(&request.body).unwrap();
+        assert!(body.contains(r#""title":"Hi Ada""#), "{body}");
+        job.pending
+            .resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));
+        let delivered = rx.try_recv().unwrap();
+        assert_eq!(delivered.receipt.status, ReceiptStatus::Delivered);
+        assert_eq!(
+            window.available_permits(),
+            0,
+            "the slot travels with the receipt"
+        );
+        drop(delivered);
+        assert_eq!(window.available_permits(), 1);
+
+        drop(second);
+        let dropped = rx.try_recv().unwrap();
+        assert_eq!(dropped.receipt.status, ReceiptStatus::Failed);
+        assert_eq!(dropped.receipt.meta.message_id, "m-1");
+        assert!(rx.try_recv().is_err(), "one terminal receipt each");
+        drop(dropped);
+        assert_eq!(window.available_permits(), 2);
+        assert_eq!(metrics.unresolved_drops.get(), 1);
+        assert_eq!(metrics.in_flight.get(), 0);
     }
 }

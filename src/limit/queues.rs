@@ -82,7 +82,10 @@ pub enum Next<T> {
 
 struct Queued<T> {
     item: T,
-    enqueued: Instant,
+    /// When it was queued, in milliseconds since the queues' epoch: 4 bytes rather than an
+    /// `Instant`'s 16, because a queued item costs memory for as long as it waits, and up to a
+    /// whole accept window (a million) may wait.
+    enqueued_ms: u32,
 }
 
 #[derive(Default)]
@@ -135,25 +138,31 @@ impl<T: Schedulable> Flow<T> {
             if lane.items.front().is_some_and(|q| q.item.expired(wall)) {
                 lane.campaign_ok = false;
             }
-            let mut kept = VecDeque::with_capacity(lane.items.len());
-            for q in lane.items.drain(..) {
+            if !lane.items.iter().any(|q| q.item.expired(wall)) {
+                continue;
+            }
+            // Rotated through in place: a lane may hold a million items, too many to copy.
+            for _ in 0..lane.items.len() {
+                let Some(q) = lane.items.pop_front() else {
+                    break;
+                };
                 if q.item.expired(wall) {
                     expired.push(q.item);
                 } else {
-                    kept.push_back(q);
+                    lane.items.push_back(q);
                 }
             }
-            lane.items = kept;
         }
     }
 
+    /// The next item that may go, with its slot and when it was queued.
     fn take(
         &mut self,
         now: Instant,
         campaigns: &mut Campaigns,
         wake: &Arc<Notify>,
         wake_at: &mut Option<Instant>,
-    ) -> Option<(T, Slot, Duration)> {
+    ) -> Option<(T, Slot, u32)> {
         if self.len() == 0 || !self.ctl.lock().has_room() {
             return None;
         }
@@ -185,11 +194,7 @@ impl<T: Schedulable> Flow<T> {
                 ctl: Arc::clone(&self.ctl),
                 wake: Arc::clone(wake),
             };
-            return Some((
-                queued.item,
-                slot,
-                now.saturating_duration_since(queued.enqueued),
-            ));
+            return Some((queued.item, slot, queued.enqueued_ms));
         }
         None
     }
@@ -274,6 +279,8 @@ pub struct Queues<T> {
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     len: usize,
+    /// What queued items' enqueue instants count from.
+    epoch: Instant,
 }
 
 impl<T: Schedulable> Queues<T> {
@@ -288,7 +295,13 @@ impl<T: Schedulable> Queues<T> {
             metrics,
             wake: Arc::new(Notify::new()),
             len: 0,
+            epoch: Instant::now(),
         }
+    }
+
+    fn millis_since_epoch(&self, now: Instant) -> u32 {
+        // Wraps after 49 days; waits are measured with wrapping arithmetic.
+        now.saturating_duration_since(self.epoch).as_millis() as u32
     }
 
     /// Notified whenever a dispatched item's slot is dropped.
@@ -321,6 +334,7 @@ impl<T: Schedulable> Queues<T> {
     }
 
     fn push_at(&mut self, item: T, now: Instant) {
+        let enqueued_ms = self.millis_since_epoch(now);
         let app_id = Arc::clone(item.app());
         let app = match self.apps.get_mut(&app_id) {
             Some(app) => app,
@@ -334,10 +348,9 @@ impl<T: Schedulable> Queues<T> {
             Platform::Fcm => 1,
         };
         let lane = if item.high_priority() { 0 } else { 1 };
-        app.flows[flow].lanes[lane].items.push_back(Queued {
-            item,
-            enqueued: now,
-        });
+        app.flows[flow].lanes[lane]
+            .items
+            .push_back(Queued { item, enqueued_ms });
         app.depth.inc();
         self.len += 1;
         if !app.in_ring {
@@ -392,6 +405,7 @@ impl<T: Schedulable> Queues<T> {
     /// moved to `expired` (the caller resolves them).
     pub fn next(&mut self, wall: SystemTime, expired: &mut Vec<T>) -> Next<T> {
         let now = Instant::now();
+        let now_ms = self.millis_since_epoch(now);
         let mut wake_at = None;
         let mut stalled = 0;
         while stalled < self.ring.len() {
@@ -430,7 +444,8 @@ impl<T: Schedulable> Queues<T> {
                 }
             }
             match taken {
-                Some((item, slot, waited)) => {
+                Some((item, slot, enqueued_ms)) => {
+                    let waited = Duration::from_millis(u64::from(now_ms.wrapping_sub(enqueued_ms)));
                     self.len -= 1;
                     app.depth.dec();
                     app.wait.observe(waited.as_secs_f64());

@@ -362,11 +362,12 @@ impl CompiledTemplate {
         self.priority
     }
 
-    /// True when some text of the template uses the variable `name`.
-    pub fn uses_variable(&self, name: &str) -> bool {
+    /// The position of the variable `name` among those the template's texts use (sorted by
+    /// name), or `None` when no text uses it.
+    pub fn variable_index(&self, name: &str) -> Option<usize> {
         self.variables
             .binary_search_by(|v| v.as_str().cmp(name))
-            .is_ok()
+            .ok()
     }
 
     /// True when no text of the template has a placeholder: every recipient without overrides
