@@ -206,7 +206,8 @@ impl Waiting {
                 message_id: fields.message_id,
                 accepted_at: pending.meta().accepted_at,
             };
-            let recipient = fields.recipient();
+            let token = fields.device_token.text();
+            let recipient = fields.recipient(&token);
             let index = self.index as usize;
             batch
                 .template
@@ -306,6 +307,25 @@ const FCM: u8 = 1;
 const HAS_TITLE: u8 = 2;
 const HAS_BODY: u8 = 4;
 const NAMES_INLINE: u8 = 8;
+const TOKEN_AS_BYTES: u8 = 16;
+
+/// True for an APNs token kept as bytes: lower-case hex of whole bytes, which hex-encoding the
+/// bytes gives back exactly (half the room of the text).
+fn token_as_bytes(platform: Platform, token: &str) -> bool {
+    platform == Platform::Apns
+        && !token.is_empty()
+        && token.len().is_multiple_of(2)
+        && token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex_value(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        _ => digit.wrapping_sub(b'a').wrapping_add(10) & 0x0f,
+    }
+}
 
 impl PackedRecipients {
     /// Packs `recipient` (the `index`th of its batch) under `message_id`; `None` when the
@@ -322,6 +342,7 @@ impl PackedRecipients {
             .filter(|&o| o != Waiting::LEFT)?;
         let out = &mut self.0;
         let names_inline = recipient.title.is_some() || recipient.body.is_some();
+        let token_bytes = token_as_bytes(recipient.platform, &recipient.device_token);
         let mut flags = match recipient.platform {
             Platform::Apns => 0,
             Platform::Fcm => FCM,
@@ -330,13 +351,24 @@ impl PackedRecipients {
             (recipient.title.is_some(), HAS_TITLE),
             (recipient.body.is_some(), HAS_BODY),
             (names_inline, NAMES_INLINE),
+            (token_bytes, TOKEN_AS_BYTES),
         ] {
             if present {
                 flags |= flag;
             }
         }
         out.push(flags);
-        let strings = [&recipient.device_token, message_id, &recipient.user_id];
+        if token_bytes {
+            let hex = recipient.device_token.as_bytes();
+            put_len(out, hex.len() / 2);
+            out.extend(
+                hex.chunks_exact(2)
+                    .map(|pair| hex_value(pair[0]) << 4 | hex_value(pair[1])),
+            );
+        } else {
+            put_str(out, &recipient.device_token);
+        }
+        let strings = [message_id, &recipient.user_id];
         for s in strings
             .into_iter()
             .chain(recipient.title.as_deref())
@@ -374,7 +406,7 @@ impl PackedRecipients {
 /// The fields of a packed recipient, borrowed.
 struct Fields<'a> {
     platform: Platform,
-    device_token: &'a str,
+    device_token: Token<'a>,
     message_id: &'a str,
     user_id: &'a str,
     title: Option<&'a str>,
@@ -384,11 +416,33 @@ struct Fields<'a> {
     vars: PackedVars<'a>,
 }
 
+/// A packed device token.
+enum Token<'a> {
+    Text(&'a str),
+    /// An APNs token's bytes (see [`token_as_bytes`]).
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Token<'a> {
+    fn text(&self) -> std::borrow::Cow<'a, str> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        match self {
+            Token::Text(text) => std::borrow::Cow::Borrowed(text),
+            Token::Bytes(bytes) => bytes
+                .iter()
+                .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0x0f)]])
+                .map(char::from)
+                .collect(),
+        }
+    }
+}
+
 impl<'a> Fields<'a> {
-    fn recipient(&'a self) -> RecipientRef<'a> {
+    /// What rendering reads; `device_token` is [`Token::text`].
+    fn recipient(&'a self, device_token: &'a str) -> RecipientRef<'a> {
         RecipientRef {
             platform: self.platform,
-            device_token: self.device_token,
+            device_token,
             vars: &self.vars,
             title: self.title,
             body: self.body,
@@ -405,7 +459,11 @@ impl Packed {
     fn unpack<'a>(bytes: &'a [u8], template: &'a CompiledTemplate) -> Fields<'a> {
         let flags = bytes.first().copied().unwrap_or(0);
         let mut r = Reader(bytes.get(1..).unwrap_or_default());
-        let device_token = r.str();
+        let device_token = if flags & TOKEN_AS_BYTES != 0 {
+            Token::Bytes(r.bytes())
+        } else {
+            Token::Text(r.str())
+        };
         let message_id = r.str();
         let user_id = r.str();
         let title = (flags & HAS_TITLE != 0).then(|| r.str());
@@ -503,11 +561,15 @@ impl<'a> Reader<'a> {
         len
     }
 
-    fn str(&mut self) -> &'a str {
+    fn bytes(&mut self) -> &'a [u8] {
         let len = self.len().min(self.0.len());
-        let (s, rest) = self.0.split_at(len);
+        let (bytes, rest) = self.0.split_at(len);
         self.0 = rest;
-        std::str::from_utf8(s).unwrap_or_default()
+        bytes
+    }
+
+    fn str(&mut self) -> &'a str {
+        std::str::from_utf8(self.bytes()).unwrap_or_default()
     }
 }
 
@@ -562,7 +624,8 @@ mod tests {
         let f = Packed::unpack(&packed.0[second.offset as usize..], &template);
         assert_eq!(f.platform, Platform::Fcm);
         assert_eq!(
-            f.device_token, r.device_token,
+            f.device_token.text(),
+            r.device_token,
             "a length over one LEB128 byte"
         );
         assert_eq!(f.message_id, "m-1");
@@ -594,6 +657,41 @@ mod tests {
             second.offset < 400,
             "the unused variable took no room: {} bytes",
             second.offset
+        );
+    }
+
+    #[test]
+    fn apns_tokens_of_lower_case_hex_are_kept_as_bytes_and_read_back_exactly() {
+        let template = template("Hi");
+        let mut r = recipient();
+        r.platform = Platform::Apns;
+        r.body = None;
+        for (token, as_bytes) in [
+            ("00ff7a9b".repeat(8), true),
+            ("00FF7A9B".repeat(8), false),
+            ("abc".to_owned(), false),
+            ("zz".to_owned(), false),
+        ] {
+            r.device_token = token.clone();
+            let mut packed = PackedRecipients::default();
+            packed.push(&r, "m", 0, &template).unwrap();
+            let f = Packed::unpack(&packed.0, &template);
+            assert_eq!(f.device_token.text(), token);
+            assert_eq!(
+                matches!(f.device_token, Token::Bytes(_)),
+                as_bytes,
+                "{token}"
+            );
+            assert_eq!(f.message_id, "m");
+        }
+        r.platform = Platform::Fcm;
+        r.device_token = "ab".repeat(40);
+        let mut packed = PackedRecipients::default();
+        packed.push(&r, "m", 0, &template).unwrap();
+        let f = Packed::unpack(&packed.0, &template);
+        assert!(
+            matches!(f.device_token, Token::Text(_)),
+            "FCM tokens stay text"
         );
     }
 
