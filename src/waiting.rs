@@ -180,7 +180,9 @@ impl Waiting {
     }
 
     pub fn platform(&self) -> Platform {
-        self.fields().platform
+        // The flag byte alone: the scheduler asks for every message it queues.
+        let flags = self.batch.recipients.get(self.at as usize).copied();
+        Packed::platform(flags.unwrap_or(0))
     }
 
     pub fn message_id(&self) -> &str {
@@ -198,10 +200,10 @@ impl Waiting {
     /// Renders the message for its first attempt. A rendering error (the recipient passed the
     /// same rendering at ingest, so this is not expected) ends it REJECTED naming the field.
     pub fn into_job(mut self) -> Option<Job> {
-        let pending = self.pending();
-        let rendered = {
+        let (pending, rendered) = {
             let batch = &self.batch;
             let fields = self.fields();
+            let pending = self.pending(&fields);
             let stamp = Stamp {
                 message_id: fields.message_id,
                 accepted_at: pending.meta().accepted_at,
@@ -209,9 +211,10 @@ impl Waiting {
             let token = fields.device_token.text();
             let recipient = fields.recipient(&token);
             let index = self.index as usize;
-            batch
+            let rendered = batch
                 .template
-                .render_ref(recipient, index, stamp, &batch.ctx)
+                .render_ref(recipient, index, stamp, &batch.ctx);
+            (pending, rendered)
         };
         self.at = Self::LEFT;
         match rendered {
@@ -233,16 +236,15 @@ impl Waiting {
 
     /// Ends the message without an attempt.
     pub fn resolve(mut self, resolution: Resolution) {
-        let pending = self.pending();
+        let pending = self.pending(&self.fields());
         self.at = Self::LEFT;
         pending.resolve(resolution);
     }
 
     /// The receipt handle the message becomes (it was counted in flight when it was accepted).
     /// The caller marks the message as left ([`Self::LEFT`]).
-    fn pending(&self) -> Pending {
+    fn pending(&self, fields: &Fields<'_>) -> Pending {
         let batch = &self.batch;
-        let fields = self.fields();
         let meta = batch.meta(
             fields.message_id.to_owned(),
             fields.platform,
@@ -261,7 +263,7 @@ impl Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         if self.at != Self::LEFT {
-            let pending = self.pending();
+            let pending = self.pending(&self.fields());
             self.at = Self::LEFT;
             // Dropped unresolved: the Pending's own drop emits FAILED and counts it.
             drop(pending);
@@ -455,6 +457,14 @@ impl<'a> Fields<'a> {
 struct Packed;
 
 impl Packed {
+    fn platform(flags: u8) -> Platform {
+        if flags & FCM != 0 {
+            Platform::Fcm
+        } else {
+            Platform::Apns
+        }
+    }
+
     /// Reads the recipient at the start of `bytes`, packed for `template`.
     fn unpack<'a>(bytes: &'a [u8], template: &'a CompiledTemplate) -> Fields<'a> {
         let flags = bytes.first().copied().unwrap_or(0);
@@ -472,11 +482,7 @@ impl Packed {
         let fcm_json = r.str();
         let count = r.len();
         Fields {
-            platform: if flags & FCM != 0 {
-                Platform::Fcm
-            } else {
-                Platform::Apns
-            },
+            platform: Packed::platform(flags),
             device_token,
             message_id,
             user_id,
