@@ -474,8 +474,12 @@ async fn redis_outage_refuses_new_sends_and_loses_nothing_accepted() {
         n.store.wait_healthy(Duration::from_secs(10)).await,
         "recovers by itself"
     );
+    // A claim that Redis ran but whose reply the outage cut off leaves its jobs leased to this
+    // replica without it knowing: they are taken over when the lease expires (`lease_ms`, 30 s
+    // by default), so allow for that.
+    let lease = Duration::from_millis(n.store.config().lease_ms);
     receipts.extend(
-        collect(&mut rx, Duration::from_secs(20), |r| {
+        collect(&mut rx, lease + Duration::from_secs(20), |r| {
             terminal_count(r) as u64 == N
         })
         .await,
