@@ -692,19 +692,23 @@ impl<'a> Ingest<'a> {
         error: FieldError,
     ) {
         self.rejected.inc();
-        self.gateway
-            .reject(meta, &error, self.sink.filter(|_| self.stream_rejections));
-        self.results.push(RecipientResult::rejected(
-            index,
-            message_id,
-            error.field,
-            error.reason,
-        ));
+        self.refuse(meta, index, message_id, error);
     }
 
     /// A valid recipient that shutdown kept from being accepted.
     fn shutting_down(&mut self, meta: &Arc<MessageMeta>, index: usize, message_id: String) {
         let error = FieldError::new("", "the gateway is shutting down");
+        self.refuse(meta, index, message_id, error);
+    }
+
+    /// Reports a recipient that was not taken, with a REJECTED receipt.
+    fn refuse(
+        &mut self,
+        meta: &Arc<MessageMeta>,
+        index: usize,
+        message_id: String,
+        error: FieldError,
+    ) {
         self.gateway
             .reject(meta, &error, self.sink.filter(|_| self.stream_rejections));
         self.results.push(RecipientResult::rejected(
