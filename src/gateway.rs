@@ -310,13 +310,14 @@ impl Gateway {
     ) -> Vec<RecipientResult> {
         accepted.set_recipients(packed.recipients);
         let accepted = Arc::new(accepted);
-        for (at, message_id) in packed.valid {
+        for at in packed.valid {
             let Some((admission, slot)) = self.take_place(&accepted.app.id).await else {
-                let fields = accepted.packed_identity(at);
-                let meta = accepted.meta(message_id.clone(), fields.0, fields.1, SystemTime::now());
+                let meta = accepted.meta_at(at, SystemTime::now());
+                let message_id = meta.message_id.clone();
                 ingest.shutting_down(&Arc::new(meta), at.index(), message_id);
                 continue;
             };
+            let message_id = accepted.message_id_at(at).to_owned();
             ingest.accepted.inc();
             let waiting = Waiting::new(Arc::clone(&accepted), at, slot);
             self.dispatch_accepted(Work::Waiting(waiting), admission)
@@ -569,7 +570,8 @@ fn message_id_of(recipient: &Recipient) -> String {
 /// The recipients of an in-memory batch that passed validation, packed.
 struct Validated {
     recipients: PackedRecipients,
-    valid: Vec<(PackedAt, String)>,
+    /// Where each valid recipient is packed (its message id included).
+    valid: Vec<PackedAt>,
 }
 
 /// The per-batch state of ingest: validation, rejections and the per-recipient results.
@@ -668,7 +670,7 @@ impl<'a> Ingest<'a> {
                         })
                 });
             match checked {
-                Ok(at) => packed.valid.push((at, message_id)),
+                Ok(at) => packed.valid.push(at),
                 Err(error) => {
                     let meta = batch.meta(
                         message_id.clone(),

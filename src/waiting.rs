@@ -88,10 +88,23 @@ impl AcceptedBatch {
         self.recipients = Box::from(packed.0.as_slice());
     }
 
-    /// The platform and user id of the recipient packed at `at`.
-    pub fn packed_identity(&self, at: PackedAt) -> (Platform, String) {
-        let fields = self.recipient_at(at.offset);
-        (fields.platform, fields.user_id.to_owned())
+    /// The message id of the recipient packed at `at`.
+    pub fn message_id_at(&self, at: PackedAt) -> &str {
+        self.recipient_at(at.offset).message_id
+    }
+
+    /// The identity of the recipient packed at `at`, as accepted at `accepted_at`.
+    pub fn meta_at(&self, at: PackedAt, accepted_at: SystemTime) -> MessageMeta {
+        self.meta_of(&self.recipient_at(at.offset), accepted_at)
+    }
+
+    fn meta_of(&self, fields: &Fields<'_>, accepted_at: SystemTime) -> MessageMeta {
+        self.meta(
+            fields.message_id.to_owned(),
+            fields.platform,
+            fields.user_id.to_owned(),
+            accepted_at,
+        )
     }
 
     /// The fields of the recipient packed at `at`.
@@ -245,12 +258,7 @@ impl Waiting {
     /// The caller marks the message as left ([`Self::LEFT`]).
     fn pending(&self, fields: &Fields<'_>) -> Pending {
         let batch = &self.batch;
-        let meta = batch.meta(
-            fields.message_id.to_owned(),
-            fields.platform,
-            fields.user_id.to_owned(),
-            self.accepted_at(),
-        );
+        let meta = batch.meta_of(fields, self.accepted_at());
         Pending::accepted_earlier(
             Arc::new(meta),
             batch.sink.clone(),
