@@ -16,7 +16,7 @@ use prost::Message as _;
 use pushgate::config::Config;
 use pushgate::gateway::{Batch, Gateway};
 use pushgate::metrics::Metrics;
-use pushgate::model::{
+use pushgate::domain::{
     MessageMeta, Platform, Priority, Receipt, ReceiptStatus, Recipient, Template,
 };
 use pushgate::provider::apns::jwt::ApnsTokenSigner;

@@ -111,7 +111,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         endpoint = mock.url(),
         ca_file = ca_file.display(),
     ))?;
-    let running = crate::server::start(config).await?;
+    let running = crate::app::start(config).await?;
     let endpoint = format!("http://{}", running.addr);
     println!(
         "gateway listening on {endpoint}, mock APNs at {}, mock FCM at {}",

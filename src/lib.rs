@@ -1,26 +1,33 @@
 //! pushgate: a push-notification delivery gateway.
 //!
-//! One message travels one way: gRPC ingest (`api`, `gateway`) -> render (`render`) -> deliver
-//! (`pipeline`, `provider`) -> receipt (`receipts`), with transient failures parked in a retry
-//! queue (`queue`).
+//! One message travels one way through the stages, each a module that imports none above it:
+//!
+//! ```text
+//! edge (gRPC) -> ingest -> policy -> limit -> deliver -> receipts
+//!                   all state through one seam: store (memory | redis)
+//! ```
+//!
+//! [`app`] wires them together; [`domain`] and [`work`] hold the types every stage shares. See
+//! `ARCHITECTURE.md` for the map.
 
-pub mod api;
-pub mod auth;
+pub mod app;
+pub mod backoff;
 pub mod config;
+mod deliver;
 pub mod demo;
-pub mod durable;
-pub mod gateway;
+pub mod domain;
+pub mod edge;
+pub mod ingest;
 pub mod limit;
 pub mod metrics;
-pub mod model;
-pub mod pipeline;
+mod policy;
 pub mod provider;
-pub mod queue;
 pub mod receipts;
 pub mod registry;
 pub mod render;
-pub mod server;
-pub mod waiting;
+pub mod store;
+pub mod wire;
+pub mod work;
 
 /// Generated protobuf and gRPC code for `pushgate.v1`.
 pub mod proto {

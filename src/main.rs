@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve { config } => serve(config).await,
             Command::CheckConfig { config } => {
                 let config = pushgate::config::Config::load(config.as_deref())?;
-                pushgate::registry::AppRegistry::from_config(&config)?;
+                config.registry()?;
                 println!("config OK: {} app(s)", config.apps.len());
                 Ok(())
             }
@@ -91,14 +91,14 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let path = config;
     let config = pushgate::config::Config::load(path.as_deref())?;
-    let running = pushgate::server::start(config).await?;
-    tokio::spawn(pushgate::limit::reload_on_sighup(
+    let running = pushgate::app::start(config).await?;
+    tokio::spawn(pushgate::app::reload_on_sighup(
         std::sync::Arc::clone(&running.gateway),
         path,
     ));
     let stop = running.stop_token();
     tokio::spawn(async move {
-        pushgate::server::shutdown_signal().await;
+        pushgate::app::shutdown_signal().await;
         tracing::info!("signal received: shutting down");
         stop.cancel();
     });

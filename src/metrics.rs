@@ -137,7 +137,7 @@ impl Metrics {
             delivery_seconds.clone(),
         );
         let delivery_seconds_by_platform =
-            [crate::model::Platform::Apns, crate::model::Platform::Fcm].map(|p| {
+            [crate::domain::Platform::Apns, crate::domain::Platform::Fcm].map(|p| {
                 delivery_seconds
                     .get_or_create(&ProviderLabels {
                         provider: p.as_str().to_string(),
@@ -200,10 +200,10 @@ impl Metrics {
     }
 
     /// The provider latency histogram of `platform`.
-    pub fn delivery_seconds_of(&self, platform: crate::model::Platform) -> &Histogram {
+    pub fn delivery_seconds_of(&self, platform: crate::domain::Platform) -> &Histogram {
         match platform {
-            crate::model::Platform::Apns => &self.delivery_seconds_by_platform[0],
-            crate::model::Platform::Fcm => &self.delivery_seconds_by_platform[1],
+            crate::domain::Platform::Apns => &self.delivery_seconds_by_platform[0],
+            crate::domain::Platform::Fcm => &self.delivery_seconds_by_platform[1],
         }
     }
 
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(metrics.receipts.get("shop", "apns", "delivered"), 2);
         assert_eq!(metrics.receipts.get("shop", "fcm", "invalid_token"), 1);
         metrics
-            .delivery_seconds_of(crate::model::Platform::Fcm)
+            .delivery_seconds_of(crate::domain::Platform::Fcm)
             .observe(0.01);
         let text = metrics.encode();
         assert!(

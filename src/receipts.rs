@@ -1,4 +1,5 @@
-//! Receipt stage: every accepted message ends in exactly one terminal receipt.
+//! Receipt stage: every accepted message ends in exactly one terminal receipt, and every receipt
+//! passes through one hub.
 //!
 //! That is a property of [`Pending`]: the handle is created when a message is accepted, travels
 //! with the message through every stage, and is consumed by [`Pending::resolve`]. A handle
@@ -9,16 +10,22 @@
 //! Receipts go to the caller that sent the message (its stream, or its waiting `SendBatch`), and
 //! to the app's subscribers. The accept-window permit travels inside the caller's receipt until
 //! the caller's stream takes it, so a caller that stops reading receipts stops being given new
-//! work: memory stays bounded by the window.
+//! work: memory stays bounded by the window. Recipients refused at ingest get their REJECTED
+//! receipt from [`ReceiptHub::refuse`], so subscribers and metrics see them too.
+//!
+//! [`InFlight`] counts accepted messages without a terminal receipt; shutdown waits on it.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, broadcast, mpsc};
 
+use crate::domain::{MessageMeta, Receipt, ReceiptStatus};
 use crate::metrics::Metrics;
-use crate::model::{MessageMeta, Outcome, Receipt, ReceiptStatus};
+
+pub use crate::domain::Resolution;
 
 /// A receipt on its way to the caller, holding the caller's window slot while it waits.
 #[derive(Debug)]
@@ -36,16 +43,70 @@ pub type CallerSink = mpsc::UnboundedSender<ReceiptEnvelope>;
 /// Capacity of each app's broadcast channel for subscribers.
 const SUBSCRIBER_BUFFER: usize = 16_384;
 
-/// Sees every receipt the hub publishes (durable layer: lease acks, receipt stream).
+/// Sees every receipt the hub publishes (a durable store: lease acks, receipt stream).
 pub trait ReceiptObserver: Send + Sync {
     fn observe(&self, receipt: &Arc<Receipt>);
 }
 
-/// Fans receipts out to the subscribers of each app.
+/// Accepted messages that still owe their terminal receipt, with a signal when none do. Also
+/// mirrored on the `pushgate_in_flight_messages` gauge.
+pub struct InFlight {
+    count: AtomicUsize,
+    drained: Notify,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl InFlight {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            drained: Notify::new(),
+            gauge: metrics.in_flight.clone(),
+        }
+    }
+
+    /// Counts one more accepted message.
+    pub fn enter(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.gauge.inc();
+    }
+
+    /// Counts a message as done (terminal receipt, or handed off to another replica).
+    pub fn leave(&self) {
+        self.gauge.dec();
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Messages in flight now.
+    pub fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no message is in flight, at most `limit`; true when drained.
+    pub async fn wait_drained(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.get() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return self.get() == 0;
+            }
+        }
+    }
+}
+
+/// Fans receipts out to the subscribers of each app; every receipt passes here.
 pub struct ReceiptHub {
     apps: DashMap<Arc<str>, broadcast::Sender<Arc<Receipt>>>,
     metrics: Arc<Metrics>,
-    closed: std::sync::atomic::AtomicBool,
+    in_flight: InFlight,
+    closed: AtomicBool,
     observers: parking_lot::RwLock<Vec<Arc<dyn ReceiptObserver>>>,
 }
 
@@ -53,8 +114,9 @@ impl ReceiptHub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             apps: DashMap::new(),
+            in_flight: InFlight::new(&metrics),
             metrics,
-            closed: Default::default(),
+            closed: AtomicBool::new(false),
             observers: Default::default(),
         }
     }
@@ -67,8 +129,7 @@ impl ReceiptHub {
     /// Ends every subscription (after the receipts already buffered for it) and refuses new
     /// ones: the last step of a shutdown, once every message has its terminal receipt.
     pub fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.closed.store(true, Ordering::Release);
         self.apps.clear();
     }
 
@@ -76,9 +137,14 @@ impl ReceiptHub {
         &self.metrics
     }
 
+    /// Accepted messages without a terminal receipt.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
     /// Subscribes to every receipt of `app` emitted from now on.
     pub fn subscribe(&self, app: &str) -> broadcast::Receiver<Arc<Receipt>> {
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) {
             // A receiver whose sender is gone: the subscription ends at once.
             return broadcast::channel(1).0.subscribe();
         }
@@ -91,25 +157,13 @@ impl ReceiptHub {
             .subscribe()
     }
 
-    /// Publishes the terminal REJECTED receipt of a recipient that failed validation and never
-    /// entered the pipeline, and returns it for the caller.
-    pub fn rejection(
-        &self,
-        meta: &Arc<MessageMeta>,
-        error: &crate::model::FieldError,
-    ) -> Arc<Receipt> {
-        let receipt = Arc::new(Receipt {
-            meta: Arc::clone(meta),
-            status: ReceiptStatus::Rejected,
-            reason: error.reason.clone(),
-            field: error.field.clone(),
-            provider_status: 0,
-            provider_message_id: String::new(),
-            attempt: 0,
-            completed_at: Some(SystemTime::now()),
-            next_attempt_at: None,
-            token_invalid_since: None,
-        });
+    /// Publishes the receipt of a recipient that was refused at ingest and never entered the
+    /// gateway (bad input, a duplicate id, shutdown, a store outage), and returns it for the
+    /// caller.
+    pub fn refuse(&self, meta: Arc<MessageMeta>, resolution: Resolution) -> Arc<Receipt> {
+        let mut receipt = Receipt::new(meta, 0, resolution, None);
+        receipt.accepted = false;
+        let receipt = Arc::new(receipt);
         self.publish(&receipt);
         receipt
     }
@@ -131,71 +185,6 @@ impl ReceiptHub {
     }
 }
 
-/// How a message ended.
-#[derive(Debug, Clone)]
-pub struct Resolution {
-    pub status: ReceiptStatus,
-    pub reason: String,
-    pub field: String,
-    pub provider_status: u16,
-    pub provider_message_id: String,
-    pub token_invalid_since: Option<SystemTime>,
-}
-
-impl Resolution {
-    /// A gateway-side ending with a reason.
-    pub fn gateway(status: ReceiptStatus, reason: impl Into<String>) -> Self {
-        Self {
-            status,
-            reason: reason.into(),
-            field: String::new(),
-            provider_status: 0,
-            provider_message_id: String::new(),
-            token_invalid_since: None,
-        }
-    }
-
-    /// The terminal resolution of a provider outcome. `Retry` outcomes reach here only when no
-    /// further attempt is possible, so they end FAILED.
-    pub fn from_outcome(outcome: Outcome) -> Self {
-        let mut r = Self::gateway(ReceiptStatus::Failed, "");
-        match outcome {
-            Outcome::Delivered {
-                provider_message_id,
-                status,
-            } => {
-                r.status = ReceiptStatus::Delivered;
-                r.provider_message_id = provider_message_id;
-                r.provider_status = status;
-            }
-            Outcome::InvalidToken {
-                reason,
-                status,
-                invalid_since,
-            } => {
-                r.status = ReceiptStatus::InvalidToken;
-                r.reason = reason;
-                r.provider_status = status;
-                r.token_invalid_since = invalid_since;
-            }
-            Outcome::Rejected { reason, status } => {
-                r.status = ReceiptStatus::Rejected;
-                r.reason = reason;
-                r.provider_status = status;
-            }
-            Outcome::Retry { reason, status, .. } => {
-                r.reason = format!("retries exhausted; last error: {reason}");
-                r.provider_status = status;
-            }
-            Outcome::Failed { reason, status } => {
-                r.reason = reason;
-                r.provider_status = status;
-            }
-        }
-        r
-    }
-}
-
 /// An accepted message that still owes its terminal receipt. See the module docs.
 pub struct Pending {
     meta: Arc<MessageMeta>,
@@ -214,12 +203,12 @@ impl Pending {
         hub: Arc<ReceiptHub>,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
-        hub.metrics.in_flight.inc();
+        hub.in_flight.enter();
         Self::accepted_earlier(meta, sink, hub, permit)
     }
 
     /// The handle of a message that was counted in flight when it was accepted in compact form
-    /// ([`crate::waiting::Waiting`]) and is now taking its place.
+    /// ([`crate::work::Waiting`]) and is now taking its place.
     pub fn accepted_earlier(
         meta: Arc<MessageMeta>,
         sink: Option<CallerSink>,
@@ -236,8 +225,8 @@ impl Pending {
         }
     }
 
-    /// A message taken over from Redis after a crash or restart, or on another replica: its
-    /// original caller is gone, so its receipts go to the app's subscribers only.
+    /// A message taken over from a durable store after a crash or restart, or on another
+    /// replica: its original caller is gone, so its receipts go to the app's subscribers only.
     pub fn detached(meta: Arc<MessageMeta>, hub: Arc<ReceiptHub>, attempt: u32) -> Self {
         let mut pending = Self::new(meta, None, hub, None);
         pending.attempt = attempt;
@@ -245,10 +234,10 @@ impl Pending {
     }
 
     /// Releases the handle without a terminal receipt, because the message lives on durably
-    /// (parked in Redis at shutdown): whichever replica finishes it emits the terminal receipt.
+    /// (in the store at shutdown): whichever replica finishes it emits the terminal receipt.
     pub fn hand_off(mut self) {
         self.resolved = true;
-        self.hub.metrics.in_flight.dec();
+        self.hub.in_flight.leave();
     }
 
     pub fn meta(&self) -> &Arc<MessageMeta> {
@@ -268,18 +257,16 @@ impl Pending {
 
     /// Emits a non-terminal RETRYING receipt.
     pub fn retrying(&self, reason: &str, provider_status: u16, next_attempt_at: SystemTime) {
-        let receipt = Arc::new(Receipt {
-            meta: Arc::clone(&self.meta),
-            status: ReceiptStatus::Retrying,
-            reason: reason.to_string(),
-            field: String::new(),
+        let resolution = Resolution {
             provider_status,
-            provider_message_id: String::new(),
-            attempt: self.attempt,
-            completed_at: None,
-            next_attempt_at: Some(next_attempt_at),
-            token_invalid_since: None,
-        });
+            ..Resolution::gateway(ReceiptStatus::Retrying, reason)
+        };
+        let receipt = Arc::new(Receipt::new(
+            Arc::clone(&self.meta),
+            self.attempt,
+            resolution,
+            Some(next_attempt_at),
+        ));
         self.hub.publish(&receipt);
         if let Some(sink) = &self.sink {
             let _ = sink.send(ReceiptEnvelope {
@@ -296,20 +283,14 @@ impl Pending {
 
     fn finish(&mut self, resolution: Resolution) {
         self.resolved = true;
-        let receipt = Arc::new(Receipt {
-            meta: Arc::clone(&self.meta),
-            status: resolution.status,
-            reason: resolution.reason,
-            field: resolution.field,
-            provider_status: resolution.provider_status,
-            provider_message_id: resolution.provider_message_id,
-            attempt: self.attempt,
-            completed_at: Some(SystemTime::now()),
-            next_attempt_at: None,
-            token_invalid_since: resolution.token_invalid_since,
-        });
-        self.hub.metrics.in_flight.dec();
+        let receipt = Arc::new(Receipt::new(
+            Arc::clone(&self.meta),
+            self.attempt,
+            resolution,
+            None,
+        ));
         self.hub.publish(&receipt);
+        self.hub.in_flight.leave();
         let permit = self.permit.take();
         if let Some(sink) = self.sink.take() {
             // If the caller is gone the receipt still reached the subscribers; the permit is
@@ -348,7 +329,7 @@ impl Drop for Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Platform, Priority};
+    use crate::domain::{Platform, Priority};
 
     fn meta() -> Arc<MessageMeta> {
         Arc::new(MessageMeta {
@@ -394,6 +375,35 @@ mod tests {
         assert_eq!(sub.try_recv().unwrap().status, ReceiptStatus::Delivered);
         assert_eq!(metrics.unresolved_drops.get(), 0);
         assert_eq!(metrics.in_flight.get(), 0);
+        assert_eq!(hub.in_flight().get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_is_signalled_when_the_last_message_leaves() {
+        let hub = Arc::new(ReceiptHub::new(Arc::new(Metrics::new())));
+        let pending = Pending::new(meta(), None, Arc::clone(&hub), None);
+        assert!(!hub.in_flight().wait_drained(Duration::from_secs(1)).await);
+        let waiter = tokio::spawn({
+            let hub = Arc::clone(&hub);
+            async move { hub.in_flight().wait_drained(Duration::from_secs(3600)).await }
+        });
+        tokio::task::yield_now().await;
+        pending.resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));
+        assert!(waiter.await.unwrap());
+    }
+
+    #[test]
+    fn refusals_pass_through_the_hub_and_are_marked_not_accepted() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = ReceiptHub::new(Arc::clone(&metrics));
+        let mut sub = hub.subscribe("app");
+        let error = crate::domain::FieldError::new("recipients[0].device_token", "empty");
+        let receipt = hub.refuse(meta(), Resolution::invalid(&error));
+        assert!(!receipt.accepted);
+        assert_eq!(receipt.field, "recipients[0].device_token");
+        assert_eq!(sub.try_recv().unwrap().status, ReceiptStatus::Rejected);
+        assert_eq!(metrics.receipts.get("app", "apns", "rejected"), 1);
+        assert_eq!(hub.in_flight().get(), 0);
     }
 
     #[test]

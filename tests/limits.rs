@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{recipient, status, template};
 use loadtest::apns::{MockApns, MockApnsConfig};
 use pushgate::config::Config;
-use pushgate::model::Platform;
+use pushgate::domain::Platform;
 use pushgate::proto::{self, ReceiptStatus};
 use pushgate::server::Running;
 use tokio::sync::mpsc;

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use pushgate::config::RetryConfig;
 use pushgate::durable::{RedisConfig, RedisRetryQueue, RedisStore};
 use pushgate::metrics::Metrics;
-use pushgate::model::{
+use pushgate::domain::{
     ApnsRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType, ReceiptStatus,
 };
 use pushgate::pipeline::{Job, Work};

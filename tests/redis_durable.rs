@@ -16,7 +16,7 @@ use pushgate::config::{PipelineConfig, RetryConfig};
 use pushgate::durable::{RedisConfig, RedisStore, admin};
 use pushgate::gateway::{Batch, Gateway, SubmitError};
 use pushgate::metrics::Metrics;
-use pushgate::model::{
+use pushgate::domain::{
     Outcome, Platform, ProviderRequest, Receipt, ReceiptStatus, Recipient, Template,
 };
 use pushgate::provider::Provider;
@@ -238,7 +238,7 @@ async fn conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
 }
 
 fn millis(t: std::time::SystemTime) -> i64 {
-    pushgate::model::epoch_millis(t)
+    pushgate::domain::epoch_millis(t)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

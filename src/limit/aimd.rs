@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::model::Outcome;
+use crate::domain::Outcome;
 
 /// Fast RTT average weight (recent behaviour).
 const FAST_ALPHA: f64 = 0.2;

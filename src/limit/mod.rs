@@ -15,19 +15,16 @@
 //!   provider permit; only the accept-window slot it took at ingest.
 //! - [`aimd::Aimd`]: additive-increase / multiplicative-decrease concurrency per (app, provider),
 //!   halved on 429/503 and on rising latency, like Vector's adaptive request concurrency.
-//! - [`Limits`]: the shared, live-updatable limit settings (`Gateway::update_limits`, SIGHUP).
-//!
-//! - [`cluster`]: with Redis configured, replicas count each other through heartbeats and each
-//!   applies `1/n` of every rate, so the configured rate holds for the whole cluster.
+//! - [`Limits`]: the shared, live-updatable limit settings (`Gateway::update_limits`, SIGHUP),
+//!   and the number of replicas sharing every rate (each applies `1/n` of it; the store counts
+//!   the replicas, see `store::redis::replicas`).
 
 pub mod aimd;
-pub mod cluster;
 pub mod queues;
 pub mod rate;
 pub mod scheduler;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -36,8 +33,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::config::ConfigError;
-use crate::model::Platform;
+use crate::config::error::ConfigError;
+use crate::domain::Platform;
 
 pub use aimd::{Aimd, Feedback};
 pub use queues::{Next, Queues, Schedulable, Slot};
@@ -246,11 +243,7 @@ impl Limits {
     /// The count drops when the scheduler sends the message a first time (or it expires or is
     /// failed), or when the returned [`Admission`] is dropped without [`Admission::commit`].
     pub async fn admit(&self, app: &Arc<str>) -> Admission {
-        let cap = match self.get(app).max_queued {
-            Some(cap) => cap,
-            None if self.default_max_queued > 0 => self.default_max_queued,
-            None => usize::MAX,
-        };
+        let cap = self.max_queued(app);
         let waiting = Arc::clone(
             self.waiting
                 .entry(Arc::clone(app))
@@ -273,6 +266,20 @@ impl Limits {
                 };
             }
             freed.await;
+        }
+    }
+
+    /// True when `app` may have one more message waiting in the limit stage now (what
+    /// [`Limits::admit`] would take without waiting), without taking it.
+    pub fn has_room(&self, app: &str) -> bool {
+        self.waiting(app) < self.max_queued(app)
+    }
+
+    fn max_queued(&self, app: &str) -> usize {
+        match self.get(app).max_queued {
+            Some(cap) => cap,
+            None if self.default_max_queued > 0 => self.default_max_queued,
+            None => usize::MAX,
         }
     }
 
@@ -413,46 +420,6 @@ impl Drop for Admission {
     }
 }
 
-/// Loads and validates the config at `path` (plus `PUSHGATE_*` overrides) and applies every
-/// app's `[limits]`; returns how many apps it applied. Nothing changes when the config is
-/// invalid.
-pub fn reload_limits(
-    gateway: &crate::gateway::Gateway,
-    path: Option<&std::path::Path>,
-) -> Result<usize, ConfigError> {
-    let config = crate::config::Config::load(path)?;
-    for (id, app) in &config.apps {
-        gateway.update_limits(id, app.limits.clone());
-    }
-    Ok(config.apps.len())
-}
-
-/// Re-reads `path` on every SIGHUP and applies each app's `[limits]` section (apps themselves
-/// are not added or removed by a reload). A config that fails to load or validate is logged and
-/// the current limits stay.
-pub async fn reload_on_sighup(gateway: Arc<crate::gateway::Gateway>, path: Option<PathBuf>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: limits reload disabled");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match reload_limits(&gateway, path.as_deref()) {
-                Ok(apps) => tracing::info!(apps, "SIGHUP: limits reloaded"),
-                Err(error) => {
-                    tracing::warn!(%error, "SIGHUP: config reload failed; limits unchanged")
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (gateway, path);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,8 +464,11 @@ mod tests {
         limits.left_queue("a");
         third.await.unwrap();
         assert_eq!(limits.waiting("a"), 2);
+        assert!(!limits.has_room("a"), "full, and asking did not take a place");
+        assert_eq!(limits.waiting("a"), 2);
         // An admission dropped uncommitted (shutdown at ingest) gives its place back.
         drop(uncommitted);
+        assert!(limits.has_room("a"));
         assert_eq!(limits.waiting("a"), 1);
         // Another app is not affected.
         let other: Arc<str> = "b".into();

@@ -22,7 +22,7 @@ use super::aimd::{Aimd, Feedback};
 use super::rate::Gcra;
 use super::{LimitConfig, Limits, Rate};
 use crate::metrics::{AppLabels, Metrics};
-use crate::model::{Outcome, Platform};
+use crate::domain::{Outcome, Platform};
 
 /// Messages an app may send per DRR turn, per unit of weight.
 pub const QUANTUM: u32 = 8;

@@ -17,10 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::Limits;
 use super::queues::{Next, Queues, Schedulable, Slot};
+use crate::domain::{Platform, Priority, ReceiptStatus, Resolution};
 use crate::metrics::Metrics;
-use crate::model::{Platform, Priority, ReceiptStatus};
-use crate::pipeline::Work;
-use crate::receipts::Resolution;
+use crate::store::Store;
+use crate::work::Work;
+
+/// Why a message still queued at the hard stop ends (when the store does not keep it).
+const SHUTDOWN: &str = "gateway shut down before delivery";
 
 /// How often queued messages are checked against their ttl.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
@@ -33,40 +36,13 @@ impl Schedulable for Work {
         Work::platform(self)
     }
     fn high_priority(&self) -> bool {
-        let priority = match self {
-            Work::Waiting(w) => w.batch().priority,
-            Work::Job(job) => job.pending.meta().priority,
-        };
-        priority == Priority::High
+        self.priority() == Priority::High
     }
     fn campaign_limit(&self) -> Option<(&Arc<str>, u32)> {
-        let (rate, campaign_id, batch_id) = match self {
-            Work::Waiting(w) => {
-                let b = w.batch();
-                (b.campaign_rate_per_minute, &b.campaign_id, &b.batch_id)
-            }
-            Work::Job(job) => {
-                let m = job.pending.meta();
-                (m.campaign_rate_per_minute, &m.campaign_id, &m.batch_id)
-            }
-        };
-        if rate == 0 {
-            return None;
-        }
-        // Without a campaign id, the batch is the campaign.
-        let key = if campaign_id.is_empty() {
-            batch_id
-        } else {
-            campaign_id
-        };
-        Some((key, rate))
+        Work::campaign_limit(self)
     }
     fn expired(&self, now: SystemTime) -> bool {
-        let expires_at = match self {
-            Work::Waiting(w) => w.expires_at(),
-            Work::Job(job) => job.pending.meta().expires_at,
-        };
-        expires_at.is_some_and(|t| now >= t)
+        self.expires_at().is_some_and(|t| now >= t)
     }
 }
 
@@ -74,20 +50,25 @@ impl Schedulable for Work {
 pub struct Scheduler {
     queues: Queues<Work>,
     requests: Arc<Semaphore>,
+    /// Takes back what is still queued at the hard stop.
+    store: Arc<dyn Store>,
     hard_stop: CancellationToken,
 }
 
 impl Scheduler {
-    /// `requests` is the global in-flight request limit; `hard_stop` fails whatever still waits.
+    /// `requests` is the global in-flight request limit; at `hard_stop` whatever still waits is
+    /// abandoned to `store` (failed, or handed off when the store keeps it durably).
     pub fn new(
         limits: Arc<Limits>,
         metrics: Arc<Metrics>,
         requests: Arc<Semaphore>,
+        store: Arc<dyn Store>,
         hard_stop: CancellationToken,
     ) -> Self {
         Self {
             queues: Queues::new(limits, metrics),
             requests,
+            store,
             hard_stop,
         }
     }
@@ -110,10 +91,10 @@ impl Scheduler {
             if self.hard_stop.is_cancelled() {
                 for job in self.queues.drain() {
                     left_queue(&limits, &job);
-                    fail_shutdown(job);
+                    self.store.abandon(job, SHUTDOWN);
                 }
                 while let Some(job) = dispatch.recv().await {
-                    fail_shutdown(job);
+                    self.store.abandon(job, SHUTDOWN);
                 }
                 return;
             }
@@ -181,10 +162,6 @@ fn left_queue(limits: &Limits, work: &Work) {
     if work.attempt() == 0 {
         limits.left_queue(&work.app().id);
     }
-}
-
-fn fail_shutdown(work: Work) {
-    work.abandon("gateway shut down before delivery");
 }
 
 fn expire(work: Work) {

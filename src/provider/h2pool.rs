@@ -507,7 +507,7 @@ async fn supervise(shared: Arc<Shared>, index: usize) {
             }
         }
         failures = failures.saturating_add(1).min(1_000);
-        let delay = backoff(
+        let delay = crate::backoff::backoff(
             shared.config.reconnect_base,
             shared.config.reconnect_cap,
             failures,
@@ -611,40 +611,9 @@ async fn connect(shared: &Shared) -> Result<(SendRequest<Bytes>, Connection), St
         .map_err(|_| format!("connect timed out after {:?}", config.connect_timeout))?
 }
 
-/// Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^(attempt-1))].
-pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    let ceiling = exponential_ceiling(base, cap, attempt);
-    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    if nanos == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_nanos(rand::random_range(0..=nanos))
-}
-
-/// The upper bound of the jittered backoff for `attempt` (1-based).
-pub fn exponential_ceiling(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    let shift = attempt.saturating_sub(1).min(31);
-    base.saturating_mul(1u32 << shift).min(cap)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(5);
-        assert_eq!(exponential_ceiling(base, cap, 1), base);
-        assert_eq!(
-            exponential_ceiling(base, cap, 3),
-            Duration::from_millis(400)
-        );
-        assert_eq!(exponential_ceiling(base, cap, 40), cap);
-        for attempt in 1..20 {
-            assert!(backoff(base, cap, attempt) <= exponential_ceiling(base, cap, attempt));
-        }
-    }
 
     #[test]
     fn endpoint_parsing() {

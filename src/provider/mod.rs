@@ -12,10 +12,11 @@ use std::sync::Arc;
 use http::HeaderValue;
 use parking_lot::Mutex;
 
-use crate::model::{Outcome, Platform, ProviderRequest};
+use crate::domain::{Outcome, Platform, ProviderRequest};
 
 pub mod apns;
 pub mod coalesce;
+pub mod config;
 pub mod fcm;
 pub mod h2pool;
 pub mod retry_after;

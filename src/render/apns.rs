@@ -9,7 +9,7 @@ use super::{
     CompiledTemplate, Content, Effective, MAX_APNS_TOKEN_CHARS, RecipientRef, Stamp, expiration,
     recipient_field,
 };
-use crate::model::{ApnsRequest, FieldError, Priority, PushType};
+use crate::domain::{ApnsRequest, FieldError, Priority, PushType};
 use crate::render::RenderContext;
 use crate::render::template::Vars;
 
@@ -100,7 +100,7 @@ pub fn sanitize_apns_id(message_id: &str) -> uuid::Uuid {
         });
     match canonical.then(|| uuid::Uuid::try_parse(message_id)) {
         Some(Ok(id)) => id,
-        _ => crate::model::random_uuid(),
+        _ => crate::domain::random_uuid(),
     }
 }
 

@@ -12,7 +12,7 @@ use super::{
     CompiledTemplate, MAX_FCM_PAYLOAD_BYTES, MAX_FCM_TOKEN_CHARS, MAX_FCM_TTL_SECS, RecipientRef,
     RenderContext, Stamp, expiration, recipient_field,
 };
-use crate::model::{FcmRequest, FieldError, Priority};
+use crate::domain::{FcmRequest, FieldError, Priority};
 
 /// Longest FCM `analytics_label`.
 const MAX_ANALYTICS_LABEL: usize = 50;

@@ -66,7 +66,7 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 
-use crate::model::{
+use crate::domain::{
     FieldError, MessageMeta, Platform, Priority, ProviderRequest, PushType, Recipient, Template,
 };
 use template::{Text, Vars};
@@ -95,7 +95,7 @@ pub struct RenderContext {
 }
 
 /// What rendering reads of one recipient, borrowed from a decoded [`Recipient`] or from the
-/// packed form a waiting message keeps (`crate::waiting`).
+/// packed form a waiting message keeps (`crate::work`).
 #[derive(Clone, Copy)]
 pub struct RecipientRef<'a> {
     pub platform: Platform,

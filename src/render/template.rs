@@ -23,7 +23,7 @@ use std::fmt;
 use std::ops::Range;
 
 /// Where a recipient's variables are looked up: its decoded map, or the packed form a waiting
-/// message keeps (`crate::waiting`).
+/// message keeps (`crate::work`).
 pub trait Vars {
     fn get(&self, name: &str) -> Option<&str>;
 }

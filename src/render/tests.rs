@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::model::{ApnsRequest, FcmRequest};
+use crate::domain::{ApnsRequest, FcmRequest};
 
 const TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const FCM_TOKEN: &str = "fcm-token_1:APA91b.xyz";

@@ -19,7 +19,7 @@ use self::jwt::ApnsTokenSigner;
 use self::response::{Verdict, classify};
 use super::h2pool::{H2Pool, TransportError};
 use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
-use crate::model::{ApnsRequest, Outcome, Platform, ProviderRequest};
+use crate::domain::{ApnsRequest, Outcome, Platform, ProviderRequest};
 
 /// Apple's production endpoint.
 pub const PRODUCTION_URL: &str = "https://api.push.apple.com";

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use crate::model::Outcome;
+use crate::domain::Outcome;
 
 /// What the client must do with a response, beyond reporting it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,8 +24,9 @@ use self::response::{Verdict, classify};
 use super::apns::transport_outcome;
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
 use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
-use crate::config::{ConfigError, FcmConfig};
-use crate::model::{FcmRequest, Outcome, Platform, ProviderRequest};
+use super::config::FcmConfig;
+use crate::config::error::ConfigError;
+use crate::domain::{FcmRequest, Outcome, Platform, ProviderRequest};
 
 /// Google's endpoint.
 pub const DEFAULT_ENDPOINT: &str = "https://fcm.googleapis.com";

@@ -1,4 +1,4 @@
-//! OAuth2 access tokens for FCM from a Google service-account key (PROTOCOLS.md B.3).
+//! OAuth2 access tokens for FCM from a Google service-account key (docs/providers.md, "FCM: OAuth2 service-account tokens").
 //!
 //! The key signs an RS256 JWT assertion which the `token_uri` exchanges for a bearer access token
 //! (about an hour long). [`TokenSource`] caches that token and refreshes it shortly before it
@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::provider::h2pool::{self, H2Pool};
+use crate::provider::h2pool::H2Pool;
 
 /// The scope FCM's `messages:send` accepts.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -378,7 +378,7 @@ impl TokenSource {
         let mut last = String::new();
         for attempt in 1..=self.policy.attempts.max(1) {
             if attempt > 1 {
-                let delay = h2pool::backoff(
+                let delay = crate::backoff::backoff(
                     self.policy.backoff_base,
                     self.policy.backoff_cap,
                     attempt - 1,

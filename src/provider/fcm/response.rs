@@ -1,4 +1,4 @@
-//! Classification of FCM HTTP v1 `messages:send` responses into outcomes (PROTOCOLS.md B.2).
+//! Classification of FCM HTTP v1 `messages:send` responses into outcomes (docs/providers.md, "FCM: error responses").
 //!
 //! The FCM-specific error code lives only in the `error.details[]` entry whose `@type` is
 //! `type.googleapis.com/google.firebase.fcm.v1.FcmError`; the entries come in any order, so they
@@ -6,7 +6,7 @@
 //! (`NOT_FOUND`, `UNAUTHENTICATED`, ...) is used, and a body that is not JSON at all (the Google
 //! HTML 502 page) is classified by the HTTP status alone.
 //!
-//! Tokens are reported dead only on the documented signals (PROTOCOLS.md D.8): `UNREGISTERED`,
+//! Tokens are reported dead only on the documented signals (docs/providers.md, "FCM: when a token is dead"): `UNREGISTERED`,
 //! `INVALID_ARGUMENT` with a `message.token` field violation, and a relayed APNs `410
 //! Unregistered`. `SENDER_ID_MISMATCH` is also reported as an invalid token (for this gateway's
 //! callers the token is unusable with this app), with a reason that warns against deleting it
@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::model::Outcome;
+use crate::domain::Outcome;
 
 const FCM_ERROR: &str = "type.googleapis.com/google.firebase.fcm.v1.FcmError";
 const APNS_ERROR: &str = "type.googleapis.com/google.firebase.fcm.v1.ApnsError";
@@ -334,7 +334,7 @@ mod tests {
         }
     }
 
-    // Bodies verbatim from PROTOCOLS.md B.2.
+    // Bodies verbatim from docs/providers.md, "FCM: recorded error bodies".
     const INVALID_TOKEN: &str = r#"{"error":{"code":400,"message":"Request contains an invalid argument.","status":"INVALID_ARGUMENT",
  "details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"INVALID_ARGUMENT"},
             {"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"message.token","description":"Invalid registration token"}]}]}}"#;

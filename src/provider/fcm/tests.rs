@@ -238,10 +238,10 @@ async fn quota_pause_longer_than_a_request_hands_the_message_back() {
 #[tokio::test]
 async fn wrong_platform_is_reported() {
     let p = offline_provider(1_000);
-    let apns = ProviderRequest::Apns(crate::model::ApnsRequest {
+    let apns = ProviderRequest::Apns(crate::domain::ApnsRequest {
         device_token: "x".into(),
         topic: "t".into(),
-        push_type: crate::model::PushType::Alert,
+        push_type: crate::domain::PushType::Alert,
         priority: 10,
         expiration: None,
         collapse_id: None,

@@ -1,5 +1,6 @@
-//! The Redis retry queue: parks transiently failed jobs by due time, claims due ones in batches
-//! under a lease, and dead-letters jobs whose attempts are exhausted.
+//! The Redis queue behind [`super::RedisStore`]: persists accepted messages under a lease, parks
+//! transiently failed jobs by due time, claims due ones in batches under a lease, releases what
+//! a terminal receipt finished, and dead-letters jobs whose attempts are exhausted.
 //!
 //! # Protocol
 //! - **Park** (`schedule`): one pipelined MULTI per write batch: `HSET jobs id record`,
@@ -11,9 +12,9 @@
 //!   forward (`ZADD XX GT`, pipelined), and the replica's heartbeat in `replicas` too.
 //! - **Take over**: the delay set of a replica whose heartbeat expired is merged into ours (Lua),
 //!   so jobs parked by a dead replica are still delivered.
-//! - **Accept** (`persist_accepted`, with durable delivery on): every accepted message is written
-//!   to `jobs` and leased to this replica (one MULTI per chunk of a batch) before the caller is
-//!   told it was accepted, so a `kill -9` loses nothing acknowledged.
+//! - **Accept** (`persist_accepted`): every accepted message is rendered, written to `jobs` and
+//!   leased to this replica (one MULTI per chunk of a batch) before the caller is told it was
+//!   accepted, so a `kill -9` loses nothing acknowledged.
 //! - **Ack** (Lua inside the MULTI that appends the terminal receipt to the receipts stream):
 //!   the lease, owner and record are removed, only if this replica still owns the lease. A
 //!   message thus has both its terminal receipt and its release in Redis, or neither (then it is
@@ -39,14 +40,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::RedisClient;
 use super::keys::AppKeys;
 use super::record::StoredJob;
-use super::{RedisStore, now_ms};
-use crate::model::{Receipt, ReceiptStatus};
-use crate::pipeline::{Job, Work};
-use crate::queue::RetryQueue;
-use crate::receipts::{Pending, ReceiptHub, ReceiptObserver, Resolution};
+use crate::domain::{Receipt, ReceiptStatus};
+use crate::receipts::{Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
+use crate::store::{StoreStats, now_ms};
+use crate::work::{Job, Waiting, Work};
 
 type JobKey = (Arc<str>, String);
 
@@ -129,7 +130,7 @@ return 1
 
 /// Counters for tests, benchmarks and logs.
 #[derive(Debug, Default)]
-pub struct QueueStats {
+struct QueueStats {
     pub scheduled: AtomicU64,
     pub claimed: AtomicU64,
     /// Claimed from an expired lease: possibly attempted twice (crash or stall).
@@ -170,9 +171,9 @@ enum Write {
     },
 }
 
-/// The durable `RetryQueue`. See the module docs.
-pub struct RedisRetryQueue {
-    store: Arc<RedisStore>,
+/// The queue. See the module docs.
+pub(super) struct RedisRetryQueue {
+    store: Arc<RedisClient>,
     hub: Arc<ReceiptHub>,
     apps: HashMap<String, (Arc<AppRuntime>, AppKeys)>,
     /// Pendings of jobs parked by this process, for their original caller.
@@ -195,7 +196,7 @@ impl RedisRetryQueue {
     /// ends, pending writes are flushed and the parked jobs' `Pending`s are handed off (they stay
     /// in Redis for the next replica).
     pub fn start(
-        store: Arc<RedisStore>,
+        store: Arc<RedisClient>,
         hub: Arc<ReceiptHub>,
         apps: impl IntoIterator<Item = Arc<AppRuntime>>,
         dispatch: mpsc::Sender<Work>,
@@ -237,13 +238,12 @@ impl RedisRetryQueue {
         queue
     }
 
-    /// Persists freshly accepted jobs, leased to this replica, before they are acknowledged to
-    /// the caller: one MULTI per app. If this process dies, the leases expire and another
-    /// replica (or this one restarted) delivers them. The terminal receipt releases them (ack).
-    pub async fn persist_accepted<'a>(
-        &self,
-        jobs: impl IntoIterator<Item = &'a Job>,
-    ) -> redis::RedisResult<()> {
+    /// Persists freshly accepted messages, rendered and leased to this replica, before they are
+    /// acknowledged to the caller: one MULTI per app. If this process dies, the leases expire
+    /// and another replica (or this one restarted) delivers them. The terminal receipt releases
+    /// them (ack). A message that does not render is left out: it ends REJECTED when it is
+    /// rendered again for its attempt, and nothing of it is in Redis.
+    pub async fn persist_accepted(&self, messages: &[Waiting]) -> redis::RedisResult<()> {
         let me = self.store.replica();
         let deadline =
             now_ms() + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
@@ -254,10 +254,13 @@ impl RedisRetryQueue {
         );
         let mut by_app: HashMap<Arc<str>, Rows> = HashMap::new();
         let mut keys = Vec::new();
-        for job in jobs {
-            let meta = job.pending.meta();
+        for message in messages {
+            let Ok(request) = message.render() else {
+                continue;
+            };
+            let meta = message.meta();
             let id = meta.message_id.clone();
-            let record = StoredJob::new(meta, &job.request, job.pending.attempt()).to_json();
+            let record = StoredJob::new(&meta, &request, 0).to_json();
             let rows = by_app.entry(Arc::clone(&meta.app_id)).or_default();
             rows.0.push((id.clone(), record));
             rows.1.push((deadline, id.clone()));
@@ -285,13 +288,15 @@ impl RedisRetryQueue {
         Ok(())
     }
 
-    /// The Redis connection and health this queue uses.
-    pub fn store(&self) -> &Arc<RedisStore> {
-        &self.store
-    }
-
-    pub fn stats(&self) -> &QueueStats {
-        &self.stats
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.stats;
+        StoreStats {
+            scheduled: s.scheduled.load(Ordering::Relaxed),
+            claimed: s.claimed.load(Ordering::Relaxed),
+            reclaimed: s.reclaimed.load(Ordering::Relaxed),
+            acked: s.acked.load(Ordering::Relaxed),
+            dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+        }
     }
 
     /// Jobs parked by this process whose `Pending` is still held here.
@@ -443,7 +448,7 @@ impl RedisRetryQueue {
                     .ignore();
             }
             if !g.receipts.is_empty() {
-                let stream = super::receipts::key(&self.store.config().key_prefix, app);
+                let stream = super::feed::key(&self.store.config().key_prefix, app);
                 let maxlen = self.store.config().receipts_stream_maxlen;
                 for encoded in &g.receipts {
                     pipe.cmd("XADD")
@@ -624,7 +629,6 @@ impl RedisRetryQueue {
             pending,
             request,
             app: Arc::clone(app),
-            durable: true,
         })
     }
 
@@ -682,7 +686,8 @@ impl RedisRetryQueue {
         }
     }
 
-    fn park(&self, job: Job, due_ms: i64) {
+    /// Parks `job` until `due_ms` (epoch milliseconds).
+    pub fn park(&self, job: Job, due_ms: i64) {
         let meta = Arc::clone(job.pending.meta());
         let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
         if self.keys(&meta.app_id).is_none() {
@@ -719,21 +724,15 @@ impl RedisRetryQueue {
     }
 }
 
-impl RetryQueue for RedisRetryQueue {
-    fn schedule(&self, job: Job, due: Instant) {
-        let wait = due.saturating_duration_since(Instant::now());
-        let due_ms = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
-        self.park(job, due_ms);
-    }
-
-    fn dead_letter(&self, job: Job, resolution: Resolution) {
+impl RedisRetryQueue {
+    /// Keeps a job whose attempts ran out as a dead letter, then emits its terminal receipt.
+    pub fn dead_letter(&self, job: Job, resolution: Resolution) {
         // The record is written before the terminal receipt is emitted (same writer order as
         // the job's earlier writes); the lease is released by the dead-letter write itself.
         let Job {
             pending,
             request,
             app,
-            ..
         } = job;
         let meta = Arc::clone(pending.meta());
         let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
@@ -752,13 +751,10 @@ impl RetryQueue for RedisRetryQueue {
         pending.resolve(resolution);
     }
 
-    fn len(&self) -> usize {
-        self.local.len()
-    }
-}
-
-impl ReceiptObserver for RedisRetryQueue {
-    fn observe(&self, receipt: &Arc<Receipt>) {
+    /// Sees every receipt (the store's acknowledgement): records terminal outcomes for
+    /// idempotency, appends the receipt to the app's stream and releases the lease a terminal
+    /// receipt finished.
+    pub fn observe(&self, receipt: &Arc<Receipt>) {
         let app = Arc::clone(&receipt.meta.app_id);
         if self.keys(&app).is_none() {
             return;
@@ -766,8 +762,14 @@ impl ReceiptObserver for RedisRetryQueue {
         let config = self.store.config();
         let terminal = receipt.terminal();
         let id = receipt.meta.message_id.clone();
-        // Rejections at ingest never claimed an idempotency key (or released it).
-        if terminal && config.idempotency_ttl_secs > 0 && receipt.status != ReceiptStatus::Rejected
+        // Refusals at ingest hold nothing here: a message of the same id that was accepted
+        // must not be released by them. Rejections never claimed an idempotency key (or
+        // released it).
+        let accepted = receipt.accepted;
+        if accepted
+            && terminal
+            && config.idempotency_ttl_secs > 0
+            && receipt.status != ReceiptStatus::Rejected
         {
             self.write(Write::Outcome {
                 app: Arc::clone(&app),
@@ -776,14 +778,14 @@ impl ReceiptObserver for RedisRetryQueue {
             });
         }
         let key: JobKey = (app, id);
-        let ack = terminal && self.held.remove(&key).is_some();
+        let ack = accepted && terminal && self.held.remove(&key).is_some();
         let (app, id) = key;
         if config.receipts_stream_maxlen > 0 {
             // The terminal receipt and the lease release are written in one MULTI: after a
             // crash, a message has either both (done) or neither (delivered again).
             self.write(Write::Receipt {
                 app,
-                encoded: super::receipts::encode(receipt),
+                encoded: super::feed::encode(receipt),
                 ack: ack.then_some(id),
             });
         } else if ack {

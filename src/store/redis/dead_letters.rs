@@ -1,21 +1,47 @@
-//! Dead-letter administration: list, replay and purge the jobs whose attempts ran out. Used by
-//! the `PushGatewayAdmin` gRPC service (`api_admin`) and by tests.
+//! Dead-letter administration: list, replay and purge the jobs whose attempts ran out (the
+//! [`DeadLetters`] of the Redis store, behind the `PushGatewayAdmin` gRPC service).
 
 use redis::Script;
 
 use super::keys::AppKeys;
 use super::record::StoredJob;
-use super::{RedisStore, now_ms};
+use super::{RedisClient, RedisStore, unreachable};
+use crate::store::{DeadJob, DeadLetter, DeadLetters, StoreError, now_ms};
 
-/// One dead letter.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub message_id: String,
-    pub dead_at_ms: i64,
-    /// The job, when the record could be read back.
-    pub job: Option<StoredJob>,
-    /// The last error (from the record), or why the record is unreadable.
-    pub last_error: String,
+#[async_trait::async_trait]
+impl DeadLetters for RedisStore {
+    async fn list(
+        &self,
+        app: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, u64), StoreError> {
+        list(&self.client, app, offset, limit)
+            .await
+            .map_err(unreachable)
+    }
+
+    async fn replay(&self, app: &str, ids: &[String], limit: usize) -> Result<u64, StoreError> {
+        replay(&self.client, app, ids, limit)
+            .await
+            .map_err(unreachable)
+    }
+
+    async fn purge(&self, app: &str, ids: &[String]) -> Result<u64, StoreError> {
+        purge(&self.client, app, ids).await.map_err(unreachable)
+    }
+}
+
+fn dead_job(job: StoredJob) -> DeadJob {
+    DeadJob {
+        platform: job.platform(),
+        message_id: job.message_id,
+        batch_id: job.batch_id,
+        campaign_id: job.campaign_id,
+        user_id: job.user_id,
+        attempt: job.attempt,
+        accepted_at_ms: job.accepted_at_ms,
+    }
 }
 
 /// Moves dead letters back into this replica's delay set, due now, with attempts reset.
@@ -49,8 +75,8 @@ return n
 "#;
 
 /// Lists up to `limit` dead letters of `app`, oldest first, from `offset`; and the total.
-pub async fn list(
-    store: &RedisStore,
+async fn list(
+    store: &RedisClient,
     app: &str,
     offset: usize,
     limit: usize,
@@ -79,7 +105,7 @@ pub async fn list(
             let (job, last_error) = match record.map(|r| StoredJob::from_json(&r)) {
                 Some(Ok(job)) => {
                     let e = job.last_error.clone();
-                    (Some(job), e)
+                    (Some(dead_job(job)), e)
                 }
                 Some(Err(e)) => (None, format!("unreadable record: {e}")),
                 None => (None, "record missing".into()),
@@ -97,8 +123,8 @@ pub async fn list(
 
 /// Replays the dead letters `ids` (all, up to `limit`, when empty): they are attempted again
 /// from attempt 1 by this replica. Returns how many were replayed.
-pub async fn replay(
-    store: &RedisStore,
+async fn replay(
+    store: &RedisClient,
     app: &str,
     ids: &[String],
     limit: usize,
@@ -120,7 +146,7 @@ pub async fn replay(
 }
 
 /// Deletes the dead letters `ids` (all when empty). Returns how many were deleted.
-pub async fn purge(store: &RedisStore, app: &str, ids: &[String]) -> redis::RedisResult<u64> {
+async fn purge(store: &RedisClient, app: &str, ids: &[String]) -> redis::RedisResult<u64> {
     let keys = AppKeys::new(&store.config().key_prefix, app);
     let mut conn = store.conn();
     if ids.is_empty() {

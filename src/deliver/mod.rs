@@ -1,5 +1,6 @@
-//! Deliver stage driver: takes accepted jobs from the dispatch channel, runs provider attempts
-//! under the in-flight request limit, and turns each outcome into a terminal receipt or a retry.
+//! Deliver stage: takes messages the limit stage lets go, renders them, runs one provider attempt
+//! each under the in-flight request limit, and turns each outcome into a terminal receipt or a
+//! retry parked in the store (backoff from [`crate::backoff`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,122 +10,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
+use crate::backoff::retry_delay;
+use crate::domain::{Outcome, ReceiptStatus};
 use crate::metrics::Metrics;
-use crate::model::{Outcome, Platform, ProviderRequest, ReceiptStatus};
-use crate::provider::h2pool::{backoff, exponential_ceiling};
-use crate::queue::RetryQueue;
-use crate::receipts::{Pending, Resolution};
-use crate::registry::AppRuntime;
-use crate::waiting::Waiting;
-
-/// One accepted message on its way to a provider.
-pub struct Job {
-    pub pending: Pending,
-    pub request: ProviderRequest,
-    pub app: Arc<AppRuntime>,
-    /// The message is persisted in Redis (durable delivery): a shutdown hands it off to the
-    /// replica that reclaims its lease instead of failing it.
-    pub durable: bool,
-}
-
-impl Job {
-    /// Ends this process's part in the job at shutdown. A durable job stays in Redis and is
-    /// finished (with its terminal receipt) by whichever replica reclaims it; any other job
-    /// ends FAILED with `reason`.
-    pub fn abandon(self, reason: &str) {
-        if self.durable {
-            self.pending.hand_off();
-        } else {
-            self.pending
-                .resolve(Resolution::gateway(ReceiptStatus::Failed, reason));
-        }
-    }
-}
-
-/// What the dispatch channel and the limit stage carry: a fresh message in its compact,
-/// unrendered form, or a rendered job (accepted durably, claimed from Redis, or back for another
-/// attempt).
-#[derive(Debug)]
-pub enum Work {
-    Waiting(Waiting),
-    Job(Box<Job>),
-}
-
-impl From<Job> for Work {
-    fn from(job: Job) -> Self {
-        Work::Job(Box::new(job))
-    }
-}
-
-impl Work {
-    pub fn app(&self) -> &Arc<AppRuntime> {
-        match self {
-            Work::Waiting(w) => w.app(),
-            Work::Job(job) => &job.app,
-        }
-    }
-
-    pub fn message_id(&self) -> &str {
-        match self {
-            Work::Waiting(w) => w.message_id(),
-            Work::Job(job) => &job.pending.meta().message_id,
-        }
-    }
-
-    pub fn platform(&self) -> Platform {
-        match self {
-            Work::Waiting(w) => w.platform(),
-            Work::Job(job) => job.request.platform(),
-        }
-    }
-
-    /// Provider attempts made so far.
-    pub fn attempt(&self) -> u32 {
-        match self {
-            Work::Waiting(_) => 0,
-            Work::Job(job) => job.pending.attempt(),
-        }
-    }
-
-    /// Ends the message without a (further) attempt.
-    pub fn resolve(self, resolution: Resolution) {
-        match self {
-            Work::Waiting(w) => w.resolve(resolution),
-            Work::Job(job) => job.pending.resolve(resolution),
-        }
-    }
-
-    /// See [`Job::abandon`]; a waiting message was never made durable.
-    pub fn abandon(self, reason: &str) {
-        match self {
-            Work::Waiting(w) => w.resolve(Resolution::gateway(ReceiptStatus::Failed, reason)),
-            Work::Job(job) => job.abandon(reason),
-        }
-    }
-
-    /// The job for a provider attempt: a waiting message is rendered now (and ends with a
-    /// receipt, returning `None`, if that fails).
-    pub fn into_job(self) -> Option<Job> {
-        match self {
-            Work::Waiting(w) => w.into_job(),
-            Work::Job(job) => Some(*job),
-        }
-    }
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job")
-            .field("app", &self.app.id)
-            .field("message_id", &self.pending.meta().message_id)
-            .finish()
-    }
-}
+use crate::receipts::Resolution;
+use crate::store::Store;
+use crate::work::{Job, Work};
 
 /// Shared state of the deliver stage.
 pub struct Deliverer {
     pub metrics: Arc<Metrics>,
-    pub retry_queue: Arc<dyn RetryQueue>,
+    /// Where retries are parked and dead letters kept.
+    pub store: Arc<dyn Store>,
     /// Provider requests outstanding at once.
     pub requests: Arc<Semaphore>,
     /// Fires when the shutdown grace period is over: in-flight attempts are abandoned.
@@ -142,6 +39,7 @@ impl Deliverer {
             Arc::clone(&self.limits),
             Arc::clone(&self.metrics),
             Arc::clone(&self.requests),
+            Arc::clone(&self.store),
             self.hard_stop.clone(),
         );
         scheduler
@@ -193,7 +91,8 @@ impl Deliverer {
         let outcome = tokio::select! {
             outcome = provider.deliver(&job.request) => outcome,
             _ = self.hard_stop.cancelled() => {
-                job.abandon(
+                self.store.abandon(
+                    job.into(),
                     "gateway shut down while the provider request was in flight; it may or may not have been delivered",
                 );
                 return;
@@ -230,7 +129,7 @@ impl Deliverer {
                 status,
                 retry_after,
             });
-            self.retry_queue.dead_letter(job, resolution);
+            self.store.dead_letter(job, resolution);
             return;
         }
         let delay = retry_delay(policy, attempt, retry_after);
@@ -248,27 +147,8 @@ impl Deliverer {
             return;
         }
         job.pending.retrying(&reason, status, next_attempt_at);
-        self.retry_queue.schedule(job, Instant::now() + delay);
+        self.store.park(job, Instant::now() + delay);
     }
-}
-
-/// The wait before attempt `attempt + 1`: exponential backoff with full jitter, but never less
-/// than the provider's Retry-After (clamped to the policy's maximum).
-pub fn retry_delay(
-    policy: &crate::config::RetryConfig,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let jittered = backoff(policy.base(), policy.cap(), attempt);
-    match retry_after {
-        Some(after) => jittered.max(after.min(policy.max_retry_after())),
-        None => jittered,
-    }
-}
-
-/// The largest wait `retry_delay` can choose for `attempt` without a Retry-After.
-pub fn retry_delay_ceiling(policy: &crate::config::RetryConfig, attempt: u32) -> Duration {
-    exponential_ceiling(policy.base(), policy.cap(), attempt)
 }
 
 fn outcome_label(outcome: &Outcome) -> &'static str {
@@ -278,39 +158,5 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
         Outcome::Rejected { .. } => "rejected",
         Outcome::Retry { .. } => "retry",
         Outcome::Failed { .. } => "failed",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::RetryConfig;
-
-    /// The limit stage holds one `Work` per accepted message, up to a million of them.
-    #[test]
-    fn a_queued_message_stays_small() {
-        assert!(
-            std::mem::size_of::<Work>() <= 24,
-            "{} bytes",
-            std::mem::size_of::<Work>()
-        );
-    }
-
-    #[test]
-    fn retry_after_is_a_floor_and_clamped() {
-        let policy = RetryConfig {
-            base_ms: 100,
-            cap_ms: 1_000,
-            max_attempts: 5,
-            max_retry_after_secs: 60,
-        };
-        for attempt in 1..6 {
-            let d = retry_delay(&policy, attempt, None);
-            assert!(d <= retry_delay_ceiling(&policy, attempt));
-            let d = retry_delay(&policy, attempt, Some(Duration::from_secs(30)));
-            assert!(d >= Duration::from_secs(30));
-            let d = retry_delay(&policy, attempt, Some(Duration::from_secs(7_200)));
-            assert_eq!(d, Duration::from_secs(60), "clamped to max_retry_after");
-        }
     }
 }

@@ -1,31 +1,39 @@
 //! The `pushgate.v1.PushGatewayAdmin` gRPC service: dead-letter list, replay and purge. Served
-//! only when durable delivery (Redis) is configured.
+//! only when the store keeps dead letters (durable delivery).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{RedisStore, admin};
-use crate::model::Platform;
 use crate::proto;
+use crate::store::{DeadLetters, Store, StoreError};
+use crate::wire::platform_to_proto;
 
 /// The admin service.
 pub struct AdminApi {
-    store: Arc<RedisStore>,
+    store: Arc<dyn Store>,
     apps: HashSet<String>,
 }
 
 impl AdminApi {
-    pub fn new(store: Arc<RedisStore>, apps: impl IntoIterator<Item = String>) -> Self {
-        Self {
+    /// The service over `store`'s dead letters; `None` when the store keeps none.
+    pub fn new(store: Arc<dyn Store>, apps: impl IntoIterator<Item = String>) -> Option<Self> {
+        store.dead_letters()?;
+        Some(Self {
             store,
             apps: apps.into_iter().collect(),
-        }
+        })
     }
 
     pub fn into_server(self) -> proto::push_gateway_admin_server::PushGatewayAdminServer<Self> {
         proto::push_gateway_admin_server::PushGatewayAdminServer::new(self)
+    }
+
+    fn letters(&self) -> Result<&dyn DeadLetters, Status> {
+        self.store
+            .dead_letters()
+            .ok_or_else(|| Status::unimplemented("this store keeps no dead letters"))
     }
 
     fn check_app(&self, app: &str) -> Result<(), Status> {
@@ -39,8 +47,8 @@ impl AdminApi {
     }
 }
 
-fn unavailable(e: redis::RedisError) -> Status {
-    Status::unavailable(format!("redis: {e}"))
+fn unavailable(e: StoreError) -> Status {
+    Status::unavailable(e.to_string())
 }
 
 #[tonic::async_trait]
@@ -55,7 +63,8 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
             0 => 100,
             n => n.min(1_000),
         } as usize;
-        let (letters, total) = admin::list(&self.store, &r.app_id, r.offset as usize, limit)
+        let (letters, total) = self.letters()?
+            .list(&r.app_id, r.offset as usize, limit)
             .await
             .map_err(unavailable)?;
         let dead_letters = letters
@@ -68,12 +77,9 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
                     ..Default::default()
                 };
                 if let Some(job) = l.job {
-                    out.batch_id = job.batch_id.clone();
-                    out.campaign_id = job.campaign_id.clone();
-                    out.platform = match job.platform() {
-                        Platform::Apns => proto::Platform::Apns,
-                        Platform::Fcm => proto::Platform::Fcm,
-                    } as i32;
+                    out.batch_id = job.batch_id;
+                    out.campaign_id = job.campaign_id;
+                    out.platform = platform_to_proto(job.platform) as i32;
                     out.attempts = job.attempt;
                     out.accepted_at_ms = job.accepted_at_ms;
                     out.user_id = job.user_id;
@@ -97,7 +103,8 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
             0 => 1_000,
             n => n,
         } as usize;
-        let replayed = admin::replay(&self.store, &r.app_id, &r.message_ids, limit)
+        let replayed = self.letters()?
+            .replay(&r.app_id, &r.message_ids, limit)
             .await
             .map_err(unavailable)?;
         Ok(Response::new(proto::ReplayDeadLettersResponse { replayed }))
@@ -109,7 +116,8 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
     ) -> Result<Response<proto::PurgeDeadLettersResponse>, Status> {
         let r = request.into_inner();
         self.check_app(&r.app_id)?;
-        let purged = admin::purge(&self.store, &r.app_id, &r.message_ids)
+        let purged = self.letters()?
+            .purge(&r.app_id, &r.message_ids)
             .await
             .map_err(unavailable)?;
         Ok(Response::new(proto::PurgeDeadLettersResponse { purged }))

@@ -1,4 +1,5 @@
-//! Cluster-wide limits: replicas sharing one Redis split every app's rate between them.
+//! Cluster-wide limits: replicas sharing one Redis count each other, so that each applies its
+//! share of every app's rate (the limit stage splits by the count this publishes).
 //!
 //! Each replica heartbeats into a sorted set (`<prefix>:limit:replicas`, member = replica id,
 //! score = last heartbeat in ms) and counts the members seen within [`LIVE_FOR`]; with `n` live
@@ -11,23 +12,26 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 use tracing::debug;
 
-use super::Limits;
-use crate::durable::RedisStore;
+use super::RedisClient;
 
 /// How often a replica announces itself and recounts.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A replica silent this long no longer counts.
 pub const LIVE_FOR: Duration = Duration::from_millis(2_000);
 
-/// Heartbeats and applies the live replica count to `limits` until `stop`, then leaves the set.
-pub async fn share_through_redis(
-    store: Arc<RedisStore>,
-    limits: Arc<Limits>,
-    stop: CancellationToken,
-) {
+/// Starts heartbeating; the receiver follows the live replica count (1 until the first count).
+/// Ends with the client's stop, leaving the set.
+pub fn share(store: Arc<RedisClient>) -> watch::Receiver<u32> {
+    let (count, rx) = watch::channel(1);
+    tokio::spawn(heartbeat(store, count));
+    rx
+}
+
+async fn heartbeat(store: Arc<RedisClient>, count: watch::Sender<u32>) {
+    let stop = store.stop_token();
     let key = format!("{}:limit:replicas", store.config().key_prefix);
     let replica = store.replica().to_string();
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -49,7 +53,9 @@ pub async fn share_through_redis(
             .await;
         store.observe(&counted);
         match counted {
-            Ok((_, _, n)) => limits.set_replicas(u32::try_from(n.max(1)).unwrap_or(u32::MAX)),
+            Ok((_, _, n)) => {
+                count.send_replace(u32::try_from(n.max(1)).unwrap_or(u32::MAX));
+            }
             Err(error) => debug!(%error, "limit heartbeat failed; keeping the last replica count"),
         }
     }

@@ -12,29 +12,21 @@ use prost::Message;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 use tracing::debug;
 
-use super::RedisStore;
+use super::RedisClient;
 use crate::proto;
+use crate::store::FeedFilter;
 
 /// The stream key of `app`.
 pub fn key(prefix: &str, app: &str) -> String {
     format!("{prefix}:{{{app}}}:receipts")
 }
 
-/// Which receipts a subscriber wants.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub campaign_id: String,
-    pub include_non_terminal: bool,
-}
-
-impl Filter {
-    fn wants(&self, r: &proto::Receipt) -> bool {
-        (self.include_non_terminal || r.terminal)
-            && (self.campaign_id.is_empty() || r.campaign_id == self.campaign_id)
-    }
+/// True when `filter` wants `r`.
+fn wants(filter: &FeedFilter, r: &proto::Receipt) -> bool {
+    (filter.include_non_terminal || r.terminal)
+        && (filter.campaign_id.is_empty() || r.campaign_id == filter.campaign_id)
 }
 
 /// Checks a cursor: `0`, `$`, or a stream id `<ms>-<seq>`.
@@ -55,11 +47,11 @@ pub fn valid_cursor(cursor: &str) -> bool {
 
 /// Receipts of `app` after `cursor`, then live, until the subscriber goes away.
 pub fn subscribe(
-    store: Arc<RedisStore>,
+    store: Arc<RedisClient>,
     app: &str,
     cursor: String,
-    filter: Filter,
-) -> ReceiverStream<Result<proto::Receipt, Status>> {
+    filter: FeedFilter,
+) -> ReceiverStream<proto::Receipt> {
     let (tx, rx) = mpsc::channel(256);
     let key = key(&store.config().key_prefix, app);
     tokio::spawn(async move {
@@ -117,11 +109,11 @@ pub fn subscribe(
                     let Ok(mut receipt) = proto::Receipt::decode(bytes.as_slice()) else {
                         continue;
                     };
-                    if !filter.wants(&receipt) {
+                    if !wants(&filter, &receipt) {
                         continue;
                     }
                     receipt.cursor = entry.id;
-                    if tx.send(Ok(receipt)).await.is_err() {
+                    if tx.send(receipt).await.is_err() {
                         return;
                     }
                 }
@@ -132,8 +124,8 @@ pub fn subscribe(
 }
 
 /// The stream entry payload of a receipt.
-pub fn encode(receipt: &crate::model::Receipt) -> Vec<u8> {
-    crate::api::to_proto_receipt(receipt).encode_to_vec()
+pub fn encode(receipt: &crate::domain::Receipt) -> Vec<u8> {
+    crate::wire::receipt(receipt).encode_to_vec()
 }
 
 #[cfg(test)]

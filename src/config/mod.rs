@@ -7,30 +7,24 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
-/// A configuration problem, naming the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("configuration: {0}")]
-    Parse(String),
-    #[error("configuration key `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
+pub mod error;
 
-impl ConfigError {
-    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-}
+pub use self::error::ConfigError;
+pub use crate::backoff::RetryConfig;
+pub use crate::provider::config::{ApnsConfig, ApnsEnvironment, FcmConfig};
+use crate::provider::Provider;
+use crate::provider::apns::ApnsProvider;
+use crate::registry::{AppRegistry, AppRuntime};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,7 +45,7 @@ pub struct Config {
     pub apps: BTreeMap<String, AppConfig>,
     /// `[redis]`: durable delivery; off (in-memory queue) unless `redis.url` is set.
     #[serde(default)]
-    pub redis: crate::durable::RedisConfig,
+    pub redis: crate::store::redis::RedisConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -93,43 +87,6 @@ impl PipelineConfig {
     }
 }
 
-/// When and how often transient failures are retried.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// First backoff ceiling; doubles per attempt (full jitter).
-    pub base_ms: u64,
-    /// Largest backoff ceiling.
-    pub cap_ms: u64,
-    /// Provider attempts per message, including the first.
-    pub max_attempts: u32,
-    /// A provider's Retry-After is honoured up to this long.
-    pub max_retry_after_secs: u64,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            base_ms: 500,
-            cap_ms: 60_000,
-            max_attempts: 5,
-            max_retry_after_secs: 3_600,
-        }
-    }
-}
-
-impl RetryConfig {
-    pub fn base(&self) -> Duration {
-        Duration::from_millis(self.base_ms)
-    }
-    pub fn cap(&self) -> Duration {
-        Duration::from_millis(self.cap_ms)
-    }
-    pub fn max_retry_after(&self) -> Duration {
-        Duration::from_secs(self.max_retry_after_secs)
-    }
-}
-
 /// One tenant.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,119 +115,6 @@ impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ApiKey(<redacted>)")
     }
-}
-
-/// APNs environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ApnsEnvironment {
-    #[default]
-    Production,
-    Sandbox,
-}
-
-/// APNs token-based credentials and connection settings of an app.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApnsConfig {
-    /// Path to Apple's `AuthKey_<KEYID>.p8` file.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// The `.p8` contents inline (e.g. from a secret in the environment); wins over `key_file`.
-    #[serde(default)]
-    pub key_pem: Option<String>,
-    pub key_id: String,
-    pub team_id: String,
-    /// The app's bundle id; the push type's suffix is appended per message.
-    pub topic: String,
-    #[serde(default)]
-    pub environment: ApnsEnvironment,
-    /// Overrides the endpoint URL (mock servers, load tests). `http://` means cleartext HTTP/2.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    /// Extra CA certificate (PEM) to trust, for a TLS mock.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default = "default_connections")]
-    pub connections: usize,
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-    /// Provider token re-signing interval, clamped to Apple's [20, 60) minutes.
-    #[serde(default = "default_token_refresh_secs")]
-    pub token_refresh_secs: u64,
-}
-
-impl std::fmt::Debug for ApnsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApnsConfig")
-            .field("key_file", &self.key_file)
-            .field("key_pem", &self.key_pem.as_ref().map(|_| "<redacted>"))
-            .field("key_id", &self.key_id)
-            .field("team_id", &self.team_id)
-            .field("topic", &self.topic)
-            .field("environment", &self.environment)
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ApnsConfig {
-    /// The endpoint URL in effect.
-    pub fn endpoint_url(&self) -> &str {
-        match (&self.endpoint, self.environment) {
-            (Some(url), _) => url,
-            (None, ApnsEnvironment::Production) => crate::provider::apns::PRODUCTION_URL,
-            (None, ApnsEnvironment::Sandbox) => crate::provider::apns::SANDBOX_URL,
-        }
-    }
-}
-
-/// FCM HTTP v1 credentials and connection settings of an app.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FcmConfig {
-    /// Path to the service-account JSON key file.
-    #[serde(default)]
-    pub credentials_file: Option<PathBuf>,
-    /// The service-account JSON inline; wins over `credentials_file`.
-    #[serde(default)]
-    pub credentials_json: Option<String>,
-    /// Overrides the project id from the key file.
-    #[serde(default)]
-    pub project_id: Option<String>,
-    /// Overrides `https://fcm.googleapis.com` (mock servers, load tests).
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    #[serde(default = "default_connections")]
-    pub connections: usize,
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-}
-
-impl std::fmt::Debug for FcmConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FcmConfig")
-            .field("credentials_file", &self.credentials_file)
-            .field(
-                "credentials_json",
-                &self.credentials_json.as_ref().map(|_| "<redacted>"),
-            )
-            .field("project_id", &self.project_id)
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
-}
-
-fn default_connections() -> usize {
-    2
-}
-fn default_request_timeout_ms() -> u64 {
-    10_000
-}
-fn default_token_refresh_secs() -> u64 {
-    40 * 60
 }
 
 impl Config {
@@ -307,6 +151,52 @@ impl Config {
         config.validate()?;
         Ok(config)
     }
+
+    /// Builds every app's providers. Providers are shared: apps using the same APNs key (team,
+    /// key, endpoint) share one connection pool and one signed token. Reads key files; fails naming the key on any problem.
+    pub fn registry(&self) -> Result<AppRegistry, ConfigError> {
+        let config = self;
+        let mut apns_pools: HashMap<(String, String, String), Arc<ApnsProvider>> = HashMap::new();
+        let mut apps = Vec::new();
+        for (id, app) in &config.apps {
+            let apns = match &app.apns {
+                Some(apns) => {
+                    let key = (
+                        apns.team_id.clone(),
+                        apns.key_id.clone(),
+                        apns.endpoint_url().to_string(),
+                    );
+                    let provider = match apns_pools.get(&key) {
+                        Some(p) => Arc::clone(p),
+                        None => {
+                            let p = Arc::new(crate::provider::config::build_apns(&format!("apps.{id}.apns"), apns)?);
+                            apns_pools.insert(key, Arc::clone(&p));
+                            p
+                        }
+                    };
+                    Some(provider as Arc<dyn Provider>)
+                }
+                None => None,
+            };
+            let fcm = match &app.fcm {
+                Some(fcm) => Some(crate::provider::fcm::build(&format!("apps.{id}.fcm"), fcm)?),
+                None => None,
+            };
+            apps.push(AppRuntime {
+                    id: Arc::from(id.as_str()),
+                    apns_topic: app
+                        .apns
+                        .as_ref()
+                        .map(|a| a.topic.clone())
+                        .unwrap_or_default(),
+                    apns,
+                    fcm,
+                    retry: app.retry.clone().unwrap_or_else(|| config.retry.clone()),
+                });
+        }
+        Ok(AppRegistry::from_apps(apps))
+    }
+
 
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -360,18 +250,10 @@ impl Config {
             }
             app.limits.validate(&format!("{prefix}.limits"))?;
             if let Some(apns) = &app.apns {
-                validate_apns(&format!("{prefix}.apns"), apns)?;
+                crate::provider::config::validate_apns(&format!("{prefix}.apns"), apns)?;
             }
             if let Some(fcm) = &app.fcm {
-                let key = format!("{prefix}.fcm");
-                if fcm.credentials_file.is_none() && fcm.credentials_json.is_none() {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.credentials_file"),
-                        "set credentials_file or credentials_json",
-                    ));
-                }
-                at_least_one(&format!("{key}.connections"), fcm.connections as u64)?;
-                at_least_one(&format!("{key}.request_timeout_ms"), fcm.request_timeout_ms)?;
+                crate::provider::config::validate_fcm(&format!("{prefix}.fcm"), fcm)?;
             }
         }
         Ok(())
@@ -396,40 +278,6 @@ fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
             "must be >= base_ms",
         ));
     }
-    Ok(())
-}
-
-fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
-    let ten_chars = |v: &str| v.len() == 10 && v.chars().all(|c| c.is_ascii_alphanumeric());
-    if !ten_chars(&apns.key_id) {
-        return Err(ConfigError::invalid(
-            format!("{key}.key_id"),
-            "must be the 10-character key id from Apple",
-        ));
-    }
-    if !ten_chars(&apns.team_id) {
-        return Err(ConfigError::invalid(
-            format!("{key}.team_id"),
-            "must be the 10-character team id from Apple",
-        ));
-    }
-    if apns.topic.trim().is_empty() {
-        return Err(ConfigError::invalid(
-            format!("{key}.topic"),
-            "must be the app's bundle id",
-        ));
-    }
-    if apns.key_file.is_none() && apns.key_pem.is_none() {
-        return Err(ConfigError::invalid(
-            format!("{key}.key_file"),
-            "set key_file (the .p8 file) or key_pem",
-        ));
-    }
-    at_least_one(&format!("{key}.connections"), apns.connections as u64)?;
-    at_least_one(
-        &format!("{key}.request_timeout_ms"),
-        apns.request_timeout_ms,
-    )?;
     Ok(())
 }
 

@@ -1,7 +1,9 @@
-//! Domain types shared by every stage of the data path.
+//! Domain types shared by every stage of the data path: what a batch, a recipient, a message's
+//! identity, a provider outcome and a receipt are.
 //!
-//! These are plain Rust types: they know nothing of protobuf, HTTP or Redis. The API layer
-//! translates protobuf into them at the edge, providers translate them into requests.
+//! These are plain Rust types: they know nothing of protobuf, HTTP or Redis. The gRPC edge
+//! translates protobuf into them, providers translate them into requests. The unit of work that
+//! carries a message through the stages is in [`crate::work`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -140,6 +142,29 @@ pub struct Recipient {
     pub body: Option<String>,
 }
 
+/// A batch as the domain sees it: one template, many recipients.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub app_id: String,
+    pub batch_id: String,
+    pub campaign_id: String,
+    pub template: Template,
+    pub recipients: Vec<Recipient>,
+    /// The campaign's rate limit (messages per minute) carried in the request; 0 means none.
+    pub campaign_rate_per_minute: u32,
+}
+
+/// What is known of a batch that could not be read into a [`Batch`] at all (a structural error)
+/// or was refused as a whole: enough to give every recipient its REJECTED receipt.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutline {
+    pub app_id: String,
+    pub batch_id: String,
+    pub campaign_id: String,
+    /// Per recipient: its message id, platform (when valid) and user id.
+    pub recipients: Vec<(String, Option<Platform>, String)>,
+}
+
 /// Identity and bookkeeping of one accepted message, carried from ingest to its receipt.
 #[derive(Debug, Clone)]
 pub struct MessageMeta {
@@ -274,7 +299,7 @@ impl ReceiptStatus {
     }
 }
 
-/// A report about one message, terminal or not.
+/// A report about one message, terminal or not. Made only by [`Receipt::new`].
 #[derive(Debug, Clone)]
 pub struct Receipt {
     pub meta: Arc<MessageMeta>,
@@ -287,11 +312,111 @@ pub struct Receipt {
     pub completed_at: Option<SystemTime>,
     pub next_attempt_at: Option<SystemTime>,
     pub token_invalid_since: Option<SystemTime>,
+    /// False for a recipient refused at ingest: it never entered the gateway, so no stage holds
+    /// anything of it (a durable store must not release a message of the same id).
+    pub accepted: bool,
 }
 
 impl Receipt {
+    /// The one constructor: `resolution` says what the receipt reports (a terminal status, or
+    /// RETRYING with `next_attempt_at`) after `attempt` provider attempts.
+    pub fn new(
+        meta: Arc<MessageMeta>,
+        attempt: u32,
+        resolution: Resolution,
+        next_attempt_at: Option<SystemTime>,
+    ) -> Self {
+        let terminal = resolution.status.is_terminal();
+        Self {
+            meta,
+            status: resolution.status,
+            reason: resolution.reason,
+            field: resolution.field,
+            provider_status: resolution.provider_status,
+            provider_message_id: resolution.provider_message_id,
+            attempt,
+            completed_at: terminal.then(SystemTime::now),
+            next_attempt_at,
+            token_invalid_since: resolution.token_invalid_since,
+            accepted: true,
+        }
+    }
+
     pub fn terminal(&self) -> bool {
         self.status.is_terminal()
+    }
+}
+
+/// How a message ended (or, with RETRYING, why it waits): the content of a receipt.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub status: ReceiptStatus,
+    pub reason: String,
+    pub field: String,
+    pub provider_status: u16,
+    pub provider_message_id: String,
+    pub token_invalid_since: Option<SystemTime>,
+}
+
+impl Resolution {
+    /// A gateway-side ending with a reason.
+    pub fn gateway(status: ReceiptStatus, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+            field: String::new(),
+            provider_status: 0,
+            provider_message_id: String::new(),
+            token_invalid_since: None,
+        }
+    }
+
+    /// A recipient refused for bad input: REJECTED naming the field.
+    pub fn invalid(error: &FieldError) -> Self {
+        Self {
+            field: error.field.clone(),
+            ..Self::gateway(ReceiptStatus::Rejected, error.reason.clone())
+        }
+    }
+
+    /// The terminal resolution of a provider outcome. `Retry` outcomes reach here only when no
+    /// further attempt is possible, so they end FAILED.
+    pub fn from_outcome(outcome: Outcome) -> Self {
+        let mut r = Self::gateway(ReceiptStatus::Failed, "");
+        match outcome {
+            Outcome::Delivered {
+                provider_message_id,
+                status,
+            } => {
+                r.status = ReceiptStatus::Delivered;
+                r.provider_message_id = provider_message_id;
+                r.provider_status = status;
+            }
+            Outcome::InvalidToken {
+                reason,
+                status,
+                invalid_since,
+            } => {
+                r.status = ReceiptStatus::InvalidToken;
+                r.reason = reason;
+                r.provider_status = status;
+                r.token_invalid_since = invalid_since;
+            }
+            Outcome::Rejected { reason, status } => {
+                r.status = ReceiptStatus::Rejected;
+                r.reason = reason;
+                r.provider_status = status;
+            }
+            Outcome::Retry { reason, status, .. } => {
+                r.reason = format!("retries exhausted; last error: {reason}");
+                r.provider_status = status;
+            }
+            Outcome::Failed { reason, status } => {
+                r.reason = reason;
+                r.provider_status = status;
+            }
+        }
+        r
     }
 }
 

@@ -10,7 +10,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::RedisStore;
+use super::RedisClient;
+use crate::domain::ReceiptStatus;
 
 /// The value of an idempotency key whose message has no terminal receipt yet.
 pub const IN_FLIGHT: &str = "accepted";
@@ -23,7 +24,7 @@ pub fn key(prefix: &str, app: &str, id: &str) -> String {
 /// Claims `ids` (the first occurrence of each; empty ids are skipped). Returns the ids seen
 /// before, with their earlier state.
 pub async fn claim<'a>(
-    store: &RedisStore,
+    store: &RedisClient,
     app: &str,
     ids: impl IntoIterator<Item = &'a str>,
 ) -> redis::RedisResult<HashMap<String, String>> {
@@ -60,7 +61,7 @@ pub async fn claim<'a>(
 }
 
 /// Releases ids claimed by `claim` whose recipients were not accepted after all.
-pub async fn release(store: &RedisStore, app: &str, ids: &[String]) -> redis::RedisResult<()> {
+pub async fn release(store: &RedisClient, app: &str, ids: &[String]) -> redis::RedisResult<()> {
     if ids.is_empty() || store.config().idempotency_ttl_secs == 0 {
         return Ok(());
     }
@@ -71,8 +72,8 @@ pub async fn release(store: &RedisStore, app: &str, ids: &[String]) -> redis::Re
 }
 
 /// The terminal status recorded for an id, or `None` while it is in flight.
-pub fn recorded_status(state: &str) -> Option<crate::model::ReceiptStatus> {
-    use crate::model::ReceiptStatus as S;
+pub fn recorded_status(state: &str) -> Option<ReceiptStatus> {
+    use ReceiptStatus as S;
     [
         S::Delivered,
         S::InvalidToken,
@@ -83,43 +84,4 @@ pub fn recorded_status(state: &str) -> Option<crate::model::ReceiptStatus> {
     ]
     .into_iter()
     .find(|s| s.as_str() == state)
-}
-
-/// What the caller of a duplicate resend is told, and the reason text: the original outcome
-/// when known (a terminal receipt with that status), else a non-terminal "already accepted"
-/// receipt (the terminal one goes to the original request and to subscribers).
-pub fn duplicate_receipt(
-    meta: &std::sync::Arc<crate::model::MessageMeta>,
-    index: usize,
-    state: &str,
-) -> (crate::model::Receipt, String) {
-    let (status, reason) = match recorded_status(state) {
-        Some(status) => (
-            status,
-            format!(
-                "duplicate message_id: already sent within the idempotency window; original outcome: {}",
-                status.as_str()
-            ),
-        ),
-        None => (
-            crate::model::ReceiptStatus::Retrying,
-            "duplicate message_id: already accepted and still in flight; its receipt follows on the original request and SubscribeReceipts".to_string(),
-        ),
-    };
-    let terminal = status.is_terminal();
-    (
-        crate::model::Receipt {
-            meta: std::sync::Arc::clone(meta),
-            status,
-            reason: reason.clone(),
-            field: format!("recipients[{index}].message_id"),
-            provider_status: 0,
-            provider_message_id: String::new(),
-            attempt: 0,
-            completed_at: terminal.then(std::time::SystemTime::now),
-            next_attempt_at: None,
-            token_invalid_since: None,
-        },
-        reason,
-    )
 }

@@ -12,7 +12,7 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{
+use crate::domain::{
     ApnsRequest, FcmRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType,
     epoch_millis,
 };

@@ -1,0 +1,237 @@
+//! `pushgate.v1.PushGateway` over tonic: SendBatch, StreamSend and SubscribeReceipts. Translates
+//! protobuf to domain types and back (`convert`), maps errors to `tonic::Status` with field
+//! violations, and holds no business logic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{
+    BroadcastStream, UnboundedReceiverStream, errors::BroadcastStreamRecvError,
+};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_types::{ErrorDetails, StatusExt};
+use tracing::debug;
+
+use super::auth::Caller;
+use super::convert::{into_batch, outline_of, to_proto_response};
+use crate::domain::FieldError;
+use crate::ingest::{Ingest, SubmitError};
+use crate::proto;
+use crate::receipts::{ReceiptEnvelope, ReceiptHub};
+use crate::registry::AppRegistry;
+use crate::store::{FeedError, FeedFilter, Store};
+use crate::wire::receipt as to_proto_receipt;
+
+type ReceiptStream = Pin<Box<dyn Stream<Item = Result<proto::Receipt, Status>> + Send>>;
+
+/// The `PushGateway` service.
+pub struct Api {
+    ingest: Arc<Ingest>,
+    hub: Arc<ReceiptHub>,
+    store: Arc<dyn Store>,
+    apps: Arc<AppRegistry>,
+}
+
+impl Api {
+    pub fn new(
+        ingest: Arc<Ingest>,
+        hub: Arc<ReceiptHub>,
+        store: Arc<dyn Store>,
+        apps: Arc<AppRegistry>,
+    ) -> Self {
+        Self {
+            ingest,
+            hub,
+            store,
+            apps,
+        }
+    }
+
+    /// The tonic server for this service, with generous message limits for large batches.
+    pub fn into_server(self) -> proto::push_gateway_server::PushGatewayServer<Self> {
+        proto::push_gateway_server::PushGatewayServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::push_gateway_server::PushGateway for Api {
+    async fn send_batch(
+        &self,
+        request: Request<proto::SendBatchRequest>,
+    ) -> Result<Response<proto::SendBatchResponse>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        if !caller.may_use(&request.app_id) {
+            return Err(forbidden(&request.app_id));
+        }
+        let wait = request.wait_for_receipts;
+        let mut batch = into_batch(request).map_err(invalid_argument)?;
+        let (sink, mut receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
+        let mut collected = Vec::new();
+        let result = {
+            let submit = self
+                .ingest
+                .submit(&mut batch, wait.then_some(&sink), false);
+            tokio::pin!(submit);
+            // Collect receipts while submitting: receipts hold window slots, so a batch larger
+            // than the window would otherwise wait on itself.
+            loop {
+                tokio::select! {
+                    result = &mut submit => break result,
+                    Some(envelope) = receipts.recv() => {
+                        if envelope.receipt.terminal() {
+                            collected.push(to_proto_receipt(&envelope.receipt));
+                        }
+                    }
+                }
+            }
+        };
+        drop(sink);
+        let result = result.map_err(submit_status)?;
+        if wait {
+            while let Some(envelope) = receipts.recv().await {
+                if envelope.receipt.terminal() {
+                    collected.push(to_proto_receipt(&envelope.receipt));
+                }
+            }
+        }
+        Ok(Response::new(to_proto_response(result, collected)))
+    }
+
+    type StreamSendStream = ReceiptStream;
+
+    async fn stream_send(
+        &self,
+        request: Request<Streaming<proto::SendBatchRequest>>,
+    ) -> Result<Response<Self::StreamSendStream>, Status> {
+        let caller = Caller::of(&request);
+        let mut inbound = request.into_inner();
+        let (sink, receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
+        let ingest = Arc::clone(&self.ingest);
+        tokio::spawn(async move {
+            let stopping = ingest.stopping();
+            loop {
+                // Not reading while `submit` waits for window room is the backpressure: HTTP/2
+                // flow control then slows the caller.
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = stopping.cancelled() => break,
+                };
+                let request = match next {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(%status, "StreamSend inbound ended with an error");
+                        break;
+                    }
+                };
+                let outline = outline_of(&request);
+                if !caller.may_use(&request.app_id) {
+                    let error = FieldError::new("app_id", forbidden(&request.app_id).message());
+                    ingest.refuse_batch(outline, &[error], &sink);
+                    continue;
+                }
+                let outcome = match into_batch(request) {
+                    Ok(mut batch) => ingest
+                        .submit(&mut batch, Some(&sink), true)
+                        .await
+                        .map(drop)
+                        .map_err(|e| match e {
+                            SubmitError::Invalid(f) => vec![f],
+                            SubmitError::Unavailable(reason) => vec![FieldError::new("", reason)],
+                        }),
+                    Err(errors) => Err(errors),
+                };
+                if let Err(errors) = outcome {
+                    ingest.refuse_batch(outline, &errors, &sink);
+                }
+            }
+        });
+        let stream = UnboundedReceiverStream::new(receipts)
+            // The envelope, and with it the window slot, is released as the receipt leaves.
+            .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type SubscribeReceiptsStream = ReceiptStream;
+
+    async fn subscribe_receipts(
+        &self,
+        request: Request<proto::SubscribeReceiptsRequest>,
+    ) -> Result<Response<Self::SubscribeReceiptsStream>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        if !caller.may_use(&request.app_id) {
+            return Err(forbidden(&request.app_id));
+        }
+        if self.apps.get(&request.app_id).is_none() {
+            return Err(invalid_argument(vec![FieldError::new(
+                "app_id",
+                format!("unknown app `{}`", request.app_id),
+            )]));
+        }
+        if !request.resume_after.is_empty() {
+            let filter = FeedFilter {
+                campaign_id: request.campaign_id,
+                include_non_terminal: request.include_non_terminal,
+            };
+            return match self
+                .store
+                .receipts_feed(&request.app_id, request.resume_after, filter)
+            {
+                Ok(feed) => Ok(Response::new(Box::pin(feed.map(Ok)))),
+                Err(e @ FeedError::Unsupported) => Err(Status::failed_precondition(e.to_string())),
+                Err(e @ FeedError::BadCursor) => Err(invalid_argument(vec![FieldError::new(
+                    "resume_after",
+                    e.to_string(),
+                )])),
+            };
+        }
+        let campaign = request.campaign_id;
+        let include_non_terminal = request.include_non_terminal;
+        let stream = BroadcastStream::new(self.hub.subscribe(&request.app_id))
+            .filter_map(move |item| {
+                let out = match item {
+                    Ok(receipt) => {
+                        let wanted = (include_non_terminal || receipt.terminal())
+                            && (campaign.is_empty() || *receipt.meta.campaign_id == *campaign);
+                        wanted.then(|| Ok(to_proto_receipt(&receipt)))
+                    }
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(
+                        format!("subscriber fell behind and missed {missed} receipts"),
+                    ))),
+                };
+                std::future::ready(out)
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn forbidden(app_id: &str) -> Status {
+    Status::permission_denied(format!("this API key may not use app `{app_id}`"))
+}
+
+fn invalid_argument(errors: Vec<FieldError>) -> Status {
+    let message = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut details = ErrorDetails::new();
+    for e in &errors {
+        details.add_bad_request_violation(e.field.clone(), e.reason.clone());
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+fn submit_status(error: SubmitError) -> Status {
+    match error {
+        SubmitError::Invalid(e) => invalid_argument(vec![e]),
+        SubmitError::Unavailable(reason) => Status::unavailable(reason),
+    }
+}
+

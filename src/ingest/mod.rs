@@ -1,0 +1,636 @@
+//! Ingest stage: validates a batch (app, size, template, then each recipient by rendering it),
+//! packs the valid recipients into one buffer, asks the policy stage about each, admits each
+//! into the bounded accept window and its app's place in the limit stage, has the store make it
+//! safe, and hands it to the limit stage. One path, whichever store is configured.
+//!
+//! Every recipient not taken gets a REJECTED receipt through the receipt hub, naming the field;
+//! every recipient taken is accepted and owes a terminal receipt from then on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::domain::{
+    Batch, BatchOutline, FieldError, MessageMeta, Platform, Priority, ProviderRequest, Receipt,
+    ReceiptStatus, Recipient,
+};
+use crate::limit::{Admission, Limits};
+use crate::metrics::{AppLabels, Metrics};
+use crate::policy::{Policy, Verdict};
+use crate::receipts::{CallerSink, ReceiptEnvelope, ReceiptHub, Resolution};
+use crate::registry::AppRegistry;
+use crate::render::{CompiledTemplate, RenderContext, Stamp};
+use crate::store::{AcceptError, Earlier, Store};
+use crate::work::{AcceptedBatch, PackedAt, PackedRecipients, Waiting, Work};
+
+/// Admitted messages handed to the store at once (one durable write per chunk).
+const STAGE_CHUNK: usize = 256;
+
+/// The sizes ingest enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestConfig {
+    /// Accepted messages without a terminal receipt, at most.
+    pub accept_window: usize,
+    /// Recipients in one batch, at most.
+    pub max_batch_recipients: usize,
+}
+
+/// Accepted or rejected, per recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientResult {
+    pub index: usize,
+    pub message_id: String,
+    pub accepted: bool,
+    pub field: String,
+    pub reason: String,
+}
+
+impl RecipientResult {
+    fn accepted(index: usize, message_id: String) -> Self {
+        Self {
+            index,
+            message_id,
+            accepted: true,
+            field: String::new(),
+            reason: String::new(),
+        }
+    }
+
+    fn rejected(index: usize, message_id: String, field: String, reason: String) -> Self {
+        Self {
+            index,
+            message_id,
+            accepted: false,
+            field,
+            reason,
+        }
+    }
+}
+
+/// What ingest made of a batch.
+#[derive(Debug, Clone)]
+pub struct BatchResult {
+    pub batch_id: String,
+    pub results: Vec<RecipientResult>,
+}
+
+impl BatchResult {
+    pub fn accepted(&self) -> usize {
+        self.results.iter().filter(|r| r.accepted).count()
+    }
+    pub fn rejected(&self) -> usize {
+        self.results.len() - self.accepted()
+    }
+}
+
+/// Why a whole batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The ingest stage. See the module docs.
+pub struct Ingest {
+    apps: Arc<AppRegistry>,
+    config: IngestConfig,
+    window: Arc<Semaphore>,
+    window_high_water: AtomicUsize,
+    /// The limit stage's input.
+    ready: mpsc::Sender<Work>,
+    store: Arc<dyn Store>,
+    policy: Policy,
+    limits: Arc<Limits>,
+    hub: Arc<ReceiptHub>,
+    metrics: Arc<Metrics>,
+    /// Cancelled when shutdown begins: nothing more is accepted.
+    accepting: CancellationToken,
+}
+
+/// The parts ingest works with.
+pub struct IngestParts {
+    pub apps: Arc<AppRegistry>,
+    pub config: IngestConfig,
+    pub ready: mpsc::Sender<Work>,
+    pub store: Arc<dyn Store>,
+    pub policy: Policy,
+    pub limits: Arc<Limits>,
+    pub hub: Arc<ReceiptHub>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    pub fn new(parts: IngestParts) -> Self {
+        Self {
+            window: Arc::new(Semaphore::new(parts.config.accept_window)),
+            window_high_water: AtomicUsize::new(0),
+            apps: parts.apps,
+            config: parts.config,
+            ready: parts.ready,
+            store: parts.store,
+            policy: parts.policy,
+            limits: parts.limits,
+            hub: parts.hub,
+            metrics: parts.metrics,
+            accepting: CancellationToken::new(),
+        }
+    }
+
+    /// True until [`Ingest::stop`].
+    pub fn is_accepting(&self) -> bool {
+        !self.accepting.is_cancelled()
+    }
+
+    /// Stops accepting: batches are refused, recipients waiting for room are refused.
+    pub fn stop(&self) {
+        self.accepting.cancel();
+    }
+
+    /// Fires when ingest stops accepting.
+    pub fn stopping(&self) -> CancellationToken {
+        self.accepting.clone()
+    }
+
+    /// The most accepted-but-unfinished messages held at once so far.
+    pub fn window_high_water(&self) -> usize {
+        self.window_high_water.load(Ordering::Relaxed)
+    }
+
+    /// The configured accept window.
+    pub fn window_size(&self) -> usize {
+        self.config.accept_window
+    }
+
+    /// Validates, packs and admits a batch. Waits for accept-window room as needed (that wait is
+    /// the backpressure a fast caller feels). With `sink`, the batch's receipts go there too;
+    /// with `stream_rejections`, recipients not taken also get their REJECTED receipt there.
+    ///
+    /// A batch-level error (unknown app, bad template, store unreachable) leaves `batch`
+    /// untouched, so the caller can still report every recipient; otherwise its recipients are
+    /// taken.
+    pub async fn submit(
+        &self,
+        batch: &mut Batch,
+        sink: Option<&CallerSink>,
+        stream_rejections: bool,
+    ) -> Result<BatchResult, SubmitError> {
+        if !self.is_accepting() {
+            return Err(SubmitError::Unavailable(
+                "the gateway is shutting down".into(),
+            ));
+        }
+        if !self.store.is_healthy() {
+            return Err(SubmitError::Unavailable(
+                "redis is unreachable: durable delivery is unavailable, retry later".into(),
+            ));
+        }
+        if batch.app_id.is_empty() {
+            return Err(FieldError::new("app_id", "required").into());
+        }
+        let Some(app) = self.apps.get(&batch.app_id).cloned() else {
+            return Err(
+                FieldError::new("app_id", format!("unknown app `{}`", batch.app_id)).into(),
+            );
+        };
+        if batch.recipients.len() > self.config.max_batch_recipients {
+            return Err(FieldError::new(
+                "recipients",
+                format!(
+                    "{} recipients; a batch holds at most {}",
+                    batch.recipients.len(),
+                    self.config.max_batch_recipients
+                ),
+            )
+            .into());
+        }
+        let compiled = CompiledTemplate::compile(&batch.template)?;
+        let earlier = {
+            let ids: Vec<&str> = batch
+                .recipients
+                .iter()
+                .map(|r| r.message_id.as_str())
+                .collect();
+            self.store
+                .claim_ids(&app.id, &ids)
+                .await
+                .map_err(|e| SubmitError::Unavailable(e.to_string()))?
+        };
+        let batch_id: Arc<str> = if batch.batch_id.is_empty() {
+            crate::domain::random_uuid().to_string().into()
+        } else {
+            batch.batch_id.as_str().into()
+        };
+        let ctx = RenderContext {
+            apns_topic: app.apns_topic.clone(),
+            analytics_label: (!batch.campaign_id.is_empty()).then(|| batch.campaign_id.clone()),
+        };
+        let mut accepted = AcceptedBatch::new(
+            app,
+            batch_id,
+            batch.campaign_id.as_str().into(),
+            compiled,
+            ctx,
+            batch.template.ttl,
+            batch.campaign_rate_per_minute,
+            sink.cloned(),
+            Arc::clone(&self.hub),
+        );
+        let batch_id = accepted.batch_id.to_string();
+        let mut run = Run::new(self, &accepted.app.id, sink, stream_rejections);
+        let recipients = std::mem::take(&mut batch.recipients);
+        let valid = run.validate_and_pack(&mut accepted, recipients, &earlier);
+        self.admit(Arc::new(accepted), valid, &mut run).await;
+        let app_id = Arc::clone(&run.app_id);
+        if let Err(e) = self.store.release_ids(&app_id, &run.release).await {
+            warn!(app = %app_id, error = %e, "could not release idempotency keys of recipients not taken");
+        }
+        run.results.sort_by_key(|r| r.index);
+        Ok(BatchResult {
+            batch_id,
+            results: run.results,
+        })
+    }
+
+    /// Gives every recipient of a batch refused as a whole its REJECTED receipt, through the hub
+    /// and to `sink`: the first error's field, every error's text.
+    pub fn refuse_batch(&self, outline: BatchOutline, errors: &[FieldError], sink: &CallerSink) {
+        let field = errors.first().map(|e| e.field.clone()).unwrap_or_default();
+        let reason = errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let now = SystemTime::now();
+        let app_id: Arc<str> = outline.app_id.as_str().into();
+        let batch_id: Arc<str> = outline.batch_id.as_str().into();
+        let campaign_id: Arc<str> = outline.campaign_id.as_str().into();
+        for (message_id, platform, user_id) in outline.recipients {
+            let meta = Arc::new(MessageMeta {
+                app_id: Arc::clone(&app_id),
+                batch_id: Arc::clone(&batch_id),
+                campaign_id: Arc::clone(&campaign_id),
+                message_id,
+                platform: platform.unwrap_or(Platform::Apns),
+                user_id,
+                priority: Priority::Default,
+                accepted_at: now,
+                expires_at: None,
+                campaign_rate_per_minute: 0,
+            });
+            let resolution = Resolution {
+                field: field.clone(),
+                ..Resolution::gateway(ReceiptStatus::Rejected, reason.clone())
+            };
+            let receipt = self.hub.refuse(meta, resolution);
+            let _ = sink.send(ReceiptEnvelope {
+                receipt,
+                permit: None,
+            });
+        }
+    }
+
+    /// Second half of a batch: each validated recipient passes the policy stage, takes its
+    /// limit-stage place and window slot, and is staged; staged messages go to the store in
+    /// chunks and, once it has them, to the limit stage.
+    async fn admit(&self, batch: Arc<AcceptedBatch>, valid: Vec<Valid>, run: &mut Run<'_>) {
+        let mut staged = Vec::new();
+        for Valid { at, claimed } in valid {
+            let message_id = batch.message_id_at(at).to_owned();
+            match self.policy.check(&batch.app) {
+                Verdict::Send => {}
+            }
+            // Staged messages hold limit-stage places and window slots until the store has
+            // them, so hand them over before a wait they might be causing.
+            if !staged.is_empty()
+                && (self.window.available_permits() == 0 || !self.limits.has_room(&run.app_id))
+            {
+                self.flush(&mut staged, run).await;
+            }
+            let Some((admission, slot)) = self.take_place(&run.app_id).await else {
+                if claimed {
+                    run.release.push(message_id.clone());
+                }
+                let meta = batch.meta_at(at, SystemTime::now());
+                run.refuse(
+                    Arc::new(meta),
+                    at.index(),
+                    message_id,
+                    FieldError::new("", "the gateway is shutting down"),
+                );
+                continue;
+            };
+            run.accepted.inc();
+            staged.push(Staged {
+                waiting: Waiting::new(Arc::clone(&batch), at, slot),
+                admission,
+                claimed,
+                index: at.index(),
+                message_id,
+            });
+            if staged.len() >= STAGE_CHUNK {
+                self.flush(&mut staged, run).await;
+            }
+        }
+        self.flush(&mut staged, run).await;
+    }
+
+    /// Hands the staged messages to the store, then to the limit stage. When the store cannot
+    /// take them they are not accepted after all: each ends FAILED (with a receipt), its
+    /// idempotency id is released, and its result says why.
+    async fn flush(&self, staged: &mut Vec<Staged>, run: &mut Run<'_>) {
+        if staged.is_empty() {
+            return;
+        }
+        let (messages, places): (Vec<_>, Vec<_>) = std::mem::take(staged)
+            .into_iter()
+            .map(|s| (s.waiting, (s.admission, s.claimed, s.index, s.message_id)))
+            .unzip();
+        match self.store.accept(messages).await {
+            Ok(works) => {
+                for (work, (admission, _, index, message_id)) in works.into_iter().zip(places) {
+                    self.dispatch(work, admission).await;
+                    run.results
+                        .push(RecipientResult::accepted(index, message_id));
+                }
+            }
+            Err(AcceptError { error, messages }) => {
+                let reason = format!("{error}; the message was not accepted");
+                for (waiting, (_, claimed, index, message_id)) in messages.into_iter().zip(places)
+                {
+                    waiting.resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
+                    if claimed {
+                        run.release.push(message_id.clone());
+                    }
+                    run.results.push(RecipientResult::rejected(
+                        index,
+                        message_id,
+                        String::new(),
+                        reason.clone(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A recipient's place in the limit stage (first, so one app's backlog cannot fill the
+    /// shared window), then its accept-window slot; `None` when shutdown begins meanwhile.
+    async fn take_place(&self, app_id: &Arc<str>) -> Option<(Admission, OwnedSemaphorePermit)> {
+        let place = tokio::select! {
+            place = async {
+                let admission = self.limits.admit(app_id).await;
+                let permit = Arc::clone(&self.window).acquire_owned().await.ok()?;
+                Some((admission, permit))
+            } => place,
+            _ = self.accepting.cancelled() => None,
+        };
+        let used = self.config.accept_window - self.window.available_permits();
+        self.window_high_water.fetch_max(used, Ordering::Relaxed);
+        place
+    }
+
+    /// Hands accepted work to the limit stage; its limit-stage place is committed once it is in
+    /// the channel.
+    async fn dispatch(&self, work: Work, admission: Admission) {
+        match self.ready.send(work).await {
+            Ok(()) => admission.commit(),
+            Err(mpsc::error::SendError(work)) => work.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "gateway shut down before delivery",
+            )),
+        }
+    }
+}
+
+/// A validated recipient: where it is packed, and whether its caller id was claimed for
+/// idempotency (to be released if it is not taken after all).
+struct Valid {
+    at: PackedAt,
+    claimed: bool,
+}
+
+/// An admitted message waiting for the store, with what its result needs.
+struct Staged {
+    waiting: Waiting,
+    admission: Admission,
+    claimed: bool,
+    index: usize,
+    message_id: String,
+}
+
+/// The caller's id, or a fresh one when it gave none.
+fn message_id_of(recipient: &Recipient) -> String {
+    if recipient.message_id.is_empty() {
+        crate::domain::random_uuid().to_string()
+    } else {
+        recipient.message_id.clone()
+    }
+}
+
+/// The answer to a resend of a message id seen within the idempotency window: the original
+/// outcome when known, else "already accepted and in flight" (non-terminal; the terminal receipt
+/// goes to the original request and to subscribers).
+fn duplicate(earlier: Earlier) -> Resolution {
+    match earlier {
+        Earlier::Finished(status) => Resolution::gateway(
+            status,
+            format!(
+                "duplicate message_id: already sent within the idempotency window; original outcome: {}",
+                status.as_str()
+            ),
+        ),
+        Earlier::InFlight => Resolution::gateway(
+            ReceiptStatus::Retrying,
+            "duplicate message_id: already accepted and still in flight; its receipt follows on the original request and SubscribeReceipts",
+        ),
+    }
+}
+
+/// The per-batch state of ingest: validation, refusals and the per-recipient results.
+struct Run<'a> {
+    ingest: &'a Ingest,
+    app_id: Arc<str>,
+    sink: Option<&'a CallerSink>,
+    stream_rejections: bool,
+    seen_ids: HashSet<String>,
+    results: Vec<RecipientResult>,
+    /// Caller ids claimed for idempotency whose recipients were not taken.
+    release: Vec<String>,
+    accepted: Counter,
+    rejected: Counter,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        ingest: &'a Ingest,
+        app_id: &Arc<str>,
+        sink: Option<&'a CallerSink>,
+        stream_rejections: bool,
+    ) -> Self {
+        let labels = AppLabels {
+            app: app_id.to_string(),
+        };
+        Self {
+            ingest,
+            app_id: Arc::clone(app_id),
+            sink,
+            stream_rejections,
+            seen_ids: HashSet::new(),
+            results: Vec::new(),
+            release: Vec::new(),
+            accepted: ingest.metrics.accepted.get_or_create(&labels).clone(),
+            rejected: ingest
+                .metrics
+                .rejected_at_ingest
+                .get_or_create(&labels)
+                .clone(),
+        }
+    }
+
+    /// First half of a batch: validates every recipient (refusals are reported now) and packs
+    /// the valid ones into the batch's buffer.
+    fn validate_and_pack(
+        &mut self,
+        batch: &mut AcceptedBatch,
+        recipients: Vec<Recipient>,
+        earlier: &HashMap<String, Earlier>,
+    ) -> Vec<Valid> {
+        let mut packed = PackedRecipients::default();
+        let mut valid = Vec::with_capacity(recipients.len());
+        self.results.reserve(recipients.len());
+        for (index, recipient) in recipients.into_iter().enumerate() {
+            let message_id = message_id_of(&recipient);
+            let accepted_at = SystemTime::now();
+            let meta = |message_id: &str| {
+                Arc::new(batch.meta(
+                    message_id.to_owned(),
+                    recipient.platform,
+                    recipient.user_id.clone(),
+                    accepted_at,
+                ))
+            };
+            let first = !self.seen_ids.contains(&message_id);
+            if let Some(&state) = earlier.get(&message_id).filter(|_| first) {
+                self.seen_ids.insert(message_id.clone());
+                self.duplicate(meta(&message_id), index, message_id, state);
+                continue;
+            }
+            // A caller id is claimed for idempotency only on its first occurrence.
+            let claimed = first && !recipient.message_id.is_empty();
+            let checked = self
+                .check(batch, &recipient, index, &message_id, accepted_at)
+                .and_then(|_validated| {
+                    packed
+                        .push(&recipient, &message_id, index, &batch.template)
+                        .ok_or_else(|| {
+                            FieldError::new("recipients", "the batch is too large to hold")
+                        })
+                });
+            match checked {
+                Ok(at) => valid.push(Valid { at, claimed }),
+                Err(error) => {
+                    if claimed {
+                        self.release.push(message_id.clone());
+                    }
+                    self.rejected.inc();
+                    self.refuse(meta(&message_id), index, message_id, error);
+                }
+            }
+        }
+        batch.set_recipients(packed);
+        valid
+    }
+
+    /// Validates one recipient by rendering it.
+    fn check(
+        &mut self,
+        batch: &AcceptedBatch,
+        recipient: &Recipient,
+        index: usize,
+        message_id: &str,
+        accepted_at: SystemTime,
+    ) -> Result<ProviderRequest, FieldError> {
+        if !self.seen_ids.insert(message_id.to_owned()) {
+            return Err(FieldError::new(
+                format!("recipients[{index}].message_id"),
+                "duplicate message_id in this batch",
+            ));
+        }
+        if batch.app.provider(recipient.platform).is_none() {
+            return Err(FieldError::new(
+                format!("recipients[{index}].platform"),
+                format!(
+                    "app `{}` has no {} credentials",
+                    batch.app.id,
+                    recipient.platform.as_str()
+                ),
+            ));
+        }
+        let stamp = Stamp {
+            message_id,
+            accepted_at,
+        };
+        batch
+            .template
+            .render_ref(recipient.into(), index, stamp, &batch.ctx)
+    }
+
+    /// Reports a recipient that was not taken, with a REJECTED receipt through the hub (and to
+    /// the caller's stream when it asked for them).
+    fn refuse(
+        &mut self,
+        meta: Arc<MessageMeta>,
+        index: usize,
+        message_id: String,
+        error: FieldError,
+    ) {
+        let receipt = self.ingest.hub.refuse(meta, Resolution::invalid(&error));
+        if let Some(sink) = self.sink.filter(|_| self.stream_rejections) {
+            let _ = sink.send(ReceiptEnvelope {
+                receipt,
+                permit: None,
+            });
+        }
+        self.results.push(RecipientResult::rejected(
+            index,
+            message_id,
+            error.field,
+            error.reason,
+        ));
+    }
+
+    /// Answers a resend of an id seen within the idempotency window. The answer is not a receipt
+    /// of the message (that one has, or will have, its own), so it goes to the resend's caller
+    /// only, not through the hub: subscribers would read it as a second receipt of the message.
+    fn duplicate(
+        &mut self,
+        meta: Arc<MessageMeta>,
+        index: usize,
+        message_id: String,
+        earlier: Earlier,
+    ) {
+        let field = format!("recipients[{index}].message_id");
+        let resolution = Resolution {
+            field: field.clone(),
+            ..duplicate(earlier)
+        };
+        let reason = resolution.reason.clone();
+        if let Some(sink) = self.sink {
+            let mut receipt = Receipt::new(meta, 0, resolution, None);
+            receipt.accepted = false;
+            let _ = sink.send(ReceiptEnvelope {
+                receipt: Arc::new(receipt),
+                permit: None,
+            });
+        }
+        self.results
+            .push(RecipientResult::rejected(index, message_id, field, reason));
+    }
+}

@@ -1,0 +1,332 @@
+//! Durable delivery with Redis: the [`Store`] that survives a crash, shared safely by several
+//! replicas, with the receipts stream and the dead letters its admin RPCs manage.
+//!
+//! # Design
+//! - [`RedisClient`] (`client.rs`) owns the connection (a `redis` `ConnectionManager`: one
+//!   multiplexed, auto-reconnecting connection; every hot-path write is pipelined in batches)
+//!   and watches Redis health: while Redis is unreachable the gateway reports NOT_SERVING and
+//!   refuses new sends with UNAVAILABLE, and it recovers by itself when Redis answers again.
+//! - [`RedisStore`] is the store. The deliver stage still decides *when* (backoff, jitter,
+//!   Retry-After, ttl -> EXPIRED); the store persists the message and hands it back when due.
+//!   See `queue.rs` for the accept/claim/lease protocol and `keys.rs` for the layout.
+//! - Every accepted message is persisted (rendered, leased to this replica) before the caller is
+//!   told it was accepted, so a crash loses nothing acknowledged. In this process it then waits
+//!   in its compact packed form, like in memory, and is rendered again when it may go.
+//! - `idempotency.rs`: caller message ids are not sent twice within the window.
+//! - `feed.rs`: the per-app receipts stream behind resumable `SubscribeReceipts`.
+//! - `dead_letters.rs`: list, replay and purge of dead letters.
+//! - `replicas.rs`: replicas count each other, so each applies its share of every rate.
+//!
+//! # Receipts of parked jobs
+//! A parked job's `Pending` (the caller's receipt sink and accept-window slot) cannot live in
+//! Redis. We keep it simple and honest: while a job is parked, this process keeps its `Pending`
+//! in a map keyed by app and message id, so the original caller still gets every receipt when
+//! this replica claims the job back (each replica claims its own delay set while it is alive).
+//! A job claimed after a crash or restart, by this or another replica, gets a fresh *detached*
+//! `Pending`: its receipts go to the app's subscribers (SubscribeReceipts) only, because the
+//! original caller's stream died with the process that held it. On an orderly shutdown, parked
+//! jobs stay in Redis and their `Pending`s are handed off without a terminal receipt: the
+//! replica that finishes the job emits it.
+
+mod client;
+mod dead_letters;
+mod feed;
+mod idempotency;
+mod keys;
+mod queue;
+mod record;
+mod replicas;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use client::{DurableError, RedisClient, RedisConn};
+use queue::RedisRetryQueue;
+
+use super::{
+    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Store, StoreError,
+    StoreStats,
+};
+use crate::domain::Receipt;
+use crate::receipts::{ReceiptHub, ReceiptObserver, Resolution};
+use crate::registry::AppRuntime;
+use crate::work::{Job, Waiting, Work};
+
+/// `[redis]`: durable delivery settings. Durable delivery is on when `url` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; absent (and no `cluster_nodes`) means the in-memory queue (not
+    /// crash-safe).
+    pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each), instead of `url`. Every call
+    /// touches the keys of one app, which share a hash tag, so each lands on one slot.
+    pub cluster_nodes: Vec<String>,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// How long a claimed job stays leased to a replica without renewal; also how long a
+    /// silent replica is considered alive before others take over its delay set.
+    pub lease_ms: u64,
+    /// Jobs claimed per app in one script call.
+    pub claim_batch: usize,
+    /// Pause between claim rounds when nothing was due.
+    pub poll_ms: u64,
+    /// Operations per pipelined write.
+    pub write_batch: usize,
+    /// How long a command may take before Redis counts as unreachable.
+    pub command_timeout_ms: u64,
+    /// A caller-supplied `message_id` seen this recently (same app) is not sent again; 0 turns
+    /// idempotency off.
+    pub idempotency_ttl_secs: u64,
+    /// Receipts kept per app in the receipts stream (approximately); 0 turns the stream off.
+    pub receipts_stream_maxlen: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            cluster_nodes: Vec::new(),
+            key_prefix: "pushgate".into(),
+            lease_ms: 30_000,
+            claim_batch: 512,
+            poll_ms: 50,
+            write_batch: 1_024,
+            command_timeout_ms: 2_000,
+            idempotency_ttl_secs: 86_400,
+            receipts_stream_maxlen: 100_000,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// True when durable delivery is configured (a URL or a cluster seed list).
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() || !self.cluster_nodes.is_empty()
+    }
+
+    /// Checks values serde cannot; errors name the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.url.is_some() && !self.cluster_nodes.is_empty() {
+            return Err((
+                "redis.cluster_nodes".into(),
+                "set either redis.url or redis.cluster_nodes, not both".into(),
+            ));
+        }
+        if !self.cluster_nodes.is_empty()
+            && let Err(e) = redis::cluster::ClusterClient::new(self.cluster_nodes.clone())
+        {
+            return Err(("redis.cluster_nodes".into(), e.to_string()));
+        }
+        if let Some(url) = &self.url
+            && let Err(e) = redis::Client::open(url.as_str())
+        {
+            return Err(("redis.url".into(), e.to_string()));
+        }
+        for (key, value) in [
+            ("redis.lease_ms", self.lease_ms),
+            ("redis.poll_ms", self.poll_ms),
+            ("redis.command_timeout_ms", self.command_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err((key.into(), "must be at least 1".into()));
+            }
+        }
+        // Scripts unpack a batch into one command; Redis' Lua allows about 8,000 arguments.
+        if !(1..=2_000).contains(&self.claim_batch) {
+            return Err(("redis.claim_batch".into(), "must be in 1..=2000".into()));
+        }
+        if !(1..=4_000).contains(&self.write_batch) {
+            return Err(("redis.write_batch".into(), "must be in 1..=4000".into()));
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err((
+                "redis.key_prefix".into(),
+                "must not contain `{` or `}` (they delimit hash tags)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The durable store. See the module docs.
+pub struct RedisStore {
+    client: Arc<RedisClient>,
+    queue: Arc<RedisRetryQueue>,
+    replicas: watch::Receiver<u32>,
+}
+
+impl RedisStore {
+    /// Starts the writer, the claimer (due retries and reclaimed messages go into `dispatch`,
+    /// the limit stage's input) and the replica heartbeat. When `stop` fires, claiming ends,
+    /// pending writes are flushed and the parked jobs' `Pending`s are handed off (they stay in
+    /// Redis for the next replica); the heartbeat ends with the client's own stop.
+    pub fn start(
+        client: Arc<RedisClient>,
+        hub: Arc<ReceiptHub>,
+        apps: impl IntoIterator<Item = Arc<AppRuntime>>,
+        dispatch: mpsc::Sender<Work>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let queue = RedisRetryQueue::start(Arc::clone(&client), hub, apps, dispatch, stop);
+        let replicas = replicas::share(Arc::clone(&client));
+        Arc::new(Self {
+            client,
+            queue,
+            replicas,
+        })
+    }
+
+    /// The connection, health and replica identity this store uses.
+    pub fn client(&self) -> &Arc<RedisClient> {
+        &self.client
+    }
+}
+
+fn unreachable(e: redis::RedisError) -> StoreError {
+    StoreError::Unreachable(e.to_string())
+}
+
+impl ReceiptObserver for RedisStore {
+    fn observe(&self, receipt: &Arc<Receipt>) {
+        self.queue.observe(receipt);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.client.is_healthy()
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.client.health()
+    }
+
+    async fn claim_ids(
+        &self,
+        app: &str,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Earlier>, StoreError> {
+        let earlier = idempotency::claim(&self.client, app, ids.iter().copied())
+            .await
+            .map_err(unreachable)?;
+        Ok(earlier
+            .into_iter()
+            .map(|(id, state)| {
+                let earlier = idempotency::recorded_status(&state)
+                    .map_or(Earlier::InFlight, Earlier::Finished);
+                (id, earlier)
+            })
+            .collect())
+    }
+
+    async fn release_ids(&self, app: &str, ids: &[String]) -> Result<(), StoreError> {
+        idempotency::release(&self.client, app, ids)
+            .await
+            .map_err(unreachable)
+    }
+
+    async fn accept(&self, messages: Vec<Waiting>) -> Result<Vec<Work>, AcceptError> {
+        match self.queue.persist_accepted(&messages).await {
+            Ok(()) => Ok(messages.into_iter().map(Work::Waiting).collect()),
+            Err(e) => Err(AcceptError {
+                error: unreachable(e),
+                messages,
+            }),
+        }
+    }
+
+    fn park(&self, job: Job, due: Instant) {
+        self.queue.park(job, super::due_ms(due));
+    }
+
+    fn dead_letter(&self, job: Job, resolution: Resolution) {
+        self.queue.dead_letter(job, resolution);
+    }
+
+    /// Every message this process carries is in Redis (persisted at accept, or claimed from
+    /// there): the replica that reclaims its lease finishes it.
+    fn abandon(&self, work: Work, _reason: &str) {
+        work.hand_off();
+    }
+
+    fn parked(&self) -> usize {
+        self.queue.parked_here()
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.queue.stats()
+    }
+
+    fn receipts_feed(
+        &self,
+        app: &str,
+        cursor: String,
+        filter: FeedFilter,
+    ) -> Result<ReceiptFeed, FeedError> {
+        if !feed::valid_cursor(&cursor) {
+            return Err(FeedError::BadCursor);
+        }
+        Ok(Box::pin(feed::subscribe(
+            Arc::clone(&self.client),
+            app,
+            cursor,
+            filter,
+        )))
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetters> {
+        Some(self)
+    }
+
+    fn live_replicas(&self) -> Option<watch::Receiver<u32>> {
+        Some(self.replicas.clone())
+    }
+}
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn redis_section_defaults_and_errors_name_the_key() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.redis.url.is_none(), "in-memory queue by default");
+        assert_eq!(c.redis.lease_ms, 30_000);
+        assert_eq!(c.redis.idempotency_ttl_secs, 86_400);
+        let c = Config::from_toml("[redis]\nurl = \"redis://127.0.0.1:7000/\"").unwrap();
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000/"));
+        for (toml, key) in [
+            ("[redis]\nurl = \"http://x\"", "redis.url"),
+            (
+                "[redis]\nurl = \"redis://a/\"\ncluster_nodes = [\"redis://b:1\"]",
+                "redis.cluster_nodes",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"http://x\"]",
+                "redis.cluster_nodes",
+            ),
+            ("[redis]\nlease_ms = 0", "redis.lease_ms"),
+            ("[redis]\nclaim_batch = 5000", "redis.claim_batch"),
+            ("[redis]\nkey_prefix = \"a{b}\"", "redis.key_prefix"),
+            ("[redis]\nbogus = 1", "redis"),
+        ] {
+            match Config::from_toml(toml) {
+                Err(ConfigError::Invalid { key: k, .. }) => {
+                    assert!(k.starts_with(key), "{toml}: {k}")
+                }
+                Err(ConfigError::Parse(p)) => assert!(p.contains("bogus"), "{toml}: {p}"),
+                Ok(_) => panic!("{toml} accepted"),
+            }
+        }
+    }
+}
