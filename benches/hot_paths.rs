@@ -13,14 +13,15 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
+use pushgate::app::Gateway;
 use pushgate::config::Config;
-use pushgate::gateway::{Batch, Gateway};
-use pushgate::metrics::Metrics;
+use pushgate::domain::Batch;
 use pushgate::domain::{
-    MessageMeta, Platform, Priority, Receipt, ReceiptStatus, Recipient, Template,
+    MessageMeta, Outcome, Platform, Priority, Receipt, ReceiptStatus, Recipient, Resolution,
+    Template,
 };
+use pushgate::metrics::Metrics;
 use pushgate::provider::apns::jwt::ApnsTokenSigner;
-use pushgate::registry::AppRegistry;
 use pushgate::render::{CompiledTemplate, RenderContext, template};
 
 const TITLE: &str = "Hi {{ first_name }}";
@@ -185,27 +186,24 @@ fn protobuf(c: &mut Criterion) {
         b.iter(|| {
             let request =
                 pushgate::proto::SendBatchRequest::decode(black_box(bytes.as_slice())).unwrap();
-            pushgate::api::into_batch(request).unwrap()
+            pushgate::edge::into_batch(request).unwrap()
         })
     });
     g.throughput(Throughput::Elements(1));
-    let receipt = Receipt {
-        meta: Arc::new(meta(42, Platform::Apns)),
-        status: ReceiptStatus::Delivered,
-        reason: String::new(),
-        field: String::new(),
-        provider_status: 200,
-        provider_message_id: "2b8a0f4e-1c9d-4c1e-9a55-3f1a7b2c9d10".into(),
-        attempt: 1,
-        completed_at: Some(SystemTime::now()),
-        next_attempt_at: None,
-        token_invalid_since: None,
-    };
+    let receipt = Receipt::new(
+        Arc::new(meta(42, Platform::Apns)),
+        1,
+        Resolution::from_outcome(Outcome::Delivered {
+            provider_message_id: "2b8a0f4e-1c9d-4c1e-9a55-3f1a7b2c9d10".into(),
+            status: 200,
+        }),
+        None,
+    );
     let mut buf = Vec::with_capacity(512);
     g.bench_function("receipt_to_proto_and_encode", |b| {
         b.iter(|| {
             buf.clear();
-            pushgate::api::to_proto_receipt(black_box(&receipt))
+            pushgate::wire::receipt(black_box(&receipt))
                 .encode(&mut buf)
                 .unwrap();
             buf.len()
@@ -249,7 +247,7 @@ fn pipeline(c: &mut Criterion) {
             mock.url()
         ))
         .unwrap();
-        let apps = AppRegistry::from_config(&config).unwrap();
+        let apps = config.registry().unwrap();
         let gateway = Gateway::start(apps, config.pipeline.clone(), Arc::new(Metrics::new()));
         (gateway, mock)
     });

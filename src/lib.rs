@@ -13,6 +13,7 @@
 pub mod app;
 pub mod backoff;
 pub mod config;
+pub mod config_error;
 mod deliver;
 pub mod demo;
 pub mod domain;

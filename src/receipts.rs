@@ -385,7 +385,11 @@ mod tests {
         assert!(!hub.in_flight().wait_drained(Duration::from_secs(1)).await);
         let waiter = tokio::spawn({
             let hub = Arc::clone(&hub);
-            async move { hub.in_flight().wait_drained(Duration::from_secs(3600)).await }
+            async move {
+                hub.in_flight()
+                    .wait_drained(Duration::from_secs(3600))
+                    .await
+            }
         });
         tokio::task::yield_now().await;
         pending.resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));

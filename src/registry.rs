@@ -52,4 +52,3 @@ impl AppRegistry {
         self.apps.keys().map(String::as_str)
     }
 }
-

@@ -57,4 +57,3 @@ pub fn receipt(r: &Receipt) -> proto::Receipt {
         cursor: String::new(),
     }
 }
-

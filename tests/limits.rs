@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::{recipient, status, template};
 use loadtest::apns::{MockApns, MockApnsConfig};
+use pushgate::app::Running;
 use pushgate::config::Config;
 use pushgate::domain::Platform;
 use pushgate::proto::{self, ReceiptStatus};
-use pushgate::server::Running;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -63,7 +63,7 @@ async fn start(apps: &[AppSpec], pipeline: &str) -> Multi {
         mocks.push(mock);
     }
     let config = Config::from_toml(&toml).unwrap();
-    let gateway = pushgate::server::start(config).await.unwrap();
+    let gateway = pushgate::app::start(config).await.unwrap();
     Multi {
         gateway,
         mocks,
@@ -612,7 +612,7 @@ async fn three_replicas_sharing_redis_hold_one_cluster_wide_limit() {
     let mut gateways = Vec::new();
     for _ in 0..REPLICAS {
         let config = Config::from_toml(&toml).unwrap();
-        gateways.push(pushgate::server::start(config).await.unwrap());
+        gateways.push(pushgate::app::start(config).await.unwrap());
     }
     // Wait for every replica to see the others' heartbeats.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -684,14 +684,14 @@ async fn limits_reload_from_the_config_file_as_on_sighup() {
     )
     .unwrap();
     assert_eq!(
-        pushgate::limit::reload_limits(gateway, Some(&file)).unwrap(),
+        pushgate::app::reload_limits(gateway, Some(&file)).unwrap(),
         1
     );
     let now = gateway.limits().get("shop");
     assert_eq!((now.apns_per_minute, now.weight), (Some(600), 3));
     // An invalid file changes nothing, and the error names the key.
     std::fs::write(&file, format!("{app}[apps.shop.limits]\nweight = 0\n")).unwrap();
-    let err = pushgate::limit::reload_limits(gateway, Some(&file))
+    let err = pushgate::app::reload_limits(gateway, Some(&file))
         .unwrap_err()
         .to_string();
     assert!(err.contains("apps.shop.limits.weight"), "{err}");

@@ -14,20 +14,19 @@
 mod redis_harness;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use pushgate::config::RetryConfig;
-use pushgate::durable::{RedisConfig, RedisRetryQueue, RedisStore};
-use pushgate::metrics::Metrics;
 use pushgate::domain::{
     ApnsRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType, ReceiptStatus,
 };
-use pushgate::pipeline::{Job, Work};
-use pushgate::queue::RetryQueue;
+use pushgate::metrics::Metrics;
 use pushgate::receipts::{Pending, ReceiptHub, Resolution};
 use pushgate::registry::AppRuntime;
+use pushgate::store::Store;
+use pushgate::store::redis::{RedisClient, RedisConfig, RedisStore};
+use pushgate::work::{Job, Work};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +46,7 @@ async fn retries_scheduled_and_claimed_per_second() {
         ..Default::default()
     };
     let stop = CancellationToken::new();
-    let store = RedisStore::connect(&config, stop.clone()).unwrap();
+    let store = RedisClient::connect(&config, stop.clone()).unwrap();
     assert!(store.wait_healthy(Duration::from_secs(5)).await);
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
@@ -59,7 +58,7 @@ async fn retries_scheduled_and_claimed_per_second() {
         retry: RetryConfig::default(),
     });
     let (dispatch, mut claimed) = mpsc::channel::<Work>(65_536);
-    let queue = RedisRetryQueue::start(
+    let queue = RedisStore::start(
         Arc::clone(&store),
         Arc::clone(&hub),
         [Arc::clone(&app)],
@@ -98,7 +97,6 @@ async fn retries_scheduled_and_claimed_per_second() {
                 payload: payload.clone(),
             }),
             app: Arc::clone(&app),
-            durable: true,
         }
     };
     let built: Vec<Job> = (0..jobs).map(make).collect();
@@ -106,7 +104,7 @@ async fn retries_scheduled_and_claimed_per_second() {
     let started = Instant::now();
     let due = tokio::time::Instant::now();
     for job in built {
-        queue.schedule(job, due);
+        queue.park(job, due);
     }
     let mut got = Vec::with_capacity(jobs);
     while got.len() < jobs {
@@ -120,7 +118,7 @@ async fn retries_scheduled_and_claimed_per_second() {
     for work in got {
         work.resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));
     }
-    while queue.stats().acked.load(Ordering::Relaxed) < jobs as u64 {
+    while queue.stats().acked < jobs as u64 {
         assert!(
             ack_started.elapsed() < Duration::from_secs(30),
             "acks stalled"
@@ -136,8 +134,8 @@ async fn retries_scheduled_and_claimed_per_second() {
         rate,
         total.as_secs_f64(),
         jobs as f64 / total.as_secs_f64(),
-        queue.stats().reclaimed.load(Ordering::Relaxed),
+        queue.stats().reclaimed,
     );
-    assert_eq!(queue.stats().claimed.load(Ordering::Relaxed), jobs as u64);
+    assert_eq!(queue.stats().claimed, jobs as u64);
     stop.cancel();
 }

@@ -156,16 +156,16 @@ async fn durable_delivery_on_a_redis_cluster() {
             url = mock.url(),
         ));
     }
-    let gateway = pushgate::server::start(Config::from_toml(&toml).unwrap())
+    let gateway = pushgate::app::start(Config::from_toml(&toml).unwrap())
         .await
         .unwrap();
-    let store = gateway
-        .gateway
-        .durable()
-        .expect("durable delivery on")
-        .store();
+    let store = gateway.gateway.store();
+    assert_eq!(store.name(), "redis", "durable delivery on");
+    let mut health = store.health();
     assert!(
-        store.wait_healthy(Duration::from_secs(10)).await,
+        tokio::time::timeout(Duration::from_secs(10), health.wait_for(|h| *h))
+            .await
+            .is_ok_and(|r| r.is_ok()),
         "the gateway reached the cluster"
     );
     let mut client = PushGatewayClient::connect(format!("http://{}", gateway.addr))

@@ -12,16 +12,18 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
+use pushgate::app::Gateway;
 use pushgate::config::{PipelineConfig, RetryConfig};
-use pushgate::durable::{RedisConfig, RedisStore, admin};
-use pushgate::gateway::{Batch, Gateway, SubmitError};
-use pushgate::metrics::Metrics;
+use pushgate::domain::Batch;
 use pushgate::domain::{
     Outcome, Platform, ProviderRequest, Receipt, ReceiptStatus, Recipient, Template,
 };
+use pushgate::ingest::SubmitError;
+use pushgate::metrics::Metrics;
 use pushgate::provider::Provider;
 use pushgate::receipts::ReceiptEnvelope;
 use pushgate::registry::{AppRegistry, AppRuntime};
+use pushgate::store::redis::{RedisClient, RedisConfig};
 use redis_harness::RedisServer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,7 +108,7 @@ fn delivered() -> Outcome {
 
 struct Node {
     gateway: Arc<Gateway>,
-    store: Arc<RedisStore>,
+    store: Arc<RedisClient>,
 }
 
 async fn node(
@@ -121,7 +123,7 @@ async fn node(
         ..Default::default()
     };
     tune(&mut config);
-    let store = RedisStore::connect(&config, CancellationToken::new()).unwrap();
+    let store = RedisClient::connect(&config, CancellationToken::new()).unwrap();
     assert!(store.wait_healthy(Duration::from_secs(5)).await);
     let app = AppRuntime {
         id: "shop".into(),
@@ -302,7 +304,7 @@ async fn retry_due_times_follow_backoff_and_retry_after_on_the_zset() {
         let wait = due - seen;
         if *attempt < 4 {
             let ceiling =
-                pushgate::pipeline::retry_delay_ceiling(&policy, *attempt).as_millis() as i64;
+                pushgate::backoff::retry_delay_ceiling(&policy, *attempt).as_millis() as i64;
             assert!(
                 wait <= ceiling + 5,
                 "attempt {attempt}: waits {wait} ms, ceiling {ceiling} ms"
@@ -316,7 +318,7 @@ async fn retry_due_times_follow_backoff_and_retry_after_on_the_zset() {
     }
     // Ceilings grow with the attempt number (full jitter below them).
     let ceilings: Vec<_> = (1..4)
-        .map(|a| pushgate::pipeline::retry_delay_ceiling(&policy, a))
+        .map(|a| pushgate::backoff::retry_delay_ceiling(&policy, a))
         .collect();
     assert!(ceilings.windows(2).all(|w| w[0] < w[1]), "{ceilings:?}");
 
@@ -366,7 +368,14 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     // The dead-letter write is asynchronous: wait for it.
     let mut listed = Vec::new();
     for _ in 0..100 {
-        let (letters, total) = admin::list(&n.store, "shop", 0, 10).await.unwrap();
+        let (letters, total) = n
+            .gateway
+            .store()
+            .dead_letters()
+            .unwrap()
+            .list("shop", 0, 10)
+            .await
+            .unwrap();
         if total == 3 {
             listed = letters;
             break;
@@ -384,7 +393,12 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     // Replay two after the provider recovered: delivered, receipts to subscribers.
     failing.store(false, Ordering::SeqCst);
     let mut sub = n.gateway.hub().subscribe("shop");
-    let replayed = admin::replay(&n.store, "shop", &["m-1".into(), "m-2".into()], 100)
+    let replayed = n
+        .gateway
+        .store()
+        .dead_letters()
+        .unwrap()
+        .replay("shop", &["m-1".into(), "m-2".into()], 100)
         .await
         .unwrap();
     assert_eq!(replayed, 2);
@@ -407,11 +421,37 @@ async fn dead_letters_are_listed_replayed_and_purged() {
         Some(&(ReceiptStatus::Delivered, 1)),
         "{done:?}"
     );
-    let (left, total) = admin::list(&n.store, "shop", 0, 10).await.unwrap();
+    let (left, total) = n
+        .gateway
+        .store()
+        .dead_letters()
+        .unwrap()
+        .list("shop", 0, 10)
+        .await
+        .unwrap();
     assert_eq!(total, 1);
     assert_eq!(left[0].message_id, "m-3");
-    assert_eq!(admin::purge(&n.store, "shop", &[]).await.unwrap(), 1);
-    assert_eq!(admin::list(&n.store, "shop", 0, 10).await.unwrap().1, 0);
+    assert_eq!(
+        n.gateway
+            .store()
+            .dead_letters()
+            .unwrap()
+            .purge("shop", &[])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        n.gateway
+            .store()
+            .dead_letters()
+            .unwrap()
+            .list("shop", 0, 10)
+            .await
+            .unwrap()
+            .1,
+        0
+    );
     let counts = provider.delivered();
     assert_eq!(counts.get(&token(1)), Some(&1));
     assert_eq!(counts.get(&token(3)), None);
@@ -552,9 +592,9 @@ async fn three_replicas_on_one_redis_deliver_each_message_once() {
         "no message delivered twice"
     );
     for n in &nodes {
-        let stats = n.gateway.durable().unwrap().stats();
-        assert_eq!(stats.reclaimed.load(Ordering::Relaxed), 0);
-        assert_eq!(stats.scheduled.load(Ordering::Relaxed), PER);
+        let stats = n.gateway.store().stats();
+        assert_eq!(stats.reclaimed, 0);
+        assert_eq!(stats.scheduled, PER);
     }
 }
 
@@ -761,7 +801,7 @@ async fn staging_before_persist_never_waits_on_its_own_window_or_limit_places() 
         poll_ms: 20,
         ..Default::default()
     };
-    let store = RedisStore::connect(&config, CancellationToken::new()).unwrap();
+    let store = RedisClient::connect(&config, CancellationToken::new()).unwrap();
     assert!(store.wait_healthy(Duration::from_secs(5)).await);
     let app = AppRuntime {
         id: "shop".into(),

@@ -63,7 +63,8 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
             0 => 100,
             n => n.min(1_000),
         } as usize;
-        let (letters, total) = self.letters()?
+        let (letters, total) = self
+            .letters()?
             .list(&r.app_id, r.offset as usize, limit)
             .await
             .map_err(unavailable)?;
@@ -103,7 +104,8 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
             0 => 1_000,
             n => n,
         } as usize;
-        let replayed = self.letters()?
+        let replayed = self
+            .letters()?
             .replay(&r.app_id, &r.message_ids, limit)
             .await
             .map_err(unavailable)?;
@@ -116,7 +118,8 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
     ) -> Result<Response<proto::PurgeDeadLettersResponse>, Status> {
         let r = request.into_inner();
         self.check_app(&r.app_id)?;
-        let purged = self.letters()?
+        let purged = self
+            .letters()?
             .purge(&r.app_id, &r.message_ids)
             .await
             .map_err(unavailable)?;

@@ -73,9 +73,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         let (sink, mut receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let mut collected = Vec::new();
         let result = {
-            let submit = self
-                .ingest
-                .submit(&mut batch, wait.then_some(&sink), false);
+            let submit = self.ingest.submit(&mut batch, wait.then_some(&sink), false);
             tokio::pin!(submit);
             // Collect receipts while submitting: receipts hold window slots, so a batch larger
             // than the window would otherwise wait on itself.
@@ -193,8 +191,8 @@ impl proto::push_gateway_server::PushGateway for Api {
         }
         let campaign = request.campaign_id;
         let include_non_terminal = request.include_non_terminal;
-        let stream = BroadcastStream::new(self.hub.subscribe(&request.app_id))
-            .filter_map(move |item| {
+        let stream =
+            BroadcastStream::new(self.hub.subscribe(&request.app_id)).filter_map(move |item| {
                 let out = match item {
                     Ok(receipt) => {
                         let wanted = (include_non_terminal || receipt.terminal())
@@ -234,4 +232,3 @@ fn submit_status(error: SubmitError) -> Status {
         SubmitError::Unavailable(reason) => Status::unavailable(reason),
     }
 }
-

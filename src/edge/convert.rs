@@ -110,7 +110,6 @@ fn push_type_from_proto(p: proto::PushType) -> Option<PushType> {
     })
 }
 
-
 /// The response to a SendBatch.
 pub fn to_proto_response(
     result: BatchResult,

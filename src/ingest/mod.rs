@@ -363,8 +363,7 @@ impl Ingest {
             }
             Err(AcceptError { error, messages }) => {
                 let reason = format!("{error}; the message was not accepted");
-                for (waiting, (_, claimed, index, message_id)) in messages.into_iter().zip(places)
-                {
+                for (waiting, (_, claimed, index, message_id)) in messages.into_iter().zip(places) {
                     waiting.resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
                     if claimed {
                         run.release.push(message_id.clone());

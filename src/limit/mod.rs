@@ -33,7 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::config::error::ConfigError;
+use crate::config_error::ConfigError;
 use crate::domain::Platform;
 
 pub use aimd::{Aimd, Feedback};
@@ -464,7 +464,10 @@ mod tests {
         limits.left_queue("a");
         third.await.unwrap();
         assert_eq!(limits.waiting("a"), 2);
-        assert!(!limits.has_room("a"), "full, and asking did not take a place");
+        assert!(
+            !limits.has_room("a"),
+            "full, and asking did not take a place"
+        );
         assert_eq!(limits.waiting("a"), 2);
         // An admission dropped uncommitted (shutdown at ingest) gives its place back.
         drop(uncommitted);

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use super::aimd::{Aimd, Feedback};
 use super::rate::Gcra;
 use super::{LimitConfig, Limits, Rate};
-use crate::metrics::{AppLabels, Metrics};
 use crate::domain::{Outcome, Platform};
+use crate::metrics::{AppLabels, Metrics};
 
 /// Messages an app may send per DRR turn, per unit of weight.
 pub const QUANTUM: u32 = 8;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::apns::{ApnsProvider, jwt::ApnsTokenSigner};
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
-use crate::config::error::ConfigError;
+use crate::config_error::ConfigError;
 
 /// APNs environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
@@ -123,7 +123,6 @@ fn default_request_timeout_ms() -> u64 {
 fn default_token_refresh_secs() -> u64 {
     40 * 60
 }
-
 
 /// Checks `[apps.<id>.apns]` at `key`.
 pub fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {

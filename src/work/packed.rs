@@ -443,5 +443,4 @@ pub(super) mod tests {
             assert_eq!(f.vars.get("a").unwrap_or_default(), "");
         }
     }
-
 }

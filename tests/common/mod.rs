@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use loadtest::apns::{MockApns, MockApnsConfig};
 use loadtest::fcm::{MockFcm, MockFcmConfig};
+use pushgate::app::Running;
 use pushgate::config::Config;
 use pushgate::proto::push_gateway_client::PushGatewayClient;
 use pushgate::proto::{self, Receipt, ReceiptStatus};
-use pushgate::server::Running;
 use tonic::transport::Channel;
 
 pub const TOPIC: &str = "com.example.shop";
@@ -101,7 +101,7 @@ pub async fn start(options: Options) -> Harness {
         endpoint = mock.url(),
     ))
     .unwrap();
-    let gateway = pushgate::server::start(config).await.unwrap();
+    let gateway = pushgate::app::start(config).await.unwrap();
     Harness {
         mock,
         fcm,

@@ -22,10 +22,10 @@ use tracing::warn;
 use self::oauth::{AccessToken, RefreshPolicy, ServiceAccountKey, TokenError, TokenSource};
 use self::response::{Verdict, classify};
 use super::apns::transport_outcome;
+use super::config::FcmConfig;
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
 use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
-use super::config::FcmConfig;
-use crate::config::error::ConfigError;
+use crate::config_error::ConfigError;
 use crate::domain::{FcmRequest, Outcome, Platform, ProviderRequest};
 
 /// Google's endpoint.

@@ -17,13 +17,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
-pub mod error;
-
-pub use self::error::ConfigError;
 pub use crate::backoff::RetryConfig;
-pub use crate::provider::config::{ApnsConfig, ApnsEnvironment, FcmConfig};
+pub use crate::config_error::ConfigError;
 use crate::provider::Provider;
 use crate::provider::apns::ApnsProvider;
+pub use crate::provider::config::{ApnsConfig, ApnsEnvironment, FcmConfig};
 use crate::registry::{AppRegistry, AppRuntime};
 
 /// The whole configuration.
@@ -169,7 +167,10 @@ impl Config {
                     let provider = match apns_pools.get(&key) {
                         Some(p) => Arc::clone(p),
                         None => {
-                            let p = Arc::new(crate::provider::config::build_apns(&format!("apps.{id}.apns"), apns)?);
+                            let p = Arc::new(crate::provider::config::build_apns(
+                                &format!("apps.{id}.apns"),
+                                apns,
+                            )?);
                             apns_pools.insert(key, Arc::clone(&p));
                             p
                         }
@@ -183,20 +184,19 @@ impl Config {
                 None => None,
             };
             apps.push(AppRuntime {
-                    id: Arc::from(id.as_str()),
-                    apns_topic: app
-                        .apns
-                        .as_ref()
-                        .map(|a| a.topic.clone())
-                        .unwrap_or_default(),
-                    apns,
-                    fcm,
-                    retry: app.retry.clone().unwrap_or_else(|| config.retry.clone()),
-                });
+                id: Arc::from(id.as_str()),
+                apns_topic: app
+                    .apns
+                    .as_ref()
+                    .map(|a| a.topic.clone())
+                    .unwrap_or_default(),
+                apns,
+                fcm,
+                retry: app.retry.clone().unwrap_or_else(|| config.retry.clone()),
+            });
         }
         Ok(AppRegistry::from_apps(apps))
     }
-
 
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
