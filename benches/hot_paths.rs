@@ -117,7 +117,7 @@ fn jwt(c: &mut Criterion) {
     g.sample_size(20)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
-    let key = loadtest::keys::generate_apns_key();
+    let key = pushgate_mocks::keys::generate_apns_key();
     let refresh = Duration::from_secs(40 * 60);
     g.bench_function("signer_new_and_sign", |b| {
         b.iter(|| {
@@ -220,16 +220,16 @@ fn pipeline(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let key = loadtest::keys::generate_apns_key();
+    let key = pushgate_mocks::keys::generate_apns_key();
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("AuthKey.p8");
     std::fs::write(&key_file, &key.private_p8_pem).unwrap();
     let (gateway, mock) = rt.block_on(async {
         let mut cfg =
-            loadtest::apns::MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+            pushgate_mocks::apns::MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
         cfg.tls = false;
         cfg.record_accepted = false;
-        let mock = loadtest::apns::MockApns::start(cfg).await.unwrap();
+        let mock = pushgate_mocks::apns::MockApns::start(cfg).await.unwrap();
         let config = Config::from_toml(&format!(
             r#"
             listen = "127.0.0.1:0"

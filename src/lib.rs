@@ -15,7 +15,6 @@ pub mod backoff;
 pub mod config;
 pub mod config_error;
 mod deliver;
-pub mod demo;
 pub mod domain;
 pub mod edge;
 pub mod ingest;
@@ -30,12 +29,5 @@ pub mod store;
 pub mod wire;
 pub mod work;
 
-/// Generated protobuf and gRPC code for `pushgate.v1`.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("pushgate.v1");
-
-    /// Encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/pushgate_descriptor.bin"));
-}
+/// Generated protobuf and gRPC code for `pushgate.v1` (the `pushgate-proto` crate).
+pub use pushgate_proto as proto;

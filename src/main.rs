@@ -1,4 +1,5 @@
-//! The `pushgate` binary: `serve` runs the gateway, `demo` shows it working without any account.
+//! The `pushgate` binary: `serve` runs the gateway, `check-config` validates a config file. The
+//! demo with mock providers is `cargo run --release --example demo`, so this binary links no mock.
 
 // mimalloc: the profile of a saturated gateway showed a third of its CPU in glibc malloc/free;
 // with mimalloc CPU per message fell by about a third (loadtest, same session).
@@ -7,7 +8,6 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -37,26 +37,13 @@ enum Command {
         #[arg(long, short, env = "PUSHGATE_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Starts the gateway with mock APNs/FCM and pushes personalized traffic through it.
-    Demo {
-        /// How long to send, in seconds.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Recipients per batch.
-        #[arg(long, default_value_t = 500)]
-        batch_size: usize,
-    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let default_filter = match cli.command {
-        Command::Demo { .. } => "warn",
-        _ => "info",
-    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -70,18 +57,6 @@ fn main() -> anyhow::Result<()> {
                 let config = pushgate::config::Config::load(config.as_deref())?;
                 config.registry()?;
                 println!("config OK: {} app(s)", config.apps.len());
-                Ok(())
-            }
-            Command::Demo {
-                seconds,
-                batch_size,
-            } => {
-                let report = pushgate::demo::run(pushgate::demo::DemoOptions {
-                    duration: Duration::from_secs(seconds),
-                    batch_size: batch_size.max(1),
-                })
-                .await?;
-                pushgate::demo::print(&report);
                 Ok(())
             }
         }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use loadtest::apns::{MockApns, MockApnsConfig};
-use loadtest::fcm::{MockFcm, MockFcmConfig, RetryAfter};
-use loadtest::keys::{ApnsKey, ServiceAccount};
+use pushgate_mocks::apns::{MockApns, MockApnsConfig};
+use pushgate_mocks::fcm::{MockFcm, MockFcmConfig, RetryAfter};
+use pushgate_mocks::keys::{ApnsKey, ServiceAccount};
 
 use super::settings::Settings;
 
@@ -73,10 +73,12 @@ impl Mocks {
 
 /// Generates credentials and starts both mocks with the run's latency and faults.
 pub async fn start_mocks(s: &Settings) -> anyhow::Result<Mocks> {
-    let apns_key = loadtest::keys::try_generate_apns_key()?;
+    let apns_key = pushgate_mocks::keys::try_generate_apns_key()?;
     // The token_uri is only known once the FCM mock listens; the key pair does not depend on it.
-    let account =
-        loadtest::keys::try_generate_service_account(PROJECT_ID, "https://127.0.0.1:1/token")?;
+    let account = pushgate_mocks::keys::try_generate_service_account(
+        PROJECT_ID,
+        "https://127.0.0.1:1/token",
+    )?;
     let latency = Duration::from_micros((s.latency_ms * 1000.0) as u64);
 
     let mut apns_cfg =

@@ -17,8 +17,4 @@ pub mod procstat;
 pub mod report;
 pub mod settings;
 
-/// Generated protobuf types and the gRPC client for `pushgate.v1` (client only).
-pub mod proto {
-    #![allow(clippy::all, missing_docs, dead_code)]
-    tonic::include_proto!("pushgate.v1");
-}
+pub use pushgate_proto as proto;

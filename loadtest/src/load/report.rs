@@ -139,8 +139,8 @@ pub struct MockSummary {
     pub refused_streams: u64,
 }
 
-impl From<loadtest::MockStats> for MockSummary {
-    fn from(s: loadtest::MockStats) -> Self {
+impl From<pushgate_mocks::MockStats> for MockSummary {
+    fn from(s: pushgate_mocks::MockStats) -> Self {
         MockSummary {
             requests: s.requests,
             by_status: s.by_status,

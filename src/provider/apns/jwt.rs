@@ -148,7 +148,7 @@ mod tests {
     use jsonwebtoken::{DecodingKey, Validation};
 
     fn signer(refresh: Duration) -> (ApnsTokenSigner, String) {
-        let key = loadtest::keys::generate_apns_key();
+        let key = pushgate_mocks::keys::generate_apns_key();
         let s = ApnsTokenSigner::new(
             &key.key_id,
             &key.team_id,

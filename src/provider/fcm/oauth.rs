@@ -493,8 +493,9 @@ mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
 
-    fn account() -> (ServiceAccountKey, loadtest::keys::ServiceAccount) {
-        let sa = loadtest::keys::generate_service_account("proj-1", "https://127.0.0.1:1/token");
+    fn account() -> (ServiceAccountKey, pushgate_mocks::keys::ServiceAccount) {
+        let sa =
+            pushgate_mocks::keys::generate_service_account("proj-1", "https://127.0.0.1:1/token");
         (ServiceAccountKey::from_json(&sa.json).unwrap(), sa)
     }
 
@@ -555,7 +556,7 @@ mod tests {
             );
         }
         let mut file: Value = serde_json::from_str(&sa.json).unwrap();
-        file["private_key"] = Value::from(loadtest::keys::generate_apns_key().private_p8_pem);
+        file["private_key"] = Value::from(pushgate_mocks::keys::generate_apns_key().private_p8_pem);
         let err = ServiceAccountKey::from_json(&file.to_string()).unwrap_err();
         assert!(matches!(err, CredentialsError::Key(_)), "{err:?}");
         file["private_key"] =

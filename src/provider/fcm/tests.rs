@@ -1,12 +1,12 @@
 //! FCM provider tests: configuration errors, the quota pause on a paused clock, and end-to-end
-//! behaviour against the mock FCM (`loadtest::fcm::MockFcm`, TLS, token endpoint included).
+//! behaviour against the mock FCM (`pushgate_mocks::fcm::MockFcm`, TLS, token endpoint included).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use loadtest::fcm::{MockFcm, MockFcmConfig, RetryAfter};
-use loadtest::keys::ServiceAccount;
+use pushgate_mocks::fcm::{MockFcm, MockFcmConfig, RetryAfter};
+use pushgate_mocks::keys::ServiceAccount;
 use serde_json::Value;
 
 use super::*;
@@ -15,7 +15,7 @@ use super::*;
 fn account() -> &'static ServiceAccount {
     static ACCOUNT: OnceLock<ServiceAccount> = OnceLock::new();
     ACCOUNT.get_or_init(|| {
-        loadtest::keys::generate_service_account("pushgate-test", "https://127.0.0.1:1/token")
+        pushgate_mocks::keys::generate_service_account("pushgate-test", "https://127.0.0.1:1/token")
     })
 }
 
@@ -471,7 +471,7 @@ async fn token_endpoint_outage_retries_then_gives_retry() {
 async fn invalid_grant_fails_with_a_clear_reason_and_no_retries() {
     let sa = account();
     // The mock trusts a different public key: our signature is invalid.
-    let other = loadtest::keys::generate_service_account("x", "https://127.0.0.1:1/token");
+    let other = pushgate_mocks::keys::generate_service_account("x", "https://127.0.0.1:1/token");
     let mock = MockFcm::start(MockFcmConfig {
         tls: false,
         ..MockFcmConfig::new(&sa.project_id, &sa.client_email, &other.public_pem)

@@ -1,0 +1,16 @@
+//! The gateway's integration tests, one binary: a real gateway on free ports, real gRPC clients,
+//! the mock APNs/FCM of `pushgate-mocks`, and real `redis-server` processes the harness starts.
+//!
+//! - [`harness`]: the gateway + mocks + client fixture, and the Redis server/cluster fixtures.
+//! - one module per area: the APNs and FCM pipelines, limits, and the Redis store (durability,
+//!   gRPC over Redis, crash recovery, cluster).
+
+mod harness;
+
+mod apns_pipeline;
+mod fcm_pipeline;
+mod limits;
+mod redis_cluster;
+mod redis_crash;
+mod redis_durable;
+mod redis_grpc;
