@@ -236,6 +236,7 @@ impl Ingest {
             app,
             batch_id,
             batch.campaign_id.as_str().into(),
+            batch.template.clone(),
             compiled,
             ctx,
             batch.template.ttl,

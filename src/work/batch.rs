@@ -16,6 +16,7 @@
 //! emits FAILED (through the `Pending` it becomes) and counts as an unresolved drop.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -23,7 +24,9 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Job;
 use super::packed::{Fields, Packed, PackedAt, PackedRecipients};
-use crate::domain::{FieldError, MessageMeta, Platform, Priority, ProviderRequest, ReceiptStatus};
+use crate::domain::{
+    FieldError, MessageMeta, Platform, Priority, ProviderRequest, ReceiptStatus, Template,
+};
 use crate::receipts::{CallerSink, Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
 use crate::render::{CompiledTemplate, RenderContext, Stamp};
@@ -31,8 +34,13 @@ use crate::render::{CompiledTemplate, RenderContext, Stamp};
 /// What every message of one accepted batch shares.
 pub struct AcceptedBatch {
     pub app: Arc<AppRuntime>,
+    /// Unique to this accepted batch (a caller may send two batches with one `batch_id`): a
+    /// durable store names the batch's saved context with it.
+    pub key: Arc<str>,
     pub batch_id: Arc<str>,
     pub campaign_id: Arc<str>,
+    /// The template as the caller sent it, for a durable store to save.
+    pub source: Template,
     pub template: CompiledTemplate,
     pub ctx: RenderContext,
     pub priority: Priority,
@@ -49,6 +57,8 @@ pub struct AcceptedBatch {
     started: SystemTime,
     /// The accepted recipients, packed one after the other (see [`PackedRecipients`]).
     recipients: Box<[u8]>,
+    /// Set once a durable store has saved the batch's context (the first of its chunks).
+    saved: AtomicBool,
 }
 
 impl AcceptedBatch {
@@ -57,6 +67,7 @@ impl AcceptedBatch {
         app: Arc<AppRuntime>,
         batch_id: Arc<str>,
         campaign_id: Arc<str>,
+        source: Template,
         template: CompiledTemplate,
         ctx: RenderContext,
         ttl: Option<Duration>,
@@ -66,9 +77,11 @@ impl AcceptedBatch {
     ) -> Self {
         Self {
             app,
+            key: crate::domain::random_uuid().simple().to_string().into(),
             batch_id,
             campaign_id,
             priority: template.priority(),
+            source,
             template,
             ctx,
             ttl,
@@ -78,7 +91,95 @@ impl AcceptedBatch {
             window_slots: Mutex::new(None),
             started: SystemTime::now(),
             recipients: Box::default(),
+            saved: AtomicBool::new(false),
         }
+    }
+
+    /// A batch as a durable store saved it, for rendering its messages after a crash or a
+    /// hand-off. It has no caller sink (the caller that sent it is gone) and holds no window
+    /// slots: its messages become detached jobs ([`Self::job_at`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        app: Arc<AppRuntime>,
+        key: Arc<str>,
+        batch_id: Arc<str>,
+        campaign_id: Arc<str>,
+        source: Template,
+        ctx: RenderContext,
+        ttl: Option<Duration>,
+        campaign_rate_per_minute: u32,
+        started: SystemTime,
+        recipients: Box<[u8]>,
+        hub: Arc<ReceiptHub>,
+    ) -> Result<Self, FieldError> {
+        let template = CompiledTemplate::compile(&source)?;
+        let mut batch = Self::new(
+            app,
+            batch_id,
+            campaign_id,
+            source,
+            template,
+            ctx,
+            ttl,
+            campaign_rate_per_minute,
+            None,
+            hub,
+        );
+        batch.key = key;
+        batch.started = started;
+        batch.recipients = recipients;
+        batch.saved = AtomicBool::new(true);
+        Ok(batch)
+    }
+
+    /// When acceptance of the batch began; each message's instant is an offset from it.
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// The packed recipients, as a durable store saves them.
+    pub fn packed_recipients(&self) -> &[u8] {
+        &self.recipients
+    }
+
+    /// Whether a durable store has saved this batch's context already.
+    pub fn is_saved(&self) -> bool {
+        self.saved.load(Ordering::Acquire)
+    }
+
+    /// Records that a durable store saved this batch's context.
+    pub fn mark_saved(&self) {
+        self.saved.store(true, Ordering::Release);
+    }
+
+    /// The identity and rendered request of the recipient packed at byte `at` (its position in
+    /// the batch `index`, accepted `accepted_ms` after the batch started): a message restored
+    /// from a durable store.
+    pub fn job_at(
+        &self,
+        at: u32,
+        index: u32,
+        accepted_ms: u32,
+    ) -> (MessageMeta, Result<ProviderRequest, FieldError>) {
+        let fields = self.recipient_at(at);
+        let accepted_at = self.started + Duration::from_millis(u64::from(accepted_ms));
+        let meta = self.meta_of(&fields, accepted_at);
+        (meta, self.render(&fields, index, accepted_at))
+    }
+
+    fn render(
+        &self,
+        fields: &Fields<'_>,
+        index: u32,
+        accepted_at: SystemTime,
+    ) -> Result<ProviderRequest, FieldError> {
+        let stamp = Stamp {
+            message_id: fields.message_id,
+            accepted_at,
+        };
+        let token = fields.device_token.text();
+        self.template
+            .render_ref(fields.recipient(&token), index as usize, stamp, &self.ctx)
     }
 
     /// Sets the batch's packed recipients, before its messages are taken as waiting.
@@ -185,8 +286,14 @@ impl Waiting {
         &self.batch.app
     }
 
-    pub fn batch(&self) -> &AcceptedBatch {
+    pub fn batch(&self) -> &Arc<AcceptedBatch> {
         &self.batch
+    }
+
+    /// Where the message is packed in its batch: byte offset, position in the batch, and
+    /// milliseconds from the batch's start to its acceptance (what a durable store keeps).
+    pub fn packed_position(&self) -> (u32, u32, u32) {
+        (self.at, self.index, self.accepted_ms)
     }
 
     fn fields(&self) -> Fields<'_> {
@@ -227,16 +334,7 @@ impl Waiting {
         fields: &Fields<'_>,
         accepted_at: SystemTime,
     ) -> Result<ProviderRequest, FieldError> {
-        let batch = &self.batch;
-        let stamp = Stamp {
-            message_id: fields.message_id,
-            accepted_at,
-        };
-        let token = fields.device_token.text();
-        let recipient = fields.recipient(&token);
-        batch
-            .template
-            .render_ref(recipient, self.index as usize, stamp, &batch.ctx)
+        self.batch.render(fields, self.index, accepted_at)
     }
 
     /// Renders the message for its first attempt. A rendering error (the recipient passed the
@@ -345,6 +443,7 @@ mod tests {
             app,
             "b".into(),
             "c".into(),
+            Template::default(),
             template,
             ctx,
             None,

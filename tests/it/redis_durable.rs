@@ -31,6 +31,8 @@ type Script = dyn Fn(u32) -> Outcome + Send + Sync;
 struct Scripted {
     calls: Mutex<HashMap<String, u32>>,
     delivered: Mutex<HashMap<String, u32>>,
+    /// The last APNs payload sent to each token.
+    payloads: Mutex<HashMap<String, String>>,
     script: Box<Script>,
     /// When set, requests never complete (a provider that stopped answering).
     hang: std::sync::atomic::AtomicBool,
@@ -41,6 +43,7 @@ impl Scripted {
         Arc::new(Self {
             calls: Mutex::default(),
             delivered: Mutex::default(),
+            payloads: Mutex::default(),
             script: Box::new(script),
             hang: Default::default(),
         })
@@ -56,7 +59,13 @@ impl Provider for Scripted {
     }
     fn deliver<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Outcome> {
         let token = match request {
-            ProviderRequest::Apns(a) => a.device_token.clone(),
+            ProviderRequest::Apns(a) => {
+                self.payloads.lock().insert(
+                    a.device_token.clone(),
+                    String::from_utf8_lossy(&a.payload).into_owned(),
+                );
+                a.device_token.clone()
+            }
             ProviderRequest::Fcm(f) => f.device_token.clone(),
         };
         let n = {
@@ -886,4 +895,203 @@ async fn shutdown_past_grace_hands_durable_messages_to_the_next_replica() {
     );
     assert!(done.values().all(|s| *s == ReceiptStatus::Delivered));
     assert_eq!(healthy.delivered().len() as u64, N);
+}
+
+/// Every key of the app's batch contexts (`<prefix>:{shop}:batch:*`).
+async fn batch_contexts(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg("pushgate:{shop}:batch:*")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+/// A batch whose title is personalized per recipient (`{{ first_name }}`).
+fn personalized(ids: impl IntoIterator<Item = u64>) -> Batch {
+    let mut b = batch(ids);
+    b.template.title = "Hi {{ first_name }}".into();
+    for r in &mut b.recipients {
+        let n = r.message_id.trim_start_matches("m-").to_owned();
+        r.vars.insert("first_name".into(), format!("User{n}"));
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_messages_wait_packed_in_redis_and_render_on_the_replica_that_claims_them() {
+    let redis = RedisServer::start();
+    let stuck = Scripted::new(|_| delivered());
+    stuck.hang.store(true, Ordering::Relaxed);
+    let a = node(&redis, Arc::clone(&stuck), RetryConfig::default(), |c| {
+        c.lease_ms = 600
+    })
+    .await;
+    // More than one accept chunk (256), so the context is saved once for several writes.
+    const N: u64 = 300;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let mut b = personalized(1..=N);
+    let result = a.gateway.submit(&mut b, Some(&tx), false).await.unwrap();
+    assert_eq!(result.accepted() as u64, N, "{result:?}");
+
+    let mut c = conn(&redis).await;
+    let records: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("pushgate:{shop}:jobs")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(records.len() as u64, N);
+    for (id, record) in &records {
+        assert!(
+            record.starts_with("{\"packed\":") && !record.contains("aps") && record.len() < 160,
+            "{id}: {record}"
+        );
+    }
+    let contexts = batch_contexts(&mut c).await;
+    assert_eq!(contexts.len(), 1, "one context for the batch: {contexts:?}");
+    let (left, ctx, buf): (u64, String, Vec<u8>) = redis::cmd("HMGET")
+        .arg(&contexts[0])
+        .arg("left")
+        .arg("ctx")
+        .arg("buf")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, N, "every record counted");
+    assert!(
+        ctx.contains("Hi {{ first_name }}"),
+        "the template source: {ctx}"
+    );
+    assert!(!buf.is_empty());
+
+    // A goes away with every message handed off; B claims them from Redis and renders each
+    // from the saved context, personalized as A would have.
+    a.gateway.shutdown(Duration::ZERO).await;
+    let healthy = Scripted::new(|_| delivered());
+    let b = node(&redis, Arc::clone(&healthy), RetryConfig::default(), |c| {
+        c.lease_ms = 600
+    })
+    .await;
+    let done = terminal_statuses(&b.gateway, N).await;
+    assert_eq!(done.len() as u64, N, "B finished every message");
+    assert!(done.values().all(|s| *s == ReceiptStatus::Delivered));
+    let payloads = healthy.payloads.lock().clone();
+    for n in 1..=N {
+        let payload = payloads.get(&token(n)).expect("delivered by B");
+        assert!(payload.contains(&format!("Hi User{n}")), "{n}: {payload}");
+    }
+    // The last release took the context with it, and no record is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = batch_contexts(&mut c).await;
+        let jobs: u64 = redis::cmd("HLEN")
+            .arg("pushgate:{shop}:jobs")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if left.is_empty() && jobs == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "contexts {left:?} and {jobs} records still in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_replaces_the_packed_record_and_releases_its_batch_context() {
+    let redis = RedisServer::start();
+    // Every first attempt is a 503 with a long Retry-After: each message is parked, rendered.
+    let provider = Scripted::new(|n| {
+        if n == 1 {
+            retry(503, Some(Duration::from_secs(600)))
+        } else {
+            delivered()
+        }
+    });
+    let a = node(
+        &redis,
+        Arc::clone(&provider),
+        RetryConfig::default(),
+        |_| {},
+    )
+    .await;
+    const N: u64 = 50;
+    let _rx = send(&a.gateway, 1..=N).await;
+    let mut c = conn(&redis).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("pushgate:{shop}:jobs")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let rendered = records
+            .values()
+            .filter(|r| !r.starts_with("{\"packed\":") && r.contains("\"attempt\":1"))
+            .count() as u64;
+        let contexts = batch_contexts(&mut c).await;
+        if rendered == N && contexts.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rendered} of {N} records parked rendered; contexts left: {contexts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packed_record_whose_batch_context_is_gone_is_dead_lettered_not_lost() {
+    let redis = RedisServer::start();
+    let stuck = Scripted::new(|_| delivered());
+    stuck.hang.store(true, Ordering::Relaxed);
+    let a = node(&redis, Arc::clone(&stuck), RetryConfig::default(), |c| {
+        c.lease_ms = 600
+    })
+    .await;
+    const N: u64 = 5;
+    let _rx = send(&a.gateway, 1..=N).await;
+    a.gateway.shutdown(Duration::ZERO).await;
+    let mut c = conn(&redis).await;
+    for key in batch_contexts(&mut c).await {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let healthy = Scripted::new(|_| delivered());
+    let b = node(&redis, Arc::clone(&healthy), RetryConfig::default(), |c| {
+        c.lease_ms = 600
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dead: u64 = redis::cmd("HLEN")
+            .arg("pushgate:{shop}:dead")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if dead == N {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{dead} of {N} dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("pushgate:{shop}:dead")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        dead.values()
+            .all(|d| d.contains("batch context") && d.contains("missing")),
+        "{dead:?}"
+    );
+    assert!(healthy.delivered().is_empty());
+    b.gateway.shutdown(Duration::ZERO).await;
 }

@@ -10,6 +10,7 @@
 //! | `<p>:{app}:replicas` | ZSET | replica id scored by "alive until" (ms) |
 //! | `<p>:{app}:dead` | HASH | message_id -> dead-letter record (JSON, with last error) |
 //! | `<p>:{app}:dead_idx` | ZSET | message_id scored by dead-letter time (ms) |
+//! | `<p>:{app}:batch:<id>` | HASH | a batch's context (`ctx`, JSON), its packed recipients (`buf`, bytes) and how many packed records still refer to it (`left`) |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).
 
@@ -46,6 +47,13 @@ impl AppKeys {
     pub fn dead_idx(&self) -> String {
         format!("{}:dead_idx", self.base)
     }
+    /// The prefix of the batch-context keys; a packed record names the rest.
+    pub fn batch_prefix(&self) -> String {
+        format!("{}:batch:", self.base)
+    }
+    pub fn batch(&self, id: &str) -> String {
+        format!("{}:batch:{id}", self.base)
+    }
 }
 
 #[cfg(test)]
@@ -63,6 +71,7 @@ mod tests {
             k.replicas(),
             k.dead(),
             k.dead_idx(),
+            k.batch("b1"),
         ] {
             assert!(key.starts_with("pg:{shop}:"), "{key}");
         }

@@ -12,9 +12,15 @@
 //!   forward (`ZADD XX GT`, pipelined), and the replica's heartbeat in `replicas` too.
 //! - **Take over**: the delay set of a replica whose heartbeat expired is merged into ours (Lua),
 //!   so jobs parked by a dead replica are still delivered.
-//! - **Accept** (`persist_accepted`): every accepted message is rendered, written to `jobs` and
-//!   leased to this replica (one MULTI per chunk of a batch) before the caller is told it was
-//!   accepted, so a `kill -9` loses nothing acknowledged.
+//! - **Accept** (`persist_accepted`): every accepted message is written to `jobs` packed and
+//!   unrendered, as it waits in memory (a reference into its batch's context, which is written
+//!   once per batch with a count of the records that refer to it), and leased to this replica
+//!   (one MULTI per chunk of a batch) before the caller is told it was accepted, so a `kill -9`
+//!   loses nothing acknowledged. A claimed packed record is rendered from its batch's context.
+//! - **Release**: whenever a packed record is replaced (park, dead letter) or deleted (ack), the
+//!   same script that reads it lowers its batch's count, and the context goes with the last
+//!   record. Scripts reach the context keys by name (`<p>:{app}:batch:<id>`, the app's hash
+//!   tag, so the same Cluster slot as the keys they declare).
 //! - **Ack** (Lua inside the MULTI that appends the terminal receipt to the receipts stream):
 //!   the lease, owner and record are removed, only if this replica still owns the lease. A
 //!   message thus has both its terminal receipt and its release in Redis, or neither (then it is
@@ -42,15 +48,80 @@ use tracing::{debug, error, warn};
 
 use super::RedisClient;
 use super::keys::AppKeys;
-use super::record::StoredJob;
-use crate::domain::{Receipt, ReceiptStatus};
+use super::record::{PackedJob, StoredBatch, StoredJob, StoredTemplate};
+use crate::domain::{Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::{Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
+use crate::render::RenderContext;
 use crate::store::{StoreStats, now_ms};
-use crate::work::{Job, Waiting, Work};
+use crate::work::{AcceptedBatch, Job, Waiting, Work};
 
 type JobKey = (Arc<str>, String);
 
+/// What one claim call returned: the jobs (`id, record, reclaimed`) and the raw context (`ctx`,
+/// `buf`) of each batch their packed records refer to.
+struct Claimed {
+    jobs: Vec<(String, Vec<u8>, bool)>,
+    batches: HashMap<String, RawContext>,
+}
+
+/// A batch context as Redis returned it: `ctx` and `buf`, each absent if the key is gone.
+type RawContext = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// A claim with its batch contexts restored.
+struct Restored {
+    jobs: Vec<(String, Vec<u8>, bool)>,
+    batches: HashMap<String, Result<Arc<AcceptedBatch>, String>>,
+}
+
+/// The saved form of a batch's context (its packed recipients are saved beside it).
+fn stored_batch(batch: &AcceptedBatch) -> StoredBatch {
+    StoredBatch {
+        batch_id: batch.batch_id.to_string(),
+        campaign_id: batch.campaign_id.to_string(),
+        template: StoredTemplate::from(&batch.source),
+        apns_topic: batch.ctx.apns_topic.clone(),
+        analytics_label: batch.ctx.analytics_label.clone(),
+        ttl_ms: batch
+            .ttl
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        campaign_rate_per_minute: batch.campaign_rate_per_minute,
+        started_ms: epoch_millis(batch.started()),
+    }
+}
+
+/// Lua shared by the scripts that read a record before replacing or deleting it: lowers the
+/// count of each packed record's batch context, and deletes a context no record refers to.
+/// The batch is read with a pattern, not a JSON decode: a packed record always starts
+/// `{"packed":{"batch":"<hex>"` (`PackedJob` serializes `batch` first; the tests pin it).
+const RELEASE_FN: &str = r#"
+local BATCH_OF = '^{"packed":{"batch":"([^"]+)"'
+local function release(jobs, prefix, ids)
+  if #ids == 0 then return end
+  local recs = redis.call('HMGET', jobs, unpack(ids))
+  local counts = {}
+  for i = 1, #ids do
+    local batch = recs[i] and string.match(recs[i], BATCH_OF)
+    if batch then counts[batch] = (counts[batch] or 0) + 1 end
+  end
+  for batch, n in pairs(counts) do
+    local key = prefix .. batch
+    if redis.call('HINCRBY', key, 'left', -n) <= 0 then redis.call('DEL', key) end
+  end
+end
+"#;
+
+/// Releases packed records about to be replaced or deleted (park, dead letter).
+const RELEASE: &str = r#"
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+release(KEYS[1], ARGV[1], ids)
+return 1
+"#;
+
+/// Claims due and expired-lease jobs. Returns `{jobs, contexts}`: `jobs` as flat
+/// `id, record, reclaimed` triples, and `contexts` as flat `batch, ctx, buf` triples, once per
+/// batch that a claimed packed record refers to (`ctx`/`buf` false if the context is gone).
 const CLAIM: &str = r#"
 local now = tonumber(ARGV[1])
 local deadline = tonumber(ARGV[2])
@@ -101,19 +172,33 @@ if left > 0 then
     end
   end
 end
-return out
+local contexts = {}
+local seen = {}
+for i = 2, #out, 3 do
+  local batch = string.match(out[i], '^{"packed":{"batch":"([^"]+)"')
+  if batch and not seen[batch] then
+    seen[batch] = true
+    local ctx = redis.call('HMGET', ARGV[5] .. batch, 'ctx', 'buf')
+    contexts[#contexts + 1] = batch
+    contexts[#contexts + 1] = ctx[1]
+    contexts[#contexts + 1] = ctx[2]
+  end
+end
+return {out, contexts}
 "#;
 
+/// Releases the leases this replica still owns and deletes their records (after `RELEASE_FN`).
 const ACK: &str = r#"
 local me = ARGV[1]
 local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
 local owners = redis.call('HMGET', KEYS[2], unpack(ids))
 local mine = {}
 for i, id in ipairs(ids) do
   if owners[i] == me then mine[#mine + 1] = id end
 end
 if #mine > 0 then
+  release(KEYS[3], ARGV[2], mine)
   redis.call('ZREM', KEYS[1], unpack(mine))
   redis.call('HDEL', KEYS[2], unpack(mine))
   redis.call('HDEL', KEYS[3], unpack(mine))
@@ -189,6 +274,9 @@ pub(super) struct RedisRetryQueue {
     stats: QueueStats,
     claim: Script,
     takeover: Script,
+    /// `RELEASE_FN` + `ACK`, and `RELEASE_FN` + `RELEASE`, sent with EVAL inside MULTIs.
+    ack_script: String,
+    release_script: String,
 }
 
 impl RedisRetryQueue {
@@ -225,6 +313,8 @@ impl RedisRetryQueue {
             stats: QueueStats::default(),
             claim: Script::new(CLAIM),
             takeover: Script::new(TAKEOVER),
+            ack_script: format!("{RELEASE_FN}{ACK}"),
+            release_script: format!("{RELEASE_FN}{RELEASE}"),
         });
         let writer = Arc::clone(&queue);
         let writer_stop = stop.clone();
@@ -238,52 +328,84 @@ impl RedisRetryQueue {
         queue
     }
 
-    /// Persists freshly accepted messages, rendered and leased to this replica, before they are
-    /// acknowledged to the caller: one MULTI per app. If this process dies, the leases expire
-    /// and another replica (or this one restarted) delivers them. The terminal receipt releases
-    /// them (ack). A message that does not render is left out: it ends REJECTED when it is
-    /// rendered again for its attempt, and nothing of it is in Redis.
+    /// Persists freshly accepted messages, packed and leased to this replica, before they are
+    /// acknowledged to the caller: one MULTI per app, which also saves the context of each
+    /// batch seen for the first time and counts the records that refer to it. If this process
+    /// dies, the leases expire and another replica (or this one restarted) renders and delivers
+    /// them. The terminal receipt releases them (ack).
     pub async fn persist_accepted(&self, messages: &[Waiting]) -> redis::RedisResult<()> {
+        #[derive(Default)]
+        struct Rows<'a> {
+            records: Vec<(&'a str, String)>,
+            leases: Vec<(i64, &'a str)>,
+            owners: Vec<(&'a str, &'a str)>,
+            /// Per batch of this call: the batch, and how many records refer to it.
+            batches: Vec<(&'a Arc<AcceptedBatch>, i64)>,
+        }
         let me = self.store.replica();
         let deadline =
             now_ms() + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
-        type Rows = (
-            Vec<(String, String)>,
-            Vec<(i64, String)>,
-            Vec<(String, String)>,
-        );
-        let mut by_app: HashMap<Arc<str>, Rows> = HashMap::new();
-        let mut keys = Vec::new();
+        let mut by_app: HashMap<&str, Rows<'_>> = HashMap::new();
         for message in messages {
-            let Ok(request) = message.render() else {
-                continue;
-            };
-            let meta = message.meta();
-            let id = meta.message_id.clone();
-            let record = StoredJob::new(&meta, &request, 0).to_json();
-            let rows = by_app.entry(Arc::clone(&meta.app_id)).or_default();
-            rows.0.push((id.clone(), record));
-            rows.1.push((deadline, id.clone()));
-            rows.2.push((id.clone(), me.to_owned()));
-            keys.push((Arc::clone(&meta.app_id), id));
+            let batch = message.batch();
+            let (at, index, accepted_ms) = message.packed_position();
+            let id = message.message_id();
+            let rows = by_app.entry(&batch.app.id).or_default();
+            let record = PackedJob {
+                batch: batch.key.to_string(),
+                at,
+                index,
+                accepted_ms,
+            }
+            .to_json();
+            rows.records.push((id, record));
+            rows.leases.push((deadline, id));
+            rows.owners.push((id, me));
+            match rows.batches.last_mut() {
+                Some((last, n)) if Arc::ptr_eq(last, batch) => *n += 1,
+                _ => rows.batches.push((batch, 1)),
+            }
         }
         let mut conn = self.store.conn();
-        for (app, (records, leases, owners)) in &by_app {
+        for (app, rows) in &by_app {
             let Some(k) = self.keys(app) else { continue };
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .hset_multiple(k.jobs(), records)
+            pipe.atomic();
+            for (batch, n) in &rows.batches {
+                let key = k.batch(&batch.key);
+                if !batch.is_saved() {
+                    pipe.hset_multiple(
+                        &key,
+                        &[
+                            ("ctx", stored_batch(batch).to_json().into_bytes()),
+                            ("buf", batch.packed_recipients().to_vec()),
+                        ],
+                    )
+                    .ignore();
+                }
+                pipe.hincr(&key, "left", *n).ignore();
+            }
+            pipe.hset_multiple(k.jobs(), &rows.records)
                 .ignore()
-                .zadd_multiple(k.leases(), leases)
+                .zadd_multiple(k.leases(), &rows.leases)
                 .ignore()
-                .hset_multiple(k.owner(), owners)
+                .hset_multiple(k.owner(), &rows.owners)
                 .ignore();
             let result = pipe.query_async::<()>(&mut conn).await;
             self.store.observe(&result);
             result?;
+            for (batch, _) in &rows.batches {
+                batch.mark_saved();
+            }
         }
-        for key in keys {
-            self.held.insert(key, ());
+        for message in messages {
+            self.held.insert(
+                (
+                    Arc::clone(&message.app().id),
+                    message.message_id().to_owned(),
+                ),
+                (),
+            );
         }
         Ok(())
     }
@@ -425,6 +547,17 @@ impl RedisRetryQueue {
             let Some(k) = self.keys(app) else { continue };
             let mut pipe = redis::pipe();
             pipe.atomic();
+            if !g.parked.is_empty() || !g.dead_ids.is_empty() {
+                // Before the records are replaced or deleted: see `RELEASE_FN`.
+                pipe.cmd("EVAL")
+                    .arg(&self.release_script)
+                    .arg(1)
+                    .arg(k.jobs())
+                    .arg(k.batch_prefix())
+                    .arg(&g.parked)
+                    .arg(&g.dead_ids)
+                    .ignore();
+            }
             if !g.parked.is_empty() {
                 pipe.hset_multiple(k.jobs(), &g.jobs).ignore();
                 pipe.zadd_multiple(k.delay(me), &g.due).ignore();
@@ -467,12 +600,13 @@ impl RedisRetryQueue {
             } else {
                 // EVAL (not EVALSHA) inside the MULTI: no NOSCRIPT round trip; Redis caches it.
                 pipe.cmd("EVAL")
-                    .arg(ACK)
+                    .arg(&self.ack_script)
                     .arg(3)
                     .arg(k.leases())
                     .arg(k.owner())
                     .arg(k.jobs())
                     .arg(me)
+                    .arg(k.batch_prefix())
                     .arg(&g.acks);
                 let (n,): (u64,) = pipe.query_async(&mut conn).await?;
                 self.stats.acked.fetch_add(n, Ordering::Relaxed);
@@ -514,9 +648,10 @@ impl RedisRetryQueue {
                         continue;
                     }
                 };
-                full |= claimed.len() >= config.claim_batch;
-                for (id, record, reclaimed) in claimed {
-                    let Some(job) = self.job_of(app, id, &record, reclaimed) else {
+                full |= claimed.jobs.len() >= config.claim_batch;
+                let Restored { jobs, batches } = self.restore_batches(app, claimed);
+                for (id, record, reclaimed) in jobs {
+                    let Some(job) = self.job_of(app, id, &record, reclaimed, &batches) else {
                         continue;
                     };
                     let slot = tokio::select! {
@@ -545,16 +680,12 @@ impl RedisRetryQueue {
         self.stopped.store(true, Ordering::Release);
     }
 
-    async fn claim_batch(
-        &self,
-        keys: &AppKeys,
-        limit: usize,
-    ) -> redis::RedisResult<Vec<(String, Vec<u8>, bool)>> {
+    async fn claim_batch(&self, keys: &AppKeys, limit: usize) -> redis::RedisResult<Claimed> {
         let now = now_ms();
         let deadline = now + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
         let me = self.store.replica();
         let mut conn = self.store.conn();
-        let flat: Vec<redis::Value> = self
+        let (flat, contexts): (Vec<redis::Value>, Vec<redis::Value>) = self
             .claim
             .key(keys.delay(me))
             .key(keys.leases())
@@ -564,26 +695,86 @@ impl RedisRetryQueue {
             .arg(deadline)
             .arg(limit)
             .arg(me)
+            .arg(keys.batch_prefix())
             .invoke_async(&mut conn)
             .await?;
-        let mut out = Vec::with_capacity(flat.len() / 3);
+        let mut jobs = Vec::with_capacity(flat.len() / 3);
         let mut it = flat.into_iter();
         while let (Some(id), Some(rec), Some(flag)) = (it.next(), it.next(), it.next()) {
             let id: String = redis::from_redis_value(id)?;
             let rec: Vec<u8> = redis::from_redis_value(rec)?;
             let flag: String = redis::from_redis_value(flag)?;
-            out.push((id, rec, flag == "1"));
+            jobs.push((id, rec, flag == "1"));
         }
-        Ok(out)
+        let mut batches = HashMap::new();
+        let mut it = contexts.into_iter();
+        while let (Some(name), Some(ctx), Some(buf)) = (it.next(), it.next(), it.next()) {
+            let name: String = redis::from_redis_value(name)?;
+            let ctx: Option<Vec<u8>> = redis::from_redis_value(ctx)?;
+            let buf: Option<Vec<u8>> = redis::from_redis_value(buf)?;
+            batches.insert(name, (ctx, buf));
+        }
+        Ok(Claimed { jobs, batches })
+    }
+
+    /// The batch contexts of one claim, restored (template compiled) once each; a context that
+    /// is gone or does not parse is kept as its error, for the records that refer to it.
+    fn restore_batches(&self, app: &Arc<AppRuntime>, claimed: Claimed) -> Restored {
+        let batches = claimed
+            .batches
+            .into_iter()
+            .map(|(name, (ctx, buf))| {
+                let restored = match (ctx, buf) {
+                    (Some(ctx), Some(buf)) => self.restore_batch(app, &name, &ctx, buf),
+                    _ => Err(format!("batch context `{name}` is missing")),
+                };
+                (name, restored.map(Arc::new))
+            })
+            .collect();
+        Restored {
+            jobs: claimed.jobs,
+            batches,
+        }
+    }
+
+    fn restore_batch(
+        &self,
+        app: &Arc<AppRuntime>,
+        name: &str,
+        ctx: &[u8],
+        buf: Vec<u8>,
+    ) -> Result<AcceptedBatch, String> {
+        let stored = StoredBatch::from_json(ctx).map_err(|e| e.to_string())?;
+        let source = stored.template.template().map_err(|e| e.to_string())?;
+        AcceptedBatch::restore(
+            Arc::clone(app),
+            name.into(),
+            stored.batch_id.as_str().into(),
+            stored.campaign_id.as_str().into(),
+            source,
+            RenderContext {
+                apns_topic: stored.apns_topic.clone(),
+                analytics_label: stored.analytics_label.clone(),
+            },
+            stored.ttl(),
+            stored.campaign_rate_per_minute,
+            stored.started(),
+            buf.into_boxed_slice(),
+            Arc::clone(&self.hub),
+        )
+        .map_err(|e| format!("batch context `{name}`: {}: {}", e.field, e.reason))
     }
 
     /// Turns a claimed record into a job, with the local `Pending` when this process parked it.
+    /// A packed record is rendered from its batch's context; one that does not render ends
+    /// REJECTED naming the field, as it would have in memory.
     fn job_of(
         &self,
         app: &Arc<AppRuntime>,
         id: String,
         record: &[u8],
         reclaimed: bool,
+        batches: &HashMap<String, Result<Arc<AcceptedBatch>, String>>,
     ) -> Option<Job> {
         self.stats.claimed.fetch_add(1, Ordering::Relaxed);
         if reclaimed {
@@ -592,6 +783,40 @@ impl RedisRetryQueue {
             warn!(app = %app.id, message_id = %id, "reclaimed an expired lease: the job may be attempted twice");
         }
         let key: JobKey = (Arc::clone(&app.id), id);
+        if let Some(packed) = PackedJob::from_record(record) {
+            let restored =
+                packed
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| match batches.get(&p.batch) {
+                        Some(Ok(batch)) => Ok((Arc::clone(batch), p)),
+                        Some(Err(e)) => Err(e.clone()),
+                        None => Err(format!("batch context `{}` was not claimed", p.batch)),
+                    });
+            let (batch, p) = match restored {
+                Ok(ok) => ok,
+                Err(e) => {
+                    self.dead_letter_corrupt(key, record, &e);
+                    return None;
+                }
+            };
+            let (meta, rendered) = batch.job_at(p.at, p.index, p.accepted_ms);
+            let pending = Pending::detached(Arc::new(meta), Arc::clone(&self.hub), 0);
+            self.held.insert(key, ());
+            return match rendered {
+                Ok(request) => Some(Job {
+                    pending,
+                    request,
+                    app: Arc::clone(app),
+                }),
+                Err(error) => {
+                    pending.resolve(Resolution {
+                        field: error.field,
+                        ..Resolution::gateway(ReceiptStatus::Rejected, error.reason)
+                    });
+                    None
+                }
+            };
+        }
         let parsed = StoredJob::from_json(record).and_then(|r| {
             let request = r.provider_request()?;
             Ok((r, request))
@@ -599,20 +824,7 @@ impl RedisRetryQueue {
         let (stored, request) = match parsed {
             Ok(ok) => ok,
             Err(e) => {
-                error!(app = %app.id, message_id = %key.1, error = %e, "corrupt job record: dead-lettered");
-                let at_ms = now_ms();
-                let record = serde_json::json!({
-                    "raw": String::from_utf8_lossy(record),
-                    "last_error": e.to_string(),
-                })
-                .to_string();
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                self.write(Write::Dead {
-                    app: key.0,
-                    id: key.1,
-                    record,
-                    at_ms,
-                });
+                self.dead_letter_corrupt(key, record, &e.to_string());
                 return None;
             }
         };
@@ -630,6 +842,23 @@ impl RedisRetryQueue {
             request,
             app: Arc::clone(app),
         })
+    }
+
+    /// A record that cannot become a job is kept as a dead letter with its raw bytes.
+    fn dead_letter_corrupt(&self, key: JobKey, record: &[u8], error: &str) {
+        error!(app = %key.0, message_id = %key.1, %error, "corrupt job record: dead-lettered");
+        let record = serde_json::json!({
+            "raw": String::from_utf8_lossy(record),
+            "last_error": error,
+        })
+        .to_string();
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.write(Write::Dead {
+            app: key.0,
+            id: key.1,
+            record,
+            at_ms: now_ms(),
+        });
     }
 
     /// Lease renewal, heartbeat, and takeover of dead replicas' delay sets.

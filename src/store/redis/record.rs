@@ -1,5 +1,11 @@
-//! What a job looks like at rest in Redis: everything needed to attempt it again on any replica
-//! (identity, rendered provider request, attempts so far), as JSON.
+//! What a job looks like at rest in Redis, as JSON, in one of two forms:
+//!
+//! - **Packed** ([`PackedJob`]): an accepted message before its first attempt, as it waits in
+//!   memory: a reference to its batch's context ([`StoredBatch`]: the template source, the render
+//!   context and the batch's packed recipients, written once per batch) and where its recipient
+//!   is packed there. It is rendered when it is claimed, like a waiting message in memory.
+//! - **Rendered** ([`StoredJob`]): a job after an attempt (parked for a retry, or a dead
+//!   letter): identity, rendered provider request, attempts so far.
 //!
 //! These mirror types keep the domain types in `model` free of serde and Redis concerns; the
 //! conversions are total in one direction (domain -> record) and validated in the other, so a
@@ -13,9 +19,172 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    ApnsRequest, FcmRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType,
+    ApnsRequest, FcmRequest, MessageMeta, Platform, Priority, ProviderRequest, PushType, Template,
     epoch_millis,
 };
+
+/// An accepted message that has not been attempted yet: where its recipient is packed in the
+/// batch context `batch` (a key suffix, see `AppKeys::batch`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PackedJob {
+    pub batch: String,
+    /// Byte offset of the recipient in the batch's packed buffer.
+    pub at: u32,
+    /// The recipient's position in its batch (field names in errors).
+    pub index: u32,
+    /// Milliseconds from the batch's start to this message's acceptance.
+    pub accepted_ms: u32,
+}
+
+/// The JSON envelope of a packed record: `{"packed":{...}}`. Rendered records never have a
+/// `packed` key, so the two forms cannot be mistaken for each other.
+#[derive(Serialize, Deserialize)]
+struct PackedEnvelope {
+    packed: PackedJob,
+}
+
+/// The leading bytes of every packed record (the Lua scripts test for them).
+pub const PACKED_PREFIX: &str = "{\"packed\":";
+
+impl PackedJob {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&PackedEnvelope {
+            packed: self.clone(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// The packed job of `record`, or `None` when it is a rendered record.
+    pub fn from_record(record: &[u8]) -> Option<Result<Self, RecordError>> {
+        record.starts_with(PACKED_PREFIX.as_bytes()).then(|| {
+            serde_json::from_slice::<PackedEnvelope>(record)
+                .map(|e| e.packed)
+                .map_err(|e| RecordError(e.to_string()))
+        })
+    }
+}
+
+/// What every packed message of one accepted batch shares, at rest. The packed recipients
+/// themselves are stored beside it as raw bytes (hash field `buf`), not in this JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub batch_id: String,
+    pub campaign_id: String,
+    pub template: StoredTemplate,
+    pub apns_topic: String,
+    #[serde(default)]
+    pub analytics_label: Option<String>,
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    #[serde(default)]
+    pub campaign_rate_per_minute: u32,
+    /// When acceptance of the batch began (epoch ms); messages store offsets from it.
+    pub started_ms: i64,
+}
+
+impl StoredBatch {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(s: &[u8]) -> Result<Self, RecordError> {
+        serde_json::from_slice(s).map_err(|e| RecordError(format!("batch context: {e}")))
+    }
+
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl_ms.map(Duration::from_millis)
+    }
+
+    pub fn started(&self) -> SystemTime {
+        from_millis(self.started_ms)
+    }
+}
+
+/// The template source of a batch, as the caller sent it (it is compiled again on claim).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(default)]
+pub struct StoredTemplate {
+    pub title: String,
+    pub subtitle: String,
+    pub body: String,
+    pub image_url: String,
+    pub deep_link: String,
+    pub sound: String,
+    pub badge: Option<u32>,
+    pub category: String,
+    pub thread_id: String,
+    pub data: std::collections::BTreeMap<String, String>,
+    pub collapse_key: String,
+    pub ttl_ms: Option<u64>,
+    pub priority: u8,
+    pub push_type: Option<String>,
+    pub content_available: bool,
+    pub mutable_content: bool,
+    pub apns_json: String,
+    pub fcm_json: String,
+    pub android_channel_id: String,
+}
+
+impl From<&Template> for StoredTemplate {
+    fn from(t: &Template) -> Self {
+        Self {
+            title: t.title.clone(),
+            subtitle: t.subtitle.clone(),
+            body: t.body.clone(),
+            image_url: t.image_url.clone(),
+            deep_link: t.deep_link.clone(),
+            sound: t.sound.clone(),
+            badge: t.badge,
+            category: t.category.clone(),
+            thread_id: t.thread_id.clone(),
+            data: t.data.clone(),
+            collapse_key: t.collapse_key.clone(),
+            ttl_ms: t
+                .ttl
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            priority: priority_code(t.priority),
+            push_type: t.push_type.map(|p| p.header_value().to_owned()),
+            content_available: t.content_available,
+            mutable_content: t.mutable_content,
+            apns_json: t.apns_json.clone(),
+            fcm_json: t.fcm_json.clone(),
+            android_channel_id: t.android_channel_id.clone(),
+        }
+    }
+}
+
+impl StoredTemplate {
+    pub fn template(&self) -> Result<Template, RecordError> {
+        let push_type = match &self.push_type {
+            None => None,
+            Some(p) => Some(
+                push_type_from_header(p)
+                    .ok_or_else(|| RecordError(format!("unknown push type `{p}`")))?,
+            ),
+        };
+        Ok(Template {
+            title: self.title.clone(),
+            subtitle: self.subtitle.clone(),
+            body: self.body.clone(),
+            image_url: self.image_url.clone(),
+            deep_link: self.deep_link.clone(),
+            sound: self.sound.clone(),
+            badge: self.badge,
+            category: self.category.clone(),
+            thread_id: self.thread_id.clone(),
+            data: self.data.clone(),
+            collapse_key: self.collapse_key.clone(),
+            ttl: self.ttl_ms.map(Duration::from_millis),
+            priority: priority_from_code(self.priority),
+            push_type,
+            content_available: self.content_available,
+            mutable_content: self.mutable_content,
+            apns_json: self.apns_json.clone(),
+            fcm_json: self.fcm_json.clone(),
+            android_channel_id: self.android_channel_id.clone(),
+        })
+    }
+}
 
 /// A parked job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -289,5 +458,58 @@ mod tests {
     fn corrupt_records_are_errors() {
         assert!(StoredJob::from_json(b"{}").is_err());
         assert!(StoredJob::from_json(b"\xff").is_err());
+        assert!(matches!(
+            PackedJob::from_record(br#"{"packed":{"batch":1}}"#),
+            Some(Err(_))
+        ));
+        assert!(StoredBatch::from_json(b"[]").is_err());
+    }
+
+    #[test]
+    fn packed_records_are_told_apart_from_rendered_ones() {
+        let packed = PackedJob {
+            batch: "b1".into(),
+            at: 7,
+            index: 3,
+            accepted_ms: 12,
+        };
+        let record = packed.to_json();
+        // The Lua scripts read the batch with the pattern `^{"packed":{"batch":"([^"]+)"`.
+        assert!(
+            record.starts_with(r#"{"packed":{"batch":"b1","#),
+            "{record}"
+        );
+        assert!(record.starts_with(PACKED_PREFIX));
+        assert_eq!(
+            PackedJob::from_record(record.as_bytes()).map(|r| r.ok()),
+            Some(Some(packed))
+        );
+        assert!(PackedJob::from_record(br#"{"app_id":"shop"}"#).is_none());
+    }
+
+    #[test]
+    fn templates_round_trip_through_their_stored_form() {
+        let template = Template {
+            title: "Hi {{ name }}".into(),
+            ttl: Some(Duration::from_secs(90)),
+            priority: Priority::High,
+            push_type: Some(PushType::Background),
+            badge: Some(3),
+            data: [("k".to_string(), "{{ v }}".to_string())].into(),
+            fcm_json: r#"{"android":{}}"#.into(),
+            ..Default::default()
+        };
+        let stored = StoredTemplate::from(&template);
+        let json = serde_json::to_string(&stored).unwrap();
+        let back: StoredTemplate = serde_json::from_str(&json).unwrap();
+        let again = back.template().unwrap();
+        assert_eq!(StoredTemplate::from(&again), stored);
+        assert_eq!(again.push_type, Some(PushType::Background));
+        assert_eq!(again.ttl, Some(Duration::from_secs(90)));
+        let bad = StoredTemplate {
+            push_type: Some("nope".into()),
+            ..stored
+        };
+        assert!(bad.template().is_err());
     }
 }
