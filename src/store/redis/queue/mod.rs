@@ -1,0 +1,384 @@
+//! The Redis queue behind [`super::RedisStore`]: persists accepted messages under a lease, parks
+//! transiently failed jobs by due time, claims due ones in batches under a lease, releases what
+//! a terminal receipt finished, and dead-letters jobs whose attempts are exhausted.
+//!
+//! # Protocol
+//! - **Park** (`schedule`): one pipelined MULTI per write batch: `HSET jobs id record`,
+//!   `ZADD delay:<me> due id`, and the job's lease (if it had one) is dropped.
+//! - **Claim** (Lua, per app, up to `claim_batch` jobs): due ids move from this replica's delay
+//!   set to `leases` (score = lease deadline) with `owner[id] = me`; leases that expired
+//!   (their replica died or stalled) are taken over in the same call and counted as reclaimed.
+//! - **Renew**: every `lease_ms / 3`, the leases of jobs this replica still holds are pushed
+//!   forward (`ZADD XX GT`, pipelined), and the replica's heartbeat in `replicas` too.
+//! - **Take over**: the delay set of a replica whose heartbeat expired is merged into ours (Lua),
+//!   so jobs parked by a dead replica are still delivered.
+//! - **Accept** (`persist_accepted`): every accepted message is written to `jobs` packed and
+//!   unrendered, as it waits in memory (a reference into its batch's context, which is written
+//!   once per batch with a count of the records that refer to it), and leased to this replica
+//!   (one MULTI per chunk of a batch) before the caller is told it was accepted, so a `kill -9`
+//!   loses nothing acknowledged. A claimed packed record is rendered from its batch's context.
+//! - **Release**: whenever a packed record is replaced (park, dead letter) or deleted (ack), the
+//!   same script that reads it lowers its batch's count, and the context goes with the last
+//!   record. Scripts reach the context keys by name (`<p>:{app}:batch:<id>`, the app's hash
+//!   tag, so the same Cluster slot as the keys they declare).
+//! - **Ack** (Lua inside the MULTI that appends the terminal receipt to the receipts stream):
+//!   the lease, owner and record are removed, only if this replica still owns the lease. A
+//!   message thus has both its terminal receipt and its release in Redis, or neither (then it is
+//!   delivered again after a crash: provider-side duplicates are bounded by the crashed
+//!   replica's in-flight requests plus one write batch).
+//! - **Dead letter**: after the last attempt the record (with its last error) moves to
+//!   `dead` / `dead_idx`; admin RPCs list, replay (back into a delay set with attempts reset) or
+//!   purge them.
+//!
+//! Each message is held by one replica at a time; only a lease that expires (crash, or a
+//! replica stalled, or a Redis outage, longer than `lease_ms`) lets a second replica attempt
+//! it, which the `reclaimed` counter shows.
+
+mod claim;
+mod scripts;
+mod write;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::Script;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use scripts::{ACK, CLAIM, RELEASE, RELEASE_FN, TAKEOVER};
+use write::Write;
+
+use super::RedisClient;
+use super::keys::AppKeys;
+use super::record::{PackedJob, StoredBatch, StoredJob, StoredTemplate};
+use crate::domain::{Receipt, ReceiptStatus, epoch_millis};
+use crate::receipts::{Pending, ReceiptHub, Resolution};
+use crate::registry::AppRuntime;
+use crate::render::RenderContext;
+use crate::store::{StoreStats, now_ms};
+use crate::work::{AcceptedBatch, Job, Waiting, Work};
+
+type JobKey = (Arc<str>, String);
+
+/// The saved form of a batch's context (its packed recipients are saved beside it).
+fn stored_batch(batch: &AcceptedBatch) -> StoredBatch {
+    StoredBatch {
+        batch_id: batch.batch_id.to_string(),
+        campaign_id: batch.campaign_id.to_string(),
+        template: StoredTemplate::from(&batch.source),
+        apns_topic: batch.ctx.apns_topic.clone(),
+        analytics_label: batch.ctx.analytics_label.clone(),
+        ttl_ms: batch
+            .ttl
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        campaign_rate_per_minute: batch.campaign_rate_per_minute,
+        started_ms: epoch_millis(batch.started()),
+    }
+}
+
+/// Counters for tests, benchmarks and logs.
+#[derive(Debug, Default)]
+struct QueueStats {
+    pub scheduled: AtomicU64,
+    pub claimed: AtomicU64,
+    /// Claimed from an expired lease: possibly attempted twice (crash or stall).
+    pub reclaimed: AtomicU64,
+    pub acked: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// The queue. See the module docs.
+pub(super) struct RedisRetryQueue {
+    store: Arc<RedisClient>,
+    hub: Arc<ReceiptHub>,
+    apps: HashMap<String, (Arc<AppRuntime>, AppKeys)>,
+    /// Pendings of jobs parked by this process, for their original caller.
+    local: DashMap<JobKey, Pending>,
+    /// Jobs this replica holds a lease on (renewed until their terminal receipt).
+    held: DashMap<JobKey, ()>,
+    writes: mpsc::UnboundedSender<Write>,
+    stopped: AtomicBool,
+    /// Set while a write batch failed and waits to be written again. A failed batch may still
+    /// have been applied (its reply lost to an outage or a timeout); writing it again is harmless
+    /// only if no job was claimed in between, so claiming pauses until the batch is through.
+    write_backlog: AtomicBool,
+    stats: QueueStats,
+    claim: Script,
+    takeover: Script,
+    /// `RELEASE_FN` + `ACK`, and `RELEASE_FN` + `RELEASE`, sent with EVAL inside MULTIs.
+    ack_script: String,
+    release_script: String,
+}
+
+impl RedisRetryQueue {
+    /// Starts the writer and the claimer. Due jobs go into `dispatch`; when `stop` fires, claiming
+    /// ends, pending writes are flushed and the parked jobs' `Pending`s are handed off (they stay
+    /// in Redis for the next replica).
+    pub fn start(
+        store: Arc<RedisClient>,
+        hub: Arc<ReceiptHub>,
+        apps: impl IntoIterator<Item = Arc<AppRuntime>>,
+        dispatch: mpsc::Sender<Work>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let prefix = store.config().key_prefix.clone();
+        let apps = apps
+            .into_iter()
+            .map(|a| {
+                (
+                    a.id.to_string(),
+                    (Arc::clone(&a), AppKeys::new(&prefix, &a.id)),
+                )
+            })
+            .collect();
+        let (writes, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Self {
+            store,
+            hub,
+            apps,
+            local: DashMap::new(),
+            held: DashMap::new(),
+            writes,
+            stopped: AtomicBool::new(false),
+            write_backlog: AtomicBool::new(false),
+            stats: QueueStats::default(),
+            claim: Script::new(CLAIM),
+            takeover: Script::new(TAKEOVER),
+            ack_script: format!("{RELEASE_FN}{ACK}"),
+            release_script: format!("{RELEASE_FN}{RELEASE}"),
+        });
+        let writer = Arc::clone(&queue);
+        let writer_stop = stop.clone();
+        let writer_done = tokio::spawn(async move { writer.write_loop(rx, writer_stop).await });
+        let claimer = Arc::clone(&queue);
+        tokio::spawn(async move {
+            claimer.claim_loop(dispatch, stop).await;
+            let _ = writer_done.await;
+            claimer.hand_off_parked();
+        });
+        queue
+    }
+
+    /// Persists freshly accepted messages, packed and leased to this replica, before they are
+    /// acknowledged to the caller: one MULTI per app, which also saves the context of each
+    /// batch seen for the first time and counts the records that refer to it. If this process
+    /// dies, the leases expire and another replica (or this one restarted) renders and delivers
+    /// them. The terminal receipt releases them (ack).
+    pub async fn persist_accepted(&self, messages: &[Waiting]) -> redis::RedisResult<()> {
+        #[derive(Default)]
+        struct Rows<'a> {
+            records: Vec<(&'a str, String)>,
+            leases: Vec<(i64, &'a str)>,
+            owners: Vec<(&'a str, &'a str)>,
+            /// Per batch of this call: the batch, and how many records refer to it.
+            batches: Vec<(&'a Arc<AcceptedBatch>, i64)>,
+        }
+        let me = self.store.replica();
+        let deadline =
+            now_ms() + i64::try_from(self.store.config().lease_ms).unwrap_or(i64::MAX / 2);
+        let mut by_app: HashMap<&str, Rows<'_>> = HashMap::new();
+        for message in messages {
+            let batch = message.batch();
+            let (at, index, accepted_ms) = message.packed_position();
+            let id = message.message_id();
+            let rows = by_app.entry(&batch.app.id).or_default();
+            let record = PackedJob {
+                batch: batch.key.to_string(),
+                at,
+                index,
+                accepted_ms,
+            }
+            .to_json();
+            rows.records.push((id, record));
+            rows.leases.push((deadline, id));
+            rows.owners.push((id, me));
+            match rows.batches.last_mut() {
+                Some((last, n)) if Arc::ptr_eq(last, batch) => *n += 1,
+                _ => rows.batches.push((batch, 1)),
+            }
+        }
+        let mut conn = self.store.conn();
+        for (app, rows) in &by_app {
+            let Some(k) = self.keys(app) else { continue };
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (batch, n) in &rows.batches {
+                let key = k.batch(&batch.key);
+                if !batch.is_saved() {
+                    pipe.hset_multiple(
+                        &key,
+                        &[
+                            ("ctx", stored_batch(batch).to_json().into_bytes()),
+                            ("buf", batch.packed_recipients().to_vec()),
+                        ],
+                    )
+                    .ignore();
+                }
+                pipe.hincr(&key, "left", *n).ignore();
+            }
+            pipe.hset_multiple(k.jobs(), &rows.records)
+                .ignore()
+                .zadd_multiple(k.leases(), &rows.leases)
+                .ignore()
+                .hset_multiple(k.owner(), &rows.owners)
+                .ignore();
+            let result = pipe.query_async::<()>(&mut conn).await;
+            self.store.observe(&result);
+            result?;
+            for (batch, _) in &rows.batches {
+                batch.mark_saved();
+            }
+        }
+        for message in messages {
+            self.held.insert(
+                (
+                    Arc::clone(&message.app().id),
+                    message.message_id().to_owned(),
+                ),
+                (),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.stats;
+        StoreStats {
+            scheduled: s.scheduled.load(Ordering::Relaxed),
+            claimed: s.claimed.load(Ordering::Relaxed),
+            reclaimed: s.reclaimed.load(Ordering::Relaxed),
+            acked: s.acked.load(Ordering::Relaxed),
+            dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Jobs parked by this process whose `Pending` is still held here.
+    pub fn parked_here(&self) -> usize {
+        self.local.len()
+    }
+
+    fn keys(&self, app: &str) -> Option<&AppKeys> {
+        self.apps.get(app).map(|(_, k)| k)
+    }
+
+    /// At shutdown: parked jobs stay in Redis; their `Pending`s are released without a terminal
+    /// receipt, which the replica that finishes each job emits.
+    fn hand_off_parked(&self) {
+        let keys: Vec<JobKey> = self.local.iter().map(|e| e.key().clone()).collect();
+        for key in keys {
+            if let Some((_, pending)) = self.local.remove(&key) {
+                pending.hand_off();
+            }
+        }
+    }
+
+    /// Parks `job` until `due_ms` (epoch milliseconds).
+    pub fn park(&self, job: Job, due_ms: i64) {
+        let meta = Arc::clone(job.pending.meta());
+        let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
+        if self.keys(&meta.app_id).is_none() {
+            job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "app unknown to the retry queue",
+            ));
+            return;
+        }
+        let stored = StoredJob::new(&meta, &job.request, job.pending.attempt());
+        self.held.remove(&key);
+        self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
+        let record = stored.to_json();
+        if self.stopped.load(Ordering::Acquire) {
+            job.pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "gateway shut down before the retry was attempted",
+            ));
+            return;
+        }
+        self.local.insert(key.clone(), job.pending);
+        if !self.write(Write::Park {
+            app: Arc::clone(&key.0),
+            id: key.1.clone(),
+            record,
+            due_ms,
+        }) && let Some((_, pending)) = self.local.remove(&key)
+        {
+            pending.resolve(Resolution::gateway(
+                ReceiptStatus::Failed,
+                "gateway shut down before the retry was attempted",
+            ));
+        }
+    }
+
+    /// Keeps a job whose attempts ran out as a dead letter, then emits its terminal receipt.
+    pub fn dead_letter(&self, job: Job, resolution: Resolution) {
+        // The record is written before the terminal receipt is emitted (same writer order as
+        // the job's earlier writes); the lease is released by the dead-letter write itself.
+        let Job {
+            pending,
+            request,
+            app,
+        } = job;
+        let meta = Arc::clone(pending.meta());
+        let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
+        self.held.remove(&key);
+        let mut stored = StoredJob::new(&meta, &request, pending.attempt());
+        stored.last_error = resolution.reason.clone();
+        if self.keys(&app.id).is_some() {
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            self.write(Write::Dead {
+                app: key.0,
+                id: key.1,
+                record: stored.to_json(),
+                at_ms: now_ms(),
+            });
+        }
+        pending.resolve(resolution);
+    }
+
+    /// Sees every receipt (the store's acknowledgement): records terminal outcomes for
+    /// idempotency, appends the receipt to the app's stream and releases the lease a terminal
+    /// receipt finished.
+    pub fn observe(&self, receipt: &Arc<Receipt>) {
+        let app = Arc::clone(&receipt.meta.app_id);
+        if self.keys(&app).is_none() {
+            return;
+        }
+        let config = self.store.config();
+        let terminal = receipt.terminal();
+        let id = receipt.meta.message_id.clone();
+        // Refusals at ingest hold nothing here: a message of the same id that was accepted
+        // must not be released by them. Rejections never claimed an idempotency key (or
+        // released it).
+        let accepted = receipt.accepted;
+        if accepted
+            && terminal
+            && config.idempotency_ttl_secs > 0
+            && receipt.status != ReceiptStatus::Rejected
+        {
+            self.write(Write::Outcome {
+                app: Arc::clone(&app),
+                id: id.clone(),
+                status: receipt.status.as_str(),
+            });
+        }
+        let key: JobKey = (app, id);
+        let ack = accepted && terminal && self.held.remove(&key).is_some();
+        let (app, id) = key;
+        if config.receipts_stream_maxlen > 0 {
+            // The terminal receipt and the lease release are written in one MULTI: after a
+            // crash, a message has either both (done) or neither (delivered again).
+            self.write(Write::Receipt {
+                app,
+                encoded: super::feed::encode(receipt),
+                ack: ack.then_some(id),
+            });
+        } else if ack {
+            self.write(Write::Ack { app, id });
+        }
+    }
+}

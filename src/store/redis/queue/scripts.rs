@@ -1,0 +1,126 @@
+//! The Lua scripts of the queue protocol (see the parent module's docs). Scripts reach batch
+//! context keys by name: they carry the app's hash tag, so they share the Cluster slot of the
+//! keys the scripts declare.
+
+/// Lua shared by the scripts that read a record before replacing or deleting it: lowers the
+/// count of each packed record's batch context, and deletes a context no record refers to.
+/// The batch is read with a pattern, not a JSON decode: a packed record always starts
+/// `{"packed":{"batch":"<hex>"` (`PackedJob` serializes `batch` first; the tests pin it).
+pub(super) const RELEASE_FN: &str = r#"
+local BATCH_OF = '^{"packed":{"batch":"([^"]+)"'
+local function release(jobs, prefix, ids)
+  if #ids == 0 then return end
+  local recs = redis.call('HMGET', jobs, unpack(ids))
+  local counts = {}
+  for i = 1, #ids do
+    local batch = recs[i] and string.match(recs[i], BATCH_OF)
+    if batch then counts[batch] = (counts[batch] or 0) + 1 end
+  end
+  for batch, n in pairs(counts) do
+    local key = prefix .. batch
+    if redis.call('HINCRBY', key, 'left', -n) <= 0 then redis.call('DEL', key) end
+  end
+end
+"#;
+
+/// Releases packed records about to be replaced or deleted (park, dead letter).
+pub(super) const RELEASE: &str = r#"
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+release(KEYS[1], ARGV[1], ids)
+return 1
+"#;
+
+/// Claims due and expired-lease jobs. Returns `{jobs, contexts}`: `jobs` as flat
+/// `id, record, reclaimed` triples, and `contexts` as flat `batch, ctx, buf` triples, once per
+/// batch that a claimed packed record refers to (`ctx`/`buf` false if the context is gone).
+pub(super) const CLAIM: &str = r#"
+local now = tonumber(ARGV[1])
+local deadline = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local me = ARGV[4]
+local out = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+if #ids > 0 then
+  -- The due ids are the lowest ranks.
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #ids - 1)
+  local recs = redis.call('HMGET', KEYS[4], unpack(ids))
+  local lease = {}
+  local own = {}
+  for i, id in ipairs(ids) do
+    local rec = recs[i]
+    if rec then
+      lease[#lease + 1] = deadline
+      lease[#lease + 1] = id
+      own[#own + 1] = id
+      own[#own + 1] = me
+      out[#out + 1] = id
+      out[#out + 1] = rec
+      out[#out + 1] = '0'
+    end
+  end
+  if #lease > 0 then
+    redis.call('ZADD', KEYS[2], unpack(lease))
+    redis.call('HSET', KEYS[3], unpack(own))
+  end
+end
+local left = limit - #ids
+if left > 0 then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, left)
+  for _, id in ipairs(expired) do
+    local rec = redis.call('HGET', KEYS[4], id)
+    if redis.call('HGET', KEYS[3], id) == me then
+      -- Still ours (renewal lagged, e.g. after a Redis outage): extend, do not re-run.
+      redis.call('ZADD', KEYS[2], deadline, id)
+    elseif rec then
+      redis.call('ZADD', KEYS[2], deadline, id)
+      redis.call('HSET', KEYS[3], id, me)
+      out[#out + 1] = id
+      out[#out + 1] = rec
+      out[#out + 1] = '1'
+    else
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('HDEL', KEYS[3], id)
+    end
+  end
+end
+local contexts = {}
+local seen = {}
+for i = 2, #out, 3 do
+  local batch = string.match(out[i], '^{"packed":{"batch":"([^"]+)"')
+  if batch and not seen[batch] then
+    seen[batch] = true
+    local ctx = redis.call('HMGET', ARGV[5] .. batch, 'ctx', 'buf')
+    contexts[#contexts + 1] = batch
+    contexts[#contexts + 1] = ctx[1]
+    contexts[#contexts + 1] = ctx[2]
+  end
+end
+return {out, contexts}
+"#;
+
+/// Releases the leases this replica still owns and deletes their records (after `RELEASE_FN`).
+pub(super) const ACK: &str = r#"
+local me = ARGV[1]
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+local owners = redis.call('HMGET', KEYS[2], unpack(ids))
+local mine = {}
+for i, id in ipairs(ids) do
+  if owners[i] == me then mine[#mine + 1] = id end
+end
+if #mine > 0 then
+  release(KEYS[3], ARGV[2], mine)
+  redis.call('ZREM', KEYS[1], unpack(mine))
+  redis.call('HDEL', KEYS[2], unpack(mine))
+  redis.call('HDEL', KEYS[3], unpack(mine))
+end
+return #mine
+"#;
+
+pub(super) const TAKEOVER: &str = r#"
+redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MIN')
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"#;
