@@ -13,7 +13,7 @@
 pub mod app;
 pub mod backoff;
 pub mod config;
-pub mod config_error;
+mod config_error;
 mod deliver;
 pub mod domain;
 pub mod edge;

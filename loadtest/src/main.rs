@@ -21,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use load::driver::{self, Live};
 use load::env::{self, GatewayChild, Mocks, Scratch};
 use load::procstat::{self, CLIENT_THREAD, MOCK_THREAD};
+use load::redis::{RedisCost, RedisTarget};
 use load::report::{self, GatewayCost, Latency, Sample, Summary, ToolCost};
 use load::settings::{CeilingTarget, Mode, Settings};
 
@@ -134,6 +135,12 @@ struct Flags {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Durable mode: start a private redis-server for the gateway.
+    #[arg(long, conflicts_with = "redis_url")]
+    redis: bool,
+    /// Durable mode against this Redis (redis://HOST:PORT/DB; the run writes keys there).
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 impl Flags {
@@ -186,6 +193,10 @@ impl Flags {
         if self.json.is_some() {
             s.json = self.json;
         }
+        if self.redis_url.is_some() {
+            s.redis_url = self.redis_url;
+        }
+        s.redis |= self.redis;
         if self.html.is_some() {
             s.html = self.html;
         }
@@ -245,10 +256,24 @@ fn main() -> anyhow::Result<()> {
         };
         let scratch = Scratch::new()?;
         let port = env::free_port()?;
-        let config = env::write_gateway_config(&settings, &mocks, &scratch.0, port)?;
+        let redis = match (&settings.redis_url, settings.redis) {
+            (Some(url), _) => Some(RedisTarget::external(url.clone())),
+            (None, true) => Some(RedisTarget::start_private()?),
+            (None, false) => None,
+        };
+        let redis_url = redis.as_ref().map(|r| r.url.as_str());
+        let config = env::write_gateway_config(&settings, &mocks, &scratch.0, port, redis_url)?;
         let child = GatewayChild::start(&bin, &config, port, &scratch.0).await?;
         let url = format!("http://{}", child.addr);
-        let outcome = run_gateway(&settings, &url, Some(&child), Some(&mocks)).await;
+        let redis_before = match &redis {
+            Some(r) => Some(r.snapshot().await?),
+            None => None,
+        };
+        let mut outcome = run_gateway(&settings, &url, Some(&child), Some(&mocks)).await;
+        if let (Some(r), Some(before), Ok(summary)) = (&redis, &redis_before, &mut outcome) {
+            let after = r.snapshot().await?;
+            summary.redis = Some(RedisCost::between(before, &after, summary.terminal));
+        }
         if outcome.is_err() {
             let log = std::fs::read_to_string(&child.log).unwrap_or_default();
             let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
@@ -449,5 +474,6 @@ async fn run_gateway(
         mock_fcm: mocks.map(|m| m.fcm.stats().into()),
         ceiling: None,
         ceiling_ratio: None,
+        redis: None,
     })
 }

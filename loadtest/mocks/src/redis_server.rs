@@ -41,6 +41,12 @@ impl RedisServer {
         server
     }
 
+    /// Whether a `redis-server` binary is installed (a caller that is not a test can then say
+    /// so instead of the panic `start` gives).
+    pub fn binary_available() -> bool {
+        find_binary().is_some()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -163,6 +163,7 @@ pub fn write_gateway_config(
     mocks: &Mocks,
     dir: &Path,
     port: u16,
+    redis_url: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
     let key_file = dir.join(format!("AuthKey_{}.p8", mocks.apns_key.key_id));
     std::fs::write(&key_file, &mocks.apns_key.private_p8_pem)?;
@@ -194,6 +195,9 @@ pub fn write_gateway_config(
         (s.retry_base_ms * 20).max(1000),
         s.retry_max_attempts
     )?;
+    if let Some(url) = redis_url {
+        write!(cfg, "\n[redis]\nurl = {}\n", toml_str(url))?;
+    }
     for i in 0..s.apps {
         write!(
             cfg,

@@ -8,12 +8,14 @@
 //! - [`driver`]: the gRPC client side (StreamSend or SendBatch), bounded in count and time.
 //! - [`ceiling`]: the raw HTTP/2 client against the same mocks, no gateway.
 //! - [`procstat`]: CPU and RSS from `/proc`.
+//! - [`redis`]: durable-mode runs: the gateway's Redis and what it spent.
 //! - [`report`]: the summary, its JSON and an HTML page with inline SVG charts.
 
 pub mod ceiling;
 pub mod driver;
 pub mod env;
 pub mod procstat;
+pub mod redis;
 pub mod report;
 pub mod settings;
 

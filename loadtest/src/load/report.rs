@@ -123,6 +123,9 @@ pub struct Summary {
     pub mock_apns: Option<MockSummary>,
     pub mock_fcm: Option<MockSummary>,
     pub ceiling: Option<CeilingReport>,
+    /// Durable-mode runs: what Redis spent.
+    #[serde(default)]
+    pub redis: Option<super::redis::RedisCost>,
     /// delivered_per_sec / ceiling req_per_sec.
     pub ceiling_ratio: Option<f64>,
 }
@@ -204,6 +207,18 @@ pub fn print(s: &Summary) {
         println!(
             "gateway (pid {}): CPU {:.2} s = {:.2} CPU s per 100k messages; peak RSS {:.1} MB",
             g.pid, g.cpu_secs, g.cpu_secs_per_100k, g.peak_rss_mb
+        );
+    }
+    if let Some(r) = &s.redis {
+        println!(
+            "redis: {:.1} commands, {:.0} B in, {:.0} B out per message; CPU {:.2} s = {:.2} CPU s per 100k; memory {:.1} MB (peak {:.1} MB)",
+            r.commands_per_message,
+            r.bytes_in_per_message,
+            r.bytes_out_per_message,
+            r.cpu_secs,
+            r.cpu_secs_per_100k,
+            r.used_memory_mb,
+            r.peak_memory_mb
         );
     }
     let t = &s.tool;
@@ -370,6 +385,26 @@ pub fn write_html(s: &Summary, path: &Path) -> anyhow::Result<()> {
     }
     if let Some(r) = s.ceiling_ratio {
         row("gateway / ceiling", format!("{r:.3}"));
+    }
+    if let Some(r) = &s.redis {
+        row(
+            "redis per message",
+            format!(
+                "{:.1} commands, {:.0} B in, {:.0} B out",
+                r.commands_per_message, r.bytes_in_per_message, r.bytes_out_per_message
+            ),
+        );
+        row(
+            "redis CPU s per 100k",
+            format!("{:.2} ({:.2} s total)", r.cpu_secs_per_100k, r.cpu_secs),
+        );
+        row(
+            "redis memory",
+            format!(
+                "{:.1} MB (peak {:.1} MB)",
+                r.used_memory_mb, r.peak_memory_mb
+            ),
+        );
     }
     let html = format!(
         "<!doctype html><html><head><meta charset='utf-8'><title>pushgate load: {name}</title>\

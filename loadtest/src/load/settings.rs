@@ -90,6 +90,10 @@ pub struct Settings {
     /// Ceiling client: HTTP/2 connections and concurrent streams per connection.
     pub ceiling_connections: usize,
     pub ceiling_streams: usize,
+    /// Durable mode: the gateway uses a private `redis-server` the tool starts...
+    pub redis: bool,
+    /// ...or this Redis (a database of its own: the run writes keys there).
+    pub redis_url: Option<String>,
     /// Outputs.
     pub json: Option<PathBuf>,
     pub html: Option<PathBuf>,
@@ -134,6 +138,8 @@ impl Default for Settings {
             ceiling_target: CeilingTarget::Both,
             ceiling_connections: 4,
             ceiling_streams: 100,
+            redis: false,
+            redis_url: None,
             json: None,
             html: None,
             quiet: false,
@@ -248,6 +254,18 @@ impl Settings {
             "gateway_connections",
             "must be in 1..=64",
         )?;
+        check(
+            !(self.redis && self.redis_url.is_some()),
+            "redis",
+            "give either redis (a private server) or redis_url, not both",
+        )?;
+        if let Some(url) = &self.redis_url {
+            check(
+                url.starts_with("redis://") || url.starts_with("rediss://"),
+                "redis_url",
+                "must be a redis:// or rediss:// URL",
+            )?;
+        }
         if let Some(url) = &self.gateway {
             check(
                 url.starts_with("http://127.0.0.1:") || url.starts_with("http://localhost:"),
