@@ -74,7 +74,10 @@ impl RequestCaps {
     pub fn check(&self, batch: &Batch) -> Result<(), FieldError> {
         let over = |field: String, what: &str, len: usize, max: usize| {
             (len > max).then(|| {
-                FieldError::new(field, format!("{what} is {len} bytes; the limit is {max}"))
+                FieldError::new(
+                    field,
+                    format!("{what} is {len} bytes, over the limit of {max}"),
+                )
             })
         };
         let id =
@@ -114,7 +117,7 @@ impl RequestCaps {
             return Err(FieldError::new(
                 "template.data",
                 format!(
-                    "{} entries; the limit is {}",
+                    "{} entries, over the limit of {}",
                     t.data.len(),
                     self.max_template_data_entries
                 ),
@@ -162,7 +165,7 @@ impl RequestCaps {
                 return Err(FieldError::new(
                     field("vars"),
                     format!(
-                        "{} variables; the limit is {}",
+                        "{} variables, over the limit of {}",
                         r.vars.len(),
                         self.max_vars_per_recipient
                     ),
