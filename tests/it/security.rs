@@ -806,3 +806,184 @@ async fn stream_send_refusals_are_one_short_error_per_recipient() {
     assert_eq!(h.mock.accepted().len(), 0);
     h.gateway.shutdown().await.unwrap();
 }
+
+/// A CA made for the test, and certificates it signs.
+struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf certificate for `localhost` and 127.0.0.1: (certificate PEM, key PEM).
+    fn leaf(&self, name: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A TLS client of the gateway at `addr` trusting `ca`, with a client certificate when given.
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+/// SendBatch over `channel` (open mode), or why it failed (handshake or call).
+async fn send_over(channel: Result<Channel, tonic::transport::Error>, n: u64) -> Result<(), String> {
+    let channel = channel.map_err(|e| format!("connect: {e}"))?;
+    call(&channel, Rpc::SendBatch, "shop", None, n)
+        .await
+        .map_err(|(code, message)| format!("{code:?}: {message}"))
+}
+
+/// TLS and mutual TLS on the listener with certificates made here: a client that trusts the
+/// server's CA is served, a plaintext client or one trusting another CA is not; with
+/// `client_ca_file`, only clients presenting a certificate signed by that CA are served; a
+/// reload puts new certificate files in effect for new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls() {
+    let h = harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let server_ca = TestCa::new("server CA");
+    let client_ca = TestCa::new("client CA");
+    let rogue_ca = TestCa::new("rogue CA");
+    let (cert, key) = server_ca.leaf("pushgate");
+    let cert_file = write("tls.crt", &cert);
+    let key_file = write("tls.key", &key);
+    let client_ca_file = write("client-ca.crt", &client_ca.pem);
+    let file = dir.path().join("pushgate.toml");
+    let config = |mutual: bool| {
+        let client_ca = if mutual {
+            format!("client_ca_file = \"{}\"\n", client_ca_file.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "listen = \"127.0.0.1:0\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n{client_ca}[apps.shop.apns]\nkey_file = \"{}\"\nkey_id = \"{}\"\nteam_id = \"{}\"\ntopic = \"{}\"\nendpoint = \"{}\"\n",
+            cert_file.display(),
+            key_file.display(),
+            h.dir.path().join("AuthKey.p8").display(),
+            h.key.key_id,
+            h.key.team_id,
+            harness::TOPIC,
+            h.mock.url()
+        )
+    };
+
+    // TLS.
+    std::fs::write(&file, config(false)).unwrap();
+    let running = pushgate::app::start(pushgate::config::Config::load(Some(&file)).unwrap())
+        .await
+        .unwrap();
+    let addr = running.addr;
+    send_over(tls_channel(addr, &server_ca.pem, None).await, 1)
+        .await
+        .unwrap();
+    let plaintext = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(send_over(plaintext, 2).await.is_err(), "plaintext refused");
+    assert!(
+        send_over(tls_channel(addr, &rogue_ca.pem, None).await, 3)
+            .await
+            .is_err(),
+        "a server certificate from another CA is not trusted"
+    );
+
+    // A reload re-reads the files: a certificate from a new CA is served to new connections.
+    let new_ca = TestCa::new("new server CA");
+    let (cert, key) = new_ca.leaf("pushgate");
+    write("tls.crt", &cert);
+    write("tls.key", &key);
+    pushgate::app::reload(&running.reloadable(), Some(&file)).unwrap();
+    send_over(tls_channel(addr, &new_ca.pem, None).await, 4)
+        .await
+        .unwrap();
+    assert!(
+        send_over(tls_channel(addr, &server_ca.pem, None).await, 5)
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
+    // Unreadable files: the reload fails naming the key, the current certificate stays.
+    write("tls.key", "not a key");
+    let err = pushgate::app::reload(&running.reloadable(), Some(&file)).unwrap_err();
+    assert!(err.to_string().contains("tls.key_file"), "{err}");
+    send_over(tls_channel(addr, &new_ca.pem, None).await, 6)
+        .await
+        .unwrap();
+    running.shutdown().await.unwrap();
+
+    // Mutual TLS.
+    let (cert, key) = server_ca.leaf("pushgate");
+    write("tls.crt", &cert);
+    write("tls.key", &key);
+    std::fs::write(&file, config(true)).unwrap();
+    let running = pushgate::app::start(pushgate::config::Config::load(Some(&file)).unwrap())
+        .await
+        .unwrap();
+    let addr = running.addr;
+    let client = client_ca.leaf("a client");
+    send_over(tls_channel(addr, &server_ca.pem, Some(&client)).await, 7)
+        .await
+        .unwrap();
+    assert!(
+        send_over(tls_channel(addr, &server_ca.pem, None).await, 8)
+            .await
+            .is_err(),
+        "no client certificate"
+    );
+    let rogue = rogue_ca.leaf("a rogue client");
+    assert!(
+        send_over(tls_channel(addr, &server_ca.pem, Some(&rogue)).await, 9)
+            .await
+            .is_err(),
+        "a client certificate from another CA"
+    );
+    // Still serving the right client after the refusals.
+    send_over(tls_channel(addr, &server_ca.pem, Some(&client)).await, 10)
+        .await
+        .unwrap();
+    running.shutdown().await.unwrap();
+    h.gateway.shutdown().await.unwrap();
+}
