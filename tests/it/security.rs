@@ -820,7 +820,10 @@ impl TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key).unwrap();
         Self {
             pem: cert.pem(),
@@ -863,7 +866,10 @@ async fn tls_channel(
 }
 
 /// SendBatch over `channel` (open mode), or why it failed (handshake or call).
-async fn send_over(channel: Result<Channel, tonic::transport::Error>, n: u64) -> Result<(), String> {
+async fn send_over(
+    channel: Result<Channel, tonic::transport::Error>,
+    n: u64,
+) -> Result<(), String> {
     let channel = channel.map_err(|e| format!("connect: {e}"))?;
     call(&channel, Rpc::SendBatch, "shop", None, n)
         .await
@@ -985,5 +991,122 @@ async fn tls_and_mutual_tls() {
         .await
         .unwrap();
     running.shutdown().await.unwrap();
+    h.gateway.shutdown().await.unwrap();
+}
+
+/// Kills a child process when dropped (a failed assertion must not leave it running).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `rediss://`: the gateway binary reaches a TLS-only redis-server (certificate from a CA made
+/// here, trusted through `SSL_CERT_FILE`), reports SERVING and delivers durably through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_reach_a_tls_redis() {
+    let h = harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca = TestCa::new("redis CA");
+    let (cert, key) = ca.leaf("redis");
+    let ca_file = write("ca.crt", &ca.pem);
+    let cert_file = write("redis.crt", &cert);
+    let key_file = write("redis.key", &key);
+    let redis_port = free_port();
+    let _redis = Reaped(
+        std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &redis_port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&cert_file)
+            .arg("--tls-key-file")
+            .arg(&key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&ca_file)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = free_port();
+    let file = write(
+        "pushgate.toml",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\n[redis]\nurl = \"rediss://127.0.0.1:{redis_port}/\"\npoll_ms = 20\n[apps.shop.apns]\nkey_file = \"{}\"\nkey_id = \"{}\"\nteam_id = \"{}\"\ntopic = \"{}\"\nendpoint = \"{}\"\n",
+            h.dir.path().join("AuthKey.p8").display(),
+            h.key.key_id,
+            h.key.team_id,
+            harness::TOPIC,
+            h.mock.url()
+        ),
+    );
+    let _gateway = Reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"))
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("SSL_CERT_FILE", &ca_file)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let channel = connect_retrying(port).await;
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = health(channel.clone()).await;
+        if matches!(got, Ok(s) if s == serving) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never SERVING over rediss: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = PushGatewayClient::new(channel)
+        .send_batch(batch("shop", 0..3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.accepted, 3, "{response:?}");
+    assert!(
+        response
+            .receipts
+            .iter()
+            .all(|r| status(r) == ReceiptStatus::Delivered),
+        "{response:?}"
+    );
     h.gateway.shutdown().await.unwrap();
 }
