@@ -357,6 +357,23 @@ impl Ingest {
         }
         self.config.caps.check(batch)?;
         let compiled = CompiledTemplate::compile(&batch.template)?;
+        // A template whose fixed text alone is over every provider's limit fails the batch once,
+        // instead of being rendered for each recipient to fail each.
+        let overridden = batch
+            .recipients
+            .iter()
+            .any(|r| r.title.is_some() || r.body.is_some());
+        let fixed = compiled.min_payload_bytes(overridden);
+        if fixed > crate::render::MAX_PAYLOAD_BYTES {
+            return Err(FieldError::new(
+                "template",
+                format!(
+                    "the template's fixed text is {fixed} bytes, over the largest provider payload ({} bytes): no recipient could be sent",
+                    crate::render::MAX_PAYLOAD_BYTES
+                ),
+            )
+            .into());
+        }
         let earlier = {
             let ids: Vec<&str> = batch
                 .recipients

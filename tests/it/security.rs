@@ -803,6 +803,14 @@ async fn stream_send_refusals_are_one_short_error_per_recipient() {
     for r in &receipts[210..] {
         assert_eq!(r.field, "template.title");
     }
+
+    // Fields each within their cap whose fixed text together can fit no provider payload: the
+    // batch fails once, naming the template, before any recipient is rendered.
+    let mut too_big = batch("shop", 400..410);
+    too_big.template = Some(template(&"t".repeat(3_000), &"b".repeat(3_000)));
+    let err = h.client().await.send_batch(too_big).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(field_of(&err), "template", "{}", err.message());
     assert_eq!(h.mock.accepted().len(), 0);
     h.gateway.shutdown().await.unwrap();
 }
