@@ -20,8 +20,8 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
-use crate::edge::{AdminApi, Api, ApiKeys};
-use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, SubmitError};
+use crate::edge::{AdminApi, Api, ApiKeys, ServerTls};
+use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, RequestCaps, SubmitError};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -98,6 +98,14 @@ impl Gateway {
             config: IngestConfig {
                 accept_window: config.accept_window,
                 max_batch_recipients: config.max_batch_recipients,
+                caps: RequestCaps {
+                    max_id_bytes: config.max_id_bytes,
+                    max_vars_per_recipient: config.max_vars_per_recipient,
+                    max_vars_bytes: config.max_vars_bytes,
+                    max_template_field_bytes: config.max_template_field_bytes,
+                    max_template_data_entries: config.max_template_data_entries,
+                    max_raw_json_bytes: config.max_raw_json_bytes,
+                },
             },
             ready,
             store: Arc::clone(&store),
@@ -224,6 +232,10 @@ pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
+    /// The API keys in effect (replaced on reload).
+    keys: ApiKeys,
+    /// The listener's TLS settings, when `[tls]` is set (replaced on reload).
+    tls: Option<ServerTls>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -234,6 +246,15 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.done.await.context("server task panicked")?
+    }
+
+    /// What a reload (SIGHUP) changes in this process: limits, API keys, TLS certificates.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            gateway: Arc::clone(&self.gateway),
+            keys: self.keys.clone(),
+            tls: self.tls.clone(),
+        }
     }
 
     /// A token that starts the shutdown when cancelled (signal handlers).
@@ -283,9 +304,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
 
-    let api_keys = ApiKeys::from_config(&config);
+    let api_keys = ApiKeys::from_config(&config)?;
     if !api_keys.enabled() {
-        warn!("no API keys configured: the gRPC API accepts every caller (set apps.<id>.api_keys)");
+        warn!(
+            "no API keys configured: the gRPC API accepts every caller for sending and receipts \
+             (set apps.<id>.api_keys); admin RPCs are {}",
+            if config.allow_unauthenticated {
+                "open too (allow_unauthenticated = true)"
+            } else {
+                "refused"
+            }
+        );
+    }
+
+    let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
+    match &tls {
+        Some(tls) if tls.mutual() => {
+            info!("gRPC listener: mutual TLS (client certificates required)")
+        }
+        Some(_) => info!("gRPC listener: TLS"),
+        None if !config.listen.ip().is_loopback() => {
+            warn!("gRPC listener is plaintext on a non-loopback address (set [tls])")
+        }
+        None => {}
     }
 
     let listener = TcpListener::bind(config.listen)
@@ -308,23 +349,35 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health.clone(),
         stop.clone(),
     ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    let reflection = if config.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .context("building the reflection service")?,
+        )
+    } else {
+        None
+    };
 
     let grace = config.pipeline.shutdown_grace();
     let server_stop = CancellationToken::new();
-    let admin = AdminApi::new(Arc::clone(gateway.store()), config.apps.keys().cloned());
+    let admin = AdminApi::new(
+        Arc::clone(gateway.store()),
+        config.apps.keys().cloned(),
+        config.pipeline.max_replay_dead_letters,
+    );
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service({
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(
-                gateway.api().into_server(),
+                gateway
+                    .api()
+                    .into_server(config.pipeline.max_request_bytes()),
                 move |request| keys.intercept(request),
             )
         })
@@ -335,13 +388,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 move |request| keys.intercept(request),
             )
         }));
-    let serve = router.serve_with_incoming_shutdown(
-        // `serve_with_incoming*` ignores the builder's `tcp_nodelay`, so the incoming side sets
-        // it: with Nagle on, receipts trickling back to a caller waited for the peer's delayed
-        // ACK (a 40 ms stall that was a third of all batches at half the maximum rate).
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        server_stop.clone().cancelled_owned(),
-    );
+    type Serve =
+        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let shutdown = server_stop.clone().cancelled_owned();
+    let serve: Serve =
+        match &tls {
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                tls.incoming(listener, server_stop.clone()),
+                shutdown,
+            )),
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                // `serve_with_incoming*` ignores the builder's `tcp_nodelay`, so the incoming side
+                // sets it: with Nagle on, receipts trickling back to a caller waited for the peer's
+                // delayed ACK (a 40 ms stall that was a third of all batches at half the maximum
+                // rate).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )),
+        };
     let done = {
         let gateway = Arc::clone(&gateway);
         let stop = stop.clone();
@@ -364,6 +428,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         addr,
         metrics_addr,
         gateway,
+        keys: api_keys,
+        tls,
         stop,
         done,
     })
@@ -408,29 +474,87 @@ pub fn reload_limits(
     Ok(config.apps.len())
 }
 
-/// Re-reads `path` on every SIGHUP and applies each app's `[limits]` section (apps themselves
-/// are not added or removed by a reload). A config that fails to load or validate is logged and
-/// the current limits stay.
-pub async fn reload_on_sighup(gateway: Arc<Gateway>, path: Option<PathBuf>) {
+/// The parts of a running gateway a reload changes.
+#[derive(Clone)]
+pub struct Reloadable {
+    gateway: Arc<Gateway>,
+    keys: ApiKeys,
+    tls: Option<ServerTls>,
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Apps whose limits were applied.
+    pub apps: usize,
+    /// Distinct API and admin keys now in effect.
+    pub keys: usize,
+}
+
+/// Loads and validates the config at `path` (plus `PUSHGATE_*` overrides), then applies every
+/// app's `[limits]`, the API and admin keys (with `allow_unauthenticated`) and the `[tls]`
+/// certificate files (new connections use them). Nothing changes when the config is invalid,
+/// including when it would leave a non-loopback listener without keys or a certificate file
+/// cannot be read. Apps are not added or removed, `listen` is not rebound, and TLS is not
+/// turned on or off by a reload.
+pub fn reload(
+    target: &Reloadable,
+    path: Option<&std::path::Path>,
+) -> Result<Reloaded, ConfigError> {
+    let config = crate::config::Config::load(path)?;
+    let tls = match (&target.tls, &config.tls) {
+        (Some(current), Some(settings)) => {
+            Some((current, crate::edge::tls::server_config(settings)?))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(ConfigError::invalid(
+                "tls",
+                "turning TLS on or off takes a restart",
+            ));
+        }
+    };
+    let keys = target.keys.reload(&config)?;
+    if let Some((current, server_config)) = tls {
+        current.replace(server_config);
+    }
+    for (id, app) in &config.apps {
+        target.gateway.update_limits(id, app.limits.clone());
+    }
+    Ok(Reloaded {
+        apps: config.apps.len(),
+        keys,
+    })
+}
+
+/// Re-reads `path` on every SIGHUP and applies it ([`reload`]: limits and keys). A config that
+/// fails to load or validate is logged and what is in effect stays.
+pub async fn reload_on_sighup(target: Reloadable, path: Option<PathBuf>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: limits reload disabled");
+            tracing::warn!("cannot listen for SIGHUP: config reload disabled");
             return;
         };
         while hup.recv().await.is_some() {
-            match reload_limits(&gateway, path.as_deref()) {
-                Ok(apps) => tracing::info!(apps, "SIGHUP: limits reloaded"),
+            match reload(&target, path.as_deref()) {
+                Ok(Reloaded { apps, keys }) => {
+                    tracing::info!(
+                        apps,
+                        keys,
+                        "SIGHUP: limits, API keys and TLS files reloaded"
+                    )
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "SIGHUP: config reload failed; limits unchanged")
+                    tracing::warn!(%error, "SIGHUP: config reload failed; nothing changed")
                 }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (gateway, path);
+        let _ = (target, path);
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -44,6 +44,37 @@ pub struct Config {
     /// `[redis]`: durable delivery; off (in-memory queue) unless `redis.url` is set.
     #[serde(default)]
     pub redis: crate::store::redis::RedisConfig,
+    /// Lets the gateway run with no API key while listening on a non-loopback address, and
+    /// serves the admin RPCs to unauthenticated callers when no key exists. Off by default:
+    /// without keys the gateway then only starts on a loopback address, and refuses admin RPCs.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// Serves gRPC server reflection (`grpc.reflection.v1`); on by default.
+    #[serde(default = "default_true")]
+    pub reflection: bool,
+    /// `[tls]`: TLS (and, with `client_ca_file`, mutual TLS) on the gRPC listener; plaintext
+    /// when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[tls]`: the gRPC listener's certificate, and the CA its clients' certificates must chain to
+/// for mutual TLS. The files are read at start and again on SIGHUP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the listener (leaf first).
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s): when set, every client must present a certificate signed by one
+    /// of them (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -65,6 +96,30 @@ pub struct PipelineConfig {
     pub max_batch_recipients: usize,
     /// How long a shutdown waits for in-flight messages before failing the rest.
     pub shutdown_grace_secs: u64,
+    /// Bytes of each id a request carries (`batch_id`, `campaign_id`, and each recipient's
+    /// `message_id`, `user_id`, `locale`, `timezone`, and template data keys), at most.
+    pub max_id_bytes: usize,
+    /// Variables of one recipient, at most.
+    pub max_vars_per_recipient: usize,
+    /// Bytes of one recipient's variables, keys and values together, at most.
+    pub max_vars_bytes: usize,
+    /// Bytes of each template text field (`title`, `subtitle`, `body`, `image_url`,
+    /// `deep_link`, `sound`, `category`, `thread_id`, `android_channel_id`, each `data` value)
+    /// and of a recipient's `title`/`body` override, at most. The default is the providers'
+    /// payload limit: a longer field can never be delivered.
+    pub max_template_field_bytes: usize,
+    /// Entries of `template.data`, at most.
+    pub max_template_data_entries: usize,
+    /// Bytes of each raw JSON override (`apns_json`, `fcm_json`, of the template and of each
+    /// recipient), at most.
+    pub max_raw_json_bytes: usize,
+    /// Bytes of one encoded gRPC request (a SendBatch, or one StreamSend message), at most.
+    /// Unset: derived from the batch cap, `max_batch_recipients` x 2 KiB + 1 MiB (21 MiB with
+    /// the defaults), so a request is refused by size before it is decoded.
+    pub max_request_bytes: Option<usize>,
+    /// Dead letters one `ReplayDeadLetters` may replay (its `limit` is clamped to this, and more
+    /// `message_ids` than this are refused).
+    pub max_replay_dead_letters: usize,
 }
 
 impl Default for PipelineConfig {
@@ -75,11 +130,33 @@ impl Default for PipelineConfig {
             dispatch_queue: 4_096,
             max_batch_recipients: 10_000,
             shutdown_grace_secs: 20,
+            max_id_bytes: 256,
+            max_vars_per_recipient: 64,
+            max_vars_bytes: 8_192,
+            max_template_field_bytes: 4_096,
+            max_template_data_entries: 64,
+            max_raw_json_bytes: 4_096,
+            max_request_bytes: None,
+            max_replay_dead_letters: 1_000,
         }
     }
 }
 
+/// Wire bytes allowed per recipient when `max_request_bytes` is derived.
+const RECIPIENT_WIRE_BUDGET: usize = 2 << 10;
+/// Wire bytes allowed for the rest of a request (template, ids) when it is derived.
+const REQUEST_WIRE_OVERHEAD: usize = 1 << 20;
+
 impl PipelineConfig {
+    /// The gRPC decode limit: `max_request_bytes`, or derived from `max_batch_recipients`.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes.unwrap_or_else(|| {
+            self.max_batch_recipients
+                .saturating_mul(RECIPIENT_WIRE_BUDGET)
+                .saturating_add(REQUEST_WIRE_OVERHEAD)
+        })
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -95,10 +172,16 @@ pub struct AppConfig {
     pub fcm: Option<FcmConfig>,
     #[serde(default)]
     pub retry: Option<RetryConfig>,
-    /// API keys allowed to send for and subscribe to this app (`authorization: Bearer <key>`).
-    /// When no app has any, the API is open (for development; the gateway logs a warning).
+    /// API keys allowed to send for and subscribe to this app (`authorization: Bearer <key>`),
+    /// each the key itself or `sha256:<64 hex digits>` (the SHA-256 digest of the key). When no
+    /// app has any key (api or admin), the API is open (for development; the gateway logs a
+    /// warning and refuses to listen beyond loopback unless `allow_unauthenticated = true`).
     #[serde(default)]
     pub api_keys: Vec<ApiKey>,
+    /// Keys that may do what `api_keys` may and also manage the app's dead letters
+    /// (`PushGatewayAdmin`). Same forms as `api_keys`.
+    #[serde(default)]
+    pub admin_keys: Vec<ApiKey>,
     /// Rate limits, fair-share weight and adaptive-concurrency bounds (`[apps.<id>.limits]`).
     #[serde(default)]
     pub limits: crate::limit::LimitConfig,
@@ -112,6 +195,44 @@ pub struct ApiKey(pub String);
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// The prefix of a key written as its digest.
+const SHA256_PREFIX: &str = "sha256:";
+
+impl ApiKey {
+    /// The SHA-256 digest the key is checked against: decoded from `sha256:<hex>`, or computed
+    /// from a key written in the clear. `Err` says what is wrong with the value (never quoting
+    /// it).
+    pub fn digest(&self) -> Result<[u8; 32], &'static str> {
+        use sha2::{Digest, Sha256};
+        match self.0.strip_prefix(SHA256_PREFIX) {
+            Some(hex) => {
+                let hex = hex.as_bytes();
+                if hex.len() != 64 {
+                    return Err("a `sha256:` key is followed by 64 hex digits");
+                }
+                let mut out = [0u8; 32];
+                for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+                    let digit = |c: u8| (c as char).to_digit(16);
+                    match (digit(pair[0]), digit(pair[1])) {
+                        (Some(hi), Some(lo)) => *byte = (hi * 16 + lo) as u8,
+                        _ => return Err("a `sha256:` key is followed by 64 hex digits"),
+                    }
+                }
+                Ok(out)
+            }
+            None => {
+                if self.0.len() < 16 || self.0.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(
+                        "an API key is at least 16 printable characters without spaces, or `sha256:<64 hex digits>`",
+                    );
+                }
+                Ok(Sha256::digest(self.0.as_bytes()).into())
+            }
+        }
     }
 }
 
@@ -198,6 +319,13 @@ impl Config {
         Ok(AppRegistry::from_apps(apps))
     }
 
+    /// True when any app has an API or admin key (the API is then authenticated).
+    pub fn has_keys(&self) -> bool {
+        self.apps
+            .values()
+            .any(|a| !a.api_keys.is_empty() || !a.admin_keys.is_empty())
+    }
+
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.redis
@@ -215,10 +343,41 @@ impl Config {
                 "pipeline.max_batch_recipients",
                 p.max_batch_recipients as u64,
             ),
+            ("pipeline.max_id_bytes", p.max_id_bytes as u64),
+            (
+                "pipeline.max_vars_per_recipient",
+                p.max_vars_per_recipient as u64,
+            ),
+            ("pipeline.max_vars_bytes", p.max_vars_bytes as u64),
+            (
+                "pipeline.max_template_field_bytes",
+                p.max_template_field_bytes as u64,
+            ),
+            (
+                "pipeline.max_template_data_entries",
+                p.max_template_data_entries as u64,
+            ),
+            ("pipeline.max_raw_json_bytes", p.max_raw_json_bytes as u64),
+            ("pipeline.max_request_bytes", p.max_request_bytes() as u64),
+            (
+                "pipeline.max_replay_dead_letters",
+                p.max_replay_dead_letters as u64,
+            ),
         ] {
             at_least_one(key, value)?;
         }
         validate_retry("retry", &self.retry)?;
+        if !self.listen.ip().is_loopback() && !self.has_keys() && !self.allow_unauthenticated {
+            return Err(ConfigError::invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address and no API key is configured: anyone who \
+                     reaches it could send for every app; set apps.<id>.api_keys (or \
+                     admin_keys), or allow_unauthenticated = true to run open on purpose",
+                    self.listen
+                ),
+            ));
+        }
         for (id, app) in &self.apps {
             let prefix = format!("apps.{id}");
             if id.is_empty()
@@ -237,12 +396,11 @@ impl Config {
                     "an app needs an [apns] or [fcm] section",
                 ));
             }
-            for (i, key) in app.api_keys.iter().enumerate() {
-                if key.0.len() < 16 || key.0.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(ConfigError::invalid(
-                        format!("{prefix}.api_keys[{i}]"),
-                        "an API key is at least 16 printable characters without spaces",
-                    ));
+            for (list, keys) in [("api_keys", &app.api_keys), ("admin_keys", &app.admin_keys)] {
+                for (i, key) in keys.iter().enumerate() {
+                    key.digest().map_err(|reason| {
+                        ConfigError::invalid(format!("{prefix}.{list}[{i}]"), reason)
+                    })?;
                 }
             }
             if let Some(retry) = &app.retry {

@@ -67,10 +67,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let path = config;
     let config = pushgate::config::Config::load(path.as_deref())?;
     let running = pushgate::app::start(config).await?;
-    tokio::spawn(pushgate::app::reload_on_sighup(
-        std::sync::Arc::clone(&running.gateway),
-        path,
-    ));
+    tokio::spawn(pushgate::app::reload_on_sighup(running.reloadable(), path));
     let stop = running.stop_token();
     tokio::spawn(async move {
         pushgate::app::shutdown_signal().await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::{Caller, Scope, forbidden};
 use crate::proto;
 use crate::store::{DeadLetters, Store, StoreError};
 use crate::wire::platform_to_proto;
@@ -14,15 +15,22 @@ use crate::wire::platform_to_proto;
 pub struct AdminApi {
     store: Arc<dyn Store>,
     apps: HashSet<String>,
+    /// Dead letters one replay may touch, at most.
+    max_replay: usize,
 }
 
 impl AdminApi {
     /// The service over `store`'s dead letters; `None` when the store keeps none.
-    pub fn new(store: Arc<dyn Store>, apps: impl IntoIterator<Item = String>) -> Option<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        apps: impl IntoIterator<Item = String>,
+        max_replay: usize,
+    ) -> Option<Self> {
         store.dead_letters()?;
         Some(Self {
             store,
             apps: apps.into_iter().collect(),
+            max_replay: max_replay.max(1),
         })
     }
 
@@ -36,13 +44,18 @@ impl AdminApi {
             .ok_or_else(|| Status::unimplemented("this store keeps no dead letters"))
     }
 
-    fn check_app(&self, app: &str) -> Result<(), Status> {
+    /// Authorizes the caller for `app` with the admin scope, then checks the app exists; both
+    /// failures get the same answer ([`forbidden`]).
+    #[allow(clippy::result_large_err)] // tonic::Status
+    fn check_app(&self, caller: &Caller, app: &str) -> Result<(), Status> {
+        if app.is_empty() {
+            return Err(Status::invalid_argument("app_id: required"));
+        }
+        caller.authorize(app, Scope::Admin)?;
         if self.apps.contains(app) {
             Ok(())
         } else {
-            Err(Status::invalid_argument(format!(
-                "app_id: unknown app `{app}`"
-            )))
+            Err(forbidden())
         }
     }
 }
@@ -57,8 +70,9 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
         &self,
         request: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
-        self.check_app(&r.app_id)?;
+        self.check_app(&caller, &r.app_id)?;
         let limit = match r.limit {
             0 => 100,
             n => n.min(1_000),
@@ -98,12 +112,20 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
         &self,
         request: Request<proto::ReplayDeadLettersRequest>,
     ) -> Result<Response<proto::ReplayDeadLettersResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
-        self.check_app(&r.app_id)?;
+        self.check_app(&caller, &r.app_id)?;
+        if r.message_ids.len() > self.max_replay {
+            return Err(Status::invalid_argument(format!(
+                "message_ids: {} ids; one replay takes at most {} (pipeline.max_replay_dead_letters)",
+                r.message_ids.len(),
+                self.max_replay
+            )));
+        }
         let limit = match r.limit {
-            0 => 1_000,
-            n => n,
-        } as usize;
+            0 => self.max_replay,
+            n => (n as usize).min(self.max_replay),
+        };
         let replayed = self
             .letters()?
             .replay(&r.app_id, &r.message_ids, limit)
@@ -116,8 +138,9 @@ impl proto::push_gateway_admin_server::PushGatewayAdmin for AdminApi {
         &self,
         request: Request<proto::PurgeDeadLettersRequest>,
     ) -> Result<Response<proto::PurgeDeadLettersResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
-        self.check_app(&r.app_id)?;
+        self.check_app(&caller, &r.app_id)?;
         let purged = self
             .letters()?
             .purge(&r.app_id, &r.message_ids)

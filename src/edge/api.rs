@@ -14,7 +14,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::debug;
 
-use super::auth::Caller;
+use super::auth::{Caller, Scope, forbidden};
 use super::convert::{into_batch, outline_of, to_proto_response};
 use crate::domain::FieldError;
 use crate::ingest::{Ingest, SubmitError};
@@ -35,6 +35,22 @@ pub struct Api {
 }
 
 impl Api {
+    /// Authorizes `caller` for `app_id` first, then checks the app exists; both failures get
+    /// the same answer ([`forbidden`]). An empty `app_id` is an INVALID_ARGUMENT.
+    #[allow(clippy::result_large_err)] // tonic::Status
+    fn authorize(&self, caller: &Caller, app_id: &str) -> Result<(), Status> {
+        if app_id.is_empty() {
+            return Err(invalid_argument(vec![FieldError::new(
+                "app_id", "required",
+            )]));
+        }
+        caller.authorize(app_id, Scope::Send)?;
+        if self.apps.get(app_id).is_none() {
+            return Err(forbidden());
+        }
+        Ok(())
+    }
+
     pub fn new(
         ingest: Arc<Ingest>,
         hub: Arc<ReceiptHub>,
@@ -49,10 +65,15 @@ impl Api {
         }
     }
 
-    /// The tonic server for this service, with generous message limits for large batches.
-    pub fn into_server(self) -> proto::push_gateway_server::PushGatewayServer<Self> {
+    /// The tonic server for this service. A request larger than `max_request_bytes` is refused
+    /// (OUT_OF_RANGE) before it is decoded; responses (receipts of a large batch) may be up to
+    /// 64 MiB.
+    pub fn into_server(
+        self,
+        max_request_bytes: usize,
+    ) -> proto::push_gateway_server::PushGatewayServer<Self> {
         proto::push_gateway_server::PushGatewayServer::new(self)
-            .max_decoding_message_size(64 << 20)
+            .max_decoding_message_size(max_request_bytes)
             .max_encoding_message_size(64 << 20)
     }
 }
@@ -65,9 +86,7 @@ impl proto::push_gateway_server::PushGateway for Api {
     ) -> Result<Response<proto::SendBatchResponse>, Status> {
         let caller = Caller::of(&request);
         let request = request.into_inner();
-        if !caller.may_use(&request.app_id) {
-            return Err(forbidden(&request.app_id));
-        }
+        self.authorize(&caller, &request.app_id)?;
         let wait = request.wait_for_receipts;
         let mut batch = into_batch(request).map_err(invalid_argument)?;
         let (sink, mut receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
@@ -110,6 +129,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         let mut inbound = request.into_inner();
         let (sink, receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let ingest = Arc::clone(&self.ingest);
+        let apps = Arc::clone(&self.apps);
         tokio::spawn(async move {
             let stopping = ingest.stopping();
             loop {
@@ -128,9 +148,14 @@ impl proto::push_gateway_server::PushGateway for Api {
                     }
                 };
                 let outline = outline_of(&request);
-                if !caller.may_use(&request.app_id) {
-                    let error = FieldError::new("app_id", forbidden(&request.app_id).message());
-                    ingest.refuse_batch(outline, &[error], &sink);
+                let allowed = caller
+                    .authorize(&request.app_id, Scope::Send)
+                    .and_then(|()| apps.get(&request.app_id).map(drop).ok_or_else(forbidden));
+                if let Err(status) = allowed {
+                    // Answered to this caller only: receipts of an app it may not use must not
+                    // reach that app's subscribers.
+                    let error = FieldError::new("app_id", status.message());
+                    ingest.deny_batch(outline, &error, &sink);
                     continue;
                 }
                 let outcome = match into_batch(request) {
@@ -163,15 +188,7 @@ impl proto::push_gateway_server::PushGateway for Api {
     ) -> Result<Response<Self::SubscribeReceiptsStream>, Status> {
         let caller = Caller::of(&request);
         let request = request.into_inner();
-        if !caller.may_use(&request.app_id) {
-            return Err(forbidden(&request.app_id));
-        }
-        if self.apps.get(&request.app_id).is_none() {
-            return Err(invalid_argument(vec![FieldError::new(
-                "app_id",
-                format!("unknown app `{}`", request.app_id),
-            )]));
-        }
+        self.authorize(&caller, &request.app_id)?;
         if !request.resume_after.is_empty() {
             let filter = FeedFilter {
                 campaign_id: request.campaign_id,
@@ -207,10 +224,6 @@ impl proto::push_gateway_server::PushGateway for Api {
             });
         Ok(Response::new(Box::pin(stream)))
     }
-}
-
-fn forbidden(app_id: &str) -> Status {
-    Status::permission_denied(format!("this API key may not use app `{app_id}`"))
 }
 
 fn invalid_argument(errors: Vec<FieldError>) -> Status {

@@ -5,13 +5,16 @@
 //! - `admin`: `pushgate.v1.PushGatewayAdmin` (dead letters), when the store keeps them.
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
+//! - `tls`: TLS and mutual TLS on the listener, reloadable.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod convert;
+pub mod tls;
 
 pub use admin::AdminApi;
 pub use api::Api;
-pub use auth::{ApiKeys, Caller};
+pub use auth::{ApiKeys, Caller, Scope};
 pub use convert::into_batch;
+pub use tls::ServerTls;

@@ -39,6 +39,145 @@ pub struct IngestConfig {
     pub accept_window: usize,
     /// Recipients in one batch, at most.
     pub max_batch_recipients: usize,
+    /// What one batch may cost, checked before any work is done on it.
+    pub caps: RequestCaps,
+}
+
+/// Caps on what one batch may carry (`[pipeline]`, see `config::PipelineConfig`), checked as a
+/// whole before any id is claimed or any recipient rendered: a batch over one is refused once,
+/// naming the field, at the cost of one pass over its sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestCaps {
+    pub max_id_bytes: usize,
+    pub max_vars_per_recipient: usize,
+    pub max_vars_bytes: usize,
+    pub max_template_field_bytes: usize,
+    pub max_template_data_entries: usize,
+    pub max_raw_json_bytes: usize,
+}
+
+impl Default for RequestCaps {
+    fn default() -> Self {
+        Self {
+            max_id_bytes: 256,
+            max_vars_per_recipient: 64,
+            max_vars_bytes: 8_192,
+            max_template_field_bytes: 4_096,
+            max_template_data_entries: 64,
+            max_raw_json_bytes: 4_096,
+        }
+    }
+}
+
+impl RequestCaps {
+    /// The first cap `batch` exceeds, naming the field.
+    pub fn check(&self, batch: &Batch) -> Result<(), FieldError> {
+        let over = |field: String, what: &str, len: usize, max: usize| {
+            (len > max).then(|| {
+                FieldError::new(
+                    field,
+                    format!("{what} is {len} bytes, over the limit of {max}"),
+                )
+            })
+        };
+        let id =
+            |field: &str, value: &str| over(field.into(), "the id", value.len(), self.max_id_bytes);
+        let text = |field: String, value: &str| {
+            over(
+                field,
+                "the text",
+                value.len(),
+                self.max_template_field_bytes,
+            )
+        };
+        let json = |field: String, value: &str| {
+            over(field, "the JSON", value.len(), self.max_raw_json_bytes)
+        };
+        let first = |checks: &mut dyn Iterator<Item = Option<FieldError>>| checks.flatten().next();
+        let t = &batch.template;
+        let batch_level = [
+            id("batch_id", &batch.batch_id),
+            id("campaign_id", &batch.campaign_id),
+            text("template.title".into(), &t.title),
+            text("template.subtitle".into(), &t.subtitle),
+            text("template.body".into(), &t.body),
+            text("template.image_url".into(), &t.image_url),
+            text("template.deep_link".into(), &t.deep_link),
+            text("template.sound".into(), &t.sound),
+            text("template.category".into(), &t.category),
+            text("template.thread_id".into(), &t.thread_id),
+            text("template.android_channel_id".into(), &t.android_channel_id),
+            json("template.apns_json".into(), &t.apns_json),
+            json("template.fcm_json".into(), &t.fcm_json),
+        ];
+        if let Some(e) = first(&mut batch_level.into_iter()) {
+            return Err(e);
+        }
+        if t.data.len() > self.max_template_data_entries {
+            return Err(FieldError::new(
+                "template.data",
+                format!(
+                    "{} entries, over the limit of {}",
+                    t.data.len(),
+                    self.max_template_data_entries
+                ),
+            ));
+        }
+        for (key, value) in &t.data {
+            if let Some(e) = id("template.data", key) {
+                return Err(e);
+            }
+            if let Some(e) = text(format!("template.data.{key}"), value) {
+                return Err(e);
+            }
+        }
+        for (i, r) in batch.recipients.iter().enumerate() {
+            let field = |name: &str| format!("recipients[{i}].{name}");
+            let checks = [
+                over(
+                    field("message_id"),
+                    "the id",
+                    r.message_id.len(),
+                    self.max_id_bytes,
+                ),
+                over(
+                    field("user_id"),
+                    "the id",
+                    r.user_id.len(),
+                    self.max_id_bytes,
+                ),
+                over(field("locale"), "the id", r.locale.len(), self.max_id_bytes),
+                over(
+                    field("timezone"),
+                    "the id",
+                    r.timezone.len(),
+                    self.max_id_bytes,
+                ),
+                text(field("title"), r.title.as_deref().unwrap_or_default()),
+                text(field("body"), r.body.as_deref().unwrap_or_default()),
+                json(field("apns_json"), &r.apns_json),
+                json(field("fcm_json"), &r.fcm_json),
+            ];
+            if let Some(e) = first(&mut checks.into_iter()) {
+                return Err(e);
+            }
+            if r.vars.len() > self.max_vars_per_recipient {
+                return Err(FieldError::new(
+                    field("vars"),
+                    format!(
+                        "{} variables, over the limit of {}",
+                        r.vars.len(),
+                        self.max_vars_per_recipient
+                    ),
+                ));
+            }
+            let bytes: usize = r.vars.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if let Some(e) = over(field("vars"), "the variables", bytes, self.max_vars_bytes) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Accepted or rejected, per recipient.
@@ -200,6 +339,11 @@ impl Ingest {
                 FieldError::new("app_id", format!("unknown app `{}`", batch.app_id)).into(),
             );
         };
+        if batch.recipients.is_empty() {
+            return Err(
+                FieldError::new("recipients", "a batch needs at least one recipient").into(),
+            );
+        }
         if batch.recipients.len() > self.config.max_batch_recipients {
             return Err(FieldError::new(
                 "recipients",
@@ -211,7 +355,25 @@ impl Ingest {
             )
             .into());
         }
+        self.config.caps.check(batch)?;
         let compiled = CompiledTemplate::compile(&batch.template)?;
+        // A template whose fixed text alone is over every provider's limit fails the batch once,
+        // instead of being rendered for each recipient to fail each.
+        let overridden = batch
+            .recipients
+            .iter()
+            .any(|r| r.title.is_some() || r.body.is_some());
+        let fixed = compiled.min_payload_bytes(overridden);
+        if fixed > crate::render::MAX_PAYLOAD_BYTES {
+            return Err(FieldError::new(
+                "template",
+                format!(
+                    "the template's fixed text is {fixed} bytes, over the largest provider payload ({} bytes): no recipient could be sent",
+                    crate::render::MAX_PAYLOAD_BYTES
+                ),
+            )
+            .into());
+        }
         let earlier = {
             let ids: Vec<&str> = batch
                 .recipients
@@ -261,19 +423,56 @@ impl Ingest {
     }
 
     /// Gives every recipient of a batch refused as a whole its REJECTED receipt, through the hub
-    /// and to `sink`: the first error's field, every error's text.
+    /// and to `sink`. Each gets one short reason: its own error when one names it
+    /// (`recipients[i]...`), else the first error and how many more there were; never a copy of
+    /// every error (a refused batch of N recipients costs N short receipts, not N x errors).
     pub fn refuse_batch(&self, outline: BatchOutline, errors: &[FieldError], sink: &CallerSink) {
-        let field = errors.first().map(|e| e.field.clone()).unwrap_or_default();
-        let reason = errors
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("; ");
+        let mut own: HashMap<usize, &FieldError> = HashMap::new();
+        for e in errors {
+            if let Some(index) = recipient_index(&e.field) {
+                own.entry(index).or_insert(e);
+            }
+        }
+        let summary = match errors.first() {
+            Some(first) => {
+                let more = errors.len() - 1;
+                let mut reason = format!("batch refused: {}", short(&first.to_string()));
+                if more > 0 {
+                    reason.push_str(&format!(" (and {more} more errors)"));
+                }
+                Resolution {
+                    field: first.field.clone(),
+                    ..Resolution::gateway(ReceiptStatus::Rejected, reason)
+                }
+            }
+            None => Resolution::gateway(ReceiptStatus::Rejected, "batch refused"),
+        };
+        self.refuse_each(outline, sink, true, |index| match own.get(&index) {
+            Some(e) => Resolution::invalid(e),
+            None => summary.clone(),
+        });
+    }
+
+    /// Refuses a batch the caller may not send (another tenant's app, or no such app): each
+    /// recipient's REJECTED receipt goes to `sink` only, not through the hub, so the app's
+    /// subscribers and stores never see receipts a stranger made up.
+    pub fn deny_batch(&self, outline: BatchOutline, error: &FieldError, sink: &CallerSink) {
+        let resolution = Resolution::invalid(error);
+        self.refuse_each(outline, sink, false, |_| resolution.clone());
+    }
+
+    fn refuse_each(
+        &self,
+        outline: BatchOutline,
+        sink: &CallerSink,
+        through_hub: bool,
+        resolution: impl Fn(usize) -> Resolution,
+    ) {
         let now = SystemTime::now();
         let app_id: Arc<str> = outline.app_id.as_str().into();
         let batch_id: Arc<str> = outline.batch_id.as_str().into();
         let campaign_id: Arc<str> = outline.campaign_id.as_str().into();
-        for (message_id, platform, user_id) in outline.recipients {
+        for (index, (message_id, platform, user_id)) in outline.recipients.into_iter().enumerate() {
             let meta = Arc::new(MessageMeta {
                 app_id: Arc::clone(&app_id),
                 batch_id: Arc::clone(&batch_id),
@@ -286,11 +485,13 @@ impl Ingest {
                 expires_at: None,
                 campaign_rate_per_minute: 0,
             });
-            let resolution = Resolution {
-                field: field.clone(),
-                ..Resolution::gateway(ReceiptStatus::Rejected, reason.clone())
+            let receipt = if through_hub {
+                self.hub.refuse(meta, resolution(index))
+            } else {
+                let mut receipt = Receipt::new(meta, 0, resolution(index), None);
+                receipt.accepted = false;
+                Arc::new(receipt)
             };
-            let receipt = self.hub.refuse(meta, resolution);
             let _ = sink.send(ReceiptEnvelope {
                 receipt,
                 permit: None,
@@ -423,6 +624,25 @@ struct Staged {
     claimed: bool,
     index: usize,
     message_id: String,
+}
+
+/// The recipient index a field such as `recipients[12].vars` names.
+fn recipient_index(field: &str) -> Option<usize> {
+    let rest = field.strip_prefix("recipients[")?;
+    rest[..rest.find(']')?].parse().ok()
+}
+
+/// At most 256 bytes of `text` (cut on a character boundary), for receipts copied per recipient.
+fn short(text: &str) -> &str {
+    const MAX: usize = 256;
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The caller's id, or a fresh one when it gave none.

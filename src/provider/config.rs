@@ -36,7 +36,8 @@ pub struct ApnsConfig {
     pub topic: String,
     #[serde(default)]
     pub environment: ApnsEnvironment,
-    /// Overrides the endpoint URL (mock servers, load tests). `http://` means cleartext HTTP/2.
+    /// Overrides the endpoint URL (mock servers, load tests). `https://`, or `http://` (cleartext
+    /// HTTP/2) to a loopback address only.
     #[serde(default)]
     pub endpoint: Option<String>,
     /// Extra CA certificate (PEM) to trust, for a TLS mock.
@@ -89,7 +90,8 @@ pub struct FcmConfig {
     /// Overrides the project id from the key file.
     #[serde(default)]
     pub project_id: Option<String>,
-    /// Overrides `https://fcm.googleapis.com` (mock servers, load tests).
+    /// Overrides `https://fcm.googleapis.com` (mock servers, load tests); `https://`, or
+    /// `http://` to a loopback address only.
     #[serde(default)]
     pub endpoint: Option<String>,
     #[serde(default)]
@@ -151,6 +153,9 @@ pub fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
             "set key_file (the .p8 file) or key_pem",
         ));
     }
+    if let Some(url) = &apns.endpoint {
+        require_https(&format!("{key}.endpoint"), url)?;
+    }
     at_least_one(&format!("{key}.connections"), apns.connections as u64)?;
     at_least_one(
         &format!("{key}.request_timeout_ms"),
@@ -167,9 +172,37 @@ pub fn validate_fcm(key: &str, fcm: &FcmConfig) -> Result<(), ConfigError> {
             "set credentials_file or credentials_json",
         ));
     }
+    if let Some(url) = &fcm.endpoint {
+        require_https(&format!("{key}.endpoint"), url)?;
+    }
     at_least_one(&format!("{key}.connections"), fcm.connections as u64)?;
     at_least_one(&format!("{key}.request_timeout_ms"), fcm.request_timeout_ms)?;
     Ok(())
+}
+
+/// Checks that the URL set at `key` is `https://`, or `http://` to a loopback host (a local mock
+/// or sidecar): credentials and device tokens never cross a network in the clear.
+pub fn require_https(key: &str, url: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| ConfigError::invalid(key, format!("not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if uri.host().is_some_and(is_loopback_host) => Ok(()),
+        _ => Err(ConfigError::invalid(
+            key,
+            "must be an https:// URL (http:// is allowed only to a loopback address)",
+        )),
+    }
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1` (as `http::Uri` gives it, possibly in brackets).
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn at_least_one(key: &str, value: u64) -> Result<(), ConfigError> {
@@ -237,4 +270,35 @@ pub fn build_apns(key: &str, apns: &ApnsConfig) -> Result<ApnsProvider, ConfigEr
         },
     );
     Ok(ApnsProvider::new(pool, signer, Duration::from_secs(60)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::require_https;
+
+    #[test]
+    fn endpoints_are_https_except_on_loopback() {
+        for ok in [
+            "https://api.push.apple.com",
+            "https://10.0.0.1:443",
+            "http://127.0.0.1:8080",
+            "http://127.9.9.9",
+            "http://localhost:1",
+            "http://[::1]:9",
+        ] {
+            assert!(require_https("k", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://api.push.apple.com",
+            "http://10.0.0.1",
+            "http://localhost.evil.example",
+            "ftp://127.0.0.1",
+            "127.0.0.1:80",
+        ] {
+            let err = require_https("apps.a.apns.endpoint", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("apps.a.apns.endpoint"), "{bad}: {err}");
+        }
+    }
 }

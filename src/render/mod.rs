@@ -85,6 +85,9 @@ pub const MAX_FCM_TTL_SECS: u64 = 2_419_200;
 /// FCM message size limit, in bytes, counted on the request body minus the token.
 pub const MAX_FCM_PAYLOAD_BYTES: usize = 4096;
 
+/// The largest payload any provider takes (APNs VoIP), in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 5120;
+
 /// Per-app settings the renderer needs.
 #[derive(Debug, Clone, Default)]
 pub struct RenderContext {
@@ -355,6 +358,20 @@ impl CompiledTemplate {
                 .render_fcm(recipient, index, stamp, ctx)
                 .map(ProviderRequest::Fcm),
         }
+    }
+
+    /// A lower bound on the payload bytes of every recipient of either provider: the literal
+    /// parts of the texts both put in the payload (title and body unless `texts_overridden`,
+    /// and the data values; the subtitle is APNs-only). Rendering only adds (variables, JSON
+    /// syntax and escaping), so a bound over [`MAX_PAYLOAD_BYTES`] means no recipient can fit.
+    pub fn min_payload_bytes(&self, texts_overridden: bool) -> usize {
+        let data: usize = self.data.iter().map(|(_, v)| v.literal_len()).sum();
+        let texts = if texts_overridden {
+            0
+        } else {
+            self.title.literal_len() + self.body.literal_len()
+        };
+        data + texts
     }
 
     /// The template's priority.

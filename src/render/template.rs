@@ -124,6 +124,11 @@ impl Text {
         &self.source
     }
 
+    /// Bytes of the text's literal parts: every rendering is at least this long.
+    pub fn literal_len(&self) -> usize {
+        self.literal_len
+    }
+
     /// True when the source text is empty (it then always renders empty).
     pub fn is_empty(&self) -> bool {
         self.source.is_empty()

@@ -341,9 +341,17 @@ async fn send_batch_validates_and_waits_for_receipts() {
     let h = harness::start(Options::default()).await;
     let mut client = h.client().await;
 
-    // Unknown app: the whole call fails, naming the field.
+    // Unknown app: the whole call fails, answered as for another tenant's app (authorization
+    // comes before the app is looked up; security::authorization_matrix).
     let mut b = batch(0, vec![recipient(1, &[])], template("a", "b"));
     b.app_id = "nope".into();
+    let err = client.send_batch(b).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().starts_with("app_id"), "{}", err.message());
+
+    // No app id at all: INVALID_ARGUMENT naming it.
+    let mut b = batch(0, vec![recipient(1, &[])], template("a", "b"));
+    b.app_id.clear();
     let err = client.send_batch(b).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let details = err.get_error_details();
@@ -443,7 +451,7 @@ async fn subscribe_receipts_filters_by_campaign() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
     h.gateway.shutdown().await.unwrap();
 }
 

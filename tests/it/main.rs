@@ -3,7 +3,7 @@
 //!
 //! - [`harness`]: the gateway + mocks + client fixture, and the Redis server/cluster fixtures.
 //! - one module per area: the APNs and FCM pipelines, limits, and the Redis store (durability,
-//!   gRPC over Redis, crash recovery, cluster).
+//!   gRPC over Redis, crash recovery, cluster), and security (authorization, TLS, request caps).
 
 mod harness;
 
@@ -14,3 +14,4 @@ mod redis_cluster;
 mod redis_crash;
 mod redis_durable;
 mod redis_grpc;
+mod security;

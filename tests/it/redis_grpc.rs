@@ -54,6 +54,8 @@ async fn dead_letter_rpcs_and_health_follow_redis() {
             "base_ms = 5\ncap_ms = 10\nmax_attempts = 2\n[redis]\nurl = \"{}\"\npoll_ms = 20\ncommand_timeout_ms = 500",
             redis.url()
         ),
+        // Open mode (no keys): admin RPCs are served only when allowed explicitly.
+        top: "allow_unauthenticated = true".into(),
         ..Default::default()
     })
     .await;
@@ -103,7 +105,8 @@ async fn dead_letter_rpcs_and_health_follow_redis() {
         })
         .await
         .unwrap_err();
-    assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+    // Unknown apps get the answer other tenants' apps get (security::authorization_matrix).
+    assert_eq!(unknown.code(), tonic::Code::PermissionDenied);
 
     // Replay one after APNs recovered; its receipt reaches subscribers.
     h.mock.faults().set_unavailable_per_mille(0);

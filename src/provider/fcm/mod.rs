@@ -150,6 +150,12 @@ impl FcmProvider {
                 "`token_uri` must be an absolute https:// URL".into(),
             ));
         };
+        crate::provider::config::require_https(source, &account.token_uri).map_err(|_| {
+            invalid(
+                source,
+                "`token_uri` must be https:// (http:// only to a loopback address)".into(),
+            )
+        })?;
         let token_endpoint = Endpoint::parse(&format!("{scheme}://{authority}"), ca.as_deref())
             .map_err(|e| invalid(source, format!("`token_uri`: {e}")))?;
         let pool = H2Pool::new(

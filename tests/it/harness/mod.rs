@@ -33,6 +33,22 @@ pub struct Options {
     pub fcm: bool,
     /// API keys of the app `shop` (none: the API is open).
     pub api_keys: Vec<String>,
+    /// Admin keys of the app `shop`.
+    pub admin_keys: Vec<String>,
+    /// More apps, each with shop's APNs credentials and mock (same topic).
+    pub more_apps: Vec<MoreApp>,
+    /// Top-level keys (before any section), e.g. `allow_unauthenticated = true`.
+    pub top: String,
+    /// Appended at the end of the config (e.g. a `[redis]` or `[tls]` section).
+    pub extra: String,
+}
+
+/// Another app of the harness gateway, sharing shop's APNs credentials.
+#[derive(Default, Clone)]
+pub struct MoreApp {
+    pub id: String,
+    pub api_keys: Vec<String>,
+    pub admin_keys: Vec<String>,
 }
 
 impl Default for Options {
@@ -44,6 +60,10 @@ impl Default for Options {
             mock: Box::new(|_| {}),
             fcm: false,
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            more_apps: Vec::new(),
+            top: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -72,15 +92,39 @@ pub async fn start(options: Options) -> Harness {
     } else {
         (None, String::new())
     };
+    let apns_section = |app: &str| {
+        format!(
+            "[apps.{app}.apns]\nkey_file = \"{}\"\nkey_id = \"{}\"\nteam_id = \"{}\"\ntopic = \"{TOPIC}\"\nendpoint = \"{}\"\nconnections = 2\nrequest_timeout_ms = 5000\n{ca_line}\n",
+            key_file.display(),
+            key.key_id,
+            key.team_id,
+            mock.url()
+        )
+    };
+    let more_apps: String = options
+        .more_apps
+        .iter()
+        .map(|a| {
+            format!(
+                "[apps.{}]\napi_keys = {:?}\nadmin_keys = {:?}\n{}",
+                a.id,
+                a.api_keys,
+                a.admin_keys,
+                apns_section(&a.id)
+            )
+        })
+        .collect();
     let config = Config::from_toml(&format!(
         r#"
         listen = "127.0.0.1:0"
+        {top}
         [pipeline]
         {pipeline}
         [retry]
         {retry}
         [apps.shop]
         api_keys = {api_keys:?}
+        admin_keys = {admin_keys:?}
         [apps.shop.apns]
         key_file = "{key_file}"
         key_id = "{key_id}"
@@ -91,9 +135,14 @@ pub async fn start(options: Options) -> Harness {
         request_timeout_ms = 5000
         {ca_line}
         {fcm_section}
+        {more_apps}
+        {extra}
         "#,
+        top = options.top,
+        extra = options.extra,
         pipeline = options.pipeline,
         api_keys = options.api_keys,
+        admin_keys = options.admin_keys,
         retry = options.retry,
         key_file = key_file.display(),
         key_id = key.key_id,
