@@ -15,6 +15,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, PipelineConfig};
@@ -349,16 +350,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health.clone(),
         stop.clone(),
     ));
-    let reflection = if config.reflection {
-        Some(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .context("building the reflection service")?,
+    // Both reflection versions: grpcurl and tonic ask `v1`, while Python's grpcio-reflection,
+    // older grpcurl/grpcui and several GUI clients ask only `v1alpha`.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) = if config.reflection {
+        (
+            Some(
+                reflection_builder()
+                    .build_v1()
+                    .context("building the reflection service (v1)")?,
+            ),
+            Some(
+                reflection_builder()
+                    .build_v1alpha()
+                    .context("building the reflection service (v1alpha)")?,
+            ),
         )
     } else {
-        None
+        (None, None)
     };
 
     let grace = config.pipeline.shutdown_grace();
@@ -372,6 +385,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_optional_service(reflection)
+        .add_optional_service(reflection_v1alpha)
         .add_service({
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(
@@ -415,6 +429,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             health
                 .set_not_serving::<proto::push_gateway_server::PushGatewayServer<Api>>()
                 .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             gateway.shutdown(grace).await;
             redis_stop.cancel();
             server_stop.cancel();
@@ -448,6 +465,13 @@ async fn follow_health(
         if stop.is_cancelled() {
             return;
         }
+        // The service and the server as a whole (the empty name, what most probes ask).
+        let status = if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
         if healthy {
             reporter.set_serving::<Svc>().await;
         } else {

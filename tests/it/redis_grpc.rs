@@ -12,6 +12,11 @@ use pushgate_mocks::redis_server::RedisServer;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn health(addr: std::net::SocketAddr) -> i32 {
+    service_health(addr, "pushgate.v1.PushGateway").await
+}
+
+/// The health of `service` (`""` is the server as a whole).
+async fn service_health(addr: std::net::SocketAddr, service: &str) -> i32 {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -19,7 +24,7 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
         .unwrap();
     tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
-            service: "pushgate.v1.PushGateway".into(),
+            service: service.into(),
         })
         .await
         .unwrap()
@@ -150,6 +155,11 @@ async fn dead_letter_rpcs_and_health_follow_redis() {
     // Redis away: NOT_SERVING and UNAVAILABLE; back: SERVING and sends work.
     redis.stop();
     wait_health(h.gateway.addr, ServingStatus::NotServing).await;
+    assert_eq!(
+        service_health(h.gateway.addr, "").await,
+        ServingStatus::NotServing as i32,
+        "the server as a whole follows the store too"
+    );
     let refused = client.send_batch(request(10..11)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("redis"), "{refused:?}");

@@ -352,6 +352,30 @@ async fn health(channel: Channel) -> Result<i32, tonic::Status> {
         .status)
 }
 
+/// The services listed by `v1alpha` reflection (what grpcio-reflection and older grpcurl ask).
+async fn reflection_v1alpha(channel: Channel) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::{ServerReflectionRequest, server_reflection_request};
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut inbound = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await?
+        .into_inner();
+    let answer = inbound.message().await?;
+    Ok(match answer.and_then(|a| a.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        _ => Vec::new(),
+    })
+}
+
 async fn reflection(channel: Channel) -> Result<(), tonic::Status> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
@@ -383,10 +407,17 @@ async fn health_stays_open_and_reflection_can_be_turned_off() {
         let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
         assert_eq!(health(h.channel().await).await.unwrap(), serving);
         let got = reflection(h.channel().await).await;
+        let alpha = reflection_v1alpha(h.channel().await).await;
         if on {
             assert!(got.is_ok(), "{got:?}");
+            let services = alpha.unwrap();
+            assert!(
+                services.iter().any(|s| s == "pushgate.v1.PushGateway"),
+                "v1alpha lists the API: {services:?}"
+            );
         } else {
             assert_eq!(got.unwrap_err().code(), Code::Unimplemented);
+            assert_eq!(alpha.unwrap_err().code(), Code::Unimplemented);
         }
         h.gateway.shutdown().await.unwrap();
     }
