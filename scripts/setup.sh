@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pushgate's build and tests need on a fresh Debian/Ubuntu machine:
 # a Rust toolchain (if cargo is missing), redis-server and redis-cli (the Redis tests start their
-# own servers, and a three-node cluster).
+# own servers, and a three-node cluster), and kubernetes-validate (the k8s manifests' check).
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -17,3 +17,9 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 redis-server --version
+
+# The offline validator of the Kubernetes manifests (scripts/validate-k8s.sh), from PyPI.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet kubernetes-validate
+fi

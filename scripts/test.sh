@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property and integration tests of every workspace crate, against
-# the mock providers and a real redis-server that the tests start on free ports.
+# the mock providers and a real redis-server that the tests start on free ports; then the
+# Kubernetes manifests, rendered and validated offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo test --workspace --locked "$@"
+bash scripts/validate-k8s.sh
