@@ -8,6 +8,7 @@
 mod harness;
 
 mod apns_pipeline;
+mod deploy;
 mod fcm_pipeline;
 mod limits;
 mod redis_cluster;
