@@ -56,6 +56,18 @@ pub struct Config {
     /// when absent.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Log lines as human-readable text (default) or one JSON object per line (log shippers).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How the gateway writes its log lines (`log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 fn default_true() -> bool {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pushgate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -41,18 +42,25 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    // `serve` logs as its config says, so the config is read before logging starts (an error
+    // reading it is printed by `main`'s error return).
+    let serve_config = match &cli.command {
+        Command::Serve { config } => Some(pushgate::config::Config::load(config.as_deref())?),
+        _ => None,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match serve_config.as_ref().map(|c| c.log_format) {
+        Some(LogFormat::Json) => logs.json().init(),
+        _ => logs.init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config } => serve(config).await,
+            Command::Serve { config: path } => serve(serve_config, path).await,
             Command::CheckConfig { config } => {
                 let config = pushgate::config::Config::load(config.as_deref())?;
                 config.registry()?;
@@ -63,9 +71,15 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let path = config;
-    let config = pushgate::config::Config::load(path.as_deref())?;
+/// Runs the gateway on `config` (already loaded from `path` to set up logging) until a signal.
+async fn serve(
+    config: Option<pushgate::config::Config>,
+    path: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let config = match config {
+        Some(config) => config,
+        None => pushgate::config::Config::load(path.as_deref())?,
+    };
     let running = pushgate::app::start(config).await?;
     tokio::spawn(pushgate::app::reload_on_sighup(running.reloadable(), path));
     let stop = running.stop_token();

@@ -73,3 +73,46 @@ async fn every_metric_the_alert_rules_use_is_exported() {
     }
     h.gateway.shutdown().await.unwrap();
 }
+
+/// `log_format = "json"`: every line the binary logs is one JSON object (log shippers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pushgate.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nlog_format = \"json\"\n").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let listening = line.contains("pushgate listening");
+        lines.push(line);
+        if listening || lines.len() > 50 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("pushgate listening")),
+        "{lines:?}"
+    );
+    for line in &lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
