@@ -22,6 +22,7 @@ pub mod limit;
 pub mod metrics;
 mod policy;
 pub mod provider;
+pub mod redact;
 pub mod receipts;
 pub mod registry;
 pub mod render;

@@ -39,12 +39,39 @@ enum Command {
     },
 }
 
+/// Dependencies whose debug and trace events can carry request headers and bodies (device
+/// tokens in paths, `authorization` headers, OAuth tokens, Redis `AUTH` commands): they stay at
+/// `info` unless `RUST_LOG` names the crate itself.
+const QUIET_DEPENDENCIES: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "redis",
+    "rustls",
+    "reqwest",
+];
+
+/// `RUST_LOG` (default `info`) plus `<crate>=info` for every quiet dependency it does not name.
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let mut directives = base.to_string();
+    for dependency in QUIET_DEPENDENCIES {
+        let named = base
+            .split(',')
+            .any(|d| d.trim().split(['=', '[', ':']).next() == Some(*dependency));
+        if !named {
+            directives.push_str(&format!(",{dependency}=info"));
+        }
+    }
+    EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok().as_deref()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
