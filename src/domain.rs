@@ -273,7 +273,10 @@ pub struct ApnsRequest {
 impl std::fmt::Debug for ApnsRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApnsRequest")
-            .field("device_token", &crate::redact::Fingerprint(&self.device_token))
+            .field(
+                "device_token",
+                &crate::redact::Fingerprint(&self.device_token),
+            )
             .field("topic", &String::from_utf8_lossy(&self.topic))
             .field("push_type", &self.push_type)
             .field("priority", &self.priority)
@@ -297,7 +300,10 @@ pub struct FcmRequest {
 impl std::fmt::Debug for FcmRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FcmRequest")
-            .field("device_token", &crate::redact::Fingerprint(&self.device_token))
+            .field(
+                "device_token",
+                &crate::redact::Fingerprint(&self.device_token),
+            )
             .field("body_bytes", &self.body.len())
             .finish()
     }

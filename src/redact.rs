@@ -71,7 +71,10 @@ mod tests {
             redact_url("rediss://user:p%40ss@host:1/"),
             "rediss://<redacted>@host:1/"
         );
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
         assert_eq!(redact_url("not a url with secret"), "<redacted>");
     }
 }

@@ -95,7 +95,11 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &self.url.as_deref().map(redact_url))
             .field(
                 "cluster_nodes",
-                &self.cluster_nodes.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
             )
             .field("key_prefix", &self.key_prefix)
             .field("lease_ms", &self.lease_ms)
