@@ -516,3 +516,38 @@ pub fn epoch_millis(t: SystemTime) -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_device_token_user_id_or_variable() {
+        let token = "f00dfeed".repeat(8);
+        let recipient = Recipient {
+            message_id: "m-1".into(),
+            platform: Platform::Apns,
+            device_token: token.clone(),
+            vars: [("name".to_string(), "Private Person".to_string())].into(),
+            user_id: "user-secret-000001".into(),
+            locale: String::new(),
+            timezone: String::new(),
+            apns_json: String::new(),
+            fcm_json: String::new(),
+            title: Some("Hello Private Person".into()),
+            body: None,
+        };
+        let fcm = FcmRequest {
+            device_token: token.clone(),
+            body: Bytes::from(format!("{{\"message\":{{\"token\":\"{token}\"}}}}")),
+        };
+        let shown = format!("{recipient:?} {fcm:?}");
+        for secret in [token.as_str(), "user-secret-000001", "Private Person"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("…feed(64)") && shown.contains("name"),
+            "{shown}"
+        );
+    }
+}

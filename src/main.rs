@@ -103,3 +103,20 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     });
     running.wait().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn dependencies_stay_at_info_unless_named() {
+        let filter = log_filter(Some("trace")).to_string();
+        for dependency in ["h2=info", "hyper=info", "tonic=info", "redis=info"] {
+            assert!(filter.contains(dependency), "{filter}");
+        }
+        let filter = log_filter(Some("trace,h2=trace")).to_string();
+        assert!(!filter.contains("h2=info"), "{filter}");
+        assert!(filter.contains("hyper=info"), "{filter}");
+        assert!(log_filter(None).to_string().contains("h2=info"));
+    }
+}

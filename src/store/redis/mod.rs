@@ -324,6 +324,18 @@ mod tests {
     use crate::config::{Config, ConfigError};
 
     #[test]
+    fn debug_hides_the_redis_password() {
+        let c = Config::from_toml("[redis]\nurl = \"redis://:s3cret-pass-word@127.0.0.1:7000/\"")
+            .unwrap();
+        let shown = format!("{:?} {:?}", c.redis, c);
+        assert!(!shown.contains("s3cret-pass-word"), "{shown}");
+        assert!(
+            shown.contains("redis://<redacted>@127.0.0.1:7000/"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn redis_section_defaults_and_errors_name_the_key() {
         let c = Config::from_toml("").unwrap();
         assert!(c.redis.url.is_none(), "in-memory queue by default");
