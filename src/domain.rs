@@ -126,8 +126,9 @@ pub struct Template {
     pub android_channel_id: String,
 }
 
-/// One addressee of a batch with its personalization variables.
-#[derive(Debug, Clone)]
+/// One addressee of a batch with its personalization variables. Its `Debug` shows the device
+/// token and user id as fingerprints and the variables' names only (they are personal data).
+#[derive(Clone)]
 pub struct Recipient {
     pub message_id: String,
     pub platform: Platform,
@@ -140,6 +141,26 @@ pub struct Recipient {
     pub fcm_json: String,
     pub title: Option<String>,
     pub body: Option<String>,
+}
+
+impl std::fmt::Debug for Recipient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::Fingerprint;
+        let redacted = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Recipient")
+            .field("message_id", &self.message_id)
+            .field("platform", &self.platform)
+            .field("device_token", &Fingerprint(&self.device_token))
+            .field("vars", &self.vars.keys().collect::<Vec<_>>())
+            .field("user_id", &Fingerprint(&self.user_id))
+            .field("locale", &self.locale)
+            .field("timezone", &self.timezone)
+            .field("apns_json", &Fingerprint(&self.apns_json))
+            .field("fcm_json", &Fingerprint(&self.fcm_json))
+            .field("title", &redacted(&self.title))
+            .field("body", &redacted(&self.body))
+            .finish()
+    }
 }
 
 /// A batch as the domain sees it: one template, many recipients.
@@ -155,8 +176,9 @@ pub struct Batch {
 }
 
 /// What is known of a batch that could not be read into a [`Batch`] at all (a structural error)
-/// or was refused as a whole: enough to give every recipient its REJECTED receipt.
-#[derive(Debug, Clone, Default)]
+/// or was refused as a whole: enough to give every recipient its REJECTED receipt. Its `Debug`
+/// shows only how many recipients it has (they carry user ids).
+#[derive(Clone, Default)]
 pub struct BatchOutline {
     pub app_id: String,
     pub batch_id: String,
@@ -165,8 +187,37 @@ pub struct BatchOutline {
     pub recipients: Vec<(String, Option<Platform>, String)>,
 }
 
+impl std::fmt::Debug for BatchOutline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchOutline")
+            .field("app_id", &self.app_id)
+            .field("batch_id", &self.batch_id)
+            .field("campaign_id", &self.campaign_id)
+            .field("recipients", &self.recipients.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for MessageMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageMeta")
+            .field("app_id", &self.app_id)
+            .field("batch_id", &self.batch_id)
+            .field("campaign_id", &self.campaign_id)
+            .field("message_id", &self.message_id)
+            .field("platform", &self.platform)
+            .field("user_id", &crate::redact::Fingerprint(&self.user_id))
+            .field("priority", &self.priority)
+            .field("accepted_at", &self.accepted_at)
+            .field("expires_at", &self.expires_at)
+            .field("campaign_rate_per_minute", &self.campaign_rate_per_minute)
+            .finish()
+    }
+}
+
 /// Identity and bookkeeping of one accepted message, carried from ingest to its receipt.
-#[derive(Debug, Clone)]
+/// Its `Debug` shows the user id as a fingerprint.
+#[derive(Clone)]
 pub struct MessageMeta {
     pub app_id: Arc<str>,
     pub batch_id: Arc<str>,
@@ -200,7 +251,8 @@ impl FieldError {
 }
 
 /// A fully rendered APNs request: everything the APNs client needs, nothing it must compute.
-#[derive(Debug, Clone)]
+/// Its `Debug` shows the device token as a fingerprint and the payload's length only.
+#[derive(Clone)]
 pub struct ApnsRequest {
     pub device_token: String,
     /// Bundle id plus the push type's suffix (UTF-8). Bytes so that every message of a batch
@@ -218,11 +270,43 @@ pub struct ApnsRequest {
     pub payload: Bytes,
 }
 
-/// A fully rendered FCM HTTP v1 request body (`{"message":{...}}`).
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for ApnsRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApnsRequest")
+            .field(
+                "device_token",
+                &crate::redact::Fingerprint(&self.device_token),
+            )
+            .field("topic", &String::from_utf8_lossy(&self.topic))
+            .field("push_type", &self.push_type)
+            .field("priority", &self.priority)
+            .field("expiration", &self.expiration)
+            .field("collapse_id", &self.collapse_id)
+            .field("apns_id", &self.apns_id)
+            .field("payload_bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+/// A fully rendered FCM HTTP v1 request body (`{"message":{...}}`). Its `Debug` shows the
+/// device token as a fingerprint and the body's length only (the body holds the token and the
+/// personalized text).
+#[derive(Clone)]
 pub struct FcmRequest {
     pub device_token: String,
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for FcmRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FcmRequest")
+            .field(
+                "device_token",
+                &crate::redact::Fingerprint(&self.device_token),
+            )
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 /// What a provider is asked to send for one message.
@@ -431,4 +515,39 @@ pub fn epoch_millis(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_device_token_user_id_or_variable() {
+        let token = "f00dfeed".repeat(8);
+        let recipient = Recipient {
+            message_id: "m-1".into(),
+            platform: Platform::Apns,
+            device_token: token.clone(),
+            vars: [("name".to_string(), "Private Person".to_string())].into(),
+            user_id: "user-secret-000001".into(),
+            locale: String::new(),
+            timezone: String::new(),
+            apns_json: String::new(),
+            fcm_json: String::new(),
+            title: Some("Hello Private Person".into()),
+            body: None,
+        };
+        let fcm = FcmRequest {
+            device_token: token.clone(),
+            body: Bytes::from(format!("{{\"message\":{{\"token\":\"{token}\"}}}}")),
+        };
+        let shown = format!("{recipient:?} {fcm:?}");
+        for secret in [token.as_str(), "user-secret-000001", "Private Person"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("…feed(64)") && shown.contains("name"),
+            "{shown}"
+        );
+    }
 }

@@ -23,6 +23,7 @@ pub mod metrics;
 mod policy;
 pub mod provider;
 pub mod receipts;
+pub mod redact;
 pub mod registry;
 pub mod render;
 pub mod store;

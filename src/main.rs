@@ -40,6 +40,35 @@ enum Command {
     },
 }
 
+/// Dependencies whose debug and trace events can carry request headers and bodies (device
+/// tokens in paths, `authorization` headers, OAuth tokens, Redis `AUTH` commands): they stay at
+/// `info` unless `RUST_LOG` names the crate itself.
+const QUIET_DEPENDENCIES: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "redis",
+    "rustls",
+    "reqwest",
+];
+
+/// `RUST_LOG` (default `info`) plus `<crate>=info` for every quiet dependency it does not name.
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let mut directives = base.to_string();
+    for dependency in QUIET_DEPENDENCIES {
+        let named = base
+            .split(',')
+            .any(|d| d.trim().split(['=', '[', ':']).next() == Some(*dependency));
+        if !named {
+            directives.push_str(&format!(",{dependency}=info"));
+        }
+    }
+    EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `serve` logs as its config says, so the config is read before logging starts (an error
@@ -48,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => Some(pushgate::config::Config::load(config.as_deref())?),
         _ => None,
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match serve_config.as_ref().map(|c| c.log_format) {
         Some(LogFormat::Json) => logs.json().init(),
@@ -89,4 +118,21 @@ async fn serve(
         stop.cancel();
     });
     running.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn dependencies_stay_at_info_unless_named() {
+        let filter = log_filter(Some("trace")).to_string();
+        for dependency in ["h2=info", "hyper=info", "tonic=info", "redis=info"] {
+            assert!(filter.contains(dependency), "{filter}");
+        }
+        let filter = log_filter(Some("trace,h2=trace")).to_string();
+        assert!(!filter.contains("h2=info"), "{filter}");
+        assert!(filter.contains("hyper=info"), "{filter}");
+        assert!(log_filter(None).to_string().contains("h2=info"));
+    }
 }

@@ -1149,3 +1149,253 @@ async fn rediss_urls_reach_a_tls_redis() {
     );
     h.gateway.shutdown().await.unwrap();
 }
+
+/// A 64-hex device token nobody else uses, so finding it in a log is never a coincidence.
+fn secret_token(n: u64) -> String {
+    let d: [u8; 32] = Sha256::digest(format!("device-{n}").as_bytes()).into();
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The lines of a PEM block between its armour, each long enough to be a real find.
+fn pem_body(pem: &str) -> Vec<String> {
+    pem.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .map(String::from)
+        .collect()
+}
+
+/// The gateway binary at `RUST_LOG=trace` with API keys loaded, APNs JWTs signed, FCM OAuth
+/// tokens fetched from the mock, deliveries on both providers, an app whose APNs key the
+/// provider refuses (a failed credential) and Redis behind a password: its whole output holds
+/// none of the API keys, the .p8 and service-account private keys, any JWT (`eyJ`), any issued
+/// access token (`ya29.`), the Redis password, a device token or a user id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_device_token_in_trace_output() {
+    use pushgate_mocks::apns::{MockApns, MockApnsConfig};
+    use pushgate_mocks::fcm::{MockFcm, MockFcmConfig};
+    const PASSWORD: &str = "redis-pw-7c1e0b5d2a9f";
+    const BAD_KEY: &str = "bad-app-api-key-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let key = pushgate_mocks::keys::generate_apns_key();
+    let wrong = pushgate_mocks::keys::generate_apns_key();
+    let mut apns_config = MockApnsConfig::new(&key.team_id, &key.key_id, &key.public_pem);
+    apns_config.tls = false;
+    apns_config.topics = vec![harness::TOPIC.into()];
+    let apns = MockApns::start(apns_config).await.unwrap();
+    let account =
+        pushgate_mocks::keys::generate_service_account("pushgate-secrets", "https://127.0.0.1:1/t");
+    let mut fcm_config = MockFcmConfig::new(
+        &account.project_id,
+        &account.client_email,
+        &account.public_pem,
+    );
+    fcm_config.tls = false;
+    let fcm = MockFcm::start(fcm_config).await.unwrap();
+    let mut account_json: serde_json::Value = serde_json::from_str(&account.json).unwrap();
+    account_json["token_uri"] = serde_json::Value::from(fcm.token_uri());
+    let account_file = write("service-account.json", &account_json.to_string());
+    let key_file = write("AuthKey.p8", &key.private_p8_pem);
+    let wrong_file = write("Wrong.p8", &wrong.private_p8_pem);
+
+    let redis_port = free_port();
+    let _redis = Reaped(
+        std::process::Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--requirepass", PASSWORD])
+            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = free_port();
+    let config = write(
+        "pushgate.toml",
+        &format!(
+            r#"
+            listen = "127.0.0.1:{port}"
+            [retry]
+            base_ms = 10
+            cap_ms = 20
+            max_attempts = 2
+            [redis]
+            url = "redis://:{PASSWORD}@127.0.0.1:{redis_port}/"
+            poll_ms = 20
+            [apps.shop]
+            api_keys = ["{SHOP_KEY}"]
+            admin_keys = ["{SHOP_ADMIN}"]
+            [apps.shop.apns]
+            key_file = "{key_file}"
+            key_id = "{key_id}"
+            team_id = "{team_id}"
+            topic = "{topic}"
+            endpoint = "{apns_url}"
+            [apps.shop.fcm]
+            credentials_file = "{account_file}"
+            endpoint = "{fcm_url}"
+            [apps.bad]
+            api_keys = ["{BAD_KEY}"]
+            [apps.bad.apns]
+            key_file = "{wrong_file}"
+            key_id = "{wrong_key_id}"
+            team_id = "{team_id}"
+            topic = "{topic}"
+            endpoint = "{apns_url}"
+            "#,
+            key_file = key_file.display(),
+            wrong_file = wrong_file.display(),
+            account_file = account_file.display(),
+            key_id = key.key_id,
+            wrong_key_id = wrong.key_id,
+            team_id = key.team_id,
+            topic = harness::TOPIC,
+            apns_url = apns.url(),
+            fcm_url = fcm.url(),
+        ),
+    );
+    let log_path = dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let gateway = Reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pushgate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "trace")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let channel = connect_retrying(port).await;
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(health(channel.clone()).await, Ok(s) if s == serving) {
+        assert!(Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let user = |n: u64| format!("user-secret-{n:08}");
+    let fcm_token = |n: u64| format!("fcm-{}:APA91b{n:016}", &secret_token(n)[..24]);
+    let mut recipients = Vec::new();
+    for n in 0..4 {
+        let mut r = recipient(n, &[("name", "Private Person")]);
+        r.user_id = user(n);
+        if n % 2 == 0 {
+            r.device_token = secret_token(n);
+        } else {
+            r.platform = proto::Platform::Fcm as i32;
+            r.device_token = fcm_token(n);
+        }
+        recipients.push(r);
+    }
+    let mut sent: Vec<String> = recipients.iter().map(|r| r.device_token.clone()).collect();
+    sent.extend(recipients.iter().map(|r| r.user_id.clone()));
+    let mut client = PushGatewayClient::new(channel.clone());
+    let good = client
+        .send_batch(signed(
+            proto::SendBatchRequest {
+                app_id: "shop".into(),
+                template: Some(template("Hi {{ name }}", "there")),
+                recipients,
+                wait_for_receipts: true,
+                ..Default::default()
+            },
+            Some(SHOP_KEY),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(good.accepted, 4, "{good:?}");
+    assert!(
+        good.receipts
+            .iter()
+            .all(|r| status(r) == ReceiptStatus::Delivered),
+        "{good:?}"
+    );
+    let mut bad_recipient = recipient(10, &[]);
+    bad_recipient.device_token = secret_token(10);
+    bad_recipient.user_id = user(10);
+    sent.push(bad_recipient.device_token.clone());
+    sent.push(bad_recipient.user_id.clone());
+    let bad = client
+        .send_batch(signed(
+            proto::SendBatchRequest {
+                app_id: "bad".into(),
+                template: Some(template("Hi", "there")),
+                recipients: vec![bad_recipient],
+                wait_for_receipts: true,
+                ..Default::default()
+            },
+            Some(BAD_KEY),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        bad.receipts
+            .iter()
+            .all(|r| status(r) != ReceiptStatus::Delivered),
+        "the wrong key must be refused by the provider: {bad:?}"
+    );
+    // A wrong key is refused too (and must not be echoed).
+    let wrong_key = "wrong-api-key-abcdef0123456789";
+    let refused = client
+        .send_batch(signed(batch("shop", 20..21), Some(wrong_key)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    drop(client);
+    drop(channel);
+    drop(gateway);
+
+    let output = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        output.contains("TRACE") || output.contains("DEBUG"),
+        "the gateway logged at trace: {} bytes",
+        output.len()
+    );
+    let mut secrets: Vec<(String, String)> = vec![
+        ("api key".into(), SHOP_KEY.into()),
+        ("admin key".into(), SHOP_ADMIN.into()),
+        ("api key".into(), BAD_KEY.into()),
+        ("refused api key".into(), wrong_key.into()),
+        ("redis password".into(), PASSWORD.into()),
+        ("JWT".into(), "eyJ".into()),
+        ("access token".into(), "ya29.".into()),
+    ];
+    for line in pem_body(&key.private_p8_pem)
+        .into_iter()
+        .chain(pem_body(&wrong.private_p8_pem))
+    {
+        secrets.push(("APNs private key".into(), line));
+    }
+    let account_key = account_json["private_key"].as_str().unwrap_or_default();
+    assert!(!account_key.is_empty());
+    for line in pem_body(account_key) {
+        secrets.push(("service-account private key".into(), line));
+    }
+    for s in sent {
+        secrets.push(("device token or user id".into(), s));
+    }
+    for (what, secret) in &secrets {
+        if let Some(at) = output.find(secret.as_str()) {
+            let line_start = output[..at].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = output[at..].find('\n').map_or(output.len(), |i| at + i);
+            panic!(
+                "{what} in the trace output: {}",
+                &output[line_start..line_end]
+            );
+        }
+    }
+}

@@ -57,8 +57,9 @@ use crate::receipts::{ReceiptHub, ReceiptObserver, Resolution};
 use crate::registry::AppRuntime;
 use crate::work::{Job, Waiting, Work};
 
-/// `[redis]`: durable delivery settings. Durable delivery is on when `url` is set.
-#[derive(Debug, Clone, Deserialize)]
+/// `[redis]`: durable delivery settings. Durable delivery is on when `url` is set. Its `Debug`
+/// replaces any password in the URLs.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://host:port/db`; absent (and no `cluster_nodes`) means the in-memory queue (not
@@ -85,6 +86,31 @@ pub struct RedisConfig {
     pub idempotency_ttl_secs: u64,
     /// Receipts kept per app in the receipts stream (approximately); 0 turns the stream off.
     pub receipts_stream_maxlen: usize,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::redact_url;
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("lease_ms", &self.lease_ms)
+            .field("claim_batch", &self.claim_batch)
+            .field("poll_ms", &self.poll_ms)
+            .field("write_batch", &self.write_batch)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("idempotency_ttl_secs", &self.idempotency_ttl_secs)
+            .field("receipts_stream_maxlen", &self.receipts_stream_maxlen)
+            .finish()
+    }
 }
 
 impl Default for RedisConfig {
@@ -296,6 +322,18 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn debug_hides_the_redis_password() {
+        let c = Config::from_toml("[redis]\nurl = \"redis://:s3cret-pass-word@127.0.0.1:7000/\"")
+            .unwrap();
+        let shown = format!("{:?} {:?}", c.redis, c);
+        assert!(!shown.contains("s3cret-pass-word"), "{shown}");
+        assert!(
+            shown.contains("redis://<redacted>@127.0.0.1:7000/"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn redis_section_defaults_and_errors_name_the_key() {

@@ -186,8 +186,8 @@ impl StoredTemplate {
     }
 }
 
-/// A parked job.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// A parked job. Its `Debug` shows the user id as a fingerprint (see [`StoredRequest`]).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredJob {
     pub app_id: String,
     pub batch_id: String,
@@ -209,8 +209,28 @@ pub struct StoredJob {
     pub last_error: String,
 }
 
-/// The rendered provider request.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+impl std::fmt::Debug for StoredJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredJob")
+            .field("app_id", &self.app_id)
+            .field("batch_id", &self.batch_id)
+            .field("campaign_id", &self.campaign_id)
+            .field("message_id", &self.message_id)
+            .field("user_id", &crate::redact::Fingerprint(&self.user_id))
+            .field("priority", &self.priority)
+            .field("accepted_at_ms", &self.accepted_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("campaign_rate_per_minute", &self.campaign_rate_per_minute)
+            .field("attempt", &self.attempt)
+            .field("request", &self.request)
+            .field("last_error", &self.last_error)
+            .finish()
+    }
+}
+
+/// The rendered provider request. Its `Debug` shows the device token as a fingerprint and the
+/// payload's length only.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "p", rename_all = "lowercase")]
 pub enum StoredRequest {
     Apns {
@@ -231,12 +251,52 @@ pub enum StoredRequest {
     },
 }
 
-/// Provider bodies are JSON (UTF-8) in practice; anything else is kept as base64.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+impl std::fmt::Debug for StoredRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::Fingerprint;
+        match self {
+            StoredRequest::Apns {
+                device_token,
+                topic,
+                push_type,
+                priority,
+                apns_id,
+                payload,
+                ..
+            } => f
+                .debug_struct("Apns")
+                .field("device_token", &Fingerprint(device_token))
+                .field("topic", topic)
+                .field("push_type", push_type)
+                .field("priority", priority)
+                .field("apns_id", apns_id)
+                .field("payload", payload)
+                .finish_non_exhaustive(),
+            StoredRequest::Fcm { device_token, body } => f
+                .debug_struct("Fcm")
+                .field("device_token", &Fingerprint(device_token))
+                .field("body", body)
+                .finish(),
+        }
+    }
+}
+
+/// Provider bodies are JSON (UTF-8) in practice; anything else is kept as base64. Its `Debug`
+/// shows the length only (bodies hold device tokens and personalized text).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Payload {
     Text(String),
     B64(String),
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Text(s) => write!(f, "Text(<{} bytes>)", s.len()),
+            Payload::B64(s) => write!(f, "B64(<{} chars>)", s.len()),
+        }
+    }
 }
 
 impl Payload {
@@ -402,6 +462,21 @@ fn push_type_from_header(s: &str) -> Option<PushType> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_device_token_or_payload() {
+        let token = "fcm-abcdefghijklmnop:APA91bsecret0001";
+        let request = StoredRequest::Fcm {
+            device_token: token.into(),
+            body: Payload::Text(format!("{{\"message\":{{\"token\":\"{token}\"}}}}")),
+        };
+        let shown = format!("{request:?}");
+        assert!(
+            !shown.contains(token) && !shown.contains("message"),
+            "{shown}"
+        );
+        assert!(shown.contains("0001"), "{shown}");
+    }
 
     #[test]
     fn round_trips_apns_and_fcm() {
