@@ -138,7 +138,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             accept_window: 100_000,
-            max_in_flight_requests: 8_192,
+            max_in_flight_requests: 50_000,
             dispatch_queue: 4_096,
             max_batch_recipients: 10_000,
             shutdown_grace_secs: 20,

@@ -88,8 +88,8 @@ impl Deliverer {
         };
         let attempt = job.pending.begin_attempt();
         let started = Instant::now();
-        let outcome = tokio::select! {
-            outcome = provider.deliver(&job.request) => outcome,
+        let attempted = tokio::select! {
+            attempted = provider.deliver_timed(&job.request) => attempted,
             _ = self.hard_stop.cancelled() => {
                 self.store.abandon(
                     job.into(),
@@ -98,11 +98,11 @@ impl Deliverer {
                 return;
             }
         };
-        let rtt = started.elapsed();
-        slot.observe(&outcome, rtt);
+        slot.observe(&attempted, provider.capacity());
         self.metrics
             .delivery_seconds_of(meta.platform)
-            .observe(rtt.as_secs_f64());
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = attempted.outcome;
         self.metrics.deliveries.inc(
             &meta.app_id,
             meta.platform.as_str(),

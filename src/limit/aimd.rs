@@ -1,65 +1,100 @@
-//! Adaptive concurrency for one (app, provider): additive increase while latency holds,
-//! multiplicative decrease on back-pressure (HTTP 429 / QUOTA_EXCEEDED / 503) and on rising
-//! round-trip time, in the manner of Vector's adaptive request concurrency.
+//! Adaptive concurrency for one (app, provider), in the manner of TCP congestion control and
+//! Vector's adaptive request concurrency:
 //!
-//! The controller is plain state with time passed in, so it is tested on scheduled instants.
+//! - **Seeded** from what the provider's open connections can carry (their servers'
+//!   SETTINGS_MAX_CONCURRENT_STREAMS summed), so the first round trip already fills them.
+//! - **Slow start**: while nothing pushed back, every answered request of a full window adds
+//!   one, so the limit doubles per round trip; at 200 ms a limit of thousands is reached in a
+//!   second or two, not minutes. The first back-pressure or RTT rise ends slow start.
+//! - **Congestion avoidance**: then one more per full window's worth of answers.
+//! - **Multiplicative decrease**: halved on back-pressure (HTTP 429 / QUOTA_EXCEEDED / 503) and on
+//!   a rising round trip, at most once per round trip.
+//! - **Latency shifts are not congestion**: the round trip is measured on the wire (request
+//!   leaving its stream to its answer, not time queued in the gateway), against a baseline that
+//!   follows the lowest recent RTT. When the RTT stays high through three halvings, the load was
+//!   not the cause (the provider moved farther away): the high RTT becomes the new baseline and
+//!   the limit goes back to where it was before the cuts.
+//!
+//! The limit never exceeds the configured ceiling nor what the provider's pool can carry at
+//! most. The controller is plain state with time passed in, so it is tested on scheduled
+//! instants.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::domain::Outcome;
+use crate::provider::Capacity;
 
-/// Fast RTT average weight (recent behaviour).
+/// Fast RTT average weight per sample (recent behaviour).
 const FAST_ALPHA: f64 = 0.2;
-/// Slow RTT average weight (the baseline the fast one is compared with).
-const SLOW_ALPHA: f64 = 0.02;
+/// The baseline rises toward the fast average with this time constant (it falls at once).
+const BASELINE_DRIFT: Duration = Duration::from_secs(30);
 /// RTT counts as rising when the fast average exceeds the baseline by this factor...
 const RTT_RISE_FACTOR: f64 = 2.0;
 /// ...and by at least this much (ignores jitter of sub-millisecond round trips).
 const RTT_RISE_SLACK: f64 = 0.025;
+/// A rise counts as over once the fast average is back under this factor of the baseline.
+const RTT_RECOVERED_FACTOR: f64 = 1.5;
 /// Samples before RTT may cause a decrease.
 const RTT_WARMUP_SAMPLES: u32 = 20;
+/// RTT-caused halvings in a row, the RTT still high, that make the high RTT the new baseline.
+const REBASELINE_AFTER_CUTS: u32 = 3;
 /// After a decrease, further back-pressure within max(this, fast RTT) is the same episode.
 const MIN_DECREASE_HOLD: Duration = Duration::from_millis(50);
 
 /// What one finished provider request tells the controller.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Feedback {
-    /// The provider answered normally after `rtt`.
+    /// The provider answered normally; the request was on the wire this long.
     Ok(Duration),
     /// The provider asked us to slow down (429, 503).
     Backpressure,
-    /// Says nothing about load (a 500, a dropped connection, credentials...).
+    /// Says nothing about load (a 500, a dropped connection, credentials, no request sent...).
     Neutral,
 }
 
 impl Feedback {
-    /// Classifies a provider outcome.
-    pub fn of(outcome: &Outcome, rtt: Duration) -> Self {
-        match outcome {
-            Outcome::Retry {
-                status: 429 | 503, ..
-            } => Feedback::Backpressure,
-            Outcome::Retry { .. } | Outcome::Failed { .. } => Feedback::Neutral,
-            Outcome::Delivered { .. } | Outcome::InvalidToken { .. } | Outcome::Rejected { .. } => {
-                Feedback::Ok(rtt)
-            }
+    /// Classifies a provider outcome; `round_trip` is `None` when no request reached the wire.
+    pub fn of(outcome: &Outcome, round_trip: Option<Duration>) -> Self {
+        match (outcome, round_trip) {
+            (
+                Outcome::Retry {
+                    status: 429 | 503, ..
+                },
+                _,
+            ) => Feedback::Backpressure,
+            (Outcome::Retry { .. } | Outcome::Failed { .. }, _) | (_, None) => Feedback::Neutral,
+            (
+                Outcome::Delivered { .. } | Outcome::InvalidToken { .. } | Outcome::Rejected { .. },
+                Some(rtt),
+            ) => Feedback::Ok(rtt),
         }
     }
 }
 
-/// AIMD concurrency limit with its in-flight count.
+/// Adaptive concurrency limit with its in-flight count.
 #[derive(Debug, Clone)]
 pub struct Aimd {
     limit: f64,
+    /// The configured ceiling.
     max: f64,
+    /// What the provider's pool can carry at most (0: unknown).
+    pool_most: usize,
+    slow_start: bool,
     in_flight: usize,
     fast_rtt: Option<f64>,
-    slow_rtt: Option<f64>,
+    baseline_rtt: Option<f64>,
+    last_sample: Option<Instant>,
     samples: u32,
     last_decrease: Option<Instant>,
+    /// RTT-caused halvings since the RTT was last back near the baseline.
+    rtt_cuts: u32,
+    /// The limit, and whether slow start was on, before the first of those halvings.
+    limit_before_rtt_cuts: f64,
+    slow_start_before_rtt_cuts: bool,
     backpressure_decreases: u64,
+    rebaselines: u64,
 }
 
 impl Aimd {
@@ -69,12 +104,19 @@ impl Aimd {
         Self {
             limit: (initial.max(1) as f64).min(max),
             max,
+            pool_most: 0,
+            slow_start: true,
             in_flight: 0,
             fast_rtt: None,
-            slow_rtt: None,
+            baseline_rtt: None,
+            last_sample: None,
             samples: 0,
             last_decrease: None,
+            rtt_cuts: 0,
+            limit_before_rtt_cuts: 0.0,
+            slow_start_before_rtt_cuts: false,
             backpressure_decreases: 0,
+            rebaselines: 0,
         }
     }
 
@@ -91,6 +133,21 @@ impl Aimd {
     /// Times the limit was cut because the provider pushed back (429/503).
     pub fn backpressure_decreases(&self) -> u64 {
         self.backpressure_decreases
+    }
+
+    /// Times a lasting RTT rise was taken as a new baseline rather than congestion.
+    pub fn rebaselines(&self) -> u64 {
+        self.rebaselines
+    }
+
+    /// True until the first back-pressure or RTT rise.
+    pub fn in_slow_start(&self) -> bool {
+        self.slow_start
+    }
+
+    /// The round-trip baseline, once measured.
+    pub fn baseline_rtt(&self) -> Option<Duration> {
+        self.baseline_rtt.map(Duration::from_secs_f64)
     }
 
     /// True when another request may start.
@@ -111,7 +168,27 @@ impl Aimd {
     /// Changes the ceiling (config reload); the current limit is clamped to it.
     pub fn set_max(&mut self, max: usize) {
         self.max = max.max(1) as f64;
-        self.limit = self.limit.min(self.max);
+        self.limit = self.limit.min(self.ceiling());
+    }
+
+    /// Tells the controller what the provider's connections carry: during slow start the limit
+    /// is raised to what the open ones carry (a full first window), and it never exceeds what
+    /// the pool can carry at most.
+    pub fn capacity(&mut self, capacity: Capacity) {
+        self.pool_most = capacity.most;
+        let ceiling = self.ceiling();
+        if self.slow_start {
+            self.limit = self.limit.max(capacity.open as f64);
+        }
+        self.limit = self.limit.min(ceiling);
+    }
+
+    fn ceiling(&self) -> f64 {
+        if self.pool_most == 0 {
+            self.max
+        } else {
+            self.max.min(self.pool_most as f64).max(1.0)
+        }
     }
 
     /// Adjusts the limit from a finished request, while it still counts as in flight.
@@ -119,37 +196,97 @@ impl Aimd {
         match feedback {
             Feedback::Neutral => {}
             Feedback::Backpressure => {
+                self.slow_start = false;
                 if self.decrease(now) {
                     self.backpressure_decreases += 1;
                 }
             }
             Feedback::Ok(rtt) => {
-                let rtt = rtt.as_secs_f64();
-                let ewma = |avg: Option<f64>, alpha: f64| match avg {
-                    Some(a) => a + alpha * (rtt - a),
-                    None => rtt,
-                };
-                self.fast_rtt = Some(ewma(self.fast_rtt, FAST_ALPHA));
-                self.slow_rtt = Some(ewma(self.slow_rtt, SLOW_ALPHA));
-                self.samples = self.samples.saturating_add(1);
+                self.sample(now, rtt.as_secs_f64());
                 if self.rtt_rising() {
-                    self.decrease(now);
-                } else if self.in_flight >= self.limit() {
-                    // The window was full and latency held: one more per window's worth.
-                    self.limit = (self.limit + 1.0 / self.limit).min(self.max);
+                    self.on_rtt_rise(now);
+                } else {
+                    if self.rtt_recovered() {
+                        self.rtt_cuts = 0;
+                    }
+                    if self.window_full() {
+                        // The window was (about) full and latency held.
+                        let step = if self.slow_start {
+                            1.0
+                        } else {
+                            1.0 / self.limit
+                        };
+                        self.limit = (self.limit + step).min(self.ceiling());
+                    }
                 }
             }
         }
     }
 
+    /// True when the sender is using (nine tenths of) the window: requests released a moment
+    /// ago may not have been replaced yet when the next answer arrives.
+    fn window_full(&self) -> bool {
+        self.in_flight * 10 >= self.limit() * 9
+    }
+
+    fn sample(&mut self, now: Instant, rtt: f64) {
+        let fast = match self.fast_rtt {
+            Some(a) => a + FAST_ALPHA * (rtt - a),
+            None => rtt,
+        };
+        self.fast_rtt = Some(fast);
+        let elapsed = self
+            .last_sample
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.last_sample = Some(now);
+        self.baseline_rtt = Some(match self.baseline_rtt {
+            None => fast,
+            Some(base) if fast <= base => fast,
+            Some(base) => {
+                let weight = (elapsed / BASELINE_DRIFT.as_secs_f64()).min(1.0);
+                base + weight * (fast - base)
+            }
+        });
+        self.samples = self.samples.saturating_add(1);
+    }
+
     fn rtt_rising(&self) -> bool {
-        match (self.fast_rtt, self.slow_rtt) {
-            (Some(fast), Some(slow)) => {
+        match (self.fast_rtt, self.baseline_rtt) {
+            (Some(fast), Some(base)) => {
                 self.samples >= RTT_WARMUP_SAMPLES
-                    && fast > slow * RTT_RISE_FACTOR
-                    && fast - slow > RTT_RISE_SLACK
+                    && fast > base * RTT_RISE_FACTOR
+                    && fast - base > RTT_RISE_SLACK
             }
             _ => false,
+        }
+    }
+
+    fn rtt_recovered(&self) -> bool {
+        match (self.fast_rtt, self.baseline_rtt) {
+            (Some(fast), Some(base)) => fast <= base * RTT_RECOVERED_FACTOR,
+            _ => true,
+        }
+    }
+
+    /// Halves for a rising RTT; when the RTT stays high however far the limit falls, the
+    /// provider is slower, not overloaded: the RTT becomes the baseline and the limit returns.
+    fn on_rtt_rise(&mut self, now: Instant) {
+        let before = self.limit;
+        if !self.decrease(now) {
+            return;
+        }
+        if self.rtt_cuts == 0 {
+            self.limit_before_rtt_cuts = before;
+            self.slow_start_before_rtt_cuts = self.slow_start;
+        }
+        self.slow_start = false;
+        self.rtt_cuts += 1;
+        if self.rtt_cuts >= REBASELINE_AFTER_CUTS {
+            self.baseline_rtt = self.fast_rtt;
+            self.limit = self.limit_before_rtt_cuts.min(self.ceiling());
+            self.slow_start = self.slow_start_before_rtt_cuts;
+            self.rtt_cuts = 0;
+            self.rebaselines += 1;
         }
     }
 
@@ -171,31 +308,49 @@ mod tests {
 
     const RTT: Duration = Duration::from_millis(10);
 
-    /// Keeps the window full (a busy sender), completing `rounds` windows' worth of requests
-    /// with `feedback`, then lets the window drain.
-    fn run_rounds(a: &mut Aimd, rounds: usize, feedback: Feedback) {
+    /// A busy sender for `rounds` round trips: every request in flight is answered with
+    /// `feedback` after `rtt`, and each answer is replaced at once while the window has room
+    /// (the replacements are answered in the next round).
+    async fn run_rounds(a: &mut Aimd, rounds: usize, rtt: Duration, feedback: Feedback) {
+        while a.has_room() {
+            a.acquire();
+        }
         for _ in 0..rounds {
-            for _ in 0..a.limit() {
+            tokio::time::advance(rtt).await;
+            for _ in 0..a.in_flight() {
+                a.feedback(Instant::now(), feedback);
+                a.release();
                 while a.has_room() {
                     a.acquire();
                 }
-                a.feedback(Instant::now(), feedback);
-                a.release();
             }
-        }
-        while a.in_flight() > 0 {
-            a.release();
         }
     }
 
+    fn ok(rtt: Duration) -> Feedback {
+        Feedback::Ok(rtt)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn grows_by_about_one_per_full_window_up_to_max() {
-        let mut a = Aimd::new(4, 10);
-        run_rounds(&mut a, 2, Feedback::Ok(RTT));
-        assert!(a.limit() >= 5, "{}", a.limit());
-        run_rounds(&mut a, 100, Feedback::Ok(RTT));
-        assert_eq!(a.limit(), 10, "capped at max");
-        assert_eq!(a.in_flight(), 0);
+    async fn slow_start_doubles_per_round_trip_up_to_max() {
+        let mut a = Aimd::new(10, 100_000);
+        run_rounds(&mut a, 1, RTT, ok(RTT)).await;
+        assert_eq!(a.limit(), 20);
+        run_rounds(&mut a, 3, RTT, ok(RTT)).await;
+        assert_eq!(a.limit(), 160);
+        assert!(a.in_slow_start());
+        run_rounds(&mut a, 20, RTT, ok(RTT)).await;
+        assert_eq!(a.limit(), 100_000, "capped at max");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_backpressure_grows_by_about_one_per_full_window() {
+        let mut a = Aimd::new(64, 1_000);
+        a.feedback(Instant::now(), Feedback::Backpressure);
+        assert!(!a.in_slow_start());
+        assert_eq!(a.limit(), 32);
+        run_rounds(&mut a, 4, RTT, ok(RTT)).await;
+        assert!((35..=37).contains(&a.limit()), "{}", a.limit());
     }
 
     #[tokio::test(start_paused = true)]
@@ -203,7 +358,7 @@ mod tests {
         let mut a = Aimd::new(4, 10);
         for _ in 0..50 {
             a.acquire();
-            a.feedback(Instant::now(), Feedback::Ok(RTT));
+            a.feedback(Instant::now(), ok(RTT));
             a.release();
         }
         assert_eq!(a.limit(), 4);
@@ -232,12 +387,59 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn rising_rtt_decreases() {
-        let mut a = Aimd::new(20, 100);
-        run_rounds(&mut a, 3, Feedback::Ok(Duration::from_millis(5)));
+    async fn a_short_rtt_rise_is_congestion_and_cuts() {
+        let base = Duration::from_millis(5);
+        let mut a = Aimd::new(200, 1_000);
+        run_rounds(&mut a, 3, base, ok(base)).await;
         let before = a.limit();
-        run_rounds(&mut a, 1, Feedback::Ok(Duration::from_millis(400)));
-        assert!(a.limit() < before, "{} -> {}", before, a.limit());
+        // One round trip of high latency, then back to normal: a single halving, kept.
+        run_rounds(&mut a, 1, Duration::from_millis(400), ok(Duration::from_millis(400))).await;
+        assert!(a.limit() <= before / 2, "{before} -> {}", a.limit());
+        assert!(!a.in_slow_start());
+        run_rounds(&mut a, 20, base, ok(base)).await;
+        assert_eq!(a.rebaselines(), 0);
+        assert!(a.limit() < before, "{before} -> {}", a.limit());
+        assert!(a.baseline_rtt().is_some_and(|b| b < Duration::from_millis(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_latency_shift_becomes_the_new_baseline() {
+        let near = Duration::from_millis(20);
+        let far = Duration::from_millis(1_000);
+        let mut a = Aimd::new(100, 100_000);
+        run_rounds(&mut a, 4, near, ok(near)).await;
+        let before = a.limit();
+        // The provider is now 1 s away and stays there, whatever we send.
+        run_rounds(&mut a, 6, far, ok(far)).await;
+        assert_eq!(a.rebaselines(), 1);
+        let baseline = a.baseline_rtt().unwrap_or_default();
+        assert!(baseline > Duration::from_millis(500), "{baseline:?}");
+        assert!(a.limit() >= before, "restored: {before} -> {}", a.limit());
+        // And it keeps growing at the new latency instead of cutting again.
+        let restored = a.limit();
+        run_rounds(&mut a, 5, far, ok(far)).await;
+        assert!(a.limit() > restored, "{restored} -> {}", a.limit());
+        assert_eq!(a.rebaselines(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_seeds_slow_start_and_caps_the_limit() {
+        let mut a = Aimd::new(100, 25_000);
+        a.capacity(Capacity {
+            open: 2_000,
+            most: 20_000,
+        });
+        assert_eq!(a.limit(), 2_000, "seeded from the open connections");
+        run_rounds(&mut a, 10, RTT, ok(RTT)).await;
+        assert_eq!(a.limit(), 20_000, "never above what the pool can carry");
+        a.feedback(Instant::now(), Feedback::Backpressure);
+        a.capacity(Capacity {
+            open: 20_000,
+            most: 20_000,
+        });
+        assert_eq!(a.limit(), 10_000, "no re-seeding after back-pressure");
+        a.set_max(500);
+        assert_eq!(a.limit(), 500);
     }
 
     #[test]
@@ -247,13 +449,14 @@ mod tests {
             status,
             retry_after: None,
         };
-        assert_eq!(Feedback::of(&retry(429), RTT), Feedback::Backpressure);
-        assert_eq!(Feedback::of(&retry(503), RTT), Feedback::Backpressure);
-        assert_eq!(Feedback::of(&retry(500), RTT), Feedback::Neutral);
+        assert_eq!(Feedback::of(&retry(429), Some(RTT)), Feedback::Backpressure);
+        assert_eq!(Feedback::of(&retry(503), None), Feedback::Backpressure);
+        assert_eq!(Feedback::of(&retry(500), Some(RTT)), Feedback::Neutral);
         let ok = Outcome::Delivered {
             provider_message_id: String::new(),
             status: 200,
         };
-        assert_eq!(Feedback::of(&ok, RTT), Feedback::Ok(RTT));
+        assert_eq!(Feedback::of(&ok, Some(RTT)), Feedback::Ok(RTT));
+        assert_eq!(Feedback::of(&ok, None), Feedback::Neutral, "nothing went out");
     }
 }

@@ -43,7 +43,7 @@ pub use scheduler::Scheduler;
 /// Default adaptive-concurrency start per (app, provider).
 pub const DEFAULT_INITIAL_CONCURRENCY: usize = 100;
 /// Default adaptive-concurrency ceiling per (app, provider).
-pub const DEFAULT_MAX_CONCURRENCY: usize = 1_000;
+pub const DEFAULT_MAX_CONCURRENCY: usize = 25_000;
 /// Largest accepted rate, messages per second.
 const MAX_RATE_PER_SECOND: u32 = 1_000_000;
 

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use super::aimd::{Aimd, Feedback};
 use super::rate::Gcra;
 use super::{LimitConfig, Limits, Rate};
-use crate::domain::{Outcome, Platform};
+use crate::domain::Platform;
+use crate::provider::{Attempt, Capacity};
 use crate::metrics::{AppLabels, Metrics};
 
 /// Messages an app may send per DRR turn, per unit of weight.
@@ -50,11 +51,15 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Reports the request's outcome to the adaptive-concurrency controller.
-    pub fn observe(&self, outcome: &Outcome, rtt: Duration) {
-        self.ctl
-            .lock()
-            .feedback(Instant::now(), Feedback::of(outcome, rtt));
+    /// Reports the attempt's outcome and wire time to the adaptive-concurrency controller,
+    /// with what the provider's connections carry now.
+    pub fn observe(&self, attempt: &Attempt, capacity: Capacity) {
+        let mut ctl = self.ctl.lock();
+        ctl.capacity(capacity);
+        ctl.feedback(
+            Instant::now(),
+            Feedback::of(&attempt.outcome, attempt.round_trip),
+        );
     }
 }
 
@@ -501,6 +506,7 @@ impl<T: Schedulable> Queues<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Outcome;
 
     #[derive(Debug, Clone)]
     struct Item {
@@ -717,7 +723,11 @@ mod tests {
                     status: 200,
                 }
             };
-            slot.observe(&outcome, Duration::from_millis(10));
+            let attempt = Attempt {
+                outcome,
+                round_trip: Some(Duration::from_millis(10)),
+            };
+            slot.observe(&attempt, Capacity::default());
         }
         drop(slots);
         let limits = q.limits();

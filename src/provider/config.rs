@@ -43,8 +43,15 @@ pub struct ApnsConfig {
     /// Extra CA certificate (PEM) to trust, for a TLS mock.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Connections kept open.
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// Most connections opened when demand needs more (never fewer than `connections`).
+    #[serde(default = "default_apns_max_connections")]
+    pub max_connections: usize,
+    /// An extra connection the others could do without for this long is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// Provider token re-signing interval, clamped to Apple's [20, 60) minutes.
@@ -96,8 +103,15 @@ pub struct FcmConfig {
     pub endpoint: Option<String>,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Connections kept open.
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// Most connections opened when demand needs more (never fewer than `connections`).
+    #[serde(default = "default_fcm_max_connections")]
+    pub max_connections: usize,
+    /// An extra connection the others could do without for this long is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
 }
@@ -118,6 +132,18 @@ impl std::fmt::Debug for FcmConfig {
 
 fn default_connections() -> usize {
     2
+}
+/// APNs gives a token connection up to 1,000 streams (docs/providers.md): 25 connections carry
+/// 25,000 requests at once, 125,000/s at 200 ms.
+fn default_apns_max_connections() -> usize {
+    25
+}
+/// FCM gives a connection 100 streams: 250 connections carry 25,000 requests at once.
+fn default_fcm_max_connections() -> usize {
+    250
+}
+fn default_idle_timeout_secs() -> u64 {
+    300
 }
 fn default_request_timeout_ms() -> u64 {
     10_000
@@ -157,6 +183,10 @@ pub fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
         require_https(&format!("{key}.endpoint"), url)?;
     }
     at_least_one(&format!("{key}.connections"), apns.connections as u64)?;
+    at_most_1000(&format!("{key}.connections"), apns.connections)?;
+    at_least_one(&format!("{key}.max_connections"), apns.max_connections as u64)?;
+    at_most_1000(&format!("{key}.max_connections"), apns.max_connections)?;
+    at_least_one(&format!("{key}.idle_timeout_secs"), apns.idle_timeout_secs)?;
     at_least_one(
         &format!("{key}.request_timeout_ms"),
         apns.request_timeout_ms,
@@ -176,7 +206,18 @@ pub fn validate_fcm(key: &str, fcm: &FcmConfig) -> Result<(), ConfigError> {
         require_https(&format!("{key}.endpoint"), url)?;
     }
     at_least_one(&format!("{key}.connections"), fcm.connections as u64)?;
+    at_most_1000(&format!("{key}.connections"), fcm.connections)?;
+    at_least_one(&format!("{key}.max_connections"), fcm.max_connections as u64)?;
+    at_most_1000(&format!("{key}.max_connections"), fcm.max_connections)?;
+    at_least_one(&format!("{key}.idle_timeout_secs"), fcm.idle_timeout_secs)?;
     at_least_one(&format!("{key}.request_timeout_ms"), fcm.request_timeout_ms)?;
+    Ok(())
+}
+
+fn at_most_1000(key: &str, value: usize) -> Result<(), ConfigError> {
+    if value > 1_000 {
+        return Err(ConfigError::invalid(key, "must be at most 1000"));
+    }
     Ok(())
 }
 
@@ -263,6 +304,8 @@ pub fn build_apns(key: &str, apns: &ApnsConfig) -> Result<ApnsProvider, ConfigEr
         PoolConfig {
             name: format!("apns:{}:{}", apns.team_id, apns.key_id),
             connections: apns.connections,
+            max_connections: apns.max_connections.max(apns.connections),
+            idle_timeout: Duration::from_secs(apns.idle_timeout_secs),
             request_timeout: Duration::from_millis(apns.request_timeout_ms),
             initial_max_streams: 1,
             single_stream_until_success: true,

@@ -1,15 +1,23 @@
 //! A pool of long-lived HTTP/2 connections to one provider endpoint.
 //!
-//! Each connection slot has a supervisor task that connects, drives the connection, sends PING
-//! keep-alives, and reconnects with exponential backoff when the connection ends (GOAWAY, reset,
-//! I/O error). Requests go to the least loaded live connection; `h2` itself holds a request back
-//! until the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows another stream, so the pool honours that
-//! limit as the server changes it. When no connection is live the pool waits briefly for one, then
-//! fails fast instead of queueing forever.
+//! The pool keeps `connections` connections open for its whole life: each such slot has a
+//! supervisor task that connects, drives the connection, sends PING keep-alives, and reconnects
+//! with exponential backoff when the connection ends (GOAWAY, reset, I/O error). Requests go to
+//! the least loaded live connection; `h2` itself holds a request back until the peer's
+//! SETTINGS_MAX_CONCURRENT_STREAMS allows another stream, so the pool honours that limit as the
+//! server changes it. When no connection is live the pool waits briefly for one, then fails fast
+//! instead of queueing forever.
+//!
+//! Demand opens more, up to `max_connections`: when the least loaded connection is three
+//! quarters full of the streams its server allows, one more connection is opened (one at a
+//! time, so a burst does not open them all at once; Apple treats connection churn as abuse).
+//! Such an extra connection closes again once the others could carry the traffic for
+//! `idle_timeout`: it first stops taking requests, then closes when its last one is answered.
 //!
 //! `https://` endpoints use TLS (rustls, ALPN `h2`); `http://` means cleartext HTTP/2 with prior
 //! knowledge, meant only for local mock servers.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -117,7 +125,12 @@ fn client_tls_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig,
 pub struct PoolConfig {
     /// Log label, e.g. `apns:TEAMID:KEYID:production`.
     pub name: String,
+    /// Connections kept open for the life of the pool.
     pub connections: usize,
+    /// Most connections open at once when demand needs more (at least `connections`).
+    pub max_connections: usize,
+    /// An extra connection the others could do without for this long is closed.
+    pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     /// PING interval on a connection; a PING unanswered within `request_timeout` closes it.
@@ -136,6 +149,8 @@ impl Default for PoolConfig {
         Self {
             name: "pool".into(),
             connections: 2,
+            max_connections: 2,
+            idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
             ping_interval: Duration::from_secs(60),
@@ -153,6 +168,9 @@ pub struct H2Response {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// From the request leaving on its stream to the end of its answer: the provider's round
+    /// trip, without the time spent waiting for a connection or a stream.
+    pub round_trip: Duration,
 }
 
 /// Why a request got no response. Every variant is transient from the message's point of view.
@@ -196,6 +214,8 @@ struct Conn {
 
 struct Slot {
     conn: RwLock<Option<Arc<Conn>>>,
+    /// A supervisor runs for this slot.
+    running: AtomicBool,
 }
 
 struct Shared {
@@ -208,6 +228,12 @@ struct Shared {
     started: AtomicBool,
     next_conn_id: AtomicU64,
     connects: AtomicU64,
+    /// An extra connection is being opened (at most one at a time).
+    growing: AtomicBool,
+    /// An extra connection is being retired (at most one at a time).
+    retiring: AtomicBool,
+    /// The largest SETTINGS_MAX_CONCURRENT_STREAMS any connection was given.
+    max_streams_seen: AtomicUsize,
     cancel: CancellationToken,
 }
 
@@ -226,11 +252,13 @@ impl Drop for H2Pool {
 impl H2Pool {
     /// Creates the pool; connections are opened lazily on the first request.
     pub fn new(endpoint: Endpoint, config: PoolConfig) -> Self {
-        let slots = (0..config.connections.max(1))
+        let slots = (0..config.max_connections.max(config.connections).max(1))
             .map(|_| Slot {
                 conn: RwLock::new(None),
+                running: AtomicBool::new(false),
             })
             .collect();
+        let initial_streams = config.initial_max_streams.max(1);
         Self {
             shared: Arc::new(Shared {
                 endpoint,
@@ -241,6 +269,9 @@ impl H2Pool {
                 started: AtomicBool::new(false),
                 next_conn_id: AtomicU64::new(1),
                 connects: AtomicU64::new(0),
+                growing: AtomicBool::new(false),
+                retiring: AtomicBool::new(false),
+                max_streams_seen: AtomicUsize::new(initial_streams),
                 cancel: CancellationToken::new(),
             }),
         }
@@ -270,13 +301,46 @@ impl H2Pool {
             .sum()
     }
 
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.live().count()
+    }
+
+    /// What the open connections carry, and what the pool could carry at most.
+    pub fn capacity(&self) -> super::Capacity {
+        let open = self.shared.live().map(|c| c.capacity()).sum();
+        let most = self.shared.max_streams_seen.load(Ordering::Relaxed) * self.shared.slots.len();
+        super::Capacity { open, most }
+    }
+
     fn ensure_started(&self) {
         if self.shared.started.swap(true, Ordering::AcqRel) {
             return;
         }
-        for index in 0..self.shared.slots.len() {
+        for index in 0..self.shared.config.connections.max(1) {
+            self.shared.slots[index].running.store(true, Ordering::Release);
             let shared = Arc::clone(&self.shared);
             tokio::spawn(async move { supervise(shared, index).await });
+        }
+    }
+
+    /// Opens one more connection, unless one is already being opened or all slots run.
+    fn grow(&self) {
+        let shared = &self.shared;
+        if shared.growing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let free = shared
+            .slots
+            .iter()
+            .position(|slot| !slot.running.swap(true, Ordering::AcqRel));
+        match free {
+            Some(index) => {
+                debug!(pool = %shared.config.name, slot = index, "opening another connection for demand");
+                let shared = Arc::clone(shared);
+                tokio::spawn(async move { supervise_extra(shared, index).await });
+            }
+            None => shared.growing.store(false, Ordering::Release),
         }
     }
 
@@ -340,6 +404,10 @@ impl H2Pool {
         loop {
             let notified = self.shared.connected.notified();
             if let Some(conn) = self.least_loaded() {
+                // Three quarters full at the least loaded: the pool needs another connection.
+                if conn.in_flight.load(Ordering::Relaxed) * 4 >= conn.capacity() * 3 {
+                    self.grow();
+                }
                 return Ok(conn);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -353,20 +421,44 @@ impl H2Pool {
 
     fn least_loaded(&self) -> Option<Arc<Conn>> {
         let mut best: Option<(usize, Arc<Conn>)> = None;
-        for slot in &self.shared.slots {
-            let guard = slot.conn.read();
-            let Some(conn) = guard.as_ref() else { continue };
-            if conn.closed.load(Ordering::Acquire) {
-                continue;
-            }
+        for conn in self.shared.live() {
             // Load relative to what the server lets this connection carry.
-            let capacity = conn.send.current_max_send_streams().max(1);
+            let capacity = conn.capacity();
+            if capacity > self.shared.max_streams_seen.load(Ordering::Relaxed) {
+                self.shared
+                    .max_streams_seen
+                    .fetch_max(capacity, Ordering::Relaxed);
+            }
             let load = conn.in_flight.load(Ordering::Relaxed) * 1024 / capacity;
             if best.as_ref().is_none_or(|(l, _)| load < *l) {
-                best = Some((load, Arc::clone(conn)));
+                best = Some((load, conn));
             }
         }
         best.map(|(_, c)| c)
+    }
+}
+
+impl Shared {
+    /// The connections that take requests now.
+    fn live(&self) -> impl Iterator<Item = Arc<Conn>> + '_ {
+        self.slots.iter().filter_map(|slot| {
+            let guard = slot.conn.read();
+            guard
+                .as_ref()
+                .filter(|c| !c.closed.load(Ordering::Acquire))
+                .map(Arc::clone)
+        })
+    }
+}
+
+impl Conn {
+    /// Streams the server lets this connection carry now (one while it warms up).
+    fn capacity(&self) -> usize {
+        if self.warmed.load(Ordering::Acquire) {
+            self.send.current_max_send_streams().max(1)
+        } else {
+            1
+        }
     }
 }
 
@@ -395,8 +487,12 @@ async fn send_on(
     request: Request<()>,
     body: Bytes,
 ) -> Result<H2Response, TransportError> {
-    conn.in_flight.fetch_add(1, Ordering::Relaxed);
+    conn.in_flight.fetch_add(1, Ordering::SeqCst);
     let _guard = InFlightGuard(Arc::clone(&conn.in_flight));
+    // A connection being retired takes no new request (see `retire`): another one will.
+    if conn.closed.load(Ordering::SeqCst) {
+        return Err(TransportError::Refused);
+    }
     let mut send = conn
         .send
         .clone()
@@ -404,6 +500,7 @@ async fn send_on(
         .await
         .map_err(|e| map_h2(e, conn))?;
     let end_of_stream = body.is_empty();
+    let sent_at = tokio::time::Instant::now();
     let (response, mut stream) = send
         .send_request(request, end_of_stream)
         .map_err(|e| map_h2(e, conn))?;
@@ -438,6 +535,7 @@ async fn send_on(
         status: parts.status,
         headers: parts.headers,
         body,
+        round_trip: sent_at.elapsed(),
     })
 }
 
@@ -464,40 +562,12 @@ async fn supervise(shared: Arc<Shared>, index: usize) {
         if shared.cancel.is_cancelled() {
             return;
         }
-        match connect(&shared).await {
-            Ok((send, connection)) => {
-                let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                shared.connects.fetch_add(1, Ordering::Relaxed);
-                let closed = Arc::new(AtomicBool::new(false));
-                let conn = Arc::new(Conn {
-                    id,
-                    send,
-                    in_flight: Arc::new(AtomicUsize::new(0)),
-                    closed: Arc::clone(&closed),
-                    warmed: AtomicBool::new(!shared.config.single_stream_until_success),
-                    warmup: tokio::sync::Semaphore::new(1),
-                });
-                *shared.slots[index].conn.write() = Some(Arc::clone(&conn));
-                shared.connected.notify_waiters();
-                debug!(pool = %shared.config.name, conn = id, "connected");
-                let started = tokio::time::Instant::now();
-                let ended = drive(&shared, connection).await;
-                closed.store(true, Ordering::Release);
-                {
-                    let mut slot = shared.slots[index].conn.write();
-                    if slot.as_ref().is_some_and(|c| c.id == conn.id) {
-                        *slot = None;
-                    }
-                }
-                match ended {
-                    DriveEnd::Cancelled => return,
-                    DriveEnd::Closed(reason) => {
-                        info!(pool = %shared.config.name, conn = id, %reason, "connection ended; reconnecting");
-                        *shared.last_error.write() = reason;
-                    }
-                }
+        match serve_slot(&shared, index, false).await {
+            Ok(Served::Cancelled | Served::Retired) => return,
+            Ok(Served::Ended { reason, lived }) => {
+                *shared.last_error.write() = reason;
                 // A connection that lived a while resets the backoff; one that dies at once does not.
-                if started.elapsed() > Duration::from_secs(10) {
+                if lived > Duration::from_secs(10) {
                     failures = 0;
                 }
             }
@@ -519,8 +589,85 @@ async fn supervise(shared: Arc<Shared>, index: usize) {
     }
 }
 
+/// Serves one connection opened for demand on slot `index`; when it fails, ends or is retired,
+/// the slot is free again (demand opens another when needed).
+async fn supervise_extra(shared: Arc<Shared>, index: usize) {
+    match serve_slot(&shared, index, true).await {
+        Ok(Served::Retired) => {
+            debug!(pool = %shared.config.name, slot = index, "closed a connection demand no longer needs");
+        }
+        Ok(Served::Ended { reason, .. }) => *shared.last_error.write() = reason,
+        Ok(Served::Cancelled) => {}
+        Err(error) => {
+            warn!(pool = %shared.config.name, %error, "connect failed");
+            *shared.last_error.write() = error;
+            // Opening failed: wait before demand may try again.
+            tokio::select! {
+                _ = shared.cancel.cancelled() => {}
+                _ = tokio::time::sleep(shared.config.reconnect_base) => {}
+            }
+        }
+    }
+    shared.growing.store(false, Ordering::Release);
+    shared.slots[index].running.store(false, Ordering::Release);
+}
+
+/// How a slot's connection ended.
+enum Served {
+    Cancelled,
+    /// Closed because the other connections carry the traffic (extra connections only).
+    Retired,
+    Ended {
+        reason: String,
+        lived: Duration,
+    },
+}
+
+/// Connects slot `index` and serves requests on it until the connection ends; `Err` when it
+/// could not connect. An `extra` connection retires when the others can do without it.
+async fn serve_slot(shared: &Arc<Shared>, index: usize, extra: bool) -> Result<Served, String> {
+    let (send, connection) = connect(shared).await?;
+    let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    shared.connects.fetch_add(1, Ordering::Relaxed);
+    let conn = Arc::new(Conn {
+        id,
+        send,
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        closed: Arc::new(AtomicBool::new(false)),
+        warmed: AtomicBool::new(!shared.config.single_stream_until_success),
+        warmup: tokio::sync::Semaphore::new(1),
+    });
+    *shared.slots[index].conn.write() = Some(Arc::clone(&conn));
+    if extra {
+        shared.growing.store(false, Ordering::Release);
+    }
+    shared.connected.notify_waiters();
+    debug!(pool = %shared.config.name, conn = id, extra, "connected");
+    let started = tokio::time::Instant::now();
+    let ended = drive(shared, connection, extra.then_some(&conn)).await;
+    conn.closed.store(true, Ordering::SeqCst);
+    {
+        let mut slot = shared.slots[index].conn.write();
+        if slot.as_ref().is_some_and(|c| c.id == conn.id) {
+            *slot = None;
+        }
+    }
+    Ok(match ended {
+        DriveEnd::Cancelled => Served::Cancelled,
+        DriveEnd::Retired => Served::Retired,
+        DriveEnd::Closed(reason) => {
+            info!(pool = %shared.config.name, conn = id, %reason, "connection ended");
+            Served::Ended {
+                reason,
+                lived: started.elapsed(),
+            }
+        }
+    })
+}
+
 enum DriveEnd {
     Cancelled,
+    Retired,
     Closed(String),
 }
 
@@ -535,19 +682,40 @@ impl DriveEnd {
 
 type Connection = h2::client::Connection<Box<dyn Io>, Bytes>;
 
-/// Runs the connection until it ends, with PING keep-alives.
-async fn drive(shared: &Shared, mut connection: Connection) -> DriveEnd {
-    let mut ping_pong = connection.ping_pong();
+/// How often an extra connection checks whether it is still needed.
+const NEED_CHECK: Duration = Duration::from_secs(1);
+
+/// Runs the connection until it ends, with PING keep-alives. With `retirable`, the connection
+/// is retired once the other connections could carry the pool's requests for the idle timeout.
+async fn drive(shared: &Shared, connection: Connection, retirable: Option<&Arc<Conn>>) -> DriveEnd {
     let mut connection = std::pin::pin!(connection);
-    let mut ticker = tokio::time::interval(shared.config.ping_interval);
-    ticker.tick().await;
+    let mut ping_pong = connection.ping_pong();
+    let mut pings = tokio::time::interval(shared.config.ping_interval);
+    pings.tick().await;
+    let mut checks = tokio::time::interval(NEED_CHECK.min(shared.config.idle_timeout));
+    let mut unneeded_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
             result = &mut connection => {
                 return DriveEnd::closed(result);
             }
-            _ = ticker.tick() => {
+            _ = checks.tick(), if retirable.is_some() => {
+                let Some(conn) = retirable else { continue };
+                if !shared.unneeded(conn) {
+                    unneeded_since = None;
+                    continue;
+                }
+                let since = *unneeded_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= shared.config.idle_timeout
+                    && !shared.retiring.swap(true, Ordering::AcqRel)
+                {
+                    let end = retire(shared, conn, connection.as_mut()).await;
+                    shared.retiring.store(false, Ordering::Release);
+                    return end;
+                }
+            }
+            _ = pings.tick() => {
                 let Some(pinger) = ping_pong.as_mut() else { continue };
                 let ping = tokio::time::timeout(shared.config.request_timeout, pinger.ping(h2::Ping::opaque()));
                 // The connection future must keep running while we wait for the PONG.
@@ -564,6 +732,42 @@ async fn drive(shared: &Shared, mut connection: Connection) -> DriveEnd {
                 }
             }
         }
+    }
+}
+
+/// Stops `conn` taking requests, then keeps it running until those in flight are answered
+/// (or the request timeout passes), so retiring loses none.
+async fn retire(
+    shared: &Shared,
+    conn: &Conn,
+    mut connection: Pin<&mut Connection>,
+) -> DriveEnd {
+    // SeqCst pairs with `send_on`: either it sees `closed`, or this sees its request in flight.
+    conn.closed.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + shared.config.request_timeout;
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while conn.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return DriveEnd::Cancelled,
+            result = &mut connection => return DriveEnd::closed(result),
+            _ = poll.tick() => {}
+        }
+    }
+    DriveEnd::Retired
+}
+
+impl Shared {
+    /// True when the other open connections could carry every request in flight at half
+    /// their capacity.
+    fn unneeded(&self, conn: &Conn) -> bool {
+        let (mut in_flight, mut others) = (0, 0);
+        for live in self.live() {
+            in_flight += live.in_flight.load(Ordering::Relaxed);
+            if live.id != conn.id {
+                others += live.capacity();
+            }
+        }
+        in_flight * 2 <= others
     }
 }
 

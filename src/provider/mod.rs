@@ -6,8 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderValue;
 use parking_lot::Mutex;
@@ -33,6 +33,45 @@ pub trait Provider: Send + Sync + 'static {
     /// refresh or a refused stream) and classifies the result. Never panics; every transport or
     /// protocol failure becomes an `Outcome`.
     fn deliver<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Outcome>;
+
+    /// As [`Provider::deliver`], also saying how long the request was on the wire, which is
+    /// what the adaptive concurrency measures. The default times the whole call; providers
+    /// with a connection pool time from the request leaving its stream to its answer, without
+    /// the time spent waiting for a stream or a credential.
+    fn deliver_timed<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move {
+            let started = tokio::time::Instant::now();
+            let outcome = self.deliver(request).await;
+            Attempt {
+                outcome,
+                round_trip: Some(started.elapsed()),
+            }
+        })
+    }
+
+    /// What the provider's connections can carry at once (unknown: zeros).
+    fn capacity(&self) -> Capacity {
+        Capacity::default()
+    }
+}
+
+/// One delivery attempt's outcome and its time on the wire.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub outcome: Outcome,
+    /// From the last request of the attempt leaving to its answer; `None` when no request got
+    /// onto the wire (no connection, credentials refused locally).
+    pub round_trip: Option<Duration>,
+}
+
+/// Concurrent requests a provider's connections carry, as their servers allow
+/// (SETTINGS_MAX_CONCURRENT_STREAMS summed over connections).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Over the connections open now.
+    pub open: usize,
+    /// Over as many connections as the pool may open.
+    pub most: usize,
 }
 
 /// Builds an outcome for a request routed to the wrong provider: a gateway bug, reported, not hidden.

@@ -18,7 +18,7 @@ use tracing::warn;
 use self::jwt::ApnsTokenSigner;
 use self::response::{Verdict, classify};
 use super::h2pool::{H2Pool, TransportError};
-use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
+use super::{Attempt, BearerHeader, BoxFuture, Capacity, Provider, wrong_platform};
 use crate::domain::{ApnsRequest, Outcome, Platform, ProviderRequest};
 
 /// Apple's production endpoint.
@@ -152,7 +152,7 @@ impl ApnsProvider {
         })
     }
 
-    async fn deliver_apns(&self, message: &ApnsRequest) -> Outcome {
+    async fn deliver_apns(&self, message: &ApnsRequest) -> Attempt {
         use std::sync::atomic::Ordering;
         let mut probe = None;
         if !self.credentials_proven.load(Ordering::Acquire) {
@@ -163,12 +163,16 @@ impl ApnsProvider {
             }
         }
         if let Some(reason) = self.blocked() {
-            return Outcome::Failed {
-                reason,
-                status: 403,
+            return Attempt {
+                outcome: Outcome::Failed {
+                    reason,
+                    status: 403,
+                },
+                round_trip: None,
             };
         }
-        let outcome = self.send_apns(message).await;
+        let mut round_trip = None;
+        let outcome = self.send_apns(message, &mut round_trip).await;
         match &outcome {
             Outcome::Failed { status: 403, .. } => {
                 self.credentials_proven.store(false, Ordering::Release);
@@ -179,10 +183,15 @@ impl ApnsProvider {
             _ => {}
         }
         drop(probe);
-        outcome
+        Attempt {
+            outcome,
+            round_trip,
+        }
     }
 
-    async fn send_apns(&self, message: &ApnsRequest) -> Outcome {
+    /// One delivery, re-signing once when APNs says the token expired; `round_trip` is set to
+    /// the wire time of the last request that got an answer.
+    async fn send_apns(&self, message: &ApnsRequest, round_trip: &mut Option<Duration>) -> Outcome {
         let mut refreshed = false;
         loop {
             let token = match self.signer.token() {
@@ -206,6 +215,7 @@ impl ApnsProvider {
                 Ok(r) => r,
                 Err(e) => return transport_outcome(e),
             };
+            *round_trip = Some(response.round_trip);
             let apns_id = response
                 .headers
                 .get(APNS_ID)
@@ -245,12 +255,23 @@ impl Provider for ApnsProvider {
     }
 
     fn deliver<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move { self.deliver_timed(request).await.outcome })
+    }
+
+    fn deliver_timed<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
             match request {
                 ProviderRequest::Apns(message) => self.deliver_apns(message).await,
-                other => wrong_platform(Platform::Apns, other),
+                other => Attempt {
+                    outcome: wrong_platform(Platform::Apns, other),
+                    round_trip: None,
+                },
             }
         })
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.pool.capacity()
     }
 }
 

@@ -24,7 +24,7 @@ use self::response::{Verdict, classify};
 use super::apns::transport_outcome;
 use super::config::FcmConfig;
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
-use super::{BearerHeader, BoxFuture, Provider, wrong_platform};
+use super::{Attempt, BearerHeader, BoxFuture, Capacity, Provider, wrong_platform};
 use crate::config_error::ConfigError;
 use crate::domain::{FcmRequest, Outcome, Platform, ProviderRequest};
 
@@ -163,6 +163,8 @@ impl FcmProvider {
             PoolConfig {
                 name: format!("fcm:{project_id}"),
                 connections: config.connections.max(1),
+                max_connections: config.max_connections.max(config.connections),
+                idle_timeout: Duration::from_secs(config.idle_timeout_secs),
                 request_timeout,
                 initial_max_streams: 100,
                 ..PoolConfig::default()
@@ -263,7 +265,9 @@ impl FcmProvider {
         })
     }
 
-    async fn deliver_fcm(&self, message: &FcmRequest) -> Outcome {
+    /// One delivery, with a fresh access token once when FCM rejects the cached one;
+    /// `round_trip` is set to the wire time of the last request that got an answer.
+    async fn deliver_fcm(&self, message: &FcmRequest, round_trip: &mut Option<Duration>) -> Outcome {
         if let Err(outcome) = self.wait_for_quota().await {
             return outcome;
         }
@@ -281,6 +285,7 @@ impl FcmProvider {
                 Ok(response) => response,
                 Err(error) => return transport_outcome(error),
             };
+            *round_trip = Some(response.round_trip);
             let retry_after = response
                 .headers
                 .get(http::header::RETRY_AFTER)
@@ -319,12 +324,25 @@ impl Provider for FcmProvider {
     }
 
     fn deliver<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move { self.deliver_timed(request).await.outcome })
+    }
+
+    fn deliver_timed<'a>(&'a self, request: &'a ProviderRequest) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
-            match request {
-                ProviderRequest::Fcm(message) => self.deliver_fcm(message).await,
+            let mut round_trip = None;
+            let outcome = match request {
+                ProviderRequest::Fcm(message) => self.deliver_fcm(message, &mut round_trip).await,
                 other => wrong_platform(Platform::Fcm, other),
+            };
+            Attempt {
+                outcome,
+                round_trip,
             }
         })
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.pool.capacity()
     }
 }
 

@@ -34,6 +34,8 @@ fn config(json: String, endpoint: &str) -> FcmConfig {
         endpoint: Some(endpoint.to_string()),
         ca_file: None,
         connections: 2,
+        max_connections: 4,
+        idle_timeout_secs: 300,
         request_timeout_ms: 5_000,
     }
 }
