@@ -393,13 +393,22 @@ mod tests {
         run_rounds(&mut a, 3, base, ok(base)).await;
         let before = a.limit();
         // One round trip of high latency, then back to normal: a single halving, kept.
-        run_rounds(&mut a, 1, Duration::from_millis(400), ok(Duration::from_millis(400))).await;
+        run_rounds(
+            &mut a,
+            1,
+            Duration::from_millis(400),
+            ok(Duration::from_millis(400)),
+        )
+        .await;
         assert!(a.limit() <= before / 2, "{before} -> {}", a.limit());
         assert!(!a.in_slow_start());
         run_rounds(&mut a, 20, base, ok(base)).await;
         assert_eq!(a.rebaselines(), 0);
         assert!(a.limit() < before, "{before} -> {}", a.limit());
-        assert!(a.baseline_rtt().is_some_and(|b| b < Duration::from_millis(10)));
+        assert!(
+            a.baseline_rtt()
+                .is_some_and(|b| b < Duration::from_millis(10))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -457,6 +466,10 @@ mod tests {
             status: 200,
         };
         assert_eq!(Feedback::of(&ok, Some(RTT)), Feedback::Ok(RTT));
-        assert_eq!(Feedback::of(&ok, None), Feedback::Neutral, "nothing went out");
+        assert_eq!(
+            Feedback::of(&ok, None),
+            Feedback::Neutral,
+            "nothing went out"
+        );
     }
 }

@@ -22,8 +22,8 @@ use super::aimd::{Aimd, Feedback};
 use super::rate::Gcra;
 use super::{LimitConfig, Limits, Rate};
 use crate::domain::Platform;
-use crate::provider::{Attempt, Capacity};
 use crate::metrics::{AppLabels, Metrics};
+use crate::provider::{Attempt, Capacity};
 
 /// Messages an app may send per DRR turn, per unit of weight.
 pub const QUANTUM: u32 = 8;

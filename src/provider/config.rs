@@ -184,7 +184,10 @@ pub fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
     }
     at_least_one(&format!("{key}.connections"), apns.connections as u64)?;
     at_most_1000(&format!("{key}.connections"), apns.connections)?;
-    at_least_one(&format!("{key}.max_connections"), apns.max_connections as u64)?;
+    at_least_one(
+        &format!("{key}.max_connections"),
+        apns.max_connections as u64,
+    )?;
     at_most_1000(&format!("{key}.max_connections"), apns.max_connections)?;
     at_least_one(&format!("{key}.idle_timeout_secs"), apns.idle_timeout_secs)?;
     at_least_one(
@@ -207,7 +210,10 @@ pub fn validate_fcm(key: &str, fcm: &FcmConfig) -> Result<(), ConfigError> {
     }
     at_least_one(&format!("{key}.connections"), fcm.connections as u64)?;
     at_most_1000(&format!("{key}.connections"), fcm.connections)?;
-    at_least_one(&format!("{key}.max_connections"), fcm.max_connections as u64)?;
+    at_least_one(
+        &format!("{key}.max_connections"),
+        fcm.max_connections as u64,
+    )?;
     at_most_1000(&format!("{key}.max_connections"), fcm.max_connections)?;
     at_least_one(&format!("{key}.idle_timeout_secs"), fcm.idle_timeout_secs)?;
     at_least_one(&format!("{key}.request_timeout_ms"), fcm.request_timeout_ms)?;

@@ -318,7 +318,9 @@ impl H2Pool {
             return;
         }
         for index in 0..self.shared.config.connections.max(1) {
-            self.shared.slots[index].running.store(true, Ordering::Release);
+            self.shared.slots[index]
+                .running
+                .store(true, Ordering::Release);
             let shared = Arc::clone(&self.shared);
             tokio::spawn(async move { supervise(shared, index).await });
         }
@@ -737,11 +739,7 @@ async fn drive(shared: &Shared, connection: Connection, retirable: Option<&Arc<C
 
 /// Stops `conn` taking requests, then keeps it running until those in flight are answered
 /// (or the request timeout passes), so retiring loses none.
-async fn retire(
-    shared: &Shared,
-    conn: &Conn,
-    mut connection: Pin<&mut Connection>,
-) -> DriveEnd {
+async fn retire(shared: &Shared, conn: &Conn, mut connection: Pin<&mut Connection>) -> DriveEnd {
     // SeqCst pairs with `send_on`: either it sees `closed`, or this sees its request in flight.
     conn.closed.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + shared.config.request_timeout;

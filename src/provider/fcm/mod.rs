@@ -267,7 +267,11 @@ impl FcmProvider {
 
     /// One delivery, with a fresh access token once when FCM rejects the cached one;
     /// `round_trip` is set to the wire time of the last request that got an answer.
-    async fn deliver_fcm(&self, message: &FcmRequest, round_trip: &mut Option<Duration>) -> Outcome {
+    async fn deliver_fcm(
+        &self,
+        message: &FcmRequest,
+        round_trip: &mut Option<Duration>,
+    ) -> Outcome {
         if let Err(outcome) = self.wait_for_quota().await {
             return outcome;
         }
