@@ -150,7 +150,7 @@ impl Default for PoolConfig {
             name: "pool".into(),
             connections: 2,
             max_connections: 2,
-            idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_millis(300),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
             ping_interval: Duration::from_secs(60),
@@ -830,5 +830,100 @@ mod tests {
             Err(EndpointError::Scheme(_))
         ));
         assert!(Endpoint::parse("https://x", Some("not a pem")).is_err());
+    }
+
+    /// A cleartext HTTP/2 server allowing `streams` concurrent streams per connection that
+    /// answers every request 200 after `delay`. Returns its address and a count of the TCP
+    /// connections it accepted.
+    async fn slow_server(streams: u32, delay: Duration) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut connection = h2::server::Builder::new()
+                        .max_concurrent_streams(streams)
+                        .handshake::<_, Bytes>(socket)
+                        .await
+                        .unwrap();
+                    while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let response = http::Response::builder().status(200).body(()).unwrap();
+                            let _ = respond.send_response(response, true);
+                        });
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn request(addr: std::net::SocketAddr) -> Request<()> {
+        Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/3/device/x"))
+            .body(())
+            .unwrap()
+    }
+
+    /// Demand beyond what the open connection's streams carry opens more connections (never
+    /// past `max_connections`); once the demand is gone the extras close again and the pool
+    /// keeps its `connections`, answering every request on the way.
+    #[tokio::test]
+    async fn grows_under_demand_and_retires_idle_extras() {
+        let (addr, accepted) = slow_server(4, Duration::from_millis(100)).await;
+        let endpoint = Endpoint::parse(&format!("http://{addr}"), None).unwrap();
+        let pool = Arc::new(H2Pool::new(
+            endpoint,
+            PoolConfig {
+                connections: 1,
+                max_connections: 4,
+                idle_timeout: Duration::from_millis(300),
+                initial_max_streams: 4,
+                request_timeout: Duration::from_secs(30),
+                ..PoolConfig::default()
+            },
+        ));
+        let mut peak = 0;
+        for _round in 0..20 {
+            let sends: Vec<_> = (0..32)
+                .map(|_| {
+                    let pool = Arc::clone(&pool);
+                    tokio::spawn(async move { pool.send(request(addr), Bytes::new()).await })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            peak = peak.max(pool.open_connections());
+            for send in sends {
+                let response = send.await.unwrap().unwrap();
+                assert_eq!(response.status, StatusCode::OK);
+            }
+        }
+        assert!(
+            peak > 1,
+            "32 concurrent requests on 4-stream connections opened no extra connection"
+        );
+        assert!(
+            peak <= 4,
+            "opened {peak} connections, more than max_connections = 4"
+        );
+        assert!(accepted.load(Ordering::Relaxed) <= 4);
+
+        // Idle: the extras retire, the configured connection stays.
+        let mut open = pool.open_connections();
+        for _ in 0..200 {
+            open = pool.open_connections();
+            if open == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(open, 1, "idle extra connections were not retired");
+        let response = pool.send(request(addr), Bytes::new()).await.unwrap();
+        assert_eq!(response.status, StatusCode::OK);
     }
 }
