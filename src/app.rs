@@ -99,6 +99,7 @@ impl Gateway {
             config: IngestConfig {
                 accept_window: config.accept_window,
                 max_batch_recipients: config.max_batch_recipients,
+                max_unread_rejections: config.max_unread_rejections,
                 caps: RequestCaps {
                     max_id_bytes: config.max_id_bytes,
                     max_vars_per_recipient: config.max_vars_per_recipient,

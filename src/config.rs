@@ -132,6 +132,9 @@ pub struct PipelineConfig {
     /// Dead letters one `ReplayDeadLetters` may replay (its `limit` is clamped to this, and more
     /// `message_ids` than this are refused).
     pub max_replay_dead_letters: usize,
+    /// REJECTED receipts a `StreamSend` caller has not read yet, at most: beyond it the gateway
+    /// stops reading that stream (HTTP/2 flow control then slows the caller) until it reads.
+    pub max_unread_rejections: usize,
 }
 
 impl Default for PipelineConfig {
@@ -150,6 +153,7 @@ impl Default for PipelineConfig {
             max_raw_json_bytes: 4_096,
             max_request_bytes: None,
             max_replay_dead_letters: 1_000,
+            max_unread_rejections: 10_000,
         }
     }
 }
@@ -374,6 +378,10 @@ impl Config {
             (
                 "pipeline.max_replay_dead_letters",
                 p.max_replay_dead_letters as u64,
+            ),
+            (
+                "pipeline.max_unread_rejections",
+                p.max_unread_rejections as u64,
             ),
         ] {
             at_least_one(key, value)?;

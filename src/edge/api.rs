@@ -4,9 +4,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::{
     BroadcastStream, UnboundedReceiverStream, errors::BroadcastStreamRecvError,
 };
@@ -25,6 +26,47 @@ use crate::store::{FeedError, FeedFilter, Store};
 use crate::wire::receipt as to_proto_receipt;
 
 type ReceiptStream = Pin<Box<dyn Stream<Item = Result<proto::Receipt, Status>> + Send>>;
+
+/// REJECTED receipts sent to one `StreamSend` caller and not yet taken by its stream. Signed:
+/// the stream may take a receipt before the inbound side has counted its batch.
+struct UnreadRejections {
+    count: AtomicI64,
+    cap: i64,
+    read: Notify,
+}
+
+impl UnreadRejections {
+    fn new(cap: usize) -> Self {
+        Self {
+            count: AtomicI64::new(0),
+            cap: i64::try_from(cap).unwrap_or(i64::MAX),
+            read: Notify::new(),
+        }
+    }
+
+    fn add(&self, rejected: usize) {
+        let rejected = i64::try_from(rejected).unwrap_or(i64::MAX);
+        self.count.fetch_add(rejected, Ordering::AcqRel);
+    }
+
+    fn read_one(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) - 1 < self.cap {
+            self.read.notify_one();
+        }
+    }
+
+    /// Returns once fewer than the cap are unread.
+    async fn below_cap(&self) {
+        loop {
+            // Registered before the check, so a read between the check and the wait wakes it.
+            let read = self.read.notified();
+            if self.count.load(Ordering::Acquire) < self.cap {
+                return;
+            }
+            read.await;
+        }
+    }
+}
 
 /// The `PushGateway` service.
 pub struct Api {
@@ -130,9 +172,18 @@ impl proto::push_gateway_server::PushGateway for Api {
         let (sink, receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let ingest = Arc::clone(&self.ingest);
         let apps = Arc::clone(&self.apps);
+        // Receipts of accepted messages hold window slots, so the window bounds them; REJECTED
+        // ones hold none, so a caller that never reads would grow the sink without end. They
+        // are counted instead, and the stream is not read while too many are unread.
+        let unread = Arc::new(UnreadRejections::new(ingest.max_unread_rejections()));
+        let reader = Arc::clone(&unread);
         tokio::spawn(async move {
             let stopping = ingest.stopping();
             loop {
+                tokio::select! {
+                    () = unread.below_cap() => {}
+                    _ = stopping.cancelled() => break,
+                }
                 // Not reading while `submit` waits for window room is the backpressure: HTTP/2
                 // flow control then slows the caller.
                 let next = tokio::select! {
@@ -148,6 +199,7 @@ impl proto::push_gateway_server::PushGateway for Api {
                     }
                 };
                 let outline = outline_of(&request);
+                let recipients = outline.recipients.len();
                 let allowed = caller
                     .authorize(&request.app_id, Scope::Send)
                     .and_then(|()| apps.get(&request.app_id).map(drop).ok_or_else(forbidden));
@@ -156,13 +208,14 @@ impl proto::push_gateway_server::PushGateway for Api {
                     // reach that app's subscribers.
                     let error = FieldError::new("app_id", status.message());
                     ingest.deny_batch(outline, &error, &sink);
+                    unread.add(recipients);
                     continue;
                 }
                 let outcome = match into_batch(request) {
                     Ok(mut batch) => ingest
                         .submit(&mut batch, Some(&sink), true)
                         .await
-                        .map(drop)
+                        .map(|result| unread.add(result.results.len() - result.accepted()))
                         .map_err(|e| match e {
                             SubmitError::Invalid(f) => vec![f],
                             SubmitError::Unavailable(reason) => vec![FieldError::new("", reason)],
@@ -171,12 +224,18 @@ impl proto::push_gateway_server::PushGateway for Api {
                 };
                 if let Err(errors) = outcome {
                     ingest.refuse_batch(outline, &errors, &sink);
+                    unread.add(recipients);
                 }
             }
         });
         let stream = UnboundedReceiverStream::new(receipts)
             // The envelope, and with it the window slot, is released as the receipt leaves.
-            .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)));
+            .map(move |envelope| {
+                if !envelope.receipt.accepted {
+                    reader.read_one();
+                }
+                Ok(to_proto_receipt(&envelope.receipt))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -39,6 +39,8 @@ pub struct IngestConfig {
     pub accept_window: usize,
     /// Recipients in one batch, at most.
     pub max_batch_recipients: usize,
+    /// Unread REJECTED receipts one `StreamSend` caller may have, at most.
+    pub max_unread_rejections: usize,
     /// What one batch may cost, checked before any work is done on it.
     pub caps: RequestCaps,
 }
@@ -306,6 +308,12 @@ impl Ingest {
     /// The configured accept window.
     pub fn window_size(&self) -> usize {
         self.config.accept_window
+    }
+
+    /// Unread REJECTED receipts one `StreamSend` caller may have before its stream is no
+    /// longer read.
+    pub fn max_unread_rejections(&self) -> usize {
+        self.config.max_unread_rejections
     }
 
     /// Validates, packs and admits a batch. Waits for accept-window room as needed (that wait is

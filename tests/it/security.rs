@@ -846,6 +846,99 @@ async fn stream_send_refusals_are_one_short_error_per_recipient() {
     h.gateway.shutdown().await.unwrap();
 }
 
+/// A `StreamSend` caller that sends refused batches and never reads its receipts is not read
+/// either once `max_unread_rejections` of them wait: the gateway stops taking its batches
+/// instead of queueing their REJECTED receipts without end. When it reads, every recipient
+/// still gets its receipt.
+#[tokio::test]
+async fn stream_send_caller_that_never_reads_is_not_read_either() {
+    const CAP: u64 = 500;
+    const BATCH: u64 = 100;
+    const BATCHES: u64 = 1000;
+    let h = harness::start(Options {
+        pipeline: format!("shutdown_grace_secs = 5\nmax_unread_rejections = {CAP}"),
+        ..Options::default()
+    })
+    .await;
+    // Rejections go through the receipt hub, so a subscriber counts what the gateway took.
+    let mut seen = h
+        .client()
+        .await
+        .subscribe_receipts(proto::SubscribeReceiptsRequest {
+            app_id: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (batches, outbound) = tokio::sync::mpsc::channel::<proto::SendBatchRequest>(16);
+    let sender = tokio::spawn(async move {
+        for n in 0..BATCHES {
+            let mut b = batch("shop", n * BATCH..(n + 1) * BATCH);
+            b.wait_for_receipts = false;
+            for r in &mut b.recipients {
+                r.platform = proto::Platform::Unspecified as i32;
+            }
+            if batches.send(b).await.is_err() {
+                break;
+            }
+        }
+    });
+    // HTTP/2 windows of 64 KiB (hyper's default stream window is 2 MiB, room for some 20,000
+    // short receipts on the wire), so what the windows buffer stays small beside the cap.
+    let small_windows =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", h.gateway.addr))
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .unwrap();
+    let mut receipts = PushGatewayClient::new(small_windows)
+        .stream_send(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Count what the gateway refuses while nobody reads the stream, until it stops.
+    let mut taken = 0u64;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), seen.message()).await {
+            Ok(Ok(Some(r))) => {
+                assert_eq!(status(&r), ReceiptStatus::Rejected);
+                taken += 1;
+            }
+            Ok(other) => panic!("subscription ended: {other:?}"),
+            Err(_) => break,
+        }
+    }
+    // The cap, plus the batch being refused when it was reached, plus what the HTTP/2 windows
+    // and socket buffers hold (some hundreds of short receipts each way).
+    assert!(
+        taken < CAP + BATCH + 3_000,
+        "{taken} of {} refused with no receipt read",
+        BATCH * BATCHES
+    );
+    assert!(
+        taken >= CAP,
+        "only {taken} refused: the cap stopped the stream early"
+    );
+    drop(seen);
+
+    // Reading again: the stream is read again, and every recipient gets its receipt.
+    let mut count = 0u64;
+    while let Some(r) = receipts.message().await.unwrap() {
+        assert_eq!(status(&r), ReceiptStatus::Rejected);
+        count += 1;
+        if count == BATCH * BATCHES {
+            break;
+        }
+    }
+    assert_eq!(count, BATCH * BATCHES);
+    sender.await.unwrap();
+    h.gateway.shutdown().await.unwrap();
+}
+
 /// A CA made for the test, and certificates it signs.
 struct TestCa {
     pem: String,
