@@ -6,7 +6,11 @@
 //! - **Slow start**: while nothing pushed back, every answered request of a full window adds
 //!   one, so the limit doubles per round trip; at 200 ms a limit of thousands is reached in a
 //!   second or two, not minutes. The first back-pressure or RTT rise ends slow start.
-//! - **Congestion avoidance**: then one more per full window's worth of answers.
+//! - **Recovery and probing** (as BIC/CUBIC, not Reno): after a cut the limit climbs back half
+//!   the way to where it was cut per round trip, then probes above it by an eighth per round
+//!   trip. Reno's one more per round trip would need 10 minutes at 200 ms to win back a
+//!   halving of 6,000; this needs a few round trips, so a burst of 429s costs a second, not
+//!   the campaign.
 //! - **Multiplicative decrease**: halved on back-pressure (HTTP 429 / QUOTA_EXCEEDED / 503) and on
 //!   a rising round trip, at most once per round trip.
 //! - **Latency shifts are not congestion**: the round trip is measured on the wire (request
@@ -40,6 +44,8 @@ const RTT_RECOVERED_FACTOR: f64 = 1.5;
 const RTT_WARMUP_SAMPLES: u32 = 20;
 /// RTT-caused halvings in a row, the RTT still high, that make the high RTT the new baseline.
 const REBASELINE_AFTER_CUTS: u32 = 3;
+/// Past the limit last cut, the limit grows by itself divided by this per round trip.
+const PROBE_DIVISOR: f64 = 8.0;
 /// After a decrease, further back-pressure within max(this, fast RTT) is the same episode.
 const MIN_DECREASE_HOLD: Duration = Duration::from_millis(50);
 
@@ -82,6 +88,8 @@ pub struct Aimd {
     /// What the provider's pool can carry at most (0: unknown).
     pool_most: usize,
     slow_start: bool,
+    /// The limit when it was last cut: recovery climbs back toward it.
+    last_cut_from: f64,
     in_flight: usize,
     fast_rtt: Option<f64>,
     baseline_rtt: Option<f64>,
@@ -106,6 +114,7 @@ impl Aimd {
             max,
             pool_most: 0,
             slow_start: true,
+            last_cut_from: 0.0,
             in_flight: 0,
             fast_rtt: None,
             baseline_rtt: None,
@@ -210,16 +219,28 @@ impl Aimd {
                         self.rtt_cuts = 0;
                     }
                     if self.window_full() {
-                        // The window was (about) full and latency held.
+                        // The window was (about) full and latency held: each answer adds its
+                        // share of the growth per round trip.
                         let step = if self.slow_start {
                             1.0
                         } else {
-                            1.0 / self.limit
+                            self.growth_per_round_trip() / self.limit
                         };
                         self.limit = (self.limit + step).min(self.ceiling());
                     }
                 }
             }
+        }
+    }
+
+    /// Outside slow start: half the way back to the limit last cut, then an eighth above it.
+    fn growth_per_round_trip(&self) -> f64 {
+        let gap = self.last_cut_from - self.limit;
+        if gap > 1.0 {
+            // At least half the probing pace, so the last stretch is not approached forever.
+            (gap / 2.0).max(self.limit / (2.0 * PROBE_DIVISOR)).max(1.0)
+        } else {
+            (self.limit / PROBE_DIVISOR).max(1.0)
         }
     }
 
@@ -296,6 +317,7 @@ impl Aimd {
         if self.last_decrease.is_some_and(|t| now < t + hold) {
             return false;
         }
+        self.last_cut_from = self.limit;
         self.limit = (self.limit / 2.0).max(1.0);
         self.last_decrease = Some(now);
         true
@@ -344,13 +366,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn after_backpressure_grows_by_about_one_per_full_window() {
-        let mut a = Aimd::new(64, 1_000);
+    async fn after_backpressure_recovers_within_a_few_round_trips_then_probes() {
+        let mut a = Aimd::new(6_400, 100_000);
         a.feedback(Instant::now(), Feedback::Backpressure);
         assert!(!a.in_slow_start());
-        assert_eq!(a.limit(), 32);
+        assert_eq!(a.limit(), 3_200);
+        // About half the gap back per round trip (each answer closes its share of what is
+        // left, so a little less): 3,200 -> ~4,300 -> ... -> ~6,300.
+        run_rounds(&mut a, 1, RTT, ok(RTT)).await;
+        assert!((4_000..=4_900).contains(&a.limit()), "{}", a.limit());
         run_rounds(&mut a, 4, RTT, ok(RTT)).await;
-        assert!((35..=37).contains(&a.limit()), "{}", a.limit());
+        assert!((6_000..=7_000).contains(&a.limit()), "{}", a.limit());
+        // Then above the old limit, by about an eighth per round trip.
+        run_rounds(&mut a, 4, RTT, ok(RTT)).await;
+        let probed = a.limit();
+        assert!((7_000..=11_000).contains(&probed), "{probed}");
+        assert!(!a.in_slow_start());
     }
 
     #[tokio::test(start_paused = true)]
@@ -403,8 +434,7 @@ mod tests {
         assert!(a.limit() <= before / 2, "{before} -> {}", a.limit());
         assert!(!a.in_slow_start());
         run_rounds(&mut a, 20, base, ok(base)).await;
-        assert_eq!(a.rebaselines(), 0);
-        assert!(a.limit() < before, "{before} -> {}", a.limit());
+        assert_eq!(a.rebaselines(), 0, "a passing rise is not a new baseline");
         assert!(
             a.baseline_rtt()
                 .is_some_and(|b| b < Duration::from_millis(10))
