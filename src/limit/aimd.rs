@@ -26,6 +26,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::debug;
 
 use crate::domain::Outcome;
 use crate::provider::Capacity;
@@ -208,6 +209,7 @@ impl Aimd {
                 self.slow_start = false;
                 if self.decrease(now) {
                     self.backpressure_decreases += 1;
+                    debug!(limit = self.limit(), "back-pressure: concurrency halved");
                 }
             }
             Feedback::Ok(rtt) => {
@@ -302,12 +304,20 @@ impl Aimd {
         }
         self.slow_start = false;
         self.rtt_cuts += 1;
+        debug!(
+            limit = self.limit(),
+            fast_rtt_ms = self.fast_rtt.unwrap_or(0.0) * 1e3,
+            baseline_rtt_ms = self.baseline_rtt.unwrap_or(0.0) * 1e3,
+            cuts = self.rtt_cuts,
+            "round trip rising: concurrency halved"
+        );
         if self.rtt_cuts >= REBASELINE_AFTER_CUTS {
             self.baseline_rtt = self.fast_rtt;
             self.limit = self.limit_before_rtt_cuts.min(self.ceiling());
             self.slow_start = self.slow_start_before_rtt_cuts;
             self.rtt_cuts = 0;
             self.rebaselines += 1;
+            debug!(limit = self.limit(), "round trip stayed high: taken as the new baseline");
         }
     }
 

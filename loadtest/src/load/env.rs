@@ -255,6 +255,8 @@ impl GatewayChild {
                 "RUST_LOG",
                 std::env::var("PUSHGATE_LOG").unwrap_or("warn".into()),
             )
+            // The gateway reads `PUSHGATE_*` variables as config keys (`log` is none).
+            .env_remove("PUSHGATE_LOG")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
