@@ -11,13 +11,15 @@
 //!   trip. Reno's one more per round trip would need 10 minutes at 200 ms to win back a
 //!   halving of 6,000; this needs a few round trips, so a burst of 429s costs a second, not
 //!   the campaign.
-//! - **Multiplicative decrease**: halved on back-pressure (HTTP 429 / QUOTA_EXCEEDED / 503) and on
-//!   a rising round trip, at most once per round trip.
+//! - **Multiplicative decrease**, at most once per round trip: halved on back-pressure (HTTP 429
+//!   / QUOTA_EXCEEDED / 503); on a round trip above twice the baseline, cut in proportion to the
+//!   rise (a tenth just over it, half far over it), since that is often the gateway's own CPU
+//!   at its limit, where the window should settle, not collapse.
 //! - **Latency shifts are not congestion**: the round trip is measured on the wire (request
 //!   leaving its stream to its answer, not time queued in the gateway), against a baseline that
-//!   follows the lowest recent RTT. When the RTT stays high through three halvings, the load was
-//!   not the cause (the provider moved farther away): the high RTT becomes the new baseline and
-//!   the limit goes back to where it was before the cuts.
+//!   is the lowest RTT seen. When the RTT stays high though the cuts brought the limit to a
+//!   quarter, the load was not the cause (the provider moved farther away): the high RTT
+//!   becomes the new baseline and the limit goes back to where it was before the cuts.
 //!
 //! The limit never exceeds the configured ceiling nor what the provider's pool can carry at
 //! most. The controller is plain state with time passed in, so it is tested on scheduled
@@ -33,8 +35,6 @@ use crate::provider::Capacity;
 
 /// Fast RTT average weight per sample (recent behaviour).
 const FAST_ALPHA: f64 = 0.2;
-/// The baseline rises toward the fast average with this time constant (it falls at once).
-const BASELINE_DRIFT: Duration = Duration::from_secs(30);
 /// RTT counts as rising when the fast average exceeds the baseline by this factor...
 const RTT_RISE_FACTOR: f64 = 2.0;
 /// ...and by at least this much (ignores jitter of sub-millisecond round trips).
@@ -43,8 +43,11 @@ const RTT_RISE_SLACK: f64 = 0.025;
 const RTT_RECOVERED_FACTOR: f64 = 1.5;
 /// Samples before RTT may cause a decrease.
 const RTT_WARMUP_SAMPLES: u32 = 20;
-/// RTT-caused halvings in a row, the RTT still high, that make the high RTT the new baseline.
-const REBASELINE_AFTER_CUTS: u32 = 3;
+/// An RTT still high after RTT-caused cuts brought the limit down by this factor is taken as
+/// the new baseline.
+const REBASELINE_REDUCTION: f64 = 4.0;
+/// The gentlest RTT-caused cut (a round trip just over the threshold).
+const MILDEST_RTT_CUT: f64 = 0.9;
 /// Past the limit last cut, the limit grows by itself divided by this per round trip.
 const PROBE_DIVISOR: f64 = 8.0;
 /// After a decrease, further back-pressure within max(this, fast RTT) is the same episode.
@@ -94,12 +97,11 @@ pub struct Aimd {
     in_flight: usize,
     fast_rtt: Option<f64>,
     baseline_rtt: Option<f64>,
-    last_sample: Option<Instant>,
     samples: u32,
     last_decrease: Option<Instant>,
-    /// RTT-caused halvings since the RTT was last back near the baseline.
+    /// RTT-caused cuts since the RTT was last back near the baseline.
     rtt_cuts: u32,
-    /// The limit, and whether slow start was on, before the first of those halvings.
+    /// The limit, and whether slow start was on, before the first of those cuts.
     limit_before_rtt_cuts: f64,
     slow_start_before_rtt_cuts: bool,
     backpressure_decreases: u64,
@@ -119,7 +121,6 @@ impl Aimd {
             in_flight: 0,
             fast_rtt: None,
             baseline_rtt: None,
-            last_sample: None,
             samples: 0,
             last_decrease: None,
             rtt_cuts: 0,
@@ -207,13 +208,13 @@ impl Aimd {
             Feedback::Neutral => {}
             Feedback::Backpressure => {
                 self.slow_start = false;
-                if self.decrease(now) {
+                if self.decrease(now, 0.5) {
                     self.backpressure_decreases += 1;
                     debug!(limit = self.limit(), "back-pressure: concurrency halved");
                 }
             }
             Feedback::Ok(rtt) => {
-                self.sample(now, rtt.as_secs_f64());
+                self.sample(rtt.as_secs_f64());
                 if self.rtt_rising() {
                     self.on_rtt_rise(now);
                 } else {
@@ -252,24 +253,17 @@ impl Aimd {
         self.in_flight * 10 >= self.limit() * 9
     }
 
-    fn sample(&mut self, now: Instant, rtt: f64) {
+    fn sample(&mut self, rtt: f64) {
         let fast = match self.fast_rtt {
             Some(a) => a + FAST_ALPHA * (rtt - a),
             None => rtt,
         };
         self.fast_rtt = Some(fast);
-        let elapsed = self
-            .last_sample
-            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
-        self.last_sample = Some(now);
-        self.baseline_rtt = Some(match self.baseline_rtt {
-            None => fast,
-            Some(base) if fast <= base => fast,
-            Some(base) => {
-                let weight = (elapsed / BASELINE_DRIFT.as_secs_f64()).min(1.0);
-                base + weight * (fast - base)
-            }
-        });
+        // The baseline only falls: a window kept just under the threshold holds the round trip
+        // above the true minimum, and a baseline drifting up toward it would let the gateway's
+        // own queue grow without end. A provider that really moved away is found by
+        // `on_rtt_rise` instead.
+        self.baseline_rtt = Some(self.baseline_rtt.map_or(fast, |base| base.min(fast)));
         self.samples = self.samples.saturating_add(1);
     }
 
@@ -291,11 +285,38 @@ impl Aimd {
         }
     }
 
-    /// Halves for a rising RTT; when the RTT stays high however far the limit falls, the
-    /// provider is slower, not overloaded: the RTT becomes the baseline and the limit returns.
+    /// Cuts for a rising RTT, in proportion to the rise: a round trip just over the threshold
+    /// trims a tenth, one far over it halves. (A rising round trip is a soft signal, often the
+    /// gateway's own CPU at its limit; halving on it would leave the window below what the
+    /// round trip needs. Back-pressure, the provider's explicit signal, always halves.) When
+    /// the RTT stays high though the limit fell to a quarter of where the rise began, the load
+    /// was not the cause (the provider moved farther away): the RTT becomes the baseline and
+    /// the limit goes back.
     fn on_rtt_rise(&mut self, now: Instant) {
         let before = self.limit;
-        if !self.decrease(now) {
+        if self.rtt_cuts > 0 && self.limit * REBASELINE_REDUCTION <= self.limit_before_rtt_cuts {
+            if !self.may_decrease(now) {
+                return;
+            }
+            self.baseline_rtt = self.fast_rtt;
+            self.limit = self.limit_before_rtt_cuts.min(self.ceiling());
+            self.slow_start = self.slow_start_before_rtt_cuts;
+            self.rtt_cuts = 0;
+            self.rebaselines += 1;
+            self.last_decrease = Some(now);
+            debug!(
+                limit = self.limit(),
+                "round trip stayed high: taken as the new baseline"
+            );
+            return;
+        }
+        let factor = match (self.fast_rtt, self.baseline_rtt) {
+            (Some(fast), Some(base)) if fast > 0.0 => {
+                (RTT_RISE_FACTOR * base / fast).clamp(0.5, MILDEST_RTT_CUT)
+            }
+            _ => 0.5,
+        };
+        if !self.decrease(now, factor) {
             return;
         }
         if self.rtt_cuts == 0 {
@@ -309,26 +330,24 @@ impl Aimd {
             fast_rtt_ms = self.fast_rtt.unwrap_or(0.0) * 1e3,
             baseline_rtt_ms = self.baseline_rtt.unwrap_or(0.0) * 1e3,
             cuts = self.rtt_cuts,
-            "round trip rising: concurrency halved"
+            "round trip rising: concurrency cut"
         );
-        if self.rtt_cuts >= REBASELINE_AFTER_CUTS {
-            self.baseline_rtt = self.fast_rtt;
-            self.limit = self.limit_before_rtt_cuts.min(self.ceiling());
-            self.slow_start = self.slow_start_before_rtt_cuts;
-            self.rtt_cuts = 0;
-            self.rebaselines += 1;
-            debug!(limit = self.limit(), "round trip stayed high: taken as the new baseline");
-        }
     }
 
-    /// Halves the limit unless it was halved within the last round trip; true when it did.
-    fn decrease(&mut self, now: Instant) -> bool {
+    /// False within a round trip of the last cut: its effect is not visible yet.
+    fn may_decrease(&self, now: Instant) -> bool {
         let hold = MIN_DECREASE_HOLD.max(Duration::from_secs_f64(self.fast_rtt.unwrap_or(0.0)));
-        if self.last_decrease.is_some_and(|t| now < t + hold) {
+        !self.last_decrease.is_some_and(|t| now < t + hold)
+    }
+
+    /// Multiplies the limit by `factor` unless it was cut within the last round trip; true
+    /// when it did.
+    fn decrease(&mut self, now: Instant, factor: f64) -> bool {
+        if !self.may_decrease(now) {
             return false;
         }
         self.last_cut_from = self.limit;
-        self.limit = (self.limit / 2.0).max(1.0);
+        self.limit = (self.limit * factor).max(1.0);
         self.last_decrease = Some(now);
         true
     }
@@ -469,6 +488,45 @@ mod tests {
         run_rounds(&mut a, 5, far, ok(far)).await;
         assert!(a.limit() > restored, "{restored} -> {}", a.limit());
         assert_eq!(a.rebaselines(), 1);
+    }
+
+    /// A sender whose own CPU is the bottleneck: 10,000 requests/s at most, so past 2,000 in
+    /// flight at 200 ms the round trip grows with the window. The limit must settle where the
+    /// CPU is kept busy (at least 0.9 of it), without taking its own queueing for a new
+    /// baseline (which would let the queue grow without end).
+    #[tokio::test(start_paused = true)]
+    async fn settles_at_the_cpu_limit_without_collapsing_or_bloating() {
+        let base = Duration::from_millis(200);
+        let per_second = 10_000.0;
+        let round_trip =
+            |window: usize| base.max(Duration::from_secs_f64(window as f64 / per_second));
+        let mut a = Aimd::new(100, 100_000);
+        let mut lowest = usize::MAX;
+        let mut highest = 0;
+        for round in 0..120 {
+            let rtt = round_trip(a.limit());
+            run_rounds(&mut a, 1, rtt, ok(rtt)).await;
+            if round >= 40 {
+                lowest = lowest.min(a.limit());
+                highest = highest.max(a.limit());
+            }
+        }
+        assert_eq!(
+            a.rebaselines(),
+            0,
+            "its own queueing taken for a farther provider"
+        );
+        assert!(lowest >= 1_800, "window fell to {lowest}: the CPU idles");
+        assert!(
+            highest <= 6_000,
+            "window grew to {highest}: a queue of 3 round trips"
+        );
+        assert!(
+            a.baseline_rtt()
+                .is_some_and(|b| b < Duration::from_millis(250)),
+            "{:?}",
+            a.baseline_rtt()
+        );
     }
 
     #[tokio::test(start_paused = true)]
