@@ -337,7 +337,7 @@ impl Aimd {
     /// False within a round trip of the last cut: its effect is not visible yet.
     fn may_decrease(&self, now: Instant) -> bool {
         let hold = MIN_DECREASE_HOLD.max(Duration::from_secs_f64(self.fast_rtt.unwrap_or(0.0)));
-        !self.last_decrease.is_some_and(|t| now < t + hold)
+        self.last_decrease.is_none_or(|t| now >= t + hold)
     }
 
     /// Multiplies the limit by `factor` unless it was cut within the last round trip; true
