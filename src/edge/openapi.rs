@@ -86,7 +86,18 @@ pub fn document() -> Value {
                     "parameters": [app_id.clone()],
                     "requestBody": {
                         "required": true,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SendBatchRequest"}}}
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/SendBatchRequest"},
+                            "example": {
+                                "campaign_id": "abandoned-cart",
+                                "wait_for_receipts": true,
+                                "template": {"title": "{{ first_name | default: \"Hi\" }}, your cart misses you", "body": "{{ items }} items are waiting", "ttl_seconds": 7200},
+                                "recipients": [
+                                    {"platform": "APNS", "device_token": "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90", "vars": {"first_name": "Ann", "items": "3"}, "user_id": "u-1"},
+                                    {"platform": "FCM", "device_token": "fcm-registration-token-0001", "vars": {"items": "1"}, "user_id": "u-2"}
+                                ]
+                            }
+                        }}
                     },
                     "responses": send_responses
                 }

@@ -18,3 +18,4 @@ mod redis_crash;
 mod redis_durable;
 mod redis_grpc;
 mod security;
+mod send_cli;
