@@ -389,6 +389,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Summary> {
             ..Default::default()
         });
     }
+    // A state file from the start: a run that fails to connect can still be run again.
+    output.checkpoint(false)?;
     let total = count_records(&args.audience, audience_format);
 
     let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())

@@ -44,12 +44,22 @@ fn write_template(dir: &Path) -> PathBuf {
 }
 
 fn send_command(h: &harness::Harness, audience: &Path, out: &Path, extra: &[&str]) -> Command {
+    send_command_with_key(h, audience, out, extra, KEY)
+}
+
+fn send_command_with_key(
+    h: &harness::Harness,
+    audience: &Path,
+    out: &Path,
+    extra: &[&str],
+    key: &str,
+) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pushgate"));
     command
         .arg("send")
         .args(["--gateway", &format!("http://{}", h.gateway.addr)])
         .args(["--app", "shop", "--campaign-id", "spring"])
-        .args(["--api-key", KEY])
+        .args(["--api-key", key])
         .arg("--template")
         .arg(write_template(h.dir.path()))
         .arg("--audience")
@@ -260,4 +270,28 @@ async fn a_run_killed_mid_flight_resumes_on_redis_without_sending_a_line_twice()
     // Records that were in flight at the kill are answered from the idempotency window with
     // their original outcome; the providers saw each token once.
     assert_each_line_once(&h, &out, 2_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_run_says_why_and_can_be_run_again() {
+    let h = start(String::new()).await;
+    let audience = h.dir.path().join("audience.csv");
+    let out = h.dir.path().join("receipts.csv");
+    write_audience(&audience, 10);
+    let refused = wait_output(
+        send_command_with_key(&h, &audience, &out, &[], "wrong-key-0123456789")
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("unknown API key"), "{stderr}");
+    let again = wait_output(send_command(&h, &audience, &out, &[]).spawn().unwrap()).await;
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_each_line_once(&h, &out, 10);
 }
