@@ -740,4 +740,14 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         assert!(!is_json(&h));
     }
+
+    proptest::proptest! {
+        /// Any query string is parsed or refused with a 400 naming a parameter; never a panic.
+        #[test]
+        fn any_query_is_parsed_or_refused(query in "[a-z_=&%0-9A-F+.$-]{0,64}") {
+            if let Err(error) = parse_receipts_query(Some(&query)) {
+                assert_eq!(error.body().error.code, 400);
+            }
+        }
+    }
 }

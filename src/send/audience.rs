@@ -305,4 +305,19 @@ mod tests {
         assert!(matches!(&records[2], Record::Invalid { line: 3, .. }));
         assert!(matches!(&records[3], Record::Invalid { line: 4, field, .. } if field == "vars"));
     }
+
+    proptest::proptest! {
+        /// Whatever the bytes, reading never panics, and every record carries a line that
+        /// grows through the file.
+        #[test]
+        fn any_input_reads_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), csv in proptest::prelude::any::<bool>()) {
+            let format = if csv { Format::Csv } else { Format::Ndjson };
+            let mut last = 0;
+            let _ = read(&bytes[..], format, &|line| format!("r-{line}"), &mut |record| {
+                assert!(record.line() > last);
+                last = record.line();
+                true
+            });
+        }
+    }
 }

@@ -41,6 +41,17 @@ pub struct SendArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub gateway: String,
+    /// Extra CA certificate (PEM) to trust for an `https://` gateway (a private CA); the web
+    /// PKI roots are trusted too.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (one PEM file with both, or see `--client-key`) for a gateway
+    /// that requires mutual TLS.
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM), when not in `--client-cert`.
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
     /// API key of the app (`authorization: Bearer`).
     #[arg(long, env = "PUSHGATE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -393,8 +404,14 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Summary> {
     output.checkpoint(false)?;
     let total = count_records(&args.audience, audience_format);
 
-    let channel = tonic::transport::Endpoint::from_shared(args.gateway.clone())
-        .with_context(|| format!("--gateway {}", args.gateway))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(args.gateway.clone())
+        .with_context(|| format!("--gateway {}", args.gateway))?;
+    if args.gateway.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls(&args)?)
+            .context("TLS settings")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {}", args.gateway))?;
@@ -670,6 +687,26 @@ pub async fn run(args: SendArgs) -> anyhow::Result<Summary> {
         );
     }
     Ok(summary)
+}
+
+/// TLS to the gateway: the web PKI roots, `--ca-file`, and a client certificate for mutual TLS.
+fn client_tls(args: &SendArgs) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read =
+        |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let mut tls = ClientTlsConfig::new().with_webpki_roots();
+    if let Some(ca) = &args.ca_file {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let Some(cert) = &args.client_cert {
+        let cert_pem = read(cert)?;
+        let key_pem = match &args.client_key {
+            Some(key) => read(key)?,
+            None => cert_pem.clone(),
+        };
+        tls = tls.identity(Identity::from_pem(cert_pem, key_pem));
+    }
+    Ok(tls)
 }
 
 /// Handles one receipt from the gateway: a terminal one is written and frees its window slot;

@@ -1,7 +1,7 @@
 //! `pushgate send`, the binary, against a real gateway on the mock APNs and FCM: a 10,000-line
 //! CSV end to end (one receipt per line in the output, each token delivered once), a run stopped
 //! with SIGINT and resumed, and a run killed with SIGKILL and resumed on a gateway with Redis,
-//! neither delivering any line twice.
+//! neither delivering any line twice; a refused run run again; and a gateway behind mutual TLS.
 
 use crate::harness::{self, Options};
 
@@ -294,4 +294,73 @@ async fn a_refused_run_says_why_and_can_be_run_again() {
         String::from_utf8_lossy(&again.stderr)
     );
     assert_each_line_once(&h, &out, 10);
+}
+
+/// A CA made here and a `localhost`/127.0.0.1 leaf it signs: (CA PEM, leaf PEM, leaf key PEM).
+fn ca_and_leaf(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    leaf.distinguished_name.push(DnType::CommonName, name);
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let (server_ca, server_cert, server_key) = ca_and_leaf("gateway");
+    let (client_ca, client_cert, client_key) = ca_and_leaf("sender");
+    let section = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        write("tls.crt", &server_cert).display(),
+        write("tls.key", &server_key).display(),
+        write("clients.crt", &client_ca).display()
+    );
+    let h = start(section).await;
+    let audience = h.dir.path().join("audience.csv");
+    let out = h.dir.path().join("receipts.csv");
+    write_audience(&audience, 20);
+    let ca_file = write("ca.crt", &server_ca);
+    let output = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("send")
+        .args(["--gateway", &format!("https://{}", h.gateway.addr)])
+        .args(["--app", "shop", "--api-key", KEY, "--no-progress"])
+        .arg("--ca-file")
+        .arg(&ca_file)
+        .arg("--client-cert")
+        .arg(write("client.crt", &client_cert))
+        .arg("--client-key")
+        .arg(write("client.key", &client_key))
+        .arg("--template")
+        .arg(write_template(h.dir.path()))
+        .arg("--audience")
+        .arg(&audience)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = wait_output(output).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_each_line_once(&h, &out, 20);
 }
