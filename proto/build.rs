@@ -1,6 +1,7 @@
 //! Compiles `pushgate/v1/*.proto` with protox (a pure-Rust protobuf compiler), so building needs
 //! no system `protoc`. Client and server both: the gateway serves the API, the load tool and the
-//! tests call it.
+//! tests call it. pbjson-build adds serde impls that follow the proto3 JSON mapping, for the
+//! HTTP/JSON API and the `pushgate send` template files.
 
 use std::path::PathBuf;
 
@@ -9,14 +10,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=pushgate");
     let descriptors = protox::compile(protos, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("pushgate_descriptor.bin"),
-        prost::Message::encode_to_vec(&descriptors),
-    )?;
+    let encoded = prost::Message::encode_to_vec(&descriptors);
+    std::fs::write(out_dir.join("pushgate_descriptor.bin"), &encoded)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .btree_map(".")
         .compile_fds(descriptors)?;
+    // Proto field names on output (`app_id`, as in the .proto, the README and grpcurl), both
+    // spellings accepted on input; every field emitted, so JSON readers need no defaults table.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .preserve_proto_field_names()
+        .emit_fields()
+        .btree_map(["."])
+        .build(&[".pushgate.v1"])?;
     Ok(())
 }

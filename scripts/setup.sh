@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pushgate's build and tests need on a fresh Debian/Ubuntu machine:
 # a Rust toolchain (if cargo is missing), redis-server and redis-cli (the Redis tests start their
-# own servers, and a three-node cluster), and kubernetes-validate (the k8s manifests' check).
+# own servers, and a three-node cluster), kubernetes-validate (the k8s manifests' check) and
+# schemathesis (the HTTP API's property-based tests).
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -22,4 +23,11 @@ redis-server --version
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   echo "installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate
+fi
+
+# Property-based tests of the HTTP/JSON API against its OpenAPI document
+# (scripts/schemathesis.sh), from PyPI.
+if ! command -v schemathesis >/dev/null 2>&1; then
+  echo "installing schemathesis (PyPI)"
+  python3 -m pip install --quiet schemathesis
 fi

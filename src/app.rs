@@ -233,6 +233,8 @@ async fn share_rates(mut replicas: watch::Receiver<u32>, limits: Arc<Limits>) {
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The HTTP/JSON API's address, when `http_listen` is set.
+    pub http_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     /// The API keys in effect (replaced on reload).
     keys: ApiKeys,
@@ -377,6 +379,39 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let grace = config.pipeline.shutdown_grace();
     let server_stop = CancellationToken::new();
+    // The HTTP/JSON door runs the same service and keys as the gRPC one, until the gRPC server
+    // stops (receipt streams keep flowing while in-flight messages drain).
+    let http_addr = match config.http_listen {
+        Some(listen) => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding HTTP listener on {listen}"))?;
+            let http_addr = listener.local_addr()?;
+            let ready: crate::edge::http::Readiness = {
+                let gateway = Arc::clone(&gateway);
+                let health = gateway.store().health();
+                Arc::new(move || gateway.is_accepting() && *health.borrow())
+            };
+            let http = crate::edge::http::HttpApi::new(
+                Arc::new(gateway.api()),
+                api_keys.clone(),
+                ready,
+                config.http_max_body_bytes(),
+            );
+            let stop = server_stop.clone();
+            tokio::spawn(async move {
+                if let Err(error) = http.serve(listener, stop).await {
+                    warn!(%error, "HTTP API server ended");
+                }
+            });
+            if !listen.ip().is_loopback() {
+                warn!("HTTP API listener is plaintext (terminate TLS in front of it)");
+            }
+            info!(%http_addr, "HTTP/JSON API listening");
+            Some(http_addr)
+        }
+        None => None,
+    };
     let admin = AdminApi::new(
         Arc::clone(gateway.store()),
         config.apps.keys().cloned(),
@@ -445,6 +480,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         metrics_addr,
+        http_addr,
         gateway,
         keys: api_keys,
         tls,

@@ -34,6 +34,14 @@ pub struct Config {
     /// Prometheus `/metrics` listen address; off when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// HTTP/JSON API listen address (`POST /v1/apps/{app}/batches`, receipts as SSE/NDJSON,
+    /// `/openapi.json`, `/healthz`); off when absent.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
+    /// Bytes of one HTTP request body, at most; unset: twice `pipeline.max_request_bytes`
+    /// (JSON is about twice the size of the same protobuf).
+    #[serde(default)]
+    pub http_max_body_bytes: Option<usize>,
     #[serde(default)]
     pub pipeline: PipelineConfig,
     /// Default retry policy; apps may override it.
@@ -335,6 +343,12 @@ impl Config {
         Ok(AppRegistry::from_apps(apps))
     }
 
+    /// The HTTP body limit: `http_max_body_bytes`, or twice the gRPC request limit.
+    pub fn http_max_body_bytes(&self) -> usize {
+        self.http_max_body_bytes
+            .unwrap_or_else(|| self.pipeline.max_request_bytes().saturating_mul(2))
+    }
+
     /// True when any app has an API or admin key (the API is then authenticated).
     pub fn has_keys(&self) -> bool {
         self.apps
@@ -398,6 +412,20 @@ impl Config {
                 ),
             ));
         }
+        if let Some(http) = self.http_listen
+            && !http.ip().is_loopback()
+            && !self.has_keys()
+            && !self.allow_unauthenticated
+        {
+            return Err(ConfigError::invalid(
+                "http_listen",
+                format!(
+                    "{http} is not a loopback address and no API key is configured; set \
+                     apps.<id>.api_keys, or allow_unauthenticated = true"
+                ),
+            ));
+        }
+        at_least_one("http_max_body_bytes", self.http_max_body_bytes() as u64)?;
         for (id, app) in &self.apps {
             let prefix = format!("apps.{id}");
             if id.is_empty()

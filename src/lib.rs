@@ -26,6 +26,7 @@ pub mod receipts;
 pub mod redact;
 pub mod registry;
 pub mod render;
+pub mod send;
 pub mod store;
 pub mod wire;
 pub mod work;

@@ -1,4 +1,5 @@
-//! The `pushgate` binary: `serve` runs the gateway, `check-config` validates a config file. The
+//! The `pushgate` binary: `serve` runs the gateway, `check-config` validates a config file, `send`
+//! streams an audience file through a running gateway (`pushgate::send`). The
 //! demo with mock providers is `cargo run --release --example demo`, so this binary links no mock.
 
 // mimalloc: the profile of a saturated gateway showed a third of its CPU in glibc malloc/free;
@@ -38,6 +39,9 @@ enum Command {
         #[arg(long, short, env = "PUSHGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Sends an audience file (CSV or NDJSON) through a running gateway with a template file,
+    /// writing one receipt per record; run it again to resume after an interruption.
+    Send(Box<pushgate::send::SendArgs>),
 }
 
 /// Dependencies whose debug and trace events can carry request headers and bodies (device
@@ -90,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve { config: path } => serve(serve_config, path).await,
+            Command::Send(args) => pushgate::send::run(*args).await.map(drop),
             Command::CheckConfig { config } => {
                 let config = pushgate::config::Config::load(config.as_deref())?;
                 config.registry()?;

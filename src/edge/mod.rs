@@ -6,11 +6,14 @@
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
 //! - `tls`: TLS and mutual TLS on the listener, reloadable.
+//! - `http`: the HTTP/JSON API over the same `Api`; `openapi`: its OpenAPI document.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod convert;
+pub mod http;
+pub mod openapi;
 pub mod tls;
 
 pub use admin::AdminApi;

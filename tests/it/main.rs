@@ -3,16 +3,19 @@
 //!
 //! - [`harness`]: the gateway + mocks + client fixture, and the Redis server/cluster fixtures.
 //! - one module per area: the APNs and FCM pipelines, limits, and the Redis store (durability,
-//!   gRPC over Redis, crash recovery, cluster), and security (authorization, TLS, request caps).
+//!   gRPC over Redis, crash recovery, cluster), security (authorization, TLS, request caps),
+//!   the HTTP/JSON API, and `pushgate send`.
 
 mod harness;
 
 mod apns_pipeline;
 mod deploy;
 mod fcm_pipeline;
+mod http_api;
 mod limits;
 mod redis_cluster;
 mod redis_crash;
 mod redis_durable;
 mod redis_grpc;
 mod security;
+mod send_cli;

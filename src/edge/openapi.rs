@@ -1,0 +1,377 @@
+//! The OpenAPI 3 document of the HTTP/JSON API (`GET /openapi.json`, kept in the repository as
+//! `docs/openapi.json`). The schemas of the protobuf messages are derived from the compiled
+//! `pushgate.v1` descriptors, field by field in the JSON form pbjson reads and writes (proto
+//! field names, enums as their names, 64-bit integers as decimal strings), so the document
+//! cannot drift from the messages; the paths and the error shape are written here.
+
+use prost::Message;
+use prost_types::field_descriptor_proto::{Label, Type};
+use prost_types::{DescriptorProto, FieldDescriptorProto, FileDescriptorSet};
+use serde_json::{Map, Value, json};
+
+use crate::proto;
+
+/// The protobuf package whose messages the HTTP API carries.
+const PACKAGE: &str = "pushgate.v1";
+/// The messages the HTTP API reads or writes; what they refer to is included too.
+const ROOTS: &[&str] = &["SendBatchRequest", "SendBatchResponse", "Receipt"];
+
+/// The document, pretty-printed, with a final newline (the form kept in the repository).
+pub fn document_json() -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(&document()).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut schemas = Map::new();
+    if let Ok(set) = FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET) {
+        add_message_schemas(&set, &mut schemas);
+    }
+    schemas.insert("Error".into(), error_schema());
+    schemas.insert(
+        "Health".into(),
+        json!({
+            "type": "object",
+            "properties": {"status": {"type": "string", "enum": ["SERVING", "NOT_SERVING"]}},
+            "required": ["status"],
+            "additionalProperties": false
+        }),
+    );
+    let errors = |codes: &[&str]| -> Value {
+        let mut out = Map::new();
+        for code in codes {
+            out.insert(
+                (*code).into(),
+                json!({
+                    "description": error_description(code),
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+                }),
+            );
+        }
+        Value::Object(out)
+    };
+    let app_id = json!({
+        "name": "app_id", "in": "path", "required": true,
+        "description": "The app, as configured under `[apps.<id>]`.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 256}
+    });
+    let mut send_responses = errors(&["400", "401", "403", "404", "413", "415", "429", "503"]);
+    send_responses["200"] = json!({
+        "description": "Every recipient accepted or rejected (with the field and the reason); with `wait_for_receipts`, the terminal receipt of each accepted one.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SendBatchResponse"}}}
+    });
+    let mut receipt_responses = errors(&["400", "401", "403", "404", "503"]);
+    receipt_responses["200"] = json!({
+        "description": "Receipts as they happen. `text/event-stream` (the default): one `receipt` event per receipt, `data` a `Receipt` in JSON and `id` its cursor when it has one; an `error` event (`data` an `Error`) ends the stream. `application/x-ndjson` (by `Accept`): one `Receipt` per line, or an `Error` line that ends the stream.",
+        "content": {
+            "text/event-stream": {"schema": {"type": "string"}},
+            "application/x-ndjson": {"schema": {"type": "string"}}
+        }
+    });
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "pushgate HTTP/JSON API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The `pushgate.v1.PushGateway` service over HTTP and JSON (the proto3 JSON mapping of the same messages: proto field names, lowerCamelCase names accepted on input too, enums by name, 64-bit integers as strings). Same API keys, authorization and errors as gRPC: a gRPC status becomes its HTTP status (INVALID_ARGUMENT 400, UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503) with an `Error` body naming the field."
+        },
+        "paths": {
+            "/v1/apps/{app_id}/batches": {
+                "post": {
+                    "operationId": "SendBatch",
+                    "summary": "Validate and accept a batch (gRPC SendBatch).",
+                    "description": "`app_id` in the body may be left out; when given it must equal the path's.",
+                    "parameters": [app_id.clone()],
+                    "requestBody": {
+                        "required": true,
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/SendBatchRequest"},
+                            "example": {
+                                "campaign_id": "abandoned-cart",
+                                "wait_for_receipts": true,
+                                "template": {"title": "{{ first_name | default: \"Hi\" }}, your cart misses you", "body": "{{ items }} items are waiting", "ttl_seconds": 7200},
+                                "recipients": [
+                                    {"platform": "APNS", "device_token": "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90", "vars": {"first_name": "Ann", "items": "3"}, "user_id": "u-1"},
+                                    {"platform": "FCM", "device_token": "fcm-registration-token-0001", "vars": {"items": "1"}, "user_id": "u-2"}
+                                ]
+                            }
+                        }}
+                    },
+                    "responses": send_responses
+                }
+            },
+            "/v1/apps/{app_id}/receipts": {
+                "get": {
+                    "operationId": "SubscribeReceipts",
+                    "summary": "The app's receipts, live (gRPC SubscribeReceipts).",
+                    "parameters": [
+                        app_id,
+                        {"name": "campaign_id", "in": "query", "schema": {"type": "string"},
+                         "description": "Only receipts of this campaign."},
+                        {"name": "include_non_terminal", "in": "query", "schema": {"type": "boolean"},
+                         "description": "Include non-terminal RETRYING receipts."},
+                        {"name": "resume_after", "in": "query", "schema": {"type": "string"},
+                         "description": "Durable delivery (Redis) only: replay the app's receipts stream after this cursor (`0` = the oldest kept, `$` = from now, else a receipt's `cursor`), then follow it live."},
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                         "description": "Sent by a reconnecting EventSource; takes the place of `resume_after`."},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                         "description": "End the response after this many receipts."},
+                        {"name": "wait_seconds", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                         "description": "End the response after this many seconds."}
+                    ],
+                    "responses": receipt_responses
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "Health",
+                    "summary": "Readiness: SERVING while the store is healthy and the gateway is not shutting down.",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Serving.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}},
+                        "503": {"description": "Not serving (store unreachable, or shutting down).", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}
+                    }
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "OpenApi",
+                    "summary": "This document.",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "The OpenAPI document.", "content": {"application/json": {"schema": {"type": "object"}}}}
+                    }
+                }
+            }
+        },
+        "security": [{"bearerAuth": []}],
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "An API key of the app (`apps.<id>.api_keys` or `admin_keys`). Not needed when no key is configured at all (open mode)."
+                }
+            },
+            "schemas": schemas
+        }
+    })
+}
+
+fn error_description(code: &str) -> &'static str {
+    match code {
+        "400" => {
+            "INVALID_ARGUMENT (or FAILED_PRECONDITION, OUT_OF_RANGE): `field` names what is wrong."
+        }
+        "401" => "UNAUTHENTICATED: no key, or an unknown one.",
+        "403" => {
+            "PERMISSION_DENIED: the key may not use this app, or there is no such app (one answer for both)."
+        }
+        "404" => "NOT_FOUND: no such route.",
+        "413" => "The body is larger than `http_max_body_bytes`.",
+        "415" => "The body is not `application/json`.",
+        "429" => "RESOURCE_EXHAUSTED.",
+        "503" => "UNAVAILABLE: shutting down, or the store (Redis) is unreachable.",
+        _ => "Error.",
+    }
+}
+
+fn error_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "integer", "description": "The HTTP status."},
+                    "status": {"type": "string", "description": "The gRPC status name, e.g. `INVALID_ARGUMENT`."},
+                    "message": {"type": "string"},
+                    "field": {"type": "string", "description": "The first offending field (`recipients[3].device_token`), empty when the error is not about one."},
+                    "field_violations": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"field": {"type": "string"}, "description": {"type": "string"}},
+                            "required": ["field", "description"],
+                            "additionalProperties": false
+                        }
+                    }
+                },
+                "required": ["code", "status", "message", "field", "field_violations"],
+                "additionalProperties": false
+            }
+        },
+        "required": ["error"],
+        "additionalProperties": false
+    })
+}
+
+/// Adds a schema for every root message and what it refers to (messages and enums).
+fn add_message_schemas(set: &FileDescriptorSet, schemas: &mut Map<String, Value>) {
+    let Some(file) = set.file.iter().find(|f| f.package() == PACKAGE) else {
+        return;
+    };
+    let comment = |path: &[i32]| -> Option<String> {
+        let info = file.source_code_info.as_ref()?;
+        let location = info.location.iter().find(|l| l.path == path)?;
+        let text = location.leading_comments().trim();
+        (!text.is_empty()).then(|| text.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    let mut pending: Vec<String> = ROOTS.iter().map(|s| s.to_string()).collect();
+    while let Some(name) = pending.pop() {
+        if schemas.contains_key(&name) {
+            continue;
+        }
+        if let Some((index, message)) = file
+            .message_type
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.name() == name)
+        {
+            let schema = message_schema(message, &mut pending, |field: usize| {
+                comment(&[4, index as i32, 2, field as i32])
+            });
+            let mut schema = schema;
+            if let Some(text) = comment(&[4, index as i32]) {
+                schema["description"] = Value::from(text);
+            }
+            schemas.insert(name, schema);
+        } else if let Some((index, e)) = file
+            .enum_type
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.name() == name)
+        {
+            let mut schema = json!({
+                "type": "string",
+                "enum": e.value.iter().map(|v| v.name().to_string()).collect::<Vec<_>>()
+            });
+            if let Some(text) = comment(&[5, index as i32]) {
+                schema["description"] = Value::from(text);
+            }
+            schemas.insert(name, schema);
+        }
+    }
+}
+
+fn message_schema(
+    message: &DescriptorProto,
+    pending: &mut Vec<String>,
+    comment: impl Fn(usize) -> Option<String>,
+) -> Value {
+    let mut properties = Map::new();
+    for (index, field) in message.field.iter().enumerate() {
+        let mut schema = field_schema(message, field, pending);
+        if let Some(text) = comment(index) {
+            if schema.get("$ref").is_some() {
+                // OpenAPI 3.0 ignores siblings of `$ref`; `allOf` keeps the description.
+                schema = json!({"allOf": [schema]});
+            }
+            schema["description"] = Value::from(text);
+        }
+        properties.insert(field.name().to_string(), schema);
+    }
+    json!({"type": "object", "properties": properties, "additionalProperties": false})
+}
+
+fn field_schema(
+    message: &DescriptorProto,
+    field: &FieldDescriptorProto,
+    pending: &mut Vec<String>,
+) -> Value {
+    if field.r#type() == Type::Message {
+        let type_name = short_name(field.type_name());
+        if let Some(entry) = message
+            .nested_type
+            .iter()
+            .find(|n| n.name() == type_name && n.options.as_ref().is_some_and(|o| o.map_entry()))
+        {
+            let value = entry
+                .field
+                .iter()
+                .find(|f| f.number() == 2)
+                .map(|f| scalar_schema(f, pending))
+                .unwrap_or_else(|| json!({}));
+            return json!({"type": "object", "additionalProperties": value});
+        }
+    }
+    let item = scalar_schema(field, pending);
+    if field.label() == Label::Repeated {
+        json!({"type": "array", "items": item})
+    } else {
+        item
+    }
+}
+
+/// The schema of one value of `field` (an element, for a repeated field).
+fn scalar_schema(field: &FieldDescriptorProto, pending: &mut Vec<String>) -> Value {
+    match field.r#type() {
+        Type::String => json!({"type": "string"}),
+        Type::Bytes => json!({"type": "string", "format": "byte"}),
+        Type::Bool => json!({"type": "boolean"}),
+        Type::Int32 | Type::Sint32 | Type::Sfixed32 => {
+            json!({"type": "integer", "format": "int32"})
+        }
+        Type::Uint32 | Type::Fixed32 => {
+            json!({"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX})
+        }
+        // The proto3 JSON mapping writes 64-bit integers as decimal strings.
+        Type::Int64 | Type::Sint64 | Type::Sfixed64 => {
+            json!({"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"})
+        }
+        Type::Uint64 | Type::Fixed64 => {
+            json!({"type": "string", "format": "uint64", "pattern": "^[0-9]+$"})
+        }
+        Type::Float | Type::Double => json!({"type": "number"}),
+        Type::Enum | Type::Message | Type::Group => {
+            let name = short_name(field.type_name()).to_string();
+            pending.push(name.clone());
+            json!({"$ref": format!("#/components/schemas/{name}")})
+        }
+    }
+}
+
+/// `.pushgate.v1.Template` -> `Template` (nested map entries keep only their own name).
+fn short_name(type_name: &str) -> &str {
+    type_name.rsplit('.').next().unwrap_or(type_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_of_the_carried_messages_is_described() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        for name in [
+            "SendBatchRequest",
+            "Template",
+            "Recipient",
+            "SendBatchResponse",
+            "RecipientResult",
+            "Receipt",
+            "Platform",
+            "ReceiptStatus",
+            "Priority",
+            "PushType",
+        ] {
+            assert!(schemas.get(name).is_some(), "{name} missing");
+        }
+        let recipient = &schemas["Recipient"]["properties"];
+        assert_eq!(recipient["vars"]["type"], "object");
+        assert_eq!(recipient["vars"]["additionalProperties"]["type"], "string");
+        assert_eq!(
+            schemas["Receipt"]["properties"]["accepted_at_ms"]["type"],
+            "string"
+        );
+        assert!(
+            schemas["Platform"]["enum"]
+                .as_array()
+                .is_some_and(|v| v.contains(&Value::from("APNS")))
+        );
+        // Only what the HTTP API carries: no admin messages.
+        assert!(schemas.get("DeadLetter").is_none());
+    }
+}

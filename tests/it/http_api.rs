@@ -1,0 +1,668 @@
+//! The HTTP/JSON API through the real gateway (`http_listen`), with a plain HTTP/1.1 client:
+//! SendBatch in JSON delivered to the mock APNs, the gRPC errors as HTTP statuses with the field
+//! named, the same keys and per-app authorization as gRPC, receipts as SSE and NDJSON (with the
+//! Redis cursor and `Last-Event-ID`), the body limit, `/healthz`, and the OpenAPI document: the
+//! served one equals `docs/openapi.json`, and the JSON the server produced conforms to it.
+
+use crate::harness::{self, MoreApp, Options, recipient, template};
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use pushgate::proto;
+use pushgate_mocks::redis_server::RedisServer;
+use serde_json::{Value, json};
+
+const SHOP_KEY: &str = "shop-http-key-0123456789";
+const NEWS_KEY: &str = "news-http-key-0123456789";
+
+/// One HTTP/1.1 request on a fresh connection: status, content type and body.
+struct Reply {
+    status: u16,
+    content_type: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn send_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> hyper::Response<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
+async fn read(response: hyper::Response<hyper::body::Incoming>) -> Reply {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        content_type,
+        body,
+    }
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth.as_str()));
+    }
+    let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+    read(send_request(addr, method, path, &headers, body).await).await
+}
+
+fn batch_json(ids: std::ops::Range<u64>) -> Value {
+    json!({
+        "campaign_id": "spring",
+        "wait_for_receipts": true,
+        "template": {"title": "Hi {{ name | default: \"there\" }}", "ttl_seconds": 600},
+        "recipients": ids.map(|n| json!({
+            "message_id": format!("m-{n}"),
+            "platform": "APNS",
+            "device_token": harness::token(n),
+            "vars": {"name": format!("user {n}")},
+            "user_id": format!("u-{n}"),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn start(redis: Option<&RedisServer>) -> harness::Harness {
+    harness::start(Options {
+        top: "http_listen = \"127.0.0.1:0\"\nhttp_max_body_bytes = 200000".into(),
+        api_keys: vec![SHOP_KEY.into()],
+        more_apps: vec![MoreApp {
+            id: "news".into(),
+            api_keys: vec![NEWS_KEY.into()],
+            ..Default::default()
+        }],
+        extra: redis
+            .map(|r| format!("[redis]\nurl = \"{}\"", r.url()))
+            .unwrap_or_default(),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn send_batch_over_http_delivers_and_answers_in_proto_json() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.expect("http_listen is set");
+    let reply = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(0..20)),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.content_type, "application/json");
+    let body = reply.json();
+    assert_eq!(body["accepted"], 20);
+    assert_eq!(body["rejected"], 0);
+    let receipts = body["receipts"].as_array().unwrap();
+    assert_eq!(receipts.len(), 20);
+    for r in receipts {
+        assert_eq!(r["status"], "DELIVERED", "{r}");
+        assert_eq!(r["app_id"], "shop");
+        assert_eq!(r["campaign_id"], "spring");
+        assert_eq!(r["platform"], "APNS");
+        // proto3 JSON: 64-bit integers are strings.
+        assert!(r["accepted_at_ms"].is_string(), "{r}");
+    }
+    let mut tokens: Vec<String> = h
+        .mock
+        .accepted()
+        .into_iter()
+        .map(|a| a.device_token)
+        .collect();
+    tokens.sort();
+    let mut expected: Vec<String> = (0..20).map(harness::token).collect();
+    expected.sort();
+    assert_eq!(tokens, expected, "each recipient delivered once");
+    let payloads = h.mock.accepted();
+    assert!(
+        payloads
+            .iter()
+            .any(|a| a.payload.to_string().contains("Hi user 3")),
+        "template rendered per recipient"
+    );
+    check_against_openapi(&body, "SendBatchResponse");
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+#[tokio::test]
+async fn errors_map_to_http_statuses_and_name_the_field() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.unwrap();
+    let path = "/v1/apps/shop/batches";
+    // Same keys and the same authorization as gRPC.
+    let no_key = call(addr, "POST", path, None, Some(batch_json(0..1))).await;
+    assert_eq!(no_key.status, 401);
+    assert_eq!(no_key.json()["error"]["status"], "UNAUTHENTICATED");
+    let bad_key = call(
+        addr,
+        "POST",
+        path,
+        Some("not-a-key-0123456789"),
+        Some(batch_json(0..1)),
+    )
+    .await;
+    assert_eq!(bad_key.status, 401);
+    let other_app = call(
+        addr,
+        "POST",
+        "/v1/apps/news/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(0..1)),
+    )
+    .await;
+    let unknown_app = call(
+        addr,
+        "POST",
+        "/v1/apps/nope/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(0..1)),
+    )
+    .await;
+    assert_eq!(other_app.status, 403);
+    assert_eq!(
+        other_app.json(),
+        unknown_app.json(),
+        "one answer for not-yours and unknown"
+    );
+    assert_eq!(other_app.json()["error"]["field"], "app_id");
+    assert!(!String::from_utf8_lossy(&other_app.body).contains("news"));
+    let news = call(
+        addr,
+        "POST",
+        "/v1/apps/news/batches",
+        Some(NEWS_KEY),
+        Some(batch_json(100..101)),
+    )
+    .await;
+    assert_eq!(news.status, 200, "{}", String::from_utf8_lossy(&news.body));
+
+    // Decoding errors name the field.
+    let mut bad = batch_json(0..2);
+    bad["recipients"][1]["platform"] = json!("PIGEON");
+    let reply = call(addr, "POST", path, Some(SHOP_KEY), Some(bad)).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["field"], "recipients[1].platform");
+    let reply = call(
+        addr,
+        "POST",
+        path,
+        Some(SHOP_KEY),
+        Some(json!({"recipientz": []})),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("recipientz")
+    );
+    // Validation errors of the service itself, as gRPC gives them (BadRequest violations).
+    let reply = call(
+        addr,
+        "POST",
+        path,
+        Some(SHOP_KEY),
+        Some(json!({"template": {"title": "x"}})),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    let error = reply.json();
+    assert_eq!(error["error"]["status"], "INVALID_ARGUMENT");
+    assert_eq!(error["error"]["field"], "recipients", "{error}");
+    check_against_openapi(&error, "Error");
+    let mut unspecified = batch_json(0..1);
+    unspecified["recipients"][0]["platform"] = json!("PLATFORM_UNSPECIFIED");
+    let reply = call(addr, "POST", path, Some(SHOP_KEY), Some(unspecified)).await;
+    assert_eq!(reply.json()["error"]["field"], "recipients[0].platform");
+    // A recipient-level problem rejects only that recipient, in the 200 answer.
+    let mut one_bad = batch_json(0..2);
+    one_bad["recipients"][0]["device_token"] = json!("xyz");
+    let reply = call(addr, "POST", path, Some(SHOP_KEY), Some(one_bad)).await;
+    assert_eq!(reply.status, 200);
+    let body = reply.json();
+    assert_eq!(
+        (body["accepted"].clone(), body["rejected"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(body["results"][0]["field"], "recipients[0].device_token");
+    check_against_openapi(&body, "SendBatchResponse");
+    // app_id in the body must agree with the path.
+    let mut mismatched = batch_json(0..1);
+    mismatched["app_id"] = json!("news");
+    let reply = call(addr, "POST", path, Some(SHOP_KEY), Some(mismatched)).await;
+    assert_eq!(
+        (reply.status, reply.json()["error"]["field"].clone()),
+        (400, json!("app_id"))
+    );
+
+    // Transport-level refusals, in the same error shape.
+    let reply = read(
+        send_request(
+            addr,
+            "POST",
+            path,
+            &[
+                ("content-type", "text/plain"),
+                ("authorization", &format!("Bearer {SHOP_KEY}")),
+            ],
+            Some(b"{}".to_vec()),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(reply.status, 415);
+    check_against_openapi(&reply.json(), "Error");
+    let reply = call(
+        addr,
+        "POST",
+        path,
+        Some(SHOP_KEY),
+        Some(batch_json(0..2000)),
+    )
+    .await;
+    assert_eq!(reply.status, 413, "over http_max_body_bytes");
+    check_against_openapi(&reply.json(), "Error");
+    let reply = call(addr, "GET", "/v1/nothing", Some(SHOP_KEY), None).await;
+    assert_eq!(reply.status, 404);
+    let reply = read(
+        send_request(
+            addr,
+            "POST",
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &format!("Bearer {SHOP_KEY}")),
+            ],
+            Some(b"{\"template\": ".to_vec()),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(reply.status, 400, "truncated JSON");
+
+    let health = call(addr, "GET", "/healthz", None, None).await;
+    assert_eq!(
+        (health.status, health.json()),
+        (200, json!({"status": "SERVING"}))
+    );
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// Parses an SSE body into (event, id, data) triples.
+fn sse_events(body: &[u8]) -> Vec<(String, String, String)> {
+    let text = String::from_utf8_lossy(body);
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("id:") {
+                id = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+        if !event.is_empty() {
+            out.push((event, id, data));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn receipts_stream_as_sse_and_ndjson() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.unwrap();
+    let auth = format!("Bearer {SHOP_KEY}");
+    // Another tenant's receipts are refused before any stream starts.
+    let denied = call(addr, "GET", "/v1/apps/news/receipts", Some(SHOP_KEY), None).await;
+    assert_eq!(denied.status, 403);
+    let bad = call(
+        addr,
+        "GET",
+        "/v1/apps/shop/receipts?limit=zero",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (bad.status, bad.json()["error"]["field"].clone()),
+        (400, json!("limit"))
+    );
+
+    let sse = send_request(
+        addr,
+        "GET",
+        "/v1/apps/shop/receipts?limit=10&campaign_id=spring",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
+    assert_eq!(sse.status(), 200);
+    let ndjson = send_request(
+        addr,
+        "GET",
+        "/v1/apps/shop/receipts?limit=10",
+        &[("authorization", &auth), ("accept", "application/x-ndjson")],
+        None,
+    )
+    .await;
+    // Subscribed (the handler subscribes before answering): now send over gRPC.
+    let mut client = h.client().await;
+    let mut request = tonic::Request::new(proto::SendBatchRequest {
+        app_id: "shop".into(),
+        campaign_id: "spring".into(),
+        template: Some(template("Hi", "")),
+        recipients: (0..10).map(|n| recipient(n, &[])).collect(),
+        wait_for_receipts: true,
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", auth.parse().unwrap());
+    client.send_batch(request).await.unwrap();
+
+    let sse = read(sse).await;
+    assert!(
+        sse.content_type.starts_with("text/event-stream"),
+        "{}",
+        sse.content_type
+    );
+    let events = sse_events(&sse.body);
+    assert_eq!(events.len(), 10, "{}", String::from_utf8_lossy(&sse.body));
+    for (event, id, data) in &events {
+        assert_eq!(event, "receipt");
+        assert!(id.is_empty(), "no cursor without resume_after");
+        let receipt: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(receipt["status"], "DELIVERED");
+        check_against_openapi(&receipt, "Receipt");
+    }
+    let ndjson = read(ndjson).await;
+    assert_eq!(ndjson.content_type, "application/x-ndjson");
+    let lines: Vec<Value> = String::from_utf8_lossy(&ndjson.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10);
+    assert!(lines.iter().all(|r| r["terminal"] == json!(true)));
+
+    // Bounded by time too: nothing more comes, the response ends.
+    let idle = call(
+        addr,
+        "GET",
+        "/v1/apps/shop/receipts?wait_seconds=1",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(idle.status, 200);
+    assert!(sse_events(&idle.body).is_empty());
+}
+
+#[tokio::test]
+async fn receipts_resume_from_a_cursor_and_last_event_id() {
+    let redis = RedisServer::start();
+    let h = start(Some(&redis)).await;
+    let addr = h.gateway.http_addr.unwrap();
+    let reply = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(0..6)),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    // From the oldest kept: six terminal receipts, each with its cursor as the event id.
+    let all = call(
+        addr,
+        "GET",
+        "/v1/apps/shop/receipts?resume_after=0&limit=6",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    let events = sse_events(&all.body);
+    assert_eq!(events.len(), 6, "{}", String::from_utf8_lossy(&all.body));
+    assert!(events.iter().all(|(_, id, _)| !id.is_empty()));
+    let ids: Vec<String> = events
+        .iter()
+        .map(|(_, _, d)| {
+            serde_json::from_str::<Value>(d).unwrap()["message_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // An EventSource reconnecting after the third: Last-Event-ID wins over the query.
+    let auth = format!("Bearer {SHOP_KEY}");
+    let resumed = read(
+        send_request(
+            addr,
+            "GET",
+            "/v1/apps/shop/receipts?resume_after=0&limit=3",
+            &[("authorization", &auth), ("last-event-id", &events[2].1)],
+            None,
+        )
+        .await,
+    )
+    .await;
+    let rest: Vec<String> = sse_events(&resumed.body)
+        .iter()
+        .map(|(_, _, d)| {
+            serde_json::from_str::<Value>(d).unwrap()["message_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(rest, ids[3..].to_vec(), "no gap, nothing twice");
+    let bad = call(
+        addr,
+        "GET",
+        "/v1/apps/shop/receipts?resume_after=not-a-cursor",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (bad.status, bad.json()["error"]["field"].clone()),
+        (400, json!("resume_after"))
+    );
+}
+
+#[tokio::test]
+async fn openapi_document_is_served_and_kept_in_the_repository() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.unwrap();
+    let served = call(addr, "GET", "/openapi.json", None, None).await;
+    assert_eq!(served.status, 200);
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    if std::env::var_os("PUSHGATE_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&file, &served.body).unwrap();
+    }
+    let kept = std::fs::read(&file).unwrap_or_default();
+    assert!(
+        kept == served.body,
+        "docs/openapi.json differs from the document the gateway serves (the protobuf messages \
+         changed?): regenerate it with `PUSHGATE_UPDATE_OPENAPI=1 cargo test --test it \
+         http_api::openapi`"
+    );
+    let doc = served.json();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in [
+        "/v1/apps/{app_id}/batches",
+        "/v1/apps/{app_id}/receipts",
+        "/healthz",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path}");
+    }
+}
+
+/// Checks `value` against the named schema of the served document (the subset of JSON Schema
+/// the document uses: type, properties, additionalProperties, required, items, enum, pattern,
+/// minimum/maximum, allOf, $ref), panicking with the JSON path of the first mismatch.
+fn check_against_openapi(value: &Value, schema: &str) {
+    let doc = pushgate::edge::openapi::document();
+    let schema = json!({"$ref": format!("#/components/schemas/{schema}")});
+    if let Err(e) = conforms(&doc, &schema, value, "$") {
+        panic!("response does not match docs/openapi.json: {e}\n{value:#}");
+    }
+}
+
+fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        let target = &doc["components"]["schemas"][name];
+        if target.is_null() {
+            return Err(format!("{at}: dangling $ref {reference}"));
+        }
+        return conforms(doc, target, value, at);
+    }
+    if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
+        for s in all {
+            conforms(doc, s, value, at)?;
+        }
+    }
+    if let Some(kind) = schema.get("type").and_then(Value::as_str) {
+        let ok = match kind {
+            "object" => value.is_object(),
+            "array" => value.is_array(),
+            "string" => value.is_string(),
+            "boolean" => value.is_boolean(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!("{at}: expected {kind}, got {value}"));
+        }
+    }
+    if let Some(options) = schema.get("enum").and_then(Value::as_array)
+        && !options.contains(value)
+    {
+        return Err(format!("{at}: {value} is not one of {options:?}"));
+    }
+    if let (Some(pattern), Some(s)) = (
+        schema.get("pattern").and_then(Value::as_str),
+        value.as_str(),
+    ) {
+        // The document's patterns are all "digits, maybe signed".
+        let digits = s
+            .strip_prefix('-')
+            .filter(|_| pattern.starts_with("^-?"))
+            .unwrap_or(s);
+        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+            return Err(format!("{at}: {s:?} does not match {pattern}"));
+        }
+    }
+    if let Some(n) = value.as_f64()
+        && (schema
+            .get("minimum")
+            .and_then(Value::as_f64)
+            .is_some_and(|m| n < m)
+            || schema
+                .get("maximum")
+                .and_then(Value::as_f64)
+                .is_some_and(|m| n > m))
+    {
+        return Err(format!("{at}: {n} out of range"));
+    }
+    if let Some(object) = value.as_object() {
+        let properties = schema.get("properties").and_then(Value::as_object);
+        for required in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let name = required.as_str().unwrap_or("");
+            if !object.contains_key(name) {
+                return Err(format!("{at}: required {name} missing"));
+            }
+        }
+        for (key, v) in object {
+            let path = format!("{at}.{key}");
+            match (
+                properties.and_then(|p| p.get(key)),
+                schema.get("additionalProperties"),
+            ) {
+                (Some(s), _) => conforms(doc, s, v, &path)?,
+                (None, Some(Value::Bool(false))) => {
+                    return Err(format!("{path}: not in the schema"));
+                }
+                (None, Some(s @ Value::Object(_))) => conforms(doc, s, v, &path)?,
+                (None, _) => {}
+            }
+        }
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in array.iter().enumerate() {
+            conforms(doc, items, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
