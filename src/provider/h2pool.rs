@@ -76,7 +76,7 @@ impl Endpoint {
             .cloned()
             .ok_or_else(|| EndpointError::Url(url.into(), "missing host".into()))?;
         let tls = match scheme.as_str() {
-            "https" => Some(Arc::new(client_tls_config(extra_ca_pem)?)),
+            "https" => Some(Arc::new(client_tls_config(extra_ca_pem, &[b"h2"])?)),
             "http" => None,
             _ => return Err(EndpointError::Scheme(url.into())),
         };
@@ -94,7 +94,12 @@ impl Endpoint {
     }
 }
 
-fn client_tls_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig, EndpointError> {
+/// The client TLS settings of every outbound connection: the bundled web PKI roots plus
+/// `extra_ca_pem`, offering the `alpn` protocols.
+pub(crate) fn client_tls_config(
+    extra_ca_pem: Option<&str>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, EndpointError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(pem) = extra_ca_pem {
@@ -116,7 +121,7 @@ fn client_tls_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig,
         .map_err(|e| EndpointError::Ca(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 

@@ -28,6 +28,7 @@ fn json_with(token_uri: &str, edit: impl FnOnce(&mut Value)) -> String {
 
 fn config(json: String, endpoint: &str) -> FcmConfig {
     FcmConfig {
+        credentials: None,
         credentials_file: None,
         credentials_json: Some(json),
         project_id: None,
@@ -160,7 +161,7 @@ fn config_errors_name_the_key_and_the_problem() {
     let p = FcmProvider::from_config("apps.shop.fcm", &cfg).unwrap();
     assert_eq!(p.project_id(), "pushgate-test");
     assert_eq!(
-        p.send_uri,
+        p.target.get().unwrap().send_uri,
         "https://fcm.googleapis.com/v1/projects/pushgate-test/messages:send"
     );
     cfg.project_id = Some("other-project".into());

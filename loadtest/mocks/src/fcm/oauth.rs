@@ -100,16 +100,7 @@ impl FcmInner {
                 R_INVALID_SCOPE,
             );
         }
-        let token = format!("ya29.mock-{}", uuid::Uuid::new_v4().simple());
-        let lifetime = self.cfg.token_lifetime.as_secs();
-        self.issued.write().insert(
-            token.clone(),
-            Issued {
-                expires_at: now + lifetime as i64,
-                generation: self.faults.generation.load(Relaxed),
-            },
-        );
-        self.counters.tokens_issued.fetch_add(1, Relaxed);
+        let (token, lifetime) = self.issue();
         Reply {
             status: 200,
             content_type: "application/json; charset=utf-8",
@@ -121,6 +112,22 @@ impl FcmInner {
             retry_after: false,
             www_authenticate: false,
         }
+    }
+
+    /// Issues an access token `messages:send` accepts, valid for the configured lifetime.
+    pub(super) fn issue(&self) -> (String, u64) {
+        let token = format!("ya29.mock-{}", uuid::Uuid::new_v4().simple());
+        let lifetime = self.cfg.token_lifetime.as_secs();
+        let now = self.faults.clock.now_secs();
+        self.issued.write().insert(
+            token.clone(),
+            Issued {
+                expires_at: now + lifetime as i64,
+                generation: self.faults.generation.load(Relaxed),
+            },
+        );
+        self.counters.tokens_issued.fetch_add(1, Relaxed);
+        (token, lifetime)
     }
 
     /// Checks the assertion's structure, algorithm and RS256 signature; returns its claims.
