@@ -10,6 +10,7 @@ mod harness;
 mod apns_pipeline;
 mod deploy;
 mod fcm_pipeline;
+mod google_credentials;
 mod limits;
 mod redis_cluster;
 mod redis_crash;

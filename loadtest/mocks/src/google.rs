@@ -219,7 +219,8 @@ impl Inner {
         }
         if path == "/token" {
             self.counters.jwt_requests.fetch_add(1, Relaxed);
-            let mut answer = self.issuer.exchange_assertion(&request.body);
+            let audience = format!("{}/token", self.origin(&request));
+            let mut answer = self.issuer.exchange_assertion(&request.body, &audience);
             if answer.status == 200 {
                 answer = self.relabel_lifetime(answer);
             }
@@ -235,6 +236,12 @@ impl Inner {
         }
         self.counters.unknown_requests.fetch_add(1, Relaxed);
         google_error(404, "NOT_FOUND", "Requested entity was not found.")
+    }
+
+    /// `scheme://host` the client addressed (its `Host` header).
+    fn origin(&self, request: &Http1Request) -> String {
+        let scheme = if self.cfg.tls { "https" } else { "http" };
+        format!("{scheme}://{}", request.header("host").unwrap_or(""))
     }
 
     fn lifetime(&self, issued: u64) -> u64 {

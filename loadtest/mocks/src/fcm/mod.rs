@@ -296,9 +296,12 @@ impl FcmIssuer {
         self.0.issue()
     }
 
-    /// The service-account JWT-bearer exchange of the mock's `/token`, answered as over HTTP/1.1.
-    pub fn exchange_assertion(&self, body: &[u8]) -> crate::http1::Http1Response {
-        self.0.token_endpoint(&Method::POST, body).into_http1()
+    /// The service-account JWT-bearer exchange of the mock's `/token`, answered as over
+    /// HTTP/1.1, also accepting assertions addressed to `audience` (the stand-in's own URL).
+    pub fn exchange_assertion(&self, body: &[u8], audience: &str) -> crate::http1::Http1Response {
+        self.0
+            .token_endpoint_for(&Method::POST, body, Some(audience))
+            .into_http1()
     }
 
     /// True when `token` was issued by the mock and is still accepted.
