@@ -196,11 +196,15 @@ impl FcmProvider {
         }
         let http = CredentialHttp::new(ca.as_deref(), request_timeout)
             .map_err(|e| invalid("ca_file", e.to_string()))?;
-        let pool_project = project_id.as_deref().unwrap_or("from-metadata");
+        // One FCM pool per app: named after the app (`apps.<id>.fcm` -> `fcm:<id>`).
+        let app = key
+            .strip_prefix("apps.")
+            .and_then(|k| k.strip_suffix(".fcm"))
+            .unwrap_or(key);
         let pool = H2Pool::new(
             endpoint,
             PoolConfig {
-                name: format!("fcm:{pool_project}"),
+                name: format!("fcm:{app}"),
                 connections: config.connections.max(1),
                 max_connections: config.max_connections.max(config.connections),
                 idle_timeout: Duration::from_secs(config.idle_timeout_secs),
@@ -412,6 +416,17 @@ impl Provider for FcmProvider {
 
     fn capacity(&self) -> Capacity {
         self.pool.capacity()
+    }
+
+    fn sample(&self, samples: &mut crate::metrics::Samples) {
+        samples.pool(super::pool_sample("fcm", &self.pool));
+        samples.credential(crate::metrics::CredentialSample {
+            provider: "fcm",
+            pool: self.pool.name().to_string(),
+            kind: "oauth",
+            refreshes: self.tokens.issued(),
+            failures: self.tokens.failures(),
+        });
     }
 }
 
