@@ -17,7 +17,7 @@ use pushgate_mocks::google::{MockGoogleAuth, MockGoogleAuthConfig};
 
 use crate::harness::{fcm_recipient, status, template};
 
-struct Gateway {
+pub(crate) struct Gateway {
     child: Child,
     log: std::path::PathBuf,
 }
@@ -30,7 +30,7 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -46,13 +46,23 @@ fn free_port() -> u16 {
 /// Starts `pushgate serve` with `fcm_section` for the app `shop` and only `env` of the ADC
 /// variables (HOME is a fresh directory, so no gcloud file is found by accident).
 fn spawn(dir: &Path, fcm_section: &str, env: &[(&str, String)]) -> (Gateway, String) {
+    spawn_with(dir, "", fcm_section, env)
+}
+
+/// As [`spawn`], with more TOML `tables` (e.g. an `[otlp]` section) before the app's.
+pub(crate) fn spawn_with(
+    dir: &Path,
+    tables: &str,
+    fcm_section: &str,
+    env: &[(&str, String)],
+) -> (Gateway, String) {
     let port = free_port();
     let config = dir.join("pushgate.toml");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\n\n[retry]\nbase_ms = 5\ncap_ms = 50\nmax_attempts = 4\n\n\
-             [apps.shop.fcm]\n{fcm_section}\nconnections = 1\nrequest_timeout_ms = 5000\n"
+             {tables}\n[apps.shop.fcm]\n{fcm_section}\nconnections = 1\nrequest_timeout_ms = 5000\n"
         ),
     )
     .unwrap();
@@ -82,7 +92,10 @@ fn spawn(dir: &Path, fcm_section: &str, env: &[(&str, String)]) -> (Gateway, Str
     (Gateway { child, log }, format!("127.0.0.1:{port}"))
 }
 
-async fn connect(gateway: &Gateway, addr: &str) -> PushGatewayClient<tonic::transport::Channel> {
+pub(crate) async fn connect(
+    gateway: &Gateway,
+    addr: &str,
+) -> PushGatewayClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(client) = PushGatewayClient::connect(format!("http://{addr}")).await {
@@ -98,7 +111,7 @@ async fn connect(gateway: &Gateway, addr: &str) -> PushGatewayClient<tonic::tran
 }
 
 /// Sends `ids` to FCM and returns the terminal receipts.
-async fn send(
+pub(crate) async fn send(
     client: &mut PushGatewayClient<tonic::transport::Channel>,
     ids: std::ops::Range<u64>,
 ) -> Vec<proto::Receipt> {
@@ -117,7 +130,7 @@ async fn send(
     answer.receipts
 }
 
-fn assert_delivered(receipts: &[proto::Receipt], n: usize, gateway: &Gateway) {
+pub(crate) fn assert_delivered(receipts: &[proto::Receipt], n: usize, gateway: &Gateway) {
     assert_eq!(receipts.len(), n);
     for r in receipts {
         assert_eq!(
@@ -130,7 +143,7 @@ fn assert_delivered(receipts: &[proto::Receipt], n: usize, gateway: &Gateway) {
 }
 
 /// RSA key generation is slow in debug builds: one service account for the file.
-fn account() -> &'static pushgate_mocks::keys::ServiceAccount {
+pub(crate) fn account() -> &'static pushgate_mocks::keys::ServiceAccount {
     static ACCOUNT: std::sync::OnceLock<pushgate_mocks::keys::ServiceAccount> =
         std::sync::OnceLock::new();
     ACCOUNT.get_or_init(|| {
@@ -138,7 +151,7 @@ fn account() -> &'static pushgate_mocks::keys::ServiceAccount {
     })
 }
 
-async fn mock_fcm() -> MockFcm {
+pub(crate) async fn mock_fcm() -> MockFcm {
     let sa = account();
     MockFcm::start(MockFcmConfig {
         tls: false,

@@ -12,6 +12,7 @@ mod deploy;
 mod fcm_pipeline;
 mod google_credentials;
 mod limits;
+mod otlp;
 mod redis_cluster;
 mod redis_crash;
 mod redis_durable;
