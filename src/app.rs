@@ -69,8 +69,10 @@ impl Gateway {
             (config.accept_window / 2).max(1),
         ));
         let (ready, ready_rx) = mpsc::channel(config.dispatch_queue);
+        let durable = redis.is_some();
         let store: Arc<dyn Store> = match redis {
             Some(client) => {
+                client.set_metrics(metrics.redis());
                 let runtimes = apps.ids().filter_map(|id| apps.get(id).cloned());
                 RedisStore::start(
                     client,
@@ -83,6 +85,7 @@ impl Gateway {
             None => MemoryStore::start(ready.clone(), Arc::clone(&metrics), hard_stop.clone()),
         };
         hub.add_observer(Arc::clone(&store) as _);
+        metrics.add_sampler(sampler(&apps, &store, &metrics, durable));
         if let Some(replicas) = store.live_replicas() {
             tokio::spawn(share_rates(replicas, Arc::clone(&limits)));
         }
@@ -287,6 +290,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None
     };
     if let Some(client) = &redis {
+        client.set_metrics(metrics.redis());
         let limit = Duration::from_millis(config.redis.command_timeout_ms);
         if client.wait_healthy(limit).await {
             info!(
@@ -617,6 +621,35 @@ pub async fn reload_on_sighup(target: Reloadable, path: Option<PathBuf>) {
     {
         let _ = (target, path);
     }
+}
+
+/// What `/metrics` reads at scrape time: every provider's pool and credential figures, and with
+/// Redis the retry queue depth (the memory store keeps that gauge itself; in Redis the parked
+/// retries this replica holds are what it counts). Weak references: the metrics must not keep
+/// the data path alive.
+fn sampler(
+    apps: &Arc<AppRegistry>,
+    store: &Arc<dyn Store>,
+    metrics: &Metrics,
+    durable: bool,
+) -> crate::metrics::Sampler {
+    let apps = Arc::downgrade(apps);
+    let store = Arc::downgrade(store);
+    let retry_depth = metrics.retry_queue_depth.clone();
+    Arc::new(move |samples: &mut crate::metrics::Samples| {
+        if let Some(apps) = apps.upgrade() {
+            let mut ids: Vec<&str> = apps.ids().collect();
+            ids.sort_unstable();
+            for app in ids.into_iter().filter_map(|id| apps.get(id)) {
+                for provider in [&app.apns, &app.fcm].into_iter().flatten() {
+                    provider.sample(samples);
+                }
+            }
+        }
+        if durable && let Some(store) = store.upgrade() {
+            retry_depth.set(i64::try_from(store.parked()).unwrap_or(i64::MAX));
+        }
+    })
 }
 
 /// Serves `GET /metrics` in the Prometheus text format.

@@ -67,6 +67,9 @@ pub struct Config {
     /// Log lines as human-readable text (default) or one JSON object per line (log shippers).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// `[otlp]`: export spans to an OpenTelemetry collector; off when absent.
+    #[serde(default)]
+    pub otlp: Option<crate::otlp::OtlpConfig>,
 }
 
 /// How the gateway writes its log lines (`log_format`).
@@ -358,6 +361,9 @@ impl Config {
 
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(otlp) = &self.otlp {
+            otlp.validate()?;
+        }
         self.redis
             .validate()
             .map_err(|(key, reason)| ConfigError::invalid(key, reason))?;

@@ -20,6 +20,7 @@ pub mod edge;
 pub mod ingest;
 pub mod limit;
 pub mod metrics;
+pub mod otlp;
 mod policy;
 pub mod provider;
 pub mod receipts;

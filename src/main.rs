@@ -81,16 +81,15 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => Some(pushgate::config::Config::load(config.as_deref())?),
         _ => None,
     };
-    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match serve_config.as_ref().map(|c| c.log_format) {
-        Some(LogFormat::Json) => logs.json().init(),
-        _ => logs.init(),
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    // The OTLP exporter's gRPC channel is made on the runtime; its guard flushes at exit.
+    let _otlp = {
+        let _entered = runtime.enter();
+        init_logging(serve_config.as_ref())?
+    };
     runtime.block_on(async move {
         match cli.command {
             Command::Serve { config: path } => serve(serve_config, path).await,
@@ -104,6 +103,41 @@ fn main() -> anyhow::Result<()> {
         }
     })
 }
+
+/// Log lines (text or JSON, filtered by `RUST_LOG`) and, with `[otlp]`, spans exported to a
+/// collector through their own filter.
+fn init_logging(config: Option<&pushgate::config::Config>) -> anyhow::Result<Option<OtlpGuard>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let logs: Boxed = match config.map(|c| c.log_format) {
+        Some(LogFormat::Json) => tracing_subscriber::fmt::layer()
+            .json()
+            .with_filter(filter)
+            .boxed(),
+        _ => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
+    };
+    #[cfg(feature = "otlp")]
+    let (layers, guard) = match config.and_then(|c| c.otlp.as_ref()) {
+        Some(otlp) => {
+            let (layer, flush) = pushgate::otlp::layer(otlp)?;
+            (vec![logs, layer], Some(flush))
+        }
+        None => (vec![logs], None),
+    };
+    #[cfg(not(feature = "otlp"))]
+    let (layers, guard) = (vec![logs], None);
+    tracing_subscriber::registry().with(layers).init();
+    Ok(guard)
+}
+
+#[cfg(feature = "otlp")]
+type OtlpGuard = pushgate::otlp::OtlpGuard;
+#[cfg(not(feature = "otlp"))]
+type OtlpGuard = ();
 
 /// Runs the gateway on `config` (already loaded from `path` to set up logging) until a signal.
 async fn serve(

@@ -1,11 +1,195 @@
 //! Prometheus metrics of the gateway, with units in their names.
+//!
+//! Most are counters, gauges and histograms the stages update as they work. What lives in other
+//! objects (a provider's connection pool, a credential's refresh counters) is read at scrape time
+//! instead: the wiring registers a [`Sampler`] that fills [`Samples`], and a collector turns them
+//! into families, so the providers need not know this module's registry.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// A provider connection pool at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolSample {
+    /// `apns` or `fcm`.
+    pub provider: &'static str,
+    /// The pool's name (`apns:<team>:<key>`, `fcm:<app>`); one pool may serve several apps.
+    pub pool: String,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections established since start (first ones, reconnects and extra ones).
+    pub opened: u64,
+    /// Connections the server ended: a GOAWAY (or an orderly close) received.
+    pub goaways: u64,
+    /// Connections re-established after one was lost.
+    pub reconnects: u64,
+}
+
+/// A credential's token refreshes at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialSample {
+    /// `apns` or `fcm`.
+    pub provider: &'static str,
+    /// The pool the credential signs for (same names as [`PoolSample::pool`]).
+    pub pool: String,
+    /// `jwt` (APNs provider token, signed here) or `oauth` (FCM access token, fetched).
+    pub kind: &'static str,
+    /// Tokens obtained (signed or issued).
+    pub refreshes: u64,
+    /// Refreshes that produced no token (after their retries).
+    pub failures: u64,
+}
+
+/// What samplers report at one scrape.
+#[derive(Debug, Default)]
+pub struct Samples {
+    pub pools: Vec<PoolSample>,
+    pub credentials: Vec<CredentialSample>,
+}
+
+impl Samples {
+    /// Adds a pool unless one of that name is already in (pools shared by apps appear once).
+    pub fn pool(&mut self, sample: PoolSample) {
+        if !self.pools.iter().any(|p| p.pool == sample.pool) {
+            self.pools.push(sample);
+        }
+    }
+
+    /// Adds a credential unless one of that pool and kind is already in.
+    pub fn credential(&mut self, sample: CredentialSample) {
+        if !self
+            .credentials
+            .iter()
+            .any(|c| c.pool == sample.pool && c.kind == sample.kind)
+        {
+            self.credentials.push(sample);
+        }
+    }
+}
+
+/// Fills [`Samples`] at scrape time (and may set gauges it holds).
+pub type Sampler = Arc<dyn Fn(&mut Samples) + Send + Sync>;
+
+/// Turns the samplers' figures into metric families at each scrape.
+#[derive(Default)]
+struct SampledCollector {
+    samplers: Arc<RwLock<Vec<Sampler>>>,
+}
+
+impl std::fmt::Debug for SampledCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SampledCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for SampledCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut samples = Samples::default();
+        for sampler in self.samplers.read().iter() {
+            sampler(&mut samples);
+        }
+        let pool_labels = |p: &PoolSample| {
+            [
+                ("provider", p.provider.to_string()),
+                ("pool", p.pool.clone()),
+            ]
+        };
+        type PoolFigure = (
+            &'static str,
+            &'static str,
+            MetricType,
+            fn(&PoolSample) -> u64,
+        );
+        const POOL_FIGURES: [PoolFigure; 4] = [
+            (
+                "provider_connections_open",
+                "Provider connections open now, per pool",
+                MetricType::Gauge,
+                |p| p.open,
+            ),
+            (
+                "provider_connections_opened",
+                "Provider connections established, per pool",
+                MetricType::Counter,
+                |p| p.opened,
+            ),
+            (
+                "provider_goaways_received",
+                "Provider connections ended by the server (GOAWAY or orderly close), per pool",
+                MetricType::Counter,
+                |p| p.goaways,
+            ),
+            (
+                "provider_reconnects",
+                "Provider connections re-established after one was lost, per pool",
+                MetricType::Counter,
+                |p| p.reconnects,
+            ),
+        ];
+        for (name, help, kind, value) in POOL_FIGURES {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for pool in &samples.pools {
+                let labels = pool_labels(pool);
+                let metric = family.encode_family(&labels)?;
+                match kind {
+                    MetricType::Gauge => {
+                        ConstGauge::new(i64::try_from(value(pool)).unwrap_or(i64::MAX))
+                            .encode(metric)?
+                    }
+                    _ => ConstCounter::new(value(pool)).encode(metric)?,
+                }
+            }
+        }
+        let credential_labels = |c: &CredentialSample| {
+            [
+                ("provider", c.provider.to_string()),
+                ("pool", c.pool.clone()),
+                ("kind", c.kind.to_string()),
+            ]
+        };
+        type CredentialFigure = (&'static str, &'static str, fn(&CredentialSample) -> u64);
+        const CREDENTIAL_FIGURES: [CredentialFigure; 2] = [
+            (
+                "token_refreshes",
+                "Provider tokens obtained: APNs JWTs signed (kind=jwt), FCM OAuth tokens fetched (kind=oauth)",
+                |c| c.refreshes,
+            ),
+            (
+                "token_refresh_failures",
+                "Token refreshes that produced no token, after their retries",
+                |c| c.failures,
+            ),
+        ];
+        for (name, help, value) in CREDENTIAL_FIGURES {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for credential in &samples.credentials {
+                let labels = credential_labels(credential);
+                ConstCounter::new(value(credential)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Redis client figures, handed to the Redis client at start.
+#[derive(Clone, Debug)]
+pub struct RedisMetrics {
+    /// Redis calls that failed (errors, timeouts, unreachable).
+    pub errors: Counter,
+    /// Round trip of the health PING, every 250 ms.
+    pub ping_seconds: Histogram,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabels {
@@ -93,6 +277,11 @@ pub struct Metrics {
     pub rate_limit_wait_seconds: Family<AppLabels, Histogram>,
     /// Messages waiting in the limit stage's queues, per app.
     pub scheduler_queue_depth: Family<AppLabels, Gauge>,
+    /// Redis calls that failed.
+    pub redis_errors: Counter,
+    /// Round trip of Redis's health PING.
+    pub redis_ping_seconds: Histogram,
+    samplers: Arc<RwLock<Vec<Sampler>>>,
 }
 
 impl Default for Metrics {
@@ -182,6 +371,21 @@ impl Metrics {
             "Messages waiting in the limit stage's queues",
             scheduler_queue_depth.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed (errors, timeouts, unreachable)",
+            redis_errors.clone(),
+        );
+        let redis_ping_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "redis_ping_seconds",
+            "Round trip of the Redis health PING (every 250 ms)",
+            redis_ping_seconds.clone(),
+        );
+        let collector = SampledCollector::default();
+        let samplers = Arc::clone(&collector.samplers);
+        registry.register_collector(Box::new(collector));
         Self {
             registry,
             accepted,
@@ -196,6 +400,23 @@ impl Metrics {
             redis_reclaimed,
             rate_limit_wait_seconds,
             scheduler_queue_depth,
+            redis_errors,
+            redis_ping_seconds,
+            samplers,
+        }
+    }
+
+    /// Adds a sampler, run at every scrape. It must not hold the `Metrics` (a cycle): give it
+    /// the gauges it sets and weak references to what it reads.
+    pub fn add_sampler(&self, sampler: Sampler) {
+        self.samplers.write().push(sampler);
+    }
+
+    /// The Redis client's handles.
+    pub fn redis(&self) -> RedisMetrics {
+        RedisMetrics {
+            errors: self.redis_errors.clone(),
+            ping_seconds: self.redis_ping_seconds.clone(),
         }
     }
 
@@ -244,5 +465,49 @@ mod tests {
             text.contains(r#"pushgate_delivery_seconds_count{provider="fcm"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn sampled_families_are_exported_and_shared_pools_appear_once() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        for family in [
+            "# TYPE pushgate_provider_connections_open gauge",
+            "# TYPE pushgate_provider_goaways_received counter",
+            "# TYPE pushgate_token_refreshes counter",
+            "# TYPE pushgate_token_refresh_failures counter",
+            "# TYPE pushgate_redis_ping_seconds histogram",
+        ] {
+            assert!(text.contains(family), "{family} missing from\n{text}");
+        }
+        let sampler: Sampler = Arc::new(|samples: &mut Samples| {
+            for _ in 0..2 {
+                samples.pool(PoolSample {
+                    provider: "apns",
+                    pool: "apns:T:K".into(),
+                    open: 2,
+                    opened: 3,
+                    goaways: 1,
+                    reconnects: 1,
+                });
+                samples.credential(CredentialSample {
+                    provider: "apns",
+                    pool: "apns:T:K".into(),
+                    kind: "jwt",
+                    refreshes: 4,
+                    failures: 0,
+                });
+            }
+        });
+        metrics.add_sampler(sampler);
+        let text = metrics.encode();
+        for line in [
+            r#"pushgate_provider_connections_open{provider="apns",pool="apns:T:K"} 2"#,
+            r#"pushgate_provider_goaways_received_total{provider="apns",pool="apns:T:K"} 1"#,
+            r#"pushgate_provider_reconnects_total{provider="apns",pool="apns:T:K"} 1"#,
+            r#"pushgate_token_refreshes_total{provider="apns",pool="apns:T:K",kind="jwt"} 4"#,
+        ] {
+            assert_eq!(text.matches(line).count(), 1, "{line} in\n{text}");
+        }
     }
 }

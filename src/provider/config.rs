@@ -88,7 +88,12 @@ impl ApnsConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FcmConfig {
-    /// Path to the service-account JSON key file.
+    /// `"adc"`: Application Default Credentials (also what an absent key file means), said
+    /// explicitly.
+    #[serde(default)]
+    pub credentials: Option<String>,
+    /// Path to a Google credential JSON file (service-account key, `external_account` or
+    /// `authorized_user`).
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
     /// The service-account JSON inline; wins over `credentials_file`.
@@ -119,6 +124,7 @@ pub struct FcmConfig {
 impl std::fmt::Debug for FcmConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FcmConfig")
+            .field("credentials", &self.credentials)
             .field("credentials_file", &self.credentials_file)
             .field(
                 "credentials_json",
@@ -197,14 +203,31 @@ pub fn validate_apns(key: &str, apns: &ApnsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks `[apps.<id>.fcm]` at `key`.
-pub fn validate_fcm(key: &str, fcm: &FcmConfig) -> Result<(), ConfigError> {
-    if fcm.credentials_file.is_none() && fcm.credentials_json.is_none() {
-        return Err(ConfigError::invalid(
-            format!("{key}.credentials_file"),
-            "set credentials_file or credentials_json",
-        ));
+/// Checks that `credentials`, when set, is `"adc"` and not given with a key file.
+pub fn check_fcm_credentials(key: &str, fcm: &FcmConfig) -> Result<(), ConfigError> {
+    match fcm.credentials.as_deref() {
+        None => Ok(()),
+        Some(mode) if !mode.eq_ignore_ascii_case("adc") => Err(ConfigError::invalid(
+            format!("{key}.credentials"),
+            format!(
+                "`{mode}` is not a credentials mode: use \"adc\" (Application Default \
+                 Credentials), or credentials_file / credentials_json instead"
+            ),
+        )),
+        Some(_) if fcm.credentials_file.is_some() || fcm.credentials_json.is_some() => {
+            Err(ConfigError::invalid(
+                format!("{key}.credentials"),
+                "\"adc\" and a credentials_file / credentials_json exclude each other",
+            ))
+        }
+        Some(_) => Ok(()),
     }
+}
+
+/// Checks `[apps.<id>.fcm]` at `key`. Without `credentials_file` or `credentials_json` the app
+/// uses Application Default Credentials, found when its provider is built.
+pub fn validate_fcm(key: &str, fcm: &FcmConfig) -> Result<(), ConfigError> {
+    check_fcm_credentials(key, fcm)?;
     if let Some(url) = &fcm.endpoint {
         require_https(&format!("{key}.endpoint"), url)?;
     }

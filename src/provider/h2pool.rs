@@ -76,7 +76,7 @@ impl Endpoint {
             .cloned()
             .ok_or_else(|| EndpointError::Url(url.into(), "missing host".into()))?;
         let tls = match scheme.as_str() {
-            "https" => Some(Arc::new(client_tls_config(extra_ca_pem)?)),
+            "https" => Some(Arc::new(client_tls_config(extra_ca_pem, &[b"h2"])?)),
             "http" => None,
             _ => return Err(EndpointError::Scheme(url.into())),
         };
@@ -94,7 +94,12 @@ impl Endpoint {
     }
 }
 
-fn client_tls_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig, EndpointError> {
+/// The client TLS settings of every outbound connection: the bundled web PKI roots plus
+/// `extra_ca_pem`, offering the `alpn` protocols.
+pub(crate) fn client_tls_config(
+    extra_ca_pem: Option<&str>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, EndpointError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(pem) = extra_ca_pem {
@@ -116,7 +121,7 @@ fn client_tls_config(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig,
         .map_err(|e| EndpointError::Ca(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 
@@ -228,6 +233,10 @@ struct Shared {
     started: AtomicBool,
     next_conn_id: AtomicU64,
     connects: AtomicU64,
+    /// Connections the server ended (GOAWAY, or an orderly close).
+    goaways: AtomicU64,
+    /// Connections re-established by a slot's supervisor after the previous one was lost.
+    reconnects: AtomicU64,
     /// An extra connection is being opened (at most one at a time).
     growing: AtomicBool,
     /// An extra connection is being retired (at most one at a time).
@@ -269,6 +278,8 @@ impl H2Pool {
                 started: AtomicBool::new(false),
                 next_conn_id: AtomicU64::new(1),
                 connects: AtomicU64::new(0),
+                goaways: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
                 growing: AtomicBool::new(false),
                 retiring: AtomicBool::new(false),
                 max_streams_seen: AtomicUsize::new(initial_streams),
@@ -285,6 +296,21 @@ impl H2Pool {
     /// Connections established so far (reconnects included).
     pub fn connects(&self) -> u64 {
         self.shared.connects.load(Ordering::Relaxed)
+    }
+
+    /// Connections the server ended with a GOAWAY (or an orderly close).
+    pub fn goaways(&self) -> u64 {
+        self.shared.goaways.load(Ordering::Relaxed)
+    }
+
+    /// Connections re-established after one was lost.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The pool's name (metrics and logs).
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
     }
 
     /// Requests currently waiting for a response, over all connections.
@@ -560,11 +586,14 @@ fn map_h2(error: h2::Error, conn: &Conn) -> TransportError {
 /// Keeps slot `index` connected for the life of the pool.
 async fn supervise(shared: Arc<Shared>, index: usize) {
     let mut failures: u32 = 0;
+    let mut reconnect = false;
     loop {
         if shared.cancel.is_cancelled() {
             return;
         }
-        match serve_slot(&shared, index, false).await {
+        let served = serve_slot(&shared, index, false, reconnect).await;
+        reconnect = true;
+        match served {
             Ok(Served::Cancelled | Served::Retired) => return,
             Ok(Served::Ended { reason, lived }) => {
                 *shared.last_error.write() = reason;
@@ -594,7 +623,7 @@ async fn supervise(shared: Arc<Shared>, index: usize) {
 /// Serves one connection opened for demand on slot `index`; when it fails, ends or is retired,
 /// the slot is free again (demand opens another when needed).
 async fn supervise_extra(shared: Arc<Shared>, index: usize) {
-    match serve_slot(&shared, index, true).await {
+    match serve_slot(&shared, index, true, false).await {
         Ok(Served::Retired) => {
             debug!(pool = %shared.config.name, slot = index, "closed a connection demand no longer needs");
         }
@@ -627,10 +656,18 @@ enum Served {
 
 /// Connects slot `index` and serves requests on it until the connection ends; `Err` when it
 /// could not connect. An `extra` connection retires when the others can do without it.
-async fn serve_slot(shared: &Arc<Shared>, index: usize, extra: bool) -> Result<Served, String> {
+async fn serve_slot(
+    shared: &Arc<Shared>,
+    index: usize,
+    extra: bool,
+    reconnect: bool,
+) -> Result<Served, String> {
     let (send, connection) = connect(shared).await?;
     let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     shared.connects.fetch_add(1, Ordering::Relaxed);
+    if reconnect {
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
     let conn = Arc::new(Conn {
         id,
         send,
@@ -657,7 +694,10 @@ async fn serve_slot(shared: &Arc<Shared>, index: usize, extra: bool) -> Result<S
     Ok(match ended {
         DriveEnd::Cancelled => Served::Cancelled,
         DriveEnd::Retired => Served::Retired,
-        DriveEnd::Closed(reason) => {
+        DriveEnd::Closed { reason, by_server } => {
+            if by_server {
+                shared.goaways.fetch_add(1, Ordering::Relaxed);
+            }
             info!(pool = %shared.config.name, conn = id, %reason, "connection ended");
             Served::Ended {
                 reason,
@@ -670,15 +710,33 @@ async fn serve_slot(shared: &Arc<Shared>, index: usize, extra: bool) -> Result<S
 enum DriveEnd {
     Cancelled,
     Retired,
-    Closed(String),
+    /// `by_server`: the server sent GOAWAY (h2 ends such a connection with `Ok` once its
+    /// streams are done, or with a remote GOAWAY error).
+    Closed {
+        reason: String,
+        by_server: bool,
+    },
 }
 
 impl DriveEnd {
     fn closed(result: Result<(), h2::Error>) -> Self {
-        DriveEnd::Closed(match result {
-            Ok(()) => "closed by peer".into(),
-            Err(e) => e.to_string(),
-        })
+        match result {
+            Ok(()) => DriveEnd::Closed {
+                reason: "closed by peer".into(),
+                by_server: true,
+            },
+            Err(e) => DriveEnd::Closed {
+                by_server: e.is_go_away() && e.is_remote(),
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn local(reason: String) -> Self {
+        DriveEnd::Closed {
+            reason,
+            by_server: false,
+        }
     }
 }
 
@@ -728,8 +786,8 @@ async fn drive(shared: &Shared, connection: Connection, retirable: Option<&Arc<C
                     }
                     pong = ping => match pong {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return DriveEnd::Closed(format!("ping failed: {e}")),
-                        Err(_) => return DriveEnd::Closed("ping timed out".into()),
+                        Ok(Err(e)) => return DriveEnd::local(format!("ping failed: {e}")),
+                        Err(_) => return DriveEnd::local("ping timed out".into()),
                     },
                 }
             }

@@ -53,6 +53,24 @@ pub trait Provider: Send + Sync + 'static {
     fn capacity(&self) -> Capacity {
         Capacity::default()
     }
+
+    /// Adds its connection pool's and credential's figures, at scrape time.
+    fn sample(&self, _samples: &mut crate::metrics::Samples) {}
+}
+
+/// A pool's figures for the metrics.
+pub(crate) fn pool_sample(
+    provider: &'static str,
+    pool: &h2pool::H2Pool,
+) -> crate::metrics::PoolSample {
+    crate::metrics::PoolSample {
+        provider,
+        pool: pool.name().to_string(),
+        open: pool.open_connections() as u64,
+        opened: pool.connects(),
+        goaways: pool.goaways(),
+        reconnects: pool.reconnects(),
+    }
 }
 
 /// One delivery attempt's outcome and its time on the wire.

@@ -310,6 +310,35 @@ pub(crate) trait Handler: Send + Sync + 'static {
         req: http::Request<RecvStream>,
         resp: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send + 'static;
+    /// The answers of a mock that also speaks HTTP/1.1 (a cleartext connection not opening with
+    /// the HTTP/2 preface, or TLS with ALPN `http/1.1`); `None`: HTTP/2 only.
+    fn http1(self: &Arc<Self>) -> Option<crate::http1::Http1Handler> {
+        None
+    }
+}
+
+/// What a cleartext HTTP/2 client sends first (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// True when a cleartext connection opens with something other than the HTTP/2 preface (waits
+/// for the first bytes; a connection that sends nothing is left to the HTTP/2 handshake).
+async fn opens_as_http1(tcp: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        match tcp.peek(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                if first[..n] != H2_PREFACE[..n] {
+                    return true;
+                }
+                if n == H2_PREFACE.len() {
+                    return false;
+                }
+                // A prefix of the preface so far: wait for more.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }
 
 /// A running listener: its address and the handle to stop it.
@@ -388,11 +417,23 @@ async fn accept_loop<H: Handler>(
                 let tls = tls.clone();
                 let shutdown = shutdown.clone();
                 conns.spawn(async move {
+                    let http1 = handler.http1();
                     match tls {
-                        None => serve_conn(handler, tcp, shutdown).await,
+                        None => match http1 {
+                            Some(http1) if opens_as_http1(&tcp).await => {
+                                crate::http1::serve_conn(tcp, http1).await
+                            }
+                            _ => serve_conn(handler, tcp, shutdown).await,
+                        },
                         Some(tls) => match tls.acceptor().accept(tcp).await {
                             Ok(stream) => {
                                 let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                                if let Some(http1) = http1
+                                    && alpn.as_deref() == Some(b"http/1.1")
+                                {
+                                    crate::http1::serve_conn(stream, http1).await;
+                                    return;
+                                }
                                 if require_h2 && alpn.is_some_and(|p| p != b"h2") {
                                     // We offered http/1.1 but only speak h2: close.
                                     handler.counters().connections_rejected.fetch_add(1, Relaxed);

@@ -50,6 +50,7 @@ pub struct ApnsTokenSigner {
     /// very same string, which must not be dropped again.
     last_expired: Mutex<Option<Arc<str>>>,
     signatures: std::sync::atomic::AtomicU64,
+    sign_failures: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ApnsTokenSigner {
@@ -80,6 +81,7 @@ impl ApnsTokenSigner {
             current: Mutex::new(None),
             last_expired: Mutex::new(None),
             signatures: Default::default(),
+            sign_failures: Default::default(),
         };
         // Fail at start, not on the first push, if the key cannot sign.
         signer.sign()?;
@@ -94,7 +96,14 @@ impl ApnsTokenSigner {
         {
             return Ok(Arc::clone(&c.token));
         }
-        let token: Arc<str> = self.sign()?.into();
+        let token: Arc<str> = match self.sign() {
+            Ok(token) => token.into(),
+            Err(error) => {
+                self.sign_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(error);
+            }
+        };
         *current = Some(Current {
             token: Arc::clone(&token),
             signed_at: Instant::now(),
@@ -120,6 +129,12 @@ impl ApnsTokenSigner {
     /// How many tokens have been signed (for tests and metrics).
     pub fn signatures(&self) -> u64 {
         self.signatures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Signing attempts that failed.
+    pub fn sign_failures(&self) -> u64 {
+        self.sign_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn sign(&self) -> Result<String, JwtError> {

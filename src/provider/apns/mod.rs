@@ -270,6 +270,17 @@ impl Provider for ApnsProvider {
         })
     }
 
+    fn sample(&self, samples: &mut crate::metrics::Samples) {
+        samples.pool(super::pool_sample("apns", &self.pool));
+        samples.credential(crate::metrics::CredentialSample {
+            provider: "apns",
+            pool: self.pool.name().to_string(),
+            kind: "jwt",
+            refreshes: self.signer.signatures(),
+            failures: self.signer.sign_failures(),
+        });
+    }
+
     fn capacity(&self) -> Capacity {
         self.pool.capacity()
     }

@@ -3,12 +3,14 @@
 //! `/fcm/send` APIs are gone and never called).
 //!
 //! One `FcmProvider` exists per app. It owns a connection pool to the FCM endpoint, a
-//! [`oauth::TokenSource`] (with its own one-connection pool to the `token_uri` origin) and the
-//! project-wide quota pause: after a `429` with `Retry-After`, every delivery of this provider
+//! [`oauth::TokenSource`] (its credential, found as Application Default Credentials are, and
+//! the HTTP/1.1-or-HTTP/2 client of the credential endpoints) and the project-wide quota pause: after a `429` with `Retry-After`, every delivery of this provider
 //! waits until that instant before sending, because the quota is shared by the whole project.
 
+pub mod credentials;
 pub mod oauth;
 pub mod response;
+pub mod token_http;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,10 +19,12 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use parking_lot::Mutex;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
-use self::oauth::{AccessToken, RefreshPolicy, ServiceAccountKey, TokenError, TokenSource};
+use self::credentials::{Credential, discover};
+use self::oauth::{AccessToken, RefreshPolicy, TokenError, TokenSource};
 use self::response::{Verdict, classify};
+use self::token_http::CredentialHttp;
 use super::apns::transport_outcome;
 use super::config::FcmConfig;
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
@@ -33,14 +37,34 @@ pub const DEFAULT_ENDPOINT: &str = "https://fcm.googleapis.com";
 /// Longest project-wide pause a single `Retry-After` can impose (a guard against absurd dates).
 pub const MAX_APP_PAUSE: Duration = Duration::from_secs(5 * 60);
 
+/// Where an app's messages are sent: its project's `messages:send`.
+struct SendTarget {
+    project_id: String,
+    send_uri: String,
+    /// `send_uri` parsed; `None` when the project id does not make a valid URI.
+    uri: Option<Uri>,
+}
+
+impl SendTarget {
+    fn new(endpoint: &Endpoint, project_id: &str) -> Self {
+        let send_uri = format!(
+            "{}://{}/v1/projects/{project_id}/messages:send",
+            endpoint.scheme, endpoint.authority
+        );
+        Self {
+            project_id: project_id.to_string(),
+            uri: Uri::try_from(send_uri.as_str()).ok(),
+            send_uri,
+        }
+    }
+}
+
 /// The FCM client of one app.
 pub struct FcmProvider {
     pool: H2Pool,
     tokens: TokenSource,
-    project_id: String,
-    send_uri: String,
-    /// `send_uri` parsed; `None` when the project id does not make a valid URI.
-    send_target: Option<Uri>,
+    /// Set at start, or on the first send from the metadata server (ADC without a project id).
+    target: tokio::sync::OnceCell<SendTarget>,
     authorization: BearerHeader,
     request_timeout: Duration,
     /// Project quota exhausted: no send before this instant.
@@ -50,8 +74,7 @@ pub struct FcmProvider {
 impl std::fmt::Debug for FcmProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FcmProvider")
-            .field("project_id", &self.project_id)
-            .field("send_uri", &self.send_uri)
+            .field("project_id", &self.project_id())
             .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
@@ -66,66 +89,94 @@ impl FcmProvider {
         project_id: &str,
         request_timeout: Duration,
     ) -> Self {
-        let endpoint = pool.endpoint();
-        let send_uri = format!(
-            "{}://{}/v1/projects/{project_id}/messages:send",
-            endpoint.scheme, endpoint.authority
-        );
+        let target = SendTarget::new(pool.endpoint(), project_id);
+        Self::with_target(pool, tokens, Some(target), request_timeout)
+    }
+
+    /// `target` is `None` when the project id is to be asked of the metadata server.
+    fn with_target(
+        pool: H2Pool,
+        tokens: TokenSource,
+        target: Option<SendTarget>,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
             pool,
             tokens,
-            project_id: project_id.to_string(),
-            send_target: Uri::try_from(send_uri.as_str()).ok(),
-            send_uri,
+            target: tokio::sync::OnceCell::new_with(target),
             authorization: BearerHeader::default(),
             request_timeout,
             app_pause_until: Mutex::new(None),
         }
     }
 
-    /// Builds the provider from an app's `[fcm]` section; errors name the offending key under
-    /// `key` (e.g. `apps.shop.fcm`).
+    /// Builds the provider from an app's `[fcm]` section, with Application Default Credentials
+    /// from the process environment when no key is configured; errors name the offending key
+    /// under `key` (e.g. `apps.shop.fcm`).
     pub fn from_config(key: &str, config: &FcmConfig) -> Result<Self, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self::from_config_with_env(key, config, &env)
+    }
+
+    /// As [`FcmProvider::from_config`], reading the ADC variables (`GOOGLE_APPLICATION_CREDENTIALS`,
+    /// `GCE_METADATA_HOST`, `GOOGLE_CLOUD_PROJECT`, `HOME`, `CLOUDSDK_CONFIG`) through `env`.
+    pub fn from_config_with_env(
+        key: &str,
+        config: &FcmConfig,
+        env: credentials::Env<'_>,
+    ) -> Result<Self, ConfigError> {
         let invalid = |field: &str, reason: String| ConfigError::Invalid {
             key: format!("{key}.{field}"),
             reason,
         };
-        let (json, source) = match (&config.credentials_json, &config.credentials_file) {
-            (Some(json), _) => (json.clone(), "credentials_json"),
-            (None, Some(path)) => (
-                std::fs::read_to_string(path).map_err(|e| {
-                    invalid(
-                        "credentials_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?,
-                "credentials_file",
-            ),
-            (None, None) => {
-                return Err(invalid(
-                    "credentials_file",
-                    "set credentials_file or credentials_json".into(),
-                ));
-            }
+        crate::provider::config::check_fcm_credentials(key, config)?;
+        let found = discover(
+            config.credentials_json.as_deref(),
+            config.credentials_file.as_deref(),
+            env,
+        )
+        .map_err(|e| invalid(e.field, e.reason))?;
+        let source_field = if config.credentials_json.is_some() {
+            "credentials_json"
+        } else {
+            "credentials_file"
         };
-        let account =
-            ServiceAccountKey::from_json(&json).map_err(|e| invalid(source, e.to_string()))?;
-        let project_id = match (&config.project_id, &account.project_id) {
+        let project_id = match (&config.project_id, found.credential.project_id()) {
             (Some(id), _) => {
                 check_project_id(id).map_err(|reason| invalid("project_id", reason))?;
-                id.clone()
+                Some(id.clone())
             }
             (None, Some(id)) => {
                 check_project_id(id)
-                    .map_err(|reason| invalid(source, format!("`project_id` {reason}")))?;
-                id.clone()
+                    .map_err(|reason| invalid(source_field, format!("`project_id` {reason}")))?;
+                Some(id.to_string())
             }
-            (None, None) => {
-                return Err(invalid(
-                    source,
-                    "the service-account JSON has no `project_id` (or set project_id)".into(),
-                ));
-            }
+            (None, None) => match env("GOOGLE_CLOUD_PROJECT").or_else(|| env("GCLOUD_PROJECT")) {
+                Some(id) => {
+                    check_project_id(&id).map_err(|reason| {
+                        invalid("project_id", format!("GOOGLE_CLOUD_PROJECT: {reason}"))
+                    })?;
+                    Some(id)
+                }
+                // The metadata server knows the project it runs in.
+                None if matches!(found.credential, Credential::Metadata(_)) => None,
+                None if matches!(found.credential, Credential::ServiceAccount(_)) => {
+                    return Err(invalid(
+                        source_field,
+                        "the service-account JSON has no `project_id` (or set project_id)".into(),
+                    ));
+                }
+                None => {
+                    return Err(invalid(
+                        "project_id",
+                        format!(
+                            "{} credentials name no Firebase project: set project_id (or \
+                             GOOGLE_CLOUD_PROJECT)",
+                            found.credential.kind()
+                        ),
+                    ));
+                }
+            },
         };
         if config.request_timeout_ms == 0 {
             return Err(invalid("request_timeout_ms", "must be at least 1".into()));
@@ -140,28 +191,20 @@ impl FcmProvider {
             };
         let url = config.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
         let endpoint = parse_origin(url, ca.as_deref(), &invalid, "endpoint")?;
-        let token_uri: http::Uri = account
-            .token_uri
-            .parse()
-            .map_err(|e| invalid(source, format!("`token_uri` is not a URL: {e}")))?;
-        let (Some(scheme), Some(authority)) = (token_uri.scheme(), token_uri.authority()) else {
-            return Err(invalid(
-                source,
-                "`token_uri` must be an absolute https:// URL".into(),
-            ));
-        };
-        crate::provider::config::require_https(source, &account.token_uri).map_err(|_| {
-            invalid(
-                source,
-                "`token_uri` must be https:// (http:// only to a loopback address)".into(),
-            )
-        })?;
-        let token_endpoint = Endpoint::parse(&format!("{scheme}://{authority}"), ca.as_deref())
-            .map_err(|e| invalid(source, format!("`token_uri`: {e}")))?;
+        if let Credential::ServiceAccount(account) = &found.credential {
+            check_token_uri(&account.token_uri).map_err(|reason| invalid(source_field, reason))?;
+        }
+        let http = CredentialHttp::new(ca.as_deref(), request_timeout)
+            .map_err(|e| invalid("ca_file", e.to_string()))?;
+        // One FCM pool per app: named after the app (`apps.<id>.fcm` -> `fcm:<id>`).
+        let app = key
+            .strip_prefix("apps.")
+            .and_then(|k| k.strip_suffix(".fcm"))
+            .unwrap_or(key);
         let pool = H2Pool::new(
             endpoint,
             PoolConfig {
-                name: format!("fcm:{project_id}"),
+                name: format!("fcm:{app}"),
                 connections: config.connections.max(1),
                 max_connections: config.max_connections.max(config.connections),
                 idle_timeout: Duration::from_secs(config.idle_timeout_secs),
@@ -170,18 +213,17 @@ impl FcmProvider {
                 ..PoolConfig::default()
             },
         );
-        let token_pool = H2Pool::new(
-            token_endpoint,
-            PoolConfig {
-                name: format!("fcm-oauth:{project_id}"),
-                connections: 1,
-                request_timeout,
-                initial_max_streams: 10,
-                ..PoolConfig::default()
-            },
+        info!(
+            app = key,
+            credentials = %found.source,
+            kind = found.credential.kind(),
+            principal = %found.credential.principal(),
+            project = project_id.as_deref().unwrap_or("(from the metadata server)"),
+            "FCM credentials"
         );
-        let tokens = TokenSource::new(account, token_pool, RefreshPolicy::default());
-        Ok(Self::new(pool, tokens, &project_id, request_timeout))
+        let tokens = TokenSource::new(found.credential, http, RefreshPolicy::default());
+        let target = project_id.map(|id| SendTarget::new(pool.endpoint(), &id));
+        Ok(Self::with_target(pool, tokens, target, request_timeout))
     }
 
     /// The FCM connection pool (for metrics and tests).
@@ -194,9 +236,31 @@ impl FcmProvider {
         &self.tokens
     }
 
-    /// The project messages are sent to.
+    /// The project messages are sent to (empty until the metadata server has named it).
     pub fn project_id(&self) -> &str {
-        &self.project_id
+        self.target.get().map_or("", |t| t.project_id.as_str())
+    }
+
+    /// The send target, asking the metadata server for the project id the first time when the
+    /// configuration named none.
+    async fn target(&self) -> Result<&SendTarget, Outcome> {
+        self.target
+            .get_or_try_init(|| async {
+                let Credential::Metadata(server) = self.tokens.credential() else {
+                    return Err("no Firebase project id configured".to_string());
+                };
+                let id = server.project_id(self.tokens.http()).await?;
+                check_project_id(&id)
+                    .map_err(|reason| format!("the metadata server's project id {reason}"))?;
+                info!(project = %id, "FCM project id from the metadata server");
+                Ok(SendTarget::new(self.pool.endpoint(), &id))
+            })
+            .await
+            .map_err(|reason| Outcome::Retry {
+                reason: format!("the FCM project id is unknown: {reason}"),
+                status: 0,
+                retry_after: None,
+            })
     }
 
     /// Until when sends are paused after a quota 429, if they are.
@@ -214,7 +278,7 @@ impl FcmProvider {
         let mut pause = self.app_pause_until.lock();
         if pause.is_none_or(|current| current < until) {
             *pause = Some(until);
-            warn!(project = %self.project_id, ?delay, "FCM quota exceeded; pausing sends");
+            warn!(project = %self.project_id(), ?delay, "FCM quota exceeded; pausing sends");
         }
     }
 
@@ -229,7 +293,7 @@ impl FcmProvider {
             return Err(Outcome::Retry {
                 reason: format!(
                     "FCM project quota exceeded: sends for project {} paused for another {:.1}s",
-                    self.project_id,
+                    self.project_id(),
                     remaining.as_secs_f64()
                 ),
                 status: 429,
@@ -244,12 +308,13 @@ impl FcmProvider {
     /// once per try.
     fn prepare_request(
         &self,
+        target: &SendTarget,
         token: &AccessToken,
     ) -> Result<impl Fn() -> Request<()> + use<>, String> {
-        let uri = self
-            .send_target
+        let uri = target
+            .uri
             .clone()
-            .ok_or_else(|| format!("invalid FCM request: bad URI `{}`", self.send_uri))?;
+            .ok_or_else(|| format!("invalid FCM request: bad URI `{}`", target.send_uri))?;
         let authorization = self
             .authorization
             .get("Bearer", token.shared(), "the access token")?;
@@ -275,13 +340,17 @@ impl FcmProvider {
         if let Err(outcome) = self.wait_for_quota().await {
             return outcome;
         }
+        let target = match self.target().await {
+            Ok(target) => target,
+            Err(outcome) => return outcome,
+        };
         let mut refreshed = false;
         loop {
             let token = match self.tokens.token().await {
                 Ok(token) => token,
                 Err(error) => return token_outcome(error),
             };
-            let request = match self.prepare_request(&token) {
+            let request = match self.prepare_request(target, &token) {
                 Ok(request) => request,
                 Err(reason) => return Outcome::Failed { reason, status: 0 },
             };
@@ -348,6 +417,17 @@ impl Provider for FcmProvider {
     fn capacity(&self) -> Capacity {
         self.pool.capacity()
     }
+
+    fn sample(&self, samples: &mut crate::metrics::Samples) {
+        samples.pool(super::pool_sample("fcm", &self.pool));
+        samples.credential(crate::metrics::CredentialSample {
+            provider: "fcm",
+            pool: self.pool.name().to_string(),
+            kind: "oauth",
+            refreshes: self.tokens.issued(),
+            failures: self.tokens.failures(),
+        });
+    }
 }
 
 /// No access token: retry when the token endpoint is down, fail when it refuses the credentials.
@@ -363,6 +443,18 @@ fn token_outcome(error: TokenError) -> Outcome {
             status: 0,
         },
     }
+}
+
+/// A service account's `token_uri` must be an absolute `https://` URL (`http://` to loopback).
+fn check_token_uri(token_uri: &str) -> Result<(), String> {
+    let uri: http::Uri = token_uri
+        .parse()
+        .map_err(|e| format!("`token_uri` is not a URL: {e}"))?;
+    if uri.scheme().is_none() || uri.authority().is_none() {
+        return Err("`token_uri` must be an absolute https:// URL".into());
+    }
+    crate::provider::config::require_https("token_uri", token_uri)
+        .map_err(|_| "`token_uri` must be https:// (http:// only to a loopback address)".into())
 }
 
 /// Project ids go into the URL path: `^[^/]+$`, and in practice letters, digits, `-`, `.`, `:`

@@ -1,7 +1,8 @@
-//! OAuth2 access tokens for FCM from a Google service-account key (docs/providers.md, "FCM: OAuth2 service-account tokens").
+//! OAuth2 access tokens for FCM (docs/providers.md, "FCM: OAuth2 service-account tokens").
 //!
-//! The key signs an RS256 JWT assertion which the `token_uri` exchanges for a bearer access token
-//! (about an hour long). [`TokenSource`] caches that token and refreshes it shortly before it
+//! A [`Credential`] (a service-account key, workload identity federation, gcloud user
+//! credentials or the metadata server; see `credentials.rs`) obtains a bearer access token about
+//! an hour long. [`TokenSource`] caches that token and refreshes it shortly before it
 //! expires. Refreshes are single-flight: one request to the token endpoint at a time per
 //! credential, and callers that arrive while it runs wait for its result instead of sending their
 //! own. A 401 from FCM drops the cached token only if it is still the one that was rejected, so a
@@ -13,8 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -22,7 +21,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::provider::h2pool::H2Pool;
+use super::credentials::Credential;
+use super::token_http::CredentialHttp;
 
 /// The scope FCM's `messages:send` accepts.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -40,8 +40,10 @@ pub enum CredentialsError {
     Json(String),
     #[error("the service-account JSON has no `{0}`")]
     Missing(&'static str),
-    #[error("`type` is `{0}`; a service-account key (`service_account`) is required")]
+    #[error("`type` is `{0}`; supported: `service_account`, `external_account`, `authorized_user`")]
     WrongType(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
     #[error("`private_key` is not an RSA private key in PEM form: {0}")]
     Key(String),
     #[error("`token_uri` is not usable: {0}")]
@@ -55,10 +57,8 @@ pub enum TokenError {
     #[error("signing the OAuth assertion failed: {0}")]
     Sign(String),
     /// The token endpoint refused the credentials (`invalid_grant`, ...): retrying cannot help.
-    #[error(
-        "the OAuth token endpoint rejected the service-account credentials ({0}); check the key \
-         (deleted or revoked key, wrong account) and the gateway host's clock"
-    )]
+    /// The text names the endpoint, its answer and what to check.
+    #[error("{0}")]
     Rejected(String),
     /// The token endpoint failed or could not be reached, after retries.
     #[error("the OAuth token endpoint is unavailable: {0}")]
@@ -70,6 +70,10 @@ pub enum TokenError {
 pub struct AccessToken(Arc<str>);
 
 impl AccessToken {
+    pub(crate) fn new(token: &str) -> Self {
+        Self(token.into())
+    }
+
     /// The token itself, for the `authorization` header only.
     pub fn secret(&self) -> &str {
         &self.0
@@ -247,52 +251,71 @@ impl State {
     }
 }
 
-/// Caches one service account's FCM access token and refreshes it, single-flight.
+/// Caches one credential's FCM access token and refreshes it, single-flight.
 pub struct TokenSource {
-    account: ServiceAccountKey,
-    pool: H2Pool,
+    credential: Credential,
+    http: CredentialHttp,
     policy: RefreshPolicy,
     state: Mutex<State>,
     refresh: tokio::sync::Mutex<()>,
     requests: AtomicU64,
     issued: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenSource")
-            .field("account", &self.account)
+            .field("credential", &self.credential)
             .field("requests", &self.requests())
             .finish_non_exhaustive()
     }
 }
 
 /// One token-endpoint request's failure.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
     /// Worth another try (5xx, 429, 408, transport, a malformed 200).
+    #[error("{0}")]
     Transient(String),
     /// The endpoint refused the credentials.
+    #[error("{0}")]
     Permanent(String),
 }
 
+impl FetchError {
+    /// A refusal says who refused what, the endpoint's answer, and what to check.
+    pub fn with_hint(self, what: &str, hint: &str) -> Self {
+        match self {
+            Self::Permanent(reason) => Self::Permanent(format!("{what} ({reason}); {hint}")),
+            transient => transient,
+        }
+    }
+}
+
 impl TokenSource {
-    /// `pool` must point at the origin of `account.token_uri`.
-    pub fn new(account: ServiceAccountKey, pool: H2Pool, policy: RefreshPolicy) -> Self {
+    /// Tokens of `credential`, fetched with `http`.
+    pub fn new(credential: Credential, http: CredentialHttp, policy: RefreshPolicy) -> Self {
         Self {
-            account,
-            pool,
+            credential,
+            http,
             policy,
             state: Mutex::new(State::default()),
             refresh: tokio::sync::Mutex::new(()),
             requests: AtomicU64::new(0),
             issued: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }
     }
 
-    /// The service account.
-    pub fn account(&self) -> &ServiceAccountKey {
-        &self.account
+    /// Where the tokens come from.
+    pub fn credential(&self) -> &Credential {
+        &self.credential
+    }
+
+    /// The client of the credential endpoints.
+    pub fn http(&self) -> &CredentialHttp {
+        &self.http
     }
 
     /// Requests sent to the token endpoint so far (retries included).
@@ -300,14 +323,14 @@ impl TokenSource {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Access tokens obtained so far.
+    /// Access tokens obtained so far (successful refreshes).
     pub fn issued(&self) -> u64 {
         self.issued.load(Ordering::Relaxed)
     }
 
-    /// The token endpoint's connection pool.
-    pub fn pool(&self) -> &H2Pool {
-        &self.pool
+    /// Refreshes that ended without a token, after their retries.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// A valid access token: the cached one, or a fresh one from the token endpoint.
@@ -348,7 +371,7 @@ impl TokenSource {
                     expires_at: started + lifetime,
                 });
                 state.failure = None;
-                debug!(account = %self.account.client_email, ?lifetime, "FCM access token refreshed");
+                debug!(credential = self.credential.kind(), principal = %self.credential.principal(), ?lifetime, "FCM access token refreshed");
                 Ok(token)
             }
             Err(error) => {
@@ -356,7 +379,8 @@ impl TokenSource {
                     TokenError::Unavailable(_) => self.policy.unavailable_hold,
                     TokenError::Rejected(_) | TokenError::Sign(_) => self.policy.rejected_hold,
                 };
-                warn!(account = %self.account.client_email, %error, "FCM access token refresh failed");
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(credential = self.credential.kind(), principal = %self.credential.principal(), %error, "FCM access token refresh failed");
                 state.failure = Some((Instant::now() + hold, error.clone()));
                 // A token due for refresh but not expired still works.
                 state.usable(Instant::now()).ok_or(error)
@@ -385,7 +409,8 @@ impl TokenSource {
                 );
                 tokio::time::sleep(delay).await;
             }
-            match self.fetch_once().await? {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            match self.credential.fetch(&self.http).await {
                 Ok(token) => return Ok(token),
                 Err(FetchError::Permanent(reason)) => return Err(TokenError::Rejected(reason)),
                 Err(FetchError::Transient(reason)) => {
@@ -395,29 +420,6 @@ impl TokenSource {
             }
         }
         Err(TokenError::Unavailable(last))
-    }
-
-    /// One request to the token endpoint. The outer error is a signing failure.
-    async fn fetch_once(&self) -> Result<Result<(AccessToken, Duration), FetchError>, TokenError> {
-        let assertion = self.account.assertion(unix_now())?;
-        let body = Bytes::from(format!(
-            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={assertion}"
-        ));
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(self.account.token_uri.as_str())
-            .header(
-                "content-type",
-                HeaderValue::from_static("application/x-www-form-urlencoded"),
-            )
-            .header("accept", HeaderValue::from_static("application/json"))
-            .body(())
-            .map_err(|e| TokenError::Sign(format!("invalid token request: {e}")))?;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        Ok(match self.pool.send(request, body).await {
-            Ok(response) => parse_token_response(response.status.as_u16(), &response.body),
-            Err(e) => Err(FetchError::Transient(e.to_string())),
-        })
     }
 }
 
@@ -457,7 +459,7 @@ pub fn parse_token_response(
             Some(value) => parse_expires_in(value)
                 .ok_or_else(|| FetchError::Transient(format!("invalid expires_in {value}")))?,
         };
-        return Ok((AccessToken(token.into()), lifetime));
+        return Ok((AccessToken::new(&token), lifetime));
     }
     let error = field("error");
     let description = field("error_description");
@@ -641,11 +643,19 @@ mod tests {
             parse_token_response(400, body),
             Err(FetchError::Transient(_))
         ));
-        let reason = TokenError::Rejected("HTTP 400 invalid_grant: Invalid JWT Signature.".into())
-            .to_string();
+        let body = br#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#;
+        let Err(refused) = parse_token_response(400, body) else {
+            panic!("not refused");
+        };
+        let reason = refused
+            .with_hint(
+                "the OAuth token endpoint rejected the service-account credentials",
+                "check the key",
+            )
+            .clone();
         assert!(
-            reason.contains("invalid_grant") && reason.contains("credentials"),
-            "{reason}"
+            matches!(&reason, FetchError::Permanent(r) if r.contains("invalid_grant") && r.contains("credentials") && r.contains("check the key")),
+            "{reason:?}"
         );
     }
 }

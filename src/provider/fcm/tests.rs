@@ -28,6 +28,7 @@ fn json_with(token_uri: &str, edit: impl FnOnce(&mut Value)) -> String {
 
 fn config(json: String, endpoint: &str) -> FcmConfig {
     FcmConfig {
+        credentials: None,
         credentials_file: None,
         credentials_json: Some(json),
         project_id: None,
@@ -160,7 +161,7 @@ fn config_errors_name_the_key_and_the_problem() {
     let p = FcmProvider::from_config("apps.shop.fcm", &cfg).unwrap();
     assert_eq!(p.project_id(), "pushgate-test");
     assert_eq!(
-        p.send_uri,
+        p.target.get().unwrap().send_uri,
         "https://fcm.googleapis.com/v1/projects/pushgate-test/messages:send"
     );
     cfg.project_id = Some("other-project".into());
@@ -509,4 +510,98 @@ async fn wrong_project_is_failed_not_invalid_token() {
     let o = provider.deliver(&message("x")).await;
     assert!(matches!(o, Outcome::Failed { status: 403, .. }), "{o:?}");
     assert_ne!(sa.project_id, "not-my-project");
+}
+
+// ---- Application Default Credentials (environment injected) --------------------------------
+
+#[tokio::test]
+async fn adc_from_the_metadata_server_names_the_project_and_sends() {
+    let sa = account();
+    let mock = MockFcm::start(MockFcmConfig {
+        tls: false,
+        ..MockFcmConfig::new(&sa.project_id, &sa.client_email, &sa.public_pem)
+    })
+    .await
+    .unwrap();
+    let metadata = pushgate_mocks::google::MockGoogleAuth::start(
+        pushgate_mocks::google::MockGoogleAuthConfig {
+            project_id: sa.project_id.clone(),
+            ..Default::default()
+        },
+        mock.issuer(),
+    )
+    .await
+    .unwrap();
+    let host = metadata.host();
+    let env = |name: &str| (name == "GCE_METADATA_HOST").then(|| host.clone());
+    let mut cfg = config(String::new(), &mock.url());
+    cfg.credentials_json = None;
+    cfg.credentials = Some("adc".into());
+    let provider = FcmProvider::from_config_with_env("k", &cfg, &env).unwrap();
+    assert_eq!(provider.project_id(), "", "not known before the first send");
+    let o = provider.deliver(&message("adc-1")).await;
+    assert!(matches!(o, Outcome::Delivered { .. }), "{o:?}");
+    assert_eq!(provider.project_id(), sa.project_id);
+    assert_eq!(provider.tokens().credential().kind(), "metadata_server");
+    assert_eq!(metadata.stats().metadata_refused, 0);
+    // "adc" and a key file exclude each other; other modes are named.
+    cfg.credentials_json = Some(account().json.clone());
+    let (key, _) = build_err(&cfg);
+    assert_eq!(key, "apps.shop.fcm.credentials");
+    cfg.credentials_json = None;
+    cfg.credentials = Some("keyless".into());
+    let (key, reason) = build_err(&cfg);
+    assert_eq!(key, "apps.shop.fcm.credentials");
+    assert!(reason.contains("keyless"), "{reason}");
+}
+
+#[tokio::test]
+async fn external_account_refused_by_sts_fails_saying_what_to_check() {
+    let sa = account();
+    let mock = MockFcm::start(MockFcmConfig {
+        tls: false,
+        ..MockFcmConfig::new(&sa.project_id, &sa.client_email, &sa.public_pem)
+    })
+    .await
+    .unwrap();
+    let google = pushgate_mocks::google::MockGoogleAuth::start(
+        pushgate_mocks::google::MockGoogleAuthConfig::default(),
+        mock.issuer(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token");
+    std::fs::write(&subject, "a-token-sts-does-not-know").unwrap();
+    let json = serde_json::json!({
+        "type": "external_account",
+        "audience": google.config().audience,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": google.sts_url(),
+        "credential_source": {"file": subject.display().to_string()},
+    })
+    .to_string();
+    let mut cfg = config(json.clone(), &mock.url());
+    // No project anywhere: the key to set is named.
+    let (key, reason) = build_err(&cfg);
+    assert_eq!(key, "apps.shop.fcm.project_id");
+    assert!(reason.contains("external_account"), "{reason}");
+    cfg.project_id = Some(sa.project_id.clone());
+    let provider = FcmProvider::from_config("k", &cfg).unwrap();
+    let o = provider.deliver(&message("wif-1")).await;
+    let Outcome::Failed { reason, .. } = o else {
+        panic!("{o:?}")
+    };
+    assert!(
+        reason.contains("Google STS rejected") && reason.contains("invalid_grant"),
+        "{reason}"
+    );
+    assert_eq!(google.stats().sts_requests, 1, "a refusal is not retried");
+    assert_eq!(provider.tokens().failures(), 1);
+    // Without impersonation the federated token itself is sent to FCM.
+    std::fs::write(&subject, &google.config().subject_token).unwrap();
+    let provider = FcmProvider::from_config("k", &cfg).unwrap();
+    let o = provider.deliver(&message("wif-2")).await;
+    assert!(matches!(o, Outcome::Delivered { .. }), "{o:?}");
+    assert_eq!(google.stats().impersonation_requests, 0);
 }

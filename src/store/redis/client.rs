@@ -110,6 +110,8 @@ pub struct RedisClient {
     health: watch::Sender<bool>,
     /// Ends the health monitor and the replica heartbeat.
     stop: CancellationToken,
+    /// Error count and PING round trip, once the gateway gives them.
+    metrics: std::sync::OnceLock<crate::metrics::RedisMetrics>,
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -159,6 +161,7 @@ impl RedisClient {
             healthy: AtomicBool::new(false),
             health,
             stop: stop.clone(),
+            metrics: std::sync::OnceLock::new(),
         });
         let monitor = Arc::clone(&store);
         tokio::spawn(async move { monitor.monitor(stop).await });
@@ -207,9 +210,21 @@ impl RedisClient {
         self.health.subscribe()
     }
 
+    /// Counts errors and PING round trips into `metrics` from now on (the first call wins).
+    pub fn set_metrics(&self, metrics: crate::metrics::RedisMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn count_error(&self) {
+        if let Some(m) = self.metrics.get() {
+            m.errors.inc();
+        }
+    }
+
     /// Records the result of a Redis call made elsewhere (so failures are seen at once).
     pub fn observe<T>(&self, result: &redis::RedisResult<T>) {
         if let Err(e) = result {
+            self.count_error();
             self.set_healthy(false, Some(e));
         }
     }
@@ -239,15 +254,27 @@ impl RedisClient {
         let period = Duration::from_millis(250);
         loop {
             let mut conn = self.conn();
+            let sent = tokio::time::Instant::now();
             let ping = tokio::time::timeout(
                 Duration::from_millis(self.config.command_timeout_ms),
                 redis::cmd("PING").query_async::<String>(&mut conn),
             )
             .await;
             match ping {
-                Ok(Ok(_)) => self.set_healthy(true, None),
-                Ok(Err(e)) => self.set_healthy(false, Some(&e)),
-                Err(_) => self.set_healthy(false, None),
+                Ok(Ok(_)) => {
+                    if let Some(m) = self.metrics.get() {
+                        m.ping_seconds.observe(sent.elapsed().as_secs_f64());
+                    }
+                    self.set_healthy(true, None)
+                }
+                Ok(Err(e)) => {
+                    self.count_error();
+                    self.set_healthy(false, Some(&e))
+                }
+                Err(_) => {
+                    self.count_error();
+                    self.set_healthy(false, None)
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

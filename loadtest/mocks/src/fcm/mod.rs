@@ -47,8 +47,9 @@
 //! that reads `details[0]` fails a test.
 //!
 //! # Limitations
-//! - HTTP/2 only. ALPN offers `h2` and `http/1.1` (as Google does), but a connection that
-//!   negotiates `http/1.1` is closed ([`MockStats::connections_rejected`]).
+//! - `messages:send` over HTTP/2 only. ALPN offers `h2` and `http/1.1` (as Google does); over
+//!   HTTP/1.1 (ALPN `http/1.1`, or a cleartext connection that does not open with the HTTP/2
+//!   preface) only `/token` is answered, anything else 505.
 //! - GOAWAY carries no debug data (`h2` cannot attach any).
 //! - The per-device (240/min) and collapsible-message limits, topic fan-out, reserved data keys
 //!   and self-signed JWT bearer tokens are not emulated. Tokens in `apns`/`webpush` blocks are not
@@ -279,6 +280,42 @@ struct FcmInner {
     validate_only_body: Bytes,
 }
 
+/// Issues access tokens a [`MockFcm`] accepts (see [`MockFcm::issuer`]).
+#[derive(Clone)]
+pub struct FcmIssuer(Arc<FcmInner>);
+
+impl std::fmt::Debug for FcmIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FcmIssuer")
+    }
+}
+
+impl FcmIssuer {
+    /// A fresh access token and its lifetime in seconds (counted in `tokens_issued`).
+    pub fn issue(&self) -> (String, u64) {
+        self.0.issue()
+    }
+
+    /// The service-account JWT-bearer exchange of the mock's `/token`, answered as over
+    /// HTTP/1.1, also accepting assertions addressed to `audience` (the stand-in's own URL).
+    pub fn exchange_assertion(&self, body: &[u8], audience: &str) -> crate::http1::Http1Response {
+        self.0
+            .token_endpoint_for(&Method::POST, body, Some(audience))
+            .into_http1()
+    }
+
+    /// True when `token` was issued by the mock and is still accepted.
+    pub fn accepts(&self, token: &str) -> bool {
+        let generation = self.0.faults.generation.load(Relaxed);
+        let now = self.0.faults.clock.now_secs();
+        self.0
+            .issued
+            .read()
+            .get(token)
+            .is_some_and(|i| i.generation == generation && i.expires_at > now)
+    }
+}
+
 /// A running mock FCM. Dropping it stops the listener; [`MockFcm::shutdown`] drains first.
 pub struct MockFcm {
     inner: Arc<FcmInner>,
@@ -368,6 +405,12 @@ impl MockFcm {
     /// A snapshot of the counters.
     pub fn stats(&self) -> MockStats {
         self.inner.counters.snapshot()
+    }
+
+    /// A handle that issues access tokens this mock accepts, for credential stand-ins
+    /// ([`crate::google::MockGoogleAuth`]) that hand tokens out their own way.
+    pub fn issuer(&self) -> FcmIssuer {
+        FcmIssuer(Arc::clone(&self.inner))
     }
 
     /// GOAWAY on every connection, drain in-flight streams (up to 2 s), stop.

@@ -6,6 +6,17 @@ use super::*;
 
 impl FcmInner {
     pub(super) fn token_endpoint(&self, method: &Method, body: &[u8]) -> Reply {
+        self.token_endpoint_for(method, body, None)
+    }
+
+    /// The token endpoint, also accepting the assertion audience `also_aud` (a stand-in that
+    /// serves this exchange at its own URL).
+    pub(super) fn token_endpoint_for(
+        &self,
+        method: &Method,
+        body: &[u8],
+        also_aud: Option<&str>,
+    ) -> Reply {
         self.counters.token_requests.fetch_add(1, Relaxed);
         if method != Method::POST {
             return oauth_error(
@@ -69,7 +80,7 @@ impl FcmInner {
             return invalid_grant("Invalid grant: account not found");
         }
         let aud = claims.get("aud").and_then(Value::as_str).unwrap_or("");
-        if aud != self.token_uri && aud != GOOGLE_TOKEN_AUD {
+        if aud != self.token_uri && aud != GOOGLE_TOKEN_AUD && Some(aud) != also_aud {
             return invalid_grant(
                 "Invalid JWT: Failed audience check. The right audience is https://oauth2.googleapis.com/token",
             );
@@ -100,16 +111,7 @@ impl FcmInner {
                 R_INVALID_SCOPE,
             );
         }
-        let token = format!("ya29.mock-{}", uuid::Uuid::new_v4().simple());
-        let lifetime = self.cfg.token_lifetime.as_secs();
-        self.issued.write().insert(
-            token.clone(),
-            Issued {
-                expires_at: now + lifetime as i64,
-                generation: self.faults.generation.load(Relaxed),
-            },
-        );
-        self.counters.tokens_issued.fetch_add(1, Relaxed);
+        let (token, lifetime) = self.issue();
         Reply {
             status: 200,
             content_type: "application/json; charset=utf-8",
@@ -121,6 +123,22 @@ impl FcmInner {
             retry_after: false,
             www_authenticate: false,
         }
+    }
+
+    /// Issues an access token `messages:send` accepts, valid for the configured lifetime.
+    pub(super) fn issue(&self) -> (String, u64) {
+        let token = format!("ya29.mock-{}", uuid::Uuid::new_v4().simple());
+        let lifetime = self.cfg.token_lifetime.as_secs();
+        let now = self.faults.clock.now_secs();
+        self.issued.write().insert(
+            token.clone(),
+            Issued {
+                expires_at: now + lifetime as i64,
+                generation: self.faults.generation.load(Relaxed),
+            },
+        );
+        self.counters.tokens_issued.fetch_add(1, Relaxed);
+        (token, lifetime)
     }
 
     /// Checks the assertion's structure, algorithm and RS256 signature; returns its claims.

@@ -13,6 +13,18 @@ pub(super) struct Reply {
     pub(super) www_authenticate: bool,
 }
 
+impl Reply {
+    /// The same answer over HTTP/1.1.
+    pub(super) fn into_http1(self) -> crate::http1::Http1Response {
+        let mut response =
+            crate::http1::Http1Response::new(self.status, self.content_type, self.body);
+        if self.retry_after {
+            response = response.with_header("retry-after", "1");
+        }
+        response
+    }
+}
+
 /// A Google API error before serialisation.
 pub(super) struct GError {
     pub(super) code: u16,

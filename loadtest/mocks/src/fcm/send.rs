@@ -295,4 +295,22 @@ impl Handler for FcmInner {
     ) {
         self.handle(&conn.state, req, &mut resp).await
     }
+
+    /// Google's token endpoint answers HTTP/1.1 too; `messages:send` here stays HTTP/2 only.
+    fn http1(self: &Arc<Self>) -> Option<crate::http1::Http1Handler> {
+        let inner = Arc::clone(self);
+        Some(Arc::new(move |request: crate::http1::Http1Request| {
+            inner.counters.requests.fetch_add(1, Relaxed);
+            if request.path() == "/token" {
+                return inner
+                    .token_endpoint(&request.method, &request.body)
+                    .into_http1();
+            }
+            crate::http1::Http1Response::new(
+                505,
+                "text/plain",
+                "this mock serves messages:send over HTTP/2 only\n",
+            )
+        }))
+    }
 }

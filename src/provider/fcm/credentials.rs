@@ -1,0 +1,1009 @@
+//! Google credentials for FCM, and Application Default Credentials (ADC): where an app's access
+//! tokens come from when no service-account key is configured.
+//!
+//! The order is the one Google's client libraries follow:
+//! 1. `credentials_json` / `credentials_file` in the app's `[fcm]` section;
+//! 2. the file named by `GOOGLE_APPLICATION_CREDENTIALS`;
+//! 3. gcloud's well-known file (`$CLOUDSDK_CONFIG` or `~/.config/gcloud`, then
+//!    `application_default_credentials.json`), written by `gcloud auth application-default login`;
+//! 4. the GCE/GKE/Cloud Run metadata server (`GCE_METADATA_HOST`, else
+//!    `metadata.google.internal`), which is what Workload Identity answers on GKE.
+//!
+//! A JSON credential file is one of `service_account` (a key: RS256 assertion at `token_uri`),
+//! `external_account` (workload identity federation: a subject token read from a file or a URL,
+//! exchanged at Google STS, then optionally traded for a service account's token at IAM
+//! Credentials) or `authorized_user` (a gcloud user's refresh token).
+//!
+//! Each [`Credential`] knows how to make one token request ([`Credential::fetch`]); caching,
+//! single-flight refresh and retries are [`super::oauth::TokenSource`]'s. No secret (key, refresh
+//! token, subject token, access token) reaches a `Debug` output or a log line.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::oauth::{
+    AccessToken, CredentialsError, FetchError, SCOPE, ServiceAccountKey, parse_token_response,
+};
+use super::token_http::{CredentialHttp, form};
+use crate::provider::config::require_https;
+
+/// The metadata server's name inside Google Cloud.
+pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+/// The token path of the default service account on the metadata server.
+pub const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+/// The project id path on the metadata server.
+pub const METADATA_PROJECT_PATH: &str = "/computeMetadata/v1/project/project-id";
+/// Where gcloud's user credentials exchange a refresh token.
+pub const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// The scope STS is asked for: IAM Credentials needs it to impersonate, and FCM accepts it.
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// Lifetime asked of IAM Credentials when the file does not say (Google's default and maximum
+/// without an org policy).
+const DEFAULT_IMPERSONATION_LIFETIME_SECS: u64 = 3600;
+
+/// Where an app's FCM access tokens come from.
+pub enum Credential {
+    /// A service-account key: an RS256 assertion exchanged at the key's `token_uri`.
+    ServiceAccount(ServiceAccountKey),
+    /// gcloud user credentials: a refresh token exchanged at `token_uri`.
+    AuthorizedUser(AuthorizedUser),
+    /// Workload identity federation.
+    ExternalAccount(ExternalAccount),
+    /// The metadata server of the VM, node or pod.
+    Metadata(MetadataServer),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ServiceAccount(key) => key.fmt(f),
+            Self::AuthorizedUser(user) => user.fmt(f),
+            Self::ExternalAccount(account) => account.fmt(f),
+            Self::Metadata(server) => server.fmt(f),
+        }
+    }
+}
+
+impl Credential {
+    /// Parses a credential JSON file of any supported `type`.
+    pub fn from_json(json: &str) -> Result<Self, CredentialsError> {
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| CredentialsError::Json(e.to_string()))?;
+        match value.get("type").and_then(Value::as_str) {
+            None | Some("service_account") => {
+                ServiceAccountKey::from_json(json).map(Self::ServiceAccount)
+            }
+            Some("authorized_user") => AuthorizedUser::from_value(value).map(Self::AuthorizedUser),
+            Some("external_account") => {
+                ExternalAccount::from_value(value).map(Self::ExternalAccount)
+            }
+            Some(other) => Err(CredentialsError::WrongType(other.to_string())),
+        }
+    }
+
+    /// What kind of credential this is, for metrics labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ServiceAccount(_) => "service_account",
+            Self::AuthorizedUser(_) => "authorized_user",
+            Self::ExternalAccount(_) => "external_account",
+            Self::Metadata(_) => "metadata_server",
+        }
+    }
+
+    /// Who the tokens are for, for log lines (never a secret).
+    pub fn principal(&self) -> String {
+        match self {
+            Self::ServiceAccount(key) => key.client_email.clone(),
+            Self::AuthorizedUser(user) => format!("gcloud user (client {})", user.client_id),
+            Self::ExternalAccount(account) => match &account.impersonation_url {
+                Some(url) => format!("{} via {}", account.audience, url),
+                None => account.audience.clone(),
+            },
+            Self::Metadata(server) => format!("metadata server {}", server.host),
+        }
+    }
+
+    /// The Firebase project the credential names, if it names one.
+    pub fn project_id(&self) -> Option<&str> {
+        match self {
+            Self::ServiceAccount(key) => key.project_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// One token request (two or three for federation). `Permanent` means the endpoint refused
+    /// the credentials and the text says what to check.
+    pub async fn fetch(
+        &self,
+        http: &CredentialHttp,
+    ) -> Result<(AccessToken, Duration), FetchError> {
+        match self {
+            Self::ServiceAccount(key) => fetch_service_account(key, http).await,
+            Self::AuthorizedUser(user) => user.fetch(http).await,
+            Self::ExternalAccount(account) => account.fetch(http).await,
+            Self::Metadata(server) => server.fetch(http).await,
+        }
+    }
+}
+
+async fn fetch_service_account(
+    key: &ServiceAccountKey,
+    http: &CredentialHttp,
+) -> Result<(AccessToken, Duration), FetchError> {
+    let assertion = key
+        .assertion(unix_now())
+        .map_err(|e| FetchError::Permanent(e.to_string()))?;
+    let body = form(&[
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("assertion", &assertion),
+    ]);
+    let answer = post_form(http, &key.token_uri, body, None).await?;
+    parse_token_response(answer.status, &answer.body).map_err(|e| {
+        e.with_hint(
+            "the OAuth token endpoint rejected the service-account credentials",
+            "check the key (deleted or revoked key, wrong account) and the gateway host's clock",
+        )
+    })
+}
+
+/// Sends a form POST; transport failures are transient.
+async fn post_form(
+    http: &CredentialHttp,
+    uri: &str,
+    body: Bytes,
+    bearer: Option<&str>,
+) -> Result<super::token_http::HttpAnswer, FetchError> {
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        )
+        .header("accept", HeaderValue::from_static("application/json"));
+    if let Some(token) = bearer {
+        request = request.header(AUTHORIZATION, bearer_header(token)?);
+    }
+    let request = request
+        .body(body)
+        .map_err(|e| FetchError::Permanent(format!("invalid token request to `{uri}`: {e}")))?;
+    http.send(request).await.map_err(FetchError::Transient)
+}
+
+fn bearer_header(token: &str) -> Result<HeaderValue, FetchError> {
+    HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| FetchError::Transient("a token is not a valid header value".into()))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---- authorized_user ---------------------------------------------------------------------
+
+/// gcloud user credentials (`gcloud auth application-default login`).
+pub struct AuthorizedUser {
+    pub client_id: String,
+    client_secret: String,
+    refresh_token: String,
+    pub token_uri: String,
+}
+
+impl std::fmt::Debug for AuthorizedUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizedUser")
+            .field("client_id", &self.client_id)
+            .field("token_uri", &self.token_uri)
+            .field("client_secret", &"<redacted>")
+            .field("refresh_token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl AuthorizedUser {
+    fn from_value(value: Value) -> Result<Self, CredentialsError> {
+        let field = |name: &'static str| {
+            value
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.trim().is_empty())
+                .map(str::to_string)
+                .ok_or(CredentialsError::Missing(name))
+        };
+        let token_uri = value
+            .get("token_uri")
+            .and_then(Value::as_str)
+            .unwrap_or(GOOGLE_TOKEN_URI)
+            .to_string();
+        check_url(&token_uri, "token_uri")?;
+        Ok(Self {
+            client_id: field("client_id")?,
+            client_secret: field("client_secret")?,
+            refresh_token: field("refresh_token")?,
+            token_uri,
+        })
+    }
+
+    async fn fetch(&self, http: &CredentialHttp) -> Result<(AccessToken, Duration), FetchError> {
+        let body = form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", &self.client_id),
+            ("client_secret", &self.client_secret),
+            ("refresh_token", &self.refresh_token),
+        ]);
+        let answer = post_form(http, &self.token_uri, body, None).await?;
+        parse_token_response(answer.status, &answer.body).map_err(|e| {
+            e.with_hint(
+                "the OAuth token endpoint rejected the gcloud user credentials",
+                "run `gcloud auth application-default login` again",
+            )
+        })
+    }
+}
+
+// ---- external_account --------------------------------------------------------------------
+
+/// Where a federated workload's subject token is read, at every refresh (the platform rotates
+/// it: a projected Kubernetes service-account token, an OIDC token file, a local token URL).
+#[derive(Debug, Clone)]
+pub enum SubjectSource {
+    File {
+        path: PathBuf,
+        format: SubjectFormat,
+    },
+    Url {
+        url: String,
+        headers: Vec<(String, String)>,
+        format: SubjectFormat,
+    },
+}
+
+/// How the subject token is stored in its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectFormat {
+    /// The whole content, trimmed.
+    Text,
+    /// A JSON object; the token is this field.
+    Json(String),
+}
+
+/// Workload identity federation (`type = external_account`).
+pub struct ExternalAccount {
+    pub audience: String,
+    pub subject_token_type: String,
+    /// Google STS (`https://sts.googleapis.com/v1/token`).
+    pub token_url: String,
+    /// IAM Credentials `generateAccessToken` of the service account to impersonate.
+    pub impersonation_url: Option<String>,
+    pub impersonation_lifetime_secs: u64,
+    pub source: SubjectSource,
+    /// Workforce pools bill this project (`options.userProject`).
+    pub workforce_pool_user_project: Option<String>,
+}
+
+impl std::fmt::Debug for ExternalAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalAccount")
+            .field("audience", &self.audience)
+            .field("subject_token_type", &self.subject_token_type)
+            .field("token_url", &self.token_url)
+            .field("impersonation_url", &self.impersonation_url)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct ExternalFile {
+    audience: Option<String>,
+    subject_token_type: Option<String>,
+    token_url: Option<String>,
+    service_account_impersonation_url: Option<String>,
+    service_account_impersonation: Option<ImpersonationOptions>,
+    credential_source: Option<SourceFile>,
+    workforce_pool_user_project: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ImpersonationOptions {
+    token_lifetime_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct SourceFile {
+    file: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    format: Option<FormatFile>,
+    environment_id: Option<String>,
+    executable: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct FormatFile {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    subject_token_field_name: Option<String>,
+}
+
+impl ExternalAccount {
+    fn from_value(value: Value) -> Result<Self, CredentialsError> {
+        let file: ExternalFile =
+            serde_json::from_value(value).map_err(|e| CredentialsError::Json(e.to_string()))?;
+        let present = |v: Option<String>, name: &'static str| {
+            v.filter(|s| !s.trim().is_empty())
+                .ok_or(CredentialsError::Missing(name))
+        };
+        let audience = present(file.audience, "audience")?;
+        let subject_token_type = present(file.subject_token_type, "subject_token_type")?;
+        let token_url = present(file.token_url, "token_url")?;
+        check_url(&token_url, "token_url")?;
+        let impersonation_url = file
+            .service_account_impersonation_url
+            .filter(|s| !s.trim().is_empty());
+        if let Some(url) = &impersonation_url {
+            check_url(url, "service_account_impersonation_url")?;
+        }
+        let source = file
+            .credential_source
+            .ok_or(CredentialsError::Missing("credential_source"))?;
+        if source.environment_id.is_some() || source.executable.is_some() {
+            return Err(CredentialsError::Unsupported(
+                "`credential_source` of AWS or executable kind; use a `file` or `url` source"
+                    .into(),
+            ));
+        }
+        let format = match source.format {
+            None => SubjectFormat::Text,
+            Some(format) => match format.kind.as_deref() {
+                None | Some("text") => SubjectFormat::Text,
+                Some("json") => SubjectFormat::Json(
+                    format
+                        .subject_token_field_name
+                        .filter(|s| !s.is_empty())
+                        .ok_or(CredentialsError::Missing(
+                            "credential_source.format.subject_token_field_name",
+                        ))?,
+                ),
+                Some(other) => {
+                    return Err(CredentialsError::Unsupported(format!(
+                        "`credential_source.format.type` `{other}` (use text or json)"
+                    )));
+                }
+            },
+        };
+        let source = match (source.file, source.url) {
+            (Some(path), None) => SubjectSource::File {
+                path: PathBuf::from(path),
+                format,
+            },
+            (None, Some(url)) => {
+                check_url(&url, "credential_source.url")?;
+                SubjectSource::Url {
+                    url,
+                    headers: source.headers.into_iter().collect(),
+                    format,
+                }
+            }
+            _ => return Err(CredentialsError::Missing("credential_source.file")),
+        };
+        Ok(Self {
+            audience,
+            subject_token_type,
+            token_url,
+            impersonation_url,
+            impersonation_lifetime_secs: file
+                .service_account_impersonation
+                .and_then(|o| o.token_lifetime_seconds)
+                .unwrap_or(DEFAULT_IMPERSONATION_LIFETIME_SECS)
+                .clamp(600, 43_200),
+            source,
+            workforce_pool_user_project: file.workforce_pool_user_project.filter(|s| !s.is_empty()),
+        })
+    }
+
+    async fn subject_token(&self, http: &CredentialHttp) -> Result<String, FetchError> {
+        let (raw, format, from) = match &self.source {
+            SubjectSource::File { path, format } => {
+                let raw = tokio::fs::read_to_string(path).await.map_err(|e| {
+                    FetchError::Transient(format!(
+                        "reading the subject token file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                (raw, format, path.display().to_string())
+            }
+            SubjectSource::Url {
+                url,
+                headers,
+                format,
+            } => {
+                let mut request = Request::builder().method(Method::GET).uri(url.as_str());
+                for (name, value) in headers {
+                    request = request.header(name.as_str(), value.as_str());
+                }
+                let request = request.body(Bytes::new()).map_err(|e| {
+                    FetchError::Permanent(format!("invalid credential_source.url request: {e}"))
+                })?;
+                let answer = http.send(request).await.map_err(|e| {
+                    FetchError::Transient(format!("fetching the subject token from {url}: {e}"))
+                })?;
+                if answer.status != 200 {
+                    return Err(FetchError::Transient(format!(
+                        "the subject token URL {url} answered HTTP {}",
+                        answer.status
+                    )));
+                }
+                (
+                    String::from_utf8_lossy(&answer.body).into_owned(),
+                    format,
+                    url.clone(),
+                )
+            }
+        };
+        let token = match format {
+            SubjectFormat::Text => raw.trim().to_string(),
+            SubjectFormat::Json(field) => serde_json::from_str::<Value>(&raw)
+                .ok()
+                .and_then(|v| v.get(field).and_then(Value::as_str).map(str::to_string))
+                .ok_or_else(|| {
+                    FetchError::Transient(format!(
+                        "the subject token in {from} is not a JSON object with a `{field}` string"
+                    ))
+                })?,
+        };
+        if token.is_empty() {
+            return Err(FetchError::Transient(format!(
+                "the subject token in {from} is empty"
+            )));
+        }
+        Ok(token)
+    }
+
+    async fn fetch(&self, http: &CredentialHttp) -> Result<(AccessToken, Duration), FetchError> {
+        let subject = self.subject_token(http).await?;
+        let options = self
+            .workforce_pool_user_project
+            .as_ref()
+            .map(|project| serde_json::json!({ "userProject": project }).to_string());
+        let mut pairs = vec![
+            ("grant_type", TOKEN_EXCHANGE_GRANT),
+            ("audience", self.audience.as_str()),
+            ("scope", CLOUD_PLATFORM_SCOPE),
+            ("requested_token_type", ACCESS_TOKEN_TYPE),
+            ("subject_token", subject.as_str()),
+            ("subject_token_type", self.subject_token_type.as_str()),
+        ];
+        if let Some(options) = &options {
+            pairs.push(("options", options.as_str()));
+        }
+        let answer = post_form(http, &self.token_url, form(&pairs), None).await?;
+        let (federated, lifetime) =
+            parse_token_response(answer.status, &answer.body).map_err(|e| {
+                e.with_hint(
+                    "Google STS rejected the workload's subject token",
+                    "check the credential file's `audience` (pool and provider), the provider's \
+                     attribute condition, and that the subject token file is current",
+                )
+            })?;
+        let Some(url) = &self.impersonation_url else {
+            return Ok((federated, lifetime));
+        };
+        let body = serde_json::json!({
+            "scope": [SCOPE],
+            "lifetime": format!("{}s", self.impersonation_lifetime_secs),
+        });
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(url.as_str())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(AUTHORIZATION, bearer_header(federated.secret())?)
+            .body(Bytes::from(body.to_string()))
+            .map_err(|e| FetchError::Permanent(format!("invalid impersonation request: {e}")))?;
+        let answer = http.send(request).await.map_err(FetchError::Transient)?;
+        parse_impersonation_response(answer.status, &answer.body, SystemTime::now()).map_err(|e| {
+            e.with_hint(
+                "IAM Credentials refused to impersonate the service account",
+                "grant the federated principal roles/iam.workloadIdentityUser (or Service Account \
+                 Token Creator) on the service account",
+            )
+        })
+    }
+}
+
+/// Classifies an IAM Credentials `generateAccessToken` answer:
+/// `{"accessToken": "...", "expireTime": "2026-12-03T16:00:00Z"}`, or a Google error.
+pub fn parse_impersonation_response(
+    status: u16,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<(AccessToken, Duration), FetchError> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if status == 200 {
+        let token = json
+            .as_ref()
+            .and_then(|j| j.get("accessToken"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| FetchError::Transient("HTTP 200 without a usable accessToken".into()))?;
+        let expires = json
+            .as_ref()
+            .and_then(|j| j.get("expireTime"))
+            .and_then(Value::as_str)
+            .and_then(parse_rfc3339)
+            .ok_or_else(|| FetchError::Transient("HTTP 200 without a valid expireTime".into()))?;
+        let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
+        return Ok((AccessToken::new(token), lifetime));
+    }
+    let error = json.as_ref().and_then(|j| j.get("error"));
+    let message = error.and_then(|e| e.get("message")).and_then(Value::as_str);
+    let code = error.and_then(|e| e.get("status")).and_then(Value::as_str);
+    let reason = match (code, message) {
+        (Some(c), Some(m)) => format!("HTTP {status} {c}: {m}"),
+        (Some(c), None) => format!("HTTP {status} {c}"),
+        (None, Some(m)) => format!("HTTP {status}: {m}"),
+        (None, None) => format!("HTTP {status}"),
+    };
+    if matches!(status, 408 | 429 | 500..=599) {
+        Err(FetchError::Transient(reason))
+    } else {
+        Err(FetchError::Permanent(reason))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (what Google's APIs send) as a time; other offsets are not
+/// accepted.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let text = text.strip_suffix('Z').or_else(|| text.strip_suffix('z'))?;
+    let (date, time) = text.split_once(['T', 't'])?;
+    let mut d = date.splitn(3, '-');
+    let year: i64 = d.next()?.parse().ok()?;
+    let month: i64 = d.next()?.parse().ok()?;
+    let day: i64 = d.next()?.parse().ok()?;
+    let (hms, fraction) = match time.split_once('.') {
+        Some((hms, fraction)) => (hms, Some(fraction)),
+        None => (time, None),
+    };
+    let mut t = hms.splitn(3, ':');
+    let hour: i64 = t.next()?.parse().ok()?;
+    let minute: i64 = t.next()?.parse().ok()?;
+    let second: i64 = t.next()?.parse().ok()?;
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let nanos = match fraction {
+        Some(f) if !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => {
+            let digits = &f[..f.len().min(9)];
+            digits.parse::<u32>().ok()? * 10u32.pow(9 - digits.len() as u32)
+        }
+        Some(_) => return None,
+        None => 0,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+// ---- metadata server ---------------------------------------------------------------------
+
+/// The GCE/GKE metadata server: tokens of the instance's (or, with GKE Workload Identity, the
+/// pod's Kubernetes service account's) Google service account.
+pub struct MetadataServer {
+    /// `host[:port]`, cleartext HTTP as on every Google Cloud runtime.
+    pub host: String,
+}
+
+impl std::fmt::Debug for MetadataServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataServer")
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+impl MetadataServer {
+    fn get(&self, path: &str) -> Result<Request<Bytes>, FetchError> {
+        Request::builder()
+            .method(Method::GET)
+            .uri(format!("http://{}{path}", self.host))
+            .header("metadata-flavor", HeaderValue::from_static("Google"))
+            .body(Bytes::new())
+            .map_err(|e| {
+                FetchError::Permanent(format!("invalid metadata host `{}`: {e}", self.host))
+            })
+    }
+
+    /// An answer from something that is not a metadata server (a proxy, a captive portal)
+    /// lacks the `Metadata-Flavor: Google` response header.
+    fn check_flavor(&self, answer: &super::token_http::HttpAnswer) -> Result<(), FetchError> {
+        let flavor = answer
+            .headers
+            .get("metadata-flavor")
+            .and_then(|v| v.to_str().ok());
+        if flavor != Some("Google") {
+            return Err(FetchError::Transient(format!(
+                "{} answered HTTP {} without `Metadata-Flavor: Google`: not a metadata server",
+                self.host, answer.status
+            )));
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, http: &CredentialHttp) -> Result<(AccessToken, Duration), FetchError> {
+        let answer = http
+            .send(self.get(METADATA_TOKEN_PATH)?)
+            .await
+            .map_err(|e| {
+                FetchError::Transient(format!(
+                    "the metadata server {} is unreachable ({e}); outside Google Cloud, set \
+                 credentials_file or GOOGLE_APPLICATION_CREDENTIALS",
+                    self.host
+                ))
+            })?;
+        self.check_flavor(&answer)?;
+        parse_token_response(answer.status, &answer.body).map_err(|e| {
+            e.with_hint(
+                "the metadata server refused a token for the default service account",
+                "check that the VM or node has a service account (GKE: that Workload Identity \
+                 binds the pod's Kubernetes service account to a Google service account)",
+            )
+        })
+    }
+
+    /// The project the VM or pod runs in.
+    pub async fn project_id(&self, http: &CredentialHttp) -> Result<String, String> {
+        let request = self.get(METADATA_PROJECT_PATH).map_err(|e| e.to_string())?;
+        let answer = http
+            .send(request)
+            .await
+            .map_err(|e| format!("the metadata server {} is unreachable: {e}", self.host))?;
+        self.check_flavor(&answer).map_err(|e| e.to_string())?;
+        let id = String::from_utf8_lossy(&answer.body).trim().to_string();
+        if answer.status != 200 || id.is_empty() {
+            return Err(format!(
+                "the metadata server {} answered HTTP {} to the project id request",
+                self.host, answer.status
+            ));
+        }
+        Ok(id)
+    }
+}
+
+// ---- discovery ---------------------------------------------------------------------------
+
+/// A credential and where it was found.
+#[derive(Debug)]
+pub struct Discovered {
+    pub credential: Credential,
+    /// Where it came from, for the start-up log line (`GOOGLE_APPLICATION_CREDENTIALS
+    /// (/var/secrets/sa.json)`, ...).
+    pub source: String,
+}
+
+/// Why discovery failed: the config field to name and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+/// What discovery reads from the process environment (injected in tests).
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Finds the credential of an app: the configured JSON or file, else ADC in Google's order.
+pub fn discover(
+    credentials_json: Option<&str>,
+    credentials_file: Option<&Path>,
+    env: Env<'_>,
+) -> Result<Discovered, DiscoveryError> {
+    if let Some(json) = credentials_json {
+        let credential = Credential::from_json(json).map_err(|e| DiscoveryError {
+            field: "credentials_json",
+            reason: e.to_string(),
+        })?;
+        return Ok(Discovered {
+            credential,
+            source: "credentials_json".into(),
+        });
+    }
+    if let Some(path) = credentials_file {
+        return from_file(
+            path,
+            "credentials_file",
+            format!("credentials_file ({})", path.display()),
+        );
+    }
+    if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
+        let path = PathBuf::from(path);
+        return from_file(
+            &path,
+            "credentials_file",
+            format!("GOOGLE_APPLICATION_CREDENTIALS ({})", path.display()),
+        )
+        .map_err(|e| DiscoveryError {
+            field: e.field,
+            reason: format!("GOOGLE_APPLICATION_CREDENTIALS: {}", e.reason),
+        });
+    }
+    let gcloud_dir = env("CLOUDSDK_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|home| Path::new(&home).join(".config").join("gcloud")));
+    if let Some(dir) = gcloud_dir {
+        let path = dir.join("application_default_credentials.json");
+        if path.is_file() {
+            return from_file(
+                &path,
+                "credentials_file",
+                format!(
+                    "gcloud application default credentials ({})",
+                    path.display()
+                ),
+            );
+        }
+    }
+    let host = env("GCE_METADATA_HOST").unwrap_or_else(|| DEFAULT_METADATA_HOST.to_string());
+    if host.contains('/') || host.trim().is_empty() || host.parse::<http::uri::Authority>().is_err()
+    {
+        return Err(DiscoveryError {
+            field: "credentials",
+            reason: format!("GCE_METADATA_HOST `{host}` is not a host[:port]"),
+        });
+    }
+    Ok(Discovered {
+        source: format!("the metadata server ({host})"),
+        credential: Credential::Metadata(MetadataServer { host }),
+    })
+}
+
+fn from_file(
+    path: &Path,
+    field: &'static str,
+    source: String,
+) -> Result<Discovered, DiscoveryError> {
+    let json = std::fs::read_to_string(path).map_err(|e| DiscoveryError {
+        field,
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let credential = Credential::from_json(&json).map_err(|e| DiscoveryError {
+        field,
+        reason: format!("{}: {e}", path.display()),
+    })?;
+    Ok(Discovered { credential, source })
+}
+
+/// Token endpoints get credentials: `https://`, or `http://` to a loopback stand-in.
+fn check_url(url: &str, field: &'static str) -> Result<(), CredentialsError> {
+    require_https(field, url).map_err(|_| {
+        CredentialsError::TokenUri(format!(
+            "`{field}` must be https:// (http:// only to a loopback address)"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn external(source: Value) -> Value {
+        serde_json::json!({
+            "type": "external_account",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "service_account_impersonation_url": "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/push@proj.iam.gserviceaccount.com:generateAccessToken",
+            "credential_source": source,
+        })
+    }
+
+    #[test]
+    fn external_account_files_parse_and_refuse_what_is_unsupported() {
+        let value = external(serde_json::json!({"file": "/var/run/token"}));
+        let Credential::ExternalAccount(account) =
+            Credential::from_json(&value.to_string()).unwrap()
+        else {
+            panic!("not an external account");
+        };
+        assert!(
+            matches!(&account.source, SubjectSource::File { path, format: SubjectFormat::Text } if path == Path::new("/var/run/token"))
+        );
+        assert_eq!(account.impersonation_lifetime_secs, 3600);
+        let value = external(serde_json::json!({
+            "url": "http://127.0.0.1:9/token", "headers": {"Metadata": "True"},
+            "format": {"type": "json", "subject_token_field_name": "access_token"}
+        }));
+        let Credential::ExternalAccount(account) =
+            Credential::from_json(&value.to_string()).unwrap()
+        else {
+            panic!("not an external account");
+        };
+        assert!(
+            matches!(&account.source, SubjectSource::Url { format: SubjectFormat::Json(f), .. } if f == "access_token")
+        );
+        for (source, wanted) in [
+            (serde_json::json!({"environment_id": "aws1"}), "AWS"),
+            (
+                serde_json::json!({"executable": {"command": "x"}}),
+                "executable",
+            ),
+            (
+                serde_json::json!({"file": "/t", "format": {"type": "json"}}),
+                "subject_token_field_name",
+            ),
+            (
+                serde_json::json!({"url": "http://10.0.0.1/t"}),
+                "credential_source.url",
+            ),
+        ] {
+            let err = Credential::from_json(&external(source).to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(wanted), "{err}");
+        }
+        let mut value = external(serde_json::json!({"file": "/t"}));
+        value["token_url"] = Value::from("http://sts.example.com/v1/token");
+        let err = Credential::from_json(&value.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token_url") && err.contains("https"), "{err}");
+        value.as_object_mut().unwrap().remove("audience");
+        assert_eq!(
+            Credential::from_json(&value.to_string()).unwrap_err(),
+            CredentialsError::Missing("audience")
+        );
+    }
+
+    #[test]
+    fn other_types_are_named() {
+        let err = Credential::from_json(r#"{"type":"impersonated_service_account"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("impersonated_service_account"), "{err}");
+        let user = Credential::from_json(
+            r#"{"type":"authorized_user","client_id":"c.apps","client_secret":"s3cret","refresh_token":"1//r3fresh"}"#,
+        )
+        .unwrap();
+        assert_eq!(user.kind(), "authorized_user");
+        let text = format!("{user:?}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("r3fresh"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn discovery_follows_the_adc_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let sa = pushgate_mocks::keys::generate_service_account("p", "https://127.0.0.1:1/token");
+        let env_file = dir.path().join("env.json");
+        std::fs::write(&env_file, &sa.json).unwrap();
+        let gcloud = dir.path().join("gcloud");
+        std::fs::create_dir(&gcloud).unwrap();
+        std::fs::write(
+            gcloud.join("application_default_credentials.json"),
+            external(serde_json::json!({"file": "/t"})).to_string(),
+        )
+        .unwrap();
+        let env_path = env_file.display().to_string();
+        let gcloud_path = gcloud.display().to_string();
+        let full = |name: &str| match name {
+            "GOOGLE_APPLICATION_CREDENTIALS" => Some(env_path.clone()),
+            "CLOUDSDK_CONFIG" => Some(gcloud_path.clone()),
+            "GCE_METADATA_HOST" => Some("127.0.0.1:9".into()),
+            _ => None,
+        };
+        // Configured JSON wins over everything.
+        let found = discover(Some(&sa.json), None, &full).unwrap();
+        assert_eq!(found.source, "credentials_json");
+        let found = discover(None, None, &full).unwrap();
+        assert!(
+            found.source.starts_with("GOOGLE_APPLICATION_CREDENTIALS"),
+            "{}",
+            found.source
+        );
+        assert_eq!(found.credential.kind(), "service_account");
+        let no_var = |name: &str| match name {
+            "GOOGLE_APPLICATION_CREDENTIALS" => None,
+            other => full(other),
+        };
+        let found = discover(None, None, &no_var).unwrap();
+        assert!(found.source.starts_with("gcloud"), "{}", found.source);
+        assert_eq!(found.credential.kind(), "external_account");
+        let metadata_only = |name: &str| match name {
+            "GCE_METADATA_HOST" => Some("127.0.0.1:9".into()),
+            _ => None,
+        };
+        let found = discover(None, None, &metadata_only).unwrap();
+        assert!(matches!(&found.credential, Credential::Metadata(m) if m.host == "127.0.0.1:9"));
+        let found = discover(None, None, &no_env).unwrap();
+        assert!(
+            matches!(&found.credential, Credential::Metadata(m) if m.host == DEFAULT_METADATA_HOST)
+        );
+        let missing = |name: &str| {
+            (name == "GOOGLE_APPLICATION_CREDENTIALS").then(|| "/nonexistent/adc.json".to_string())
+        };
+        let err = discover(None, None, &missing).unwrap_err();
+        assert!(
+            err.reason.contains("GOOGLE_APPLICATION_CREDENTIALS")
+                && err.reason.contains("/nonexistent/adc.json"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        let t = parse_rfc3339("2026-12-03T16:00:00Z").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_796_313_600
+        );
+        let t = parse_rfc3339("1970-01-01T00:00:01.5Z").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
+            Duration::from_millis(1500)
+        );
+        for bad in [
+            "2026-13-01T00:00:00Z",
+            "2026-12-03 16:00:00",
+            "2026-12-03T16:00:00+01:00",
+            "x",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn impersonation_answers() {
+        let now = parse_rfc3339("2026-12-03T15:00:00Z").unwrap();
+        let (token, lifetime) = parse_impersonation_response(
+            200,
+            br#"{"accessToken":"ya29.imp","expireTime":"2026-12-03T16:00:00Z"}"#,
+            now,
+        )
+        .unwrap();
+        assert_eq!(token.secret(), "ya29.imp");
+        assert_eq!(lifetime, Duration::from_secs(3600));
+        let denied = br#"{"error":{"code":403,"message":"Permission 'iam.serviceAccounts.getAccessToken' denied","status":"PERMISSION_DENIED"}}"#;
+        assert!(matches!(
+            parse_impersonation_response(403, denied, now),
+            Err(FetchError::Permanent(r)) if r.contains("PERMISSION_DENIED")
+        ));
+        assert!(matches!(
+            parse_impersonation_response(503, b"", now),
+            Err(FetchError::Transient(_))
+        ));
+        assert!(matches!(
+            parse_impersonation_response(200, br#"{"accessToken":"x"}"#, now),
+            Err(FetchError::Transient(_))
+        ));
+    }
+}
