@@ -15,6 +15,9 @@ use crate::proto;
 const PACKAGE: &str = "pushgate.v1";
 /// The messages the HTTP API reads or writes; what they refer to is included too.
 const ROOTS: &[&str] = &["SendBatchRequest", "SendBatchResponse", "Receipt"];
+/// Messages only ever written by the gateway: every field is emitted (pbjson `emit_fields`), so
+/// their schemas require every field but the `optional` ones.
+const WRITTEN_ONLY: &[&str] = &["SendBatchResponse", "RecipientResult", "Receipt"];
 
 /// The document, pretty-printed, with a final newline (the form kept in the repository).
 pub fn document_json() -> Vec<u8> {
@@ -233,6 +236,15 @@ fn add_message_schemas(set: &FileDescriptorSet, schemas: &mut Map<String, Value>
                 comment(&[4, index as i32, 2, field as i32])
             });
             let mut schema = schema;
+            if WRITTEN_ONLY.contains(&name.as_str()) {
+                let required: Vec<&str> = message
+                    .field
+                    .iter()
+                    .filter(|f| !f.proto3_optional())
+                    .map(|f| f.name())
+                    .collect();
+                schema["required"] = json!(required);
+            }
             if let Some(text) = comment(&[4, index as i32]) {
                 schema["description"] = Value::from(text);
             }
@@ -370,6 +382,12 @@ mod tests {
             schemas["Platform"]["enum"]
                 .as_array()
                 .is_some_and(|v| v.contains(&Value::from("APNS")))
+        );
+        let required = schemas["Receipt"]["required"].as_array().unwrap();
+        assert!(required.contains(&Value::from("status")));
+        assert!(
+            schemas["Recipient"].get("required").is_none(),
+            "requests require nothing"
         );
         // Only what the HTTP API carries: no admin messages.
         assert!(schemas.get("DeadLetter").is_none());

@@ -459,7 +459,7 @@ async fn receipts_stream_as_sse_and_ndjson() {
 
 #[tokio::test]
 async fn receipts_resume_from_a_cursor_and_last_event_id() {
-    let redis = RedisServer::start();
+    let mut redis = RedisServer::start();
     let h = start(Some(&redis)).await;
     let addr = h.gateway.http_addr.unwrap();
     let reply = call(
@@ -532,6 +532,48 @@ async fn receipts_resume_from_a_cursor_and_last_event_id() {
         (bad.status, bad.json()["error"]["field"].clone()),
         (400, json!("resume_after"))
     );
+
+    // Redis away: /healthz turns 503 and sends are UNAVAILABLE (503), as on gRPC; then back.
+    redis.stop();
+    wait_healthz(addr, 503).await;
+    let refused = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(10..11)),
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["error"]["status"], "UNAVAILABLE");
+    check_against_openapi(&refused.json(), "Error");
+    redis.restart();
+    wait_healthz(addr, 200).await;
+    let again = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(20..21)),
+    )
+    .await;
+    assert_eq!(again.status, 200);
+}
+
+/// Polls `/healthz` until it answers `status` (at most 20 s).
+async fn wait_healthz(addr: SocketAddr, status: u16) {
+    for _ in 0..200 {
+        if call(addr, "GET", "/healthz", None, None).await.status == status {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("/healthz never answered {status}");
 }
 
 #[tokio::test]
