@@ -59,6 +59,9 @@ pub struct Config {
     /// Log lines as human-readable text (default) or one JSON object per line (log shippers).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// `[policy]`: settings of the policy stage shared by every app.
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 /// How the gateway writes its log lines (`log_format`).
@@ -197,6 +200,18 @@ pub struct AppConfig {
     /// Rate limits, fair-share weight and adaptive-concurrency bounds (`[apps.<id>.limits]`).
     #[serde(default)]
     pub limits: crate::limit::LimitConfig,
+    /// The IANA zone of recipients without a `timezone` (quiet hours); UTC when unset.
+    #[serde(default)]
+    pub default_timezone: Option<String>,
+    /// At most `max` sends per user in any rolling `window` (`[{ max = 3, window = "1d" }]`).
+    #[serde(default)]
+    pub frequency_caps: Vec<crate::policy::CapConfig>,
+    /// `[apps.<id>.quiet_hours]`: no pushes in this window of the recipient's local time.
+    #[serde(default)]
+    pub quiet_hours: Option<crate::policy::QuietHoursConfig>,
+    /// Transactional messages (HIGH priority, `bypass_policies`) reach opted-out users.
+    #[serde(default)]
+    pub opt_out_spares_transactional: bool,
 }
 
 /// An API key; its `Debug` never shows the secret.
@@ -331,6 +346,26 @@ impl Config {
         Ok(AppRegistry::from_apps(apps))
     }
 
+    /// Every app's delivery policies, checked (errors name the key).
+    pub fn policy_settings(&self) -> Result<crate::policy::PolicySettings, ConfigError> {
+        let mut apps = HashMap::new();
+        for (id, app) in &self.apps {
+            let c = crate::policy::AppPolicyConfig {
+                default_timezone: app.default_timezone.as_deref(),
+                frequency_caps: &app.frequency_caps,
+                quiet_hours: app.quiet_hours.as_ref(),
+                opt_out_spares_transactional: app.opt_out_spares_transactional,
+            };
+            let policy = crate::policy::AppPolicy::from_config(&format!("apps.{id}"), &c)
+                .map_err(|e| ConfigError::invalid(e.field, e.reason))?;
+            apps.insert(id.clone(), policy);
+        }
+        Ok(crate::policy::PolicySettings {
+            apps,
+            config: self.policy.clone(),
+        })
+    }
+
     /// True when any app has an API or admin key (the API is then authenticated).
     pub fn has_keys(&self) -> bool {
         self.apps
@@ -379,6 +414,11 @@ impl Config {
             at_least_one(key, value)?;
         }
         validate_retry("retry", &self.retry)?;
+        at_least_one(
+            "policy.suppression_ttl_days",
+            self.policy.suppression_ttl_days,
+        )?;
+        self.policy_settings()?;
         if !self.listen.ip().is_loopback() && !self.has_keys() && !self.allow_unauthenticated {
             return Err(ConfigError::invalid(
                 "listen",

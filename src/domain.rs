@@ -141,6 +141,9 @@ pub struct Recipient {
     pub fcm_json: String,
     pub title: Option<String>,
     pub body: Option<String>,
+    /// When the app registered the device token (epoch ms), 0 when unknown: a token remembered
+    /// as dead is sent to again when it was registered after it was reported dead.
+    pub token_registered_at_ms: i64,
 }
 
 impl std::fmt::Debug for Recipient {
@@ -159,6 +162,7 @@ impl std::fmt::Debug for Recipient {
             .field("fcm_json", &Fingerprint(&self.fcm_json))
             .field("title", &redacted(&self.title))
             .field("body", &redacted(&self.body))
+            .field("token_registered_at_ms", &self.token_registered_at_ms)
             .finish()
     }
 }
@@ -173,6 +177,9 @@ pub struct Batch {
     pub recipients: Vec<Recipient>,
     /// The campaign's rate limit (messages per minute) carried in the request; 0 means none.
     pub campaign_rate_per_minute: u32,
+    /// Transactional: quiet hours and frequency caps do not apply (opt-outs and dead-token
+    /// suppression still do).
+    pub bypass_policies: bool,
 }
 
 /// What is known of a batch that could not be read into a [`Batch`] at all (a structural error)
@@ -317,6 +324,14 @@ pub enum ProviderRequest {
 }
 
 impl ProviderRequest {
+    /// The device token the request is addressed to.
+    pub fn device_token(&self) -> &str {
+        match self {
+            ProviderRequest::Apns(r) => &r.device_token,
+            ProviderRequest::Fcm(r) => &r.device_token,
+        }
+    }
+
     pub fn platform(&self) -> Platform {
         match self {
             ProviderRequest::Apns(_) => Platform::Apns,
@@ -536,6 +551,7 @@ mod tests {
             fcm_json: String::new(),
             title: Some("Hello Private Person".into()),
             body: None,
+            token_registered_at_ms: 0,
         };
         let fcm = FcmRequest {
             device_token: token.clone(),

@@ -20,7 +20,7 @@ pub mod edge;
 pub mod ingest;
 pub mod limit;
 pub mod metrics;
-mod policy;
+pub mod policy;
 pub mod provider;
 pub mod receipts;
 pub mod redact;

@@ -20,6 +20,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub app: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: String,
 }
@@ -93,6 +99,9 @@ pub struct Metrics {
     pub rate_limit_wait_seconds: Family<AppLabels, Histogram>,
     /// Messages waiting in the limit stage's queues, per app.
     pub scheduler_queue_depth: Family<AppLabels, Gauge>,
+    /// What the policy stage decided, per app: `send`, `opted_out`, `quiet_hours`,
+    /// `suppressed`, `frequency_cap`, `unavailable` (policy state unreachable).
+    pub policy_decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -182,8 +191,15 @@ impl Metrics {
             "Messages waiting in the limit stage's queues",
             scheduler_queue_depth.clone(),
         );
+        let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "Policy-stage decisions per app (send, opted_out, quiet_hours, suppressed, frequency_cap, unavailable)",
+            policy_decisions.clone(),
+        );
         Self {
             registry,
+            policy_decisions,
             accepted,
             rejected_at_ingest,
             receipts,

@@ -78,6 +78,7 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
             fcm_json: r.fcm_json,
             title: r.title,
             body: r.body,
+            token_registered_at_ms: r.token_registered_at_ms,
         });
     }
     if !errors.is_empty() {
@@ -90,6 +91,7 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         template,
         recipients,
         campaign_rate_per_minute: request.campaign_rate_per_minute,
+        bypass_policies: request.bypass_policies,
     })
 }
 

@@ -3,6 +3,7 @@
 //!
 //! - `api`: `pushgate.v1.PushGateway` (SendBatch, StreamSend, SubscribeReceipts).
 //! - `admin`: `pushgate.v1.PushGatewayAdmin` (dead letters), when the store keeps them.
+//! - `policy`: `pushgate.v1.PushGatewayPolicy` (dead tokens, opt-outs, erasure).
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
 //! - `tls`: TLS and mutual TLS on the listener, reloadable.
@@ -11,10 +12,12 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod convert;
+pub mod policy;
 pub mod tls;
 
 pub use admin::AdminApi;
 pub use api::Api;
 pub use auth::{ApiKeys, Caller, Scope};
 pub use convert::into_batch;
+pub use policy::PolicyApi;
 pub use tls::ServerTls;

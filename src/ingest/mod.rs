@@ -22,8 +22,8 @@ use crate::domain::{
 };
 use crate::limit::{Admission, Limits};
 use crate::metrics::{AppLabels, Metrics};
-use crate::policy::{Policy, Verdict};
-use crate::receipts::{CallerSink, ReceiptEnvelope, ReceiptHub, Resolution};
+use crate::policy::{Input as PolicyInput, Policy, Verdict};
+use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
 use crate::registry::AppRegistry;
 use crate::render::{CompiledTemplate, RenderContext, Stamp};
 use crate::store::{AcceptError, Earlier, Store};
@@ -410,7 +410,9 @@ impl Ingest {
         let mut run = Run::new(self, &accepted.app.id, sink, stream_rejections);
         let recipients = std::mem::take(&mut batch.recipients);
         let valid = run.validate_and_pack(&mut accepted, recipients, &earlier);
-        self.admit(Arc::new(accepted), valid, &mut run).await;
+        let transactional = batch.bypass_policies || accepted.priority == Priority::High;
+        self.admit(Arc::new(accepted), valid, transactional, &mut run)
+            .await;
         let app_id = Arc::clone(&run.app_id);
         if let Err(e) = self.store.release_ids(&app_id, &run.release).await {
             warn!(app = %app_id, error = %e, "could not release idempotency keys of recipients not taken");
@@ -499,49 +501,109 @@ impl Ingest {
         }
     }
 
-    /// Second half of a batch: each validated recipient passes the policy stage, takes its
-    /// limit-stage place and window slot, and is staged; staged messages go to the store in
-    /// chunks and, once it has them, to the limit stage.
-    async fn admit(&self, batch: Arc<AcceptedBatch>, valid: Vec<Valid>, run: &mut Run<'_>) {
+    /// Second half of a batch: each validated recipient passes the policy stage (a chunk at a
+    /// time), takes its limit-stage place and window slot, and is staged; staged messages go to
+    /// the store in chunks and, once it has them, to the limit stage.
+    async fn admit(
+        &self,
+        batch: Arc<AcceptedBatch>,
+        valid: Vec<Valid>,
+        transactional: bool,
+        run: &mut Run<'_>,
+    ) {
         let mut staged = Vec::new();
-        for Valid { at, claimed } in valid {
-            let message_id = batch.message_id_at(at).to_owned();
-            match self.policy.check(&batch.app) {
-                Verdict::Send => {}
-            }
-            // Staged messages hold limit-stage places and window slots until the store has
-            // them, so hand them over before a wait they might be causing.
-            if !staged.is_empty()
-                && (self.window.available_permits() == 0 || !self.limits.has_room(&run.app_id))
-            {
-                self.flush(&mut staged, run).await;
-            }
-            let Some((admission, slot)) = self.take_place(&run.app_id).await else {
-                if claimed {
-                    run.release.push(message_id.clone());
-                }
-                let meta = batch.meta_at(at, SystemTime::now());
-                run.refuse(
-                    Arc::new(meta),
-                    at.index(),
-                    message_id,
-                    FieldError::new("", "the gateway is shutting down"),
-                );
-                continue;
-            };
-            run.accepted.inc();
-            staged.push(Staged {
-                waiting: Waiting::new(Arc::clone(&batch), at, slot),
-                admission,
-                claimed,
-                index: at.index(),
-                message_id,
-            });
-            if staged.len() >= STAGE_CHUNK {
-                self.flush(&mut staged, run).await;
+        let mut valid = valid.into_iter().peekable();
+        while valid.peek().is_some() {
+            let chunk: Vec<Valid> = valid.by_ref().take(STAGE_CHUNK).collect();
+            let inputs: Vec<_> = chunk.iter().map(|v| v.input.clone()).collect();
+            let verdicts = self
+                .policy
+                .decide(&batch.app.id, transactional, &inputs)
+                .await;
+            for (v, verdict) in chunk.into_iter().zip(verdicts) {
+                self.admit_one(&batch, v, verdict, &mut staged, run).await;
             }
         }
         self.flush(&mut staged, run).await;
+    }
+
+    /// One recipient after its policy verdict: ended by the policy (accepted, with its
+    /// terminal receipt now), refused (the policy state is unreachable), or staged.
+    async fn admit_one(
+        &self,
+        batch: &Arc<AcceptedBatch>,
+        Valid { at, claimed, .. }: Valid,
+        verdict: Verdict,
+        staged: &mut Vec<Staged>,
+        run: &mut Run<'_>,
+    ) {
+        let message_id = batch.message_id_at(at).to_owned();
+        match verdict {
+            Verdict::Send => {}
+            Verdict::End(resolution) => {
+                let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
+                let pending = Pending::new(meta, batch.sink.clone(), Arc::clone(&self.hub), None);
+                pending.resolve(resolution);
+                run.accepted.inc();
+                run.results
+                    .push(RecipientResult::accepted(at.index(), message_id));
+                return;
+            }
+            Verdict::Unavailable(reason) => {
+                if claimed {
+                    run.release.push(message_id.clone());
+                }
+                let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
+                let receipt = self.hub.refuse(
+                    meta,
+                    Resolution::gateway(ReceiptStatus::Failed, reason.clone()),
+                );
+                if let Some(sink) = run.sink.filter(|_| run.stream_rejections) {
+                    let _ = sink.send(ReceiptEnvelope {
+                        receipt,
+                        permit: None,
+                    });
+                }
+                run.results.push(RecipientResult::rejected(
+                    at.index(),
+                    message_id,
+                    String::new(),
+                    reason,
+                ));
+                return;
+            }
+        }
+        // Staged messages hold limit-stage places and window slots until the store has
+        // them, so hand them over before a wait they might be causing.
+        if !staged.is_empty()
+            && (self.window.available_permits() == 0 || !self.limits.has_room(&run.app_id))
+        {
+            self.flush(staged, run).await;
+        }
+        let Some((admission, slot)) = self.take_place(&run.app_id).await else {
+            if claimed {
+                run.release.push(message_id.clone());
+            }
+            let meta = batch.meta_at(at, SystemTime::now());
+            run.refuse(
+                Arc::new(meta),
+                at.index(),
+                message_id,
+                FieldError::new("", "the gateway is shutting down"),
+            );
+            return;
+        };
+        run.accepted.inc();
+        staged.push(Staged {
+            waiting: Waiting::new(Arc::clone(batch), at, slot),
+            admission,
+            claimed,
+            index: at.index(),
+            message_id,
+        });
+        if staged.len() >= STAGE_CHUNK {
+            self.flush(staged, run).await;
+        }
     }
 
     /// Hands the staged messages to the store, then to the limit stage. When the store cannot
@@ -615,6 +677,8 @@ impl Ingest {
 struct Valid {
     at: PackedAt,
     claimed: bool,
+    /// What the policy stage reads of the recipient.
+    input: PolicyInput,
 }
 
 /// An admitted message waiting for the store, with what its result needs.
@@ -746,15 +810,17 @@ impl<'a> Run<'a> {
             let claimed = first && !recipient.message_id.is_empty();
             let checked = self
                 .check(batch, &recipient, index, &message_id, accepted_at)
-                .and_then(|_validated| {
+                .and_then(|_validated| self.ingest.policy.inspect(&batch.app.id, &recipient, index))
+                .and_then(|input| {
                     packed
                         .push(&recipient, &message_id, index, &batch.template)
+                        .map(|at| (at, input))
                         .ok_or_else(|| {
                             FieldError::new("recipients", "the batch is too large to hold")
                         })
                 });
             match checked {
-                Ok(at) => valid.push(Valid { at, claimed }),
+                Ok((at, input)) => valid.push(Valid { at, claimed, input }),
                 Err(error) => {
                     if claimed {
                         self.release.push(message_id.clone());

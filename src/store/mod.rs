@@ -15,6 +15,7 @@
 //! hub shows every receipt to the store, which releases what a terminal receipt finished.
 
 pub mod memory;
+pub mod policy_state;
 pub mod redis;
 
 use std::collections::HashMap;

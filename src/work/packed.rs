@@ -330,6 +330,7 @@ pub(super) mod tests {
             fcm_json: r#"{"data":{"k":"v"}}"#.into(),
             title: None,
             body: Some("Ünïcode {{ first_name }}".into()),
+            token_registered_at_ms: 0,
         }
     }
 

@@ -11,6 +11,7 @@ mod apns_pipeline;
 mod deploy;
 mod fcm_pipeline;
 mod limits;
+mod policy;
 mod redis_cluster;
 mod redis_crash;
 mod redis_durable;

@@ -33,6 +33,7 @@ mod dead_letters;
 mod feed;
 mod idempotency;
 mod keys;
+mod policy;
 mod queue;
 mod record;
 mod replicas;
@@ -46,6 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use client::{DurableError, RedisClient, RedisConn};
+pub use policy::RedisPolicyState;
 use queue::RedisRetryQueue;
 
 use super::{
