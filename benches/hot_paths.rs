@@ -58,6 +58,7 @@ fn recipient(n: u64, platform: Platform) -> Recipient {
         title: None,
         body: None,
         token_registered_at_ms: 0,
+        send_at_ms: 0,
     }
 }
 

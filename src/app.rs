@@ -80,7 +80,7 @@ impl Gateway {
             Some(client) => Arc::new(RedisPolicyState::new(Arc::clone(client), ttl_ms)),
             None => Arc::new(MemoryPolicyState::new(ttl_ms)),
         };
-        let policy = Policy::new(policy.apps, Arc::clone(&policy_state), Arc::clone(&metrics));
+        let policy = Policy::new(policy, Arc::clone(&policy_state), Arc::clone(&metrics));
         let hard_stop = CancellationToken::new();
         let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
         // Everything admitted holds an accept-window slot; the bound backs up the channel into

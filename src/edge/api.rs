@@ -100,7 +100,7 @@ impl proto::push_gateway_server::PushGateway for Api {
                 tokio::select! {
                     result = &mut submit => break result,
                     Some(envelope) = receipts.recv() => {
-                        if envelope.receipt.terminal() {
+                        if answers(&envelope.receipt) {
                             collected.push(to_proto_receipt(&envelope.receipt));
                         }
                     }
@@ -111,7 +111,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         let result = result.map_err(submit_status)?;
         if wait {
             while let Some(envelope) = receipts.recv().await {
-                if envelope.receipt.terminal() {
+                if answers(&envelope.receipt) {
                     collected.push(to_proto_receipt(&envelope.receipt));
                 }
             }
@@ -224,6 +224,12 @@ impl proto::push_gateway_server::PushGateway for Api {
             });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// Whether a receipt goes into a SendBatch response: terminal ones, and the SCHEDULED receipt of
+/// a message that waits for its send time (its terminal receipt comes later, to subscribers).
+fn answers(receipt: &crate::domain::Receipt) -> bool {
+    receipt.terminal() || receipt.status == crate::domain::ReceiptStatus::Scheduled
 }
 
 fn invalid_argument(errors: Vec<FieldError>) -> Status {

@@ -79,6 +79,7 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
             title: r.title,
             body: r.body,
             token_registered_at_ms: r.token_registered_at_ms,
+            send_at_ms: r.send_at_ms,
         });
     }
     if !errors.is_empty() {
@@ -92,6 +93,9 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         recipients,
         campaign_rate_per_minute: request.campaign_rate_per_minute,
         bypass_policies: request.bypass_policies,
+        send_at_ms: request.send_at_ms,
+        local_send_time: request.local_send_time,
+        late_sends_now: request.late_sends_now,
     })
 }
 

@@ -22,7 +22,7 @@ use crate::domain::{
 };
 use crate::limit::{Admission, Limits};
 use crate::metrics::{AppLabels, Metrics};
-use crate::policy::{Input as PolicyInput, Policy, Verdict};
+use crate::policy::{Input as PolicyInput, Policy, Timing, Verdict};
 use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
 use crate::registry::AppRegistry;
 use crate::render::{CompiledTemplate, RenderContext, Stamp};
@@ -356,6 +356,7 @@ impl Ingest {
             .into());
         }
         self.config.caps.check(batch)?;
+        let timing = Timing::of(batch)?;
         let compiled = CompiledTemplate::compile(&batch.template)?;
         // A template whose fixed text alone is over every provider's limit fails the batch once,
         // instead of being rendered for each recipient to fail each.
@@ -409,7 +410,7 @@ impl Ingest {
         let batch_id = accepted.batch_id.to_string();
         let mut run = Run::new(self, &accepted.app.id, sink, stream_rejections);
         let recipients = std::mem::take(&mut batch.recipients);
-        let valid = run.validate_and_pack(&mut accepted, recipients, &earlier);
+        let valid = run.validate_and_pack(&mut accepted, recipients, &earlier, &timing);
         let transactional = batch.bypass_policies || accepted.priority == Priority::High;
         self.admit(Arc::new(accepted), valid, transactional, &mut run)
             .await;
@@ -538,8 +539,32 @@ impl Ingest {
         run: &mut Run<'_>,
     ) {
         let message_id = batch.message_id_at(at).to_owned();
+        let mut due_ms = None;
         match verdict {
             Verdict::Send => {}
+            Verdict::Schedule { due_ms: due, .. } => {
+                // Without a durable store a scheduled message waits in this process: bounded.
+                if self.store.name() == "memory"
+                    && self.store.parked() >= self.policy.max_scheduled_in_memory()
+                {
+                    if claimed {
+                        run.release.push(message_id.clone());
+                    }
+                    let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
+                    run.refuse(
+                        meta,
+                        at.index(),
+                        message_id,
+                        FieldError::new(
+                            "send_at_ms",
+                            "too many scheduled messages waiting in memory \
+                             (policy.max_scheduled_in_memory); configure Redis to schedule more",
+                        ),
+                    );
+                    return;
+                }
+                due_ms = Some(due);
+            }
             Verdict::End(resolution) => {
                 let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
                 let pending = Pending::new(meta, batch.sink.clone(), Arc::clone(&self.hub), None);
@@ -600,6 +625,7 @@ impl Ingest {
             claimed,
             index: at.index(),
             message_id,
+            due_ms,
         });
         if staged.len() >= STAGE_CHUNK {
             self.flush(staged, run).await;
@@ -615,19 +641,31 @@ impl Ingest {
         }
         let (messages, places): (Vec<_>, Vec<_>) = std::mem::take(staged)
             .into_iter()
-            .map(|s| (s.waiting, (s.admission, s.claimed, s.index, s.message_id)))
+            .map(|s| {
+                (
+                    s.waiting,
+                    (s.admission, s.claimed, s.index, s.message_id, s.due_ms),
+                )
+            })
             .unzip();
         match self.store.accept(messages).await {
             Ok(works) => {
-                for (work, (admission, _, index, message_id)) in works.into_iter().zip(places) {
-                    self.dispatch(work, admission).await;
+                for (work, (admission, _, index, message_id, due_ms)) in
+                    works.into_iter().zip(places)
+                {
+                    match due_ms {
+                        Some(due_ms) => self.schedule(work, due_ms),
+                        None => self.dispatch(work, admission).await,
+                    }
                     run.results
                         .push(RecipientResult::accepted(index, message_id));
                 }
             }
             Err(AcceptError { error, messages }) => {
                 let reason = format!("{error}; the message was not accepted");
-                for (waiting, (_, claimed, index, message_id)) in messages.into_iter().zip(places) {
+                for (waiting, (_, claimed, index, message_id, _)) in
+                    messages.into_iter().zip(places)
+                {
                     waiting.resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
                     if claimed {
                         run.release.push(message_id.clone());
@@ -659,6 +697,23 @@ impl Ingest {
         place
     }
 
+    /// Sets an accepted message aside until `due_ms`: rendered now (a message that cannot be
+    /// rendered ends REJECTED here), its SCHEDULED receipt emitted, its window slot released,
+    /// and the store holds it (in Redis, durably) until it is due. Its limit-stage place is
+    /// given back; it takes one again when it comes due, like a retry.
+    fn schedule(&self, work: Work, due_ms: i64) {
+        let Some(mut job) = work.into_job() else {
+            return;
+        };
+        let wait = u64::try_from(due_ms - crate::store::now_ms()).unwrap_or(0);
+        let due = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(due_ms.max(0) as u64);
+        job.pending.schedule(due);
+        self.store.schedule(
+            job,
+            tokio::time::Instant::now() + std::time::Duration::from_millis(wait),
+        );
+    }
+
     /// Hands accepted work to the limit stage; its limit-stage place is committed once it is in
     /// the channel.
     async fn dispatch(&self, work: Work, admission: Admission) {
@@ -688,6 +743,8 @@ struct Staged {
     claimed: bool,
     index: usize,
     message_id: String,
+    /// A scheduled message's send time (epoch ms).
+    due_ms: Option<i64>,
 }
 
 /// The recipient index a field such as `recipients[12].vars` names.
@@ -785,6 +842,7 @@ impl<'a> Run<'a> {
         batch: &mut AcceptedBatch,
         recipients: Vec<Recipient>,
         earlier: &HashMap<String, Earlier>,
+        timing: &Timing,
     ) -> Vec<Valid> {
         let mut packed = PackedRecipients::default();
         let mut valid = Vec::with_capacity(recipients.len());
@@ -810,7 +868,11 @@ impl<'a> Run<'a> {
             let claimed = first && !recipient.message_id.is_empty();
             let checked = self
                 .check(batch, &recipient, index, &message_id, accepted_at)
-                .and_then(|_validated| self.ingest.policy.inspect(&batch.app.id, &recipient, index))
+                .and_then(|_validated| {
+                    self.ingest
+                        .policy
+                        .inspect(&batch.app.id, &recipient, index, timing)
+                })
                 .and_then(|input| {
                     packed
                         .push(&recipient, &message_id, index, &batch.template)

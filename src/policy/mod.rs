@@ -1,5 +1,9 @@
-//! Policy stage: decides *whether* an accepted message may go, between ingest and the limit
-//! stage. Every decision ends in a receipt; a policy never drops a message silently.
+//! Policy stage: decides *whether and when* an accepted message may go, between ingest and the
+//! limit stage. Every decision ends in a receipt; a policy never drops a message silently.
+//!
+//! *When*: a message with a send time (`send_at_ms`, or `local_send_time` in the recipient's
+//! zone, see [`Timing`]) or deferred by quiet hours is [`Verdict::Schedule`]d: ingest gives it
+//! a SCHEDULED receipt and the store holds it until it is due.
 //!
 //! The order is fixed, documented in the README ("Campaign delivery") and tested:
 //!
@@ -7,8 +11,9 @@
 //!    `opted_out`. Transactional messages too, unless the app sets
 //!    `opt_out_spares_transactional`.
 //! 2. **quiet hours**: the recipient's local time (its `timezone`, else the app's
-//!    `default_timezone`, else UTC) is inside `[apps.<id>.quiet_hours]` -> DROPPED, reason
-//!    `quiet_hours`.
+//!    `default_timezone`, else UTC) at the send time is inside `[apps.<id>.quiet_hours]` ->
+//!    DROPPED, reason `quiet_hours` (or, with `action = "defer"`, scheduled for the window's
+//!    end once the checks below pass).
 //! 3. **suppression**: the device token was reported dead (APNs 410 or `BadDeviceToken`, FCM
 //!    `UNREGISTERED`) within the suppression ttl and not registered again since ->
 //!    INVALID_TOKEN, reason `suppressed`, without contacting the provider.
@@ -60,7 +65,7 @@ pub enum QuietAction {
     /// DROPPED, reason `quiet_hours`.
     #[default]
     Drop,
-    /// Held until the window ends. Not built yet: refused by validation.
+    /// Held until the window ends (spread over `policy.defer_spread_secs`), then sent.
     Defer,
 }
 
@@ -70,12 +75,20 @@ pub enum QuietAction {
 pub struct PolicyConfig {
     /// How long a dead device token is remembered (and not sent to), in days.
     pub suppression_ttl_days: u64,
+    /// Messages deferred by quiet hours go at the window's end plus a random share of this, so
+    /// the end of the window is not a thundering herd.
+    pub defer_spread_secs: u64,
+    /// Without Redis: scheduled messages (and retries) held in memory at most; more are
+    /// refused. With Redis they wait in Redis and cost this process nothing.
+    pub max_scheduled_in_memory: usize,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             suppression_ttl_days: 90,
+            defer_spread_secs: 60,
+            max_scheduled_in_memory: 100_000,
         }
     }
 }
@@ -99,7 +112,7 @@ pub struct AppPolicyConfig<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct AppPolicy {
     caps: Vec<Cap>,
-    quiet: Option<time::Window>,
+    quiet: Option<(time::Window, QuietAction)>,
     default_zone: Option<jiff::tz::TimeZone>,
     opt_out_spares_transactional: bool,
 }
@@ -123,17 +136,11 @@ impl AppPolicy {
         let quiet = match c.quiet_hours {
             Some(q) => {
                 let key = format!("{prefix}.quiet_hours");
-                if q.action == QuietAction::Defer {
-                    return Err(FieldError::new(
-                        format!("{key}.action"),
-                        "`defer` is not supported by this version (it needs scheduled sends); use `drop`",
-                    ));
-                }
                 let start = time::Clock::parse(&q.start)
                     .map_err(|r| FieldError::new(format!("{key}.start"), r))?;
                 let end = time::Clock::parse(&q.end)
                     .map_err(|r| FieldError::new(format!("{key}.end"), r))?;
-                Some(time::Window { start, end })
+                Some((time::Window { start, end }, q.action))
             }
             None => None,
         };
@@ -183,14 +190,72 @@ pub struct PolicySettings {
     pub config: PolicyConfig,
 }
 
+/// How far ahead a message may be scheduled.
+pub const MAX_AHEAD_MS: i64 = 30 * 86_400_000;
+
+/// A batch's send timing (`send_at_ms`, `local_send_time`), checked once per batch.
+#[derive(Debug, Clone, Default)]
+pub struct Timing {
+    send_at_ms: i64,
+    local: Option<(Option<jiff::civil::Date>, time::Clock)>,
+    late_sends_now: bool,
+}
+
+impl Timing {
+    /// The timing of `batch`; errors name the batch's field.
+    pub fn of(batch: &crate::domain::Batch) -> Result<Self, FieldError> {
+        let local = match batch.local_send_time.trim() {
+            "" => None,
+            text => {
+                if batch.send_at_ms > 0 {
+                    return Err(FieldError::new(
+                        "local_send_time",
+                        "set send_at_ms or local_send_time, not both",
+                    ));
+                }
+                let bad = |reason: String| FieldError::new("local_send_time", reason);
+                match text.split_once(' ') {
+                    Some((date, clock)) => {
+                        let date: jiff::civil::Date = date
+                            .parse()
+                            .map_err(|_| bad(format!("`{date}` is not a date as YYYY-MM-DD")))?;
+                        Some((Some(date), time::Clock::parse(clock).map_err(bad)?))
+                    }
+                    None => Some((None, time::Clock::parse(text).map_err(bad)?)),
+                }
+            }
+        };
+        check_ahead("send_at_ms", batch.send_at_ms, crate::store::now_ms())?;
+        Ok(Self {
+            send_at_ms: batch.send_at_ms,
+            local,
+            late_sends_now: batch.late_sends_now,
+        })
+    }
+}
+
+/// Refuses an instant more than [`MAX_AHEAD_MS`] from now.
+fn check_ahead(field: &str, at_ms: i64, now_ms: i64) -> Result<(), FieldError> {
+    if at_ms > now_ms.saturating_add(MAX_AHEAD_MS) {
+        return Err(FieldError::new(
+            field,
+            "more than 30 days ahead (a message may be scheduled up to 30 days ahead)",
+        ));
+    }
+    Ok(())
+}
+
 /// What the stage needs to know of one recipient, taken at validation.
 #[derive(Debug, Clone)]
 pub struct Input {
     user_id: String,
     device_token: String,
     registered_at_ms: i64,
-    /// The recipient's zone, resolved only when the app has quiet hours.
+    /// The recipient's zone, resolved only when the app has quiet hours or the batch a local
+    /// send time.
     zone: Option<jiff::tz::TimeZone>,
+    /// When it is due, if later than now.
+    due_ms: Option<i64>,
 }
 
 /// What the policy stage decided for one message.
@@ -198,6 +263,9 @@ pub struct Input {
 pub enum Verdict {
     /// Go on to the limit stage now.
     Send,
+    /// Accepted, to be sent at `due_ms` (its own send time, or the end of quiet hours when
+    /// `deferred`).
+    Schedule { due_ms: i64, deferred: bool },
     /// End now with this terminal receipt (DROPPED or INVALID_TOKEN, with the reason).
     End(Resolution),
     /// The policy state could not be asked (Redis unreachable): not accepted.
@@ -211,6 +279,7 @@ pub struct Policy {
     /// `None`: no policy at all (every message goes), for gateways built without state.
     state: Option<Arc<dyn PolicyState>>,
     metrics: Option<Arc<Metrics>>,
+    config: PolicyConfig,
 }
 
 impl std::fmt::Debug for Policy {
@@ -224,15 +293,21 @@ impl std::fmt::Debug for Policy {
 
 impl Policy {
     pub fn new(
-        apps: HashMap<String, AppPolicy>,
+        settings: PolicySettings,
         state: Arc<dyn PolicyState>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            apps: Arc::new(apps),
+            apps: Arc::new(settings.apps),
             state: Some(state),
             metrics: Some(metrics),
+            config: settings.config,
         }
+    }
+
+    /// Scheduled messages a store without durability may hold.
+    pub fn max_scheduled_in_memory(&self) -> usize {
+        self.config.max_scheduled_in_memory
     }
 
     /// What the stage remembers, for the policy RPCs and the deliver stage (dead tokens).
@@ -241,29 +316,66 @@ impl Policy {
     }
 
     /// Validates what the policies read of a recipient (its time zone, when `app` has quiet
-    /// hours) and keeps it for [`Policy::decide`]. Errors name the recipient's field.
+    /// hours or the batch a local send time; its send time) and keeps it for
+    /// [`Policy::decide`]. Errors name the recipient's field.
     pub fn inspect(
         &self,
         app: &str,
         recipient: &Recipient,
         index: usize,
+        timing: &Timing,
     ) -> Result<Input, FieldError> {
         let policy = self.apps.get(app);
-        let zone = match policy.filter(|p| p.quiet.is_some()) {
-            Some(p) if recipient.timezone.is_empty() => p.default_zone.clone(),
-            Some(_) => Some(time::zone(&recipient.timezone).ok_or_else(|| {
-                FieldError::new(
-                    format!("recipients[{index}].timezone"),
-                    format!("`{}` is not an IANA time zone name", recipient.timezone),
-                )
-            })?),
-            None => None,
+        let field = |name: &str| format!("recipients[{index}].{name}");
+        let zone = if policy.is_some_and(|p| p.quiet.is_some()) || timing.local.is_some() {
+            if recipient.timezone.is_empty() {
+                policy.and_then(|p| p.default_zone.clone())
+            } else {
+                Some(time::zone(&recipient.timezone).ok_or_else(|| {
+                    FieldError::new(
+                        field("timezone"),
+                        format!("`{}` is not an IANA time zone name", recipient.timezone),
+                    )
+                })?)
+            }
+        } else {
+            None
+        };
+        let now = jiff::Timestamp::now();
+        let now_ms = time::millis(now);
+        let due_ms = if recipient.send_at_ms > 0 {
+            check_ahead(&field("send_at_ms"), recipient.send_at_ms, now_ms)?;
+            recipient.send_at_ms
+        } else if timing.send_at_ms > 0 {
+            timing.send_at_ms
+        } else if let Some((date, clock)) = timing.local {
+            let utc = jiff::tz::TimeZone::UTC;
+            let tz = zone.as_ref().unwrap_or(&utc);
+            let at = match date {
+                Some(day) => time::at(day, clock, tz)
+                    .filter(|&t| t >= now || timing.late_sends_now)
+                    .map(|t| t.max(now))
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            "local_send_time",
+                            format!("already past in {}", tz.iana_name().unwrap_or("UTC")),
+                        )
+                    })?,
+                None => time::next_local(now, tz, clock, timing.late_sends_now)
+                    .ok_or_else(|| FieldError::new("local_send_time", "no such local time"))?,
+            };
+            let at_ms = time::millis(at);
+            check_ahead("local_send_time", at_ms, now_ms)?;
+            at_ms
+        } else {
+            0
         };
         Ok(Input {
             user_id: recipient.user_id.clone(),
             device_token: recipient.device_token.clone(),
             registered_at_ms: recipient.token_registered_at_ms,
             zone,
+            due_ms: (due_ms > now_ms).then_some(due_ms),
         })
     }
 
@@ -277,27 +389,65 @@ impl Policy {
         let policy = self.apps.get(app).unwrap_or(&none);
         let now = jiff::Timestamp::now();
         let now_ms = time::millis(now);
+        let spread_ms = self.config.defer_spread_secs.saturating_mul(1_000);
+        let mut deferred: Vec<Option<i64>> = Vec::with_capacity(inputs.len());
         let queries: Vec<Query<'_>> = inputs
             .iter()
             .map(|input| {
-                let quiet = !transactional
-                    && policy.quiet.is_some_and(|w| {
-                        let utc = jiff::tz::TimeZone::UTC;
-                        let zone = input.zone.as_ref().unwrap_or(&utc);
-                        w.ends_after(now, zone).is_some()
-                    });
+                // Quiet hours are judged at the instant the message would go.
+                let at = input.due_ms.map_or(now, time::from_millis);
+                let quiet_until =
+                    policy
+                        .quiet
+                        .filter(|_| !transactional)
+                        .and_then(|(w, action)| {
+                            let utc = jiff::tz::TimeZone::UTC;
+                            let zone = input.zone.as_ref().unwrap_or(&utc);
+                            w.ends_after(at, zone).map(|end| (end, action))
+                        });
+                let defer_to = match quiet_until {
+                    Some((end, QuietAction::Defer)) => {
+                        let jitter = if spread_ms > 0 {
+                            rand::random_range(0..spread_ms)
+                        } else {
+                            0
+                        };
+                        Some(time::millis(end).saturating_add(i64::try_from(jitter).unwrap_or(0)))
+                    }
+                    _ => None,
+                };
+                deferred.push(defer_to);
                 Query {
                     user_id: &input.user_id,
                     device_token: &input.device_token,
                     registered_at_ms: input.registered_at_ms,
                     opt_out: !(transactional && policy.opt_out_spares_transactional),
-                    quiet,
+                    quiet: matches!(quiet_until, Some((_, QuietAction::Drop))),
                     capped: !transactional,
                 }
             })
             .collect();
         let verdicts: Vec<Verdict> = match state.decide(app, &policy.caps, now_ms, &queries).await {
-            Ok(answers) => answers.into_iter().map(verdict).collect(),
+            Ok(answers) => answers
+                .into_iter()
+                .zip(inputs.iter().zip(deferred))
+                .map(
+                    |(answer, (input, defer_to))| match (verdict(answer), defer_to) {
+                        (Verdict::Send, Some(due_ms)) => Verdict::Schedule {
+                            due_ms,
+                            deferred: true,
+                        },
+                        (Verdict::Send, None) => match input.due_ms {
+                            Some(due_ms) => Verdict::Schedule {
+                                due_ms,
+                                deferred: false,
+                            },
+                            None => Verdict::Send,
+                        },
+                        (other, _) => other,
+                    },
+                )
+                .collect(),
             Err(e) => {
                 let reason = format!("{e}; the message was not accepted");
                 inputs
@@ -316,6 +466,8 @@ impl Policy {
         for v in verdicts {
             let label = match v {
                 Verdict::Send => "send",
+                Verdict::Schedule { deferred: true, .. } => "deferred",
+                Verdict::Schedule { .. } => "scheduled",
                 Verdict::Unavailable(_) => "unavailable",
                 Verdict::End(r) => match r.reason.as_str() {
                     OPTED_OUT => OPTED_OUT,

@@ -54,6 +54,7 @@ fn recipient(platform: Platform, token: &str, vars: &[(&str, &str)]) -> Recipien
         title: None,
         body: None,
         token_registered_at_ms: 0,
+        send_at_ms: 0,
     }
 }
 

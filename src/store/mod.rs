@@ -157,6 +157,13 @@ pub trait Store: ReceiptObserver + Send + Sync + 'static {
     /// Parks `job` until `due`, then feeds it to the limit stage again.
     fn park(&self, job: Job, due: Instant);
 
+    /// Holds a scheduled message (never attempted, already accepted) until `due`, then feeds
+    /// it to the limit stage. A durable store keeps it across crashes and lets exactly one
+    /// replica send it; the memory store keeps it with its retries.
+    fn schedule(&self, job: Job, due: Instant) {
+        self.park(job, due);
+    }
+
     /// Ends a job whose attempts are exhausted with `resolution`; a store that keeps dead
     /// letters keeps it (with its last error) for the admin RPCs.
     fn dead_letter(&self, job: Job, resolution: Resolution);

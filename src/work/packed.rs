@@ -331,6 +331,7 @@ pub(super) mod tests {
             title: None,
             body: Some("Ünïcode {{ first_name }}".into()),
             token_registered_at_ms: 0,
+            send_at_ms: 0,
         }
     }
 

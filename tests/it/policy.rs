@@ -612,3 +612,332 @@ async fn redis_and_memory_state_answer_alike() {
         assert_eq!(f.cap_sends, 1, "only the send of the open window is left");
     }
 }
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// Scheduled sends in memory: a SCHEDULED receipt at once (in the SendBatch answer), nothing
+/// at the mock before the due time, the terminal receipt to subscribers after it; per-recipient
+/// times override the batch's; more than 30 days ahead is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_sends_in_memory() {
+    let h = harness::start(Options::default()).await;
+    let mut subscription = h
+        .client()
+        .await
+        .subscribe_receipts(proto::SubscribeReceiptsRequest {
+            app_id: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = std::time::Instant::now();
+    let due = now_ms() + 1_200;
+    let mut request = batch(vec![
+        recipient(1, &[]),
+        proto::Recipient {
+            send_at_ms: due + 600,
+            ..recipient(2, &[])
+        },
+    ]);
+    request.send_at_ms = due;
+    let response = h
+        .client()
+        .await
+        .send_batch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.accepted, 2);
+    let scheduled: HashMap<_, _> = response
+        .receipts
+        .iter()
+        .map(|r| (r.message_id.clone(), r.clone()))
+        .collect();
+    assert_eq!(status(&scheduled["m-1"]), ReceiptStatus::Scheduled);
+    assert!(!scheduled["m-1"].terminal);
+    assert_eq!(scheduled["m-1"].scheduled_for_ms, due);
+    assert_eq!(scheduled["m-2"].scheduled_for_ms, due + 600);
+    assert_eq!(h.mock.stats().accepted, 0, "nothing before the due time");
+    let mut delivered = Vec::new();
+    while delivered.len() < 2 {
+        let r = tokio::time::timeout(Duration::from_secs(20), subscription.message())
+            .await
+            .expect("the scheduled messages are delivered")
+            .unwrap()
+            .unwrap();
+        if r.terminal {
+            assert_eq!(status(&r), ReceiptStatus::Delivered);
+            delivered.push(r.message_id);
+        }
+    }
+    let accepted = h.mock.accepted();
+    assert_eq!(accepted.len(), 2);
+    for a in &accepted {
+        let min = if a.device_token == token(1) {
+            1_150
+        } else {
+            1_750
+        };
+        assert!(
+            a.received_at.duration_since(started) >= Duration::from_millis(min),
+            "sent before its time"
+        );
+    }
+    // More than 30 days ahead: the batch's field, or the recipient's.
+    let mut far = batch(vec![recipient(3, &[])]);
+    far.send_at_ms = now_ms() + 31 * 86_400_000;
+    let e = h.client().await.send_batch(far).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("send_at_ms"), "{}", e.message());
+    let response = h
+        .client()
+        .await
+        .send_batch(batch(vec![proto::Recipient {
+            send_at_ms: now_ms() + 31 * 86_400_000,
+            ..recipient(4, &[])
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.results[0].field, "recipients[0].send_at_ms");
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// The instant of `clock` ("HH:MM") on `day` in `zone`, computed here with jiff's own API.
+fn local_instant(day: jiff::civil::Date, hour: i8, minute: i8, zone: &str) -> i64 {
+    day.at(hour, minute, 0, 0)
+        .in_tz(zone)
+        .unwrap()
+        .timestamp()
+        .as_millisecond()
+}
+
+/// Local-time sends: one date and time, each recipient at it in its own zone (or the app's
+/// default); a time already past goes tomorrow, or now with `late_sends_now`; an unknown zone
+/// is refused naming the recipient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_time_sends_follow_each_recipients_zone() {
+    let h = harness::start(Options {
+        shop: "default_timezone = \"Europe/Paris\"".into(),
+        ..Default::default()
+    })
+    .await;
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let day = today.checked_add(jiff::ToSpan::days(2)).unwrap();
+    let zoned = |n: u64, zone: &str| proto::Recipient {
+        timezone: zone.into(),
+        ..recipient(n, &[])
+    };
+    let mut request = batch(vec![
+        zoned(1, "Asia/Kolkata"),
+        zoned(2, "America/New_York"),
+        recipient(3, &[]),
+        zoned(4, "Mars/Olympus_Mons"),
+    ]);
+    request.local_send_time = format!("{day} 09:00");
+    let response = h
+        .client()
+        .await
+        .send_batch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.accepted, 3);
+    let refused = response.results.iter().find(|r| !r.accepted).unwrap();
+    assert_eq!(refused.field, "recipients[3].timezone");
+    let by_id: HashMap<_, _> = response
+        .receipts
+        .iter()
+        .map(|r| (r.message_id.clone(), r.scheduled_for_ms))
+        .collect();
+    assert_eq!(by_id["m-1"], local_instant(day, 9, 0, "Asia/Kolkata"));
+    assert_eq!(by_id["m-2"], local_instant(day, 9, 0, "America/New_York"));
+    assert_eq!(by_id["m-3"], local_instant(day, 9, 0, "Europe/Paris"));
+
+    // "HH:MM" an hour ago in UTC: tomorrow, or now with late_sends_now (unless an hour ago was
+    // yesterday, when it is still ahead today).
+    let hour_ago = jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::from_hours(1))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    let clock = format!("{:02}:{:02}", hour_ago.hour(), hour_ago.minute());
+    let today_at = local_instant(today, hour_ago.hour(), hour_ago.minute(), "UTC");
+    for late in [false, true] {
+        let n = 10 + u64::from(late);
+        let mut request = batch(vec![zoned(n, "UTC")]);
+        request.local_send_time = clock.clone();
+        request.late_sends_now = late;
+        let response = h
+            .client()
+            .await
+            .send_batch(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let r = &response.receipts[0];
+        if today_at > now_ms() {
+            assert_eq!(r.scheduled_for_ms, today_at);
+        } else if late {
+            assert_eq!(status(r), ReceiptStatus::Delivered);
+        } else {
+            let tomorrow = today.checked_add(jiff::ToSpan::days(1)).unwrap();
+            assert_eq!(
+                r.scheduled_for_ms,
+                local_instant(tomorrow, hour_ago.hour(), hour_ago.minute(), "UTC")
+            );
+        }
+    }
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// Quiet hours with `action = "defer"`: the message is SCHEDULED for the window's end plus at
+/// most the spread; a recipient outside the window goes now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_hours_defer_to_the_end_of_the_window() {
+    let h = harness::start(Options {
+        shop: quiet_now().replace("\"drop\"", "\"defer\""),
+        extra: "[policy]\ndefer_spread_secs = 10".into(),
+        ..Default::default()
+    })
+    .await;
+    let tokyo = proto::Recipient {
+        timezone: "Asia/Tokyo".into(),
+        ..recipient(2, &[])
+    };
+    let response = h
+        .client()
+        .await
+        .send_batch(batch(vec![recipient(1, &[]), tokyo]))
+        .await
+        .unwrap()
+        .into_inner();
+    let by_id: HashMap<_, _> = response
+        .receipts
+        .iter()
+        .map(|r| (r.message_id.clone(), r.clone()))
+        .collect();
+    assert_eq!(status(&by_id["m-2"]), ReceiptStatus::Delivered);
+    let deferred = &by_id["m-1"];
+    assert_eq!(status(deferred), ReceiptStatus::Scheduled);
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let end_hour = (now.hour() + 2) % 24;
+    let mut day = now.date();
+    if end_hour < now.hour() {
+        day = day.tomorrow().unwrap();
+    }
+    let end = local_instant(day, end_hour, 0, "UTC");
+    assert!(
+        (end..end + 10_000).contains(&deferred.scheduled_for_ms),
+        "{} not within the spread after {end}",
+        deferred.scheduled_for_ms
+    );
+    assert_eq!(h.mock.stats().accepted, 1);
+}
+
+/// Durable schedules: two `pushgate serve` processes on one Redis; messages scheduled through
+/// the first, which is killed with `kill -9` before they are due and started again; each
+/// message is delivered exactly once after its due time, by whichever process took it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_messages_survive_kill_9_and_go_once_across_two_replicas() {
+    use crate::redis_crash::{TOPIC, apns_mock, connect, free_port, spawn, stream_receipts};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mock, key, key_file) = apns_mock(dir.path()).await;
+    let config = |i: usize| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let path = dir.path().join(format!("pushgate-{i}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+                listen = "{addr}"
+                [pipeline]
+                shutdown_grace_secs = 1
+                [redis]
+                url = "{url}"
+                lease_ms = 1000
+                poll_ms = 20
+                [apps.shop.apns]
+                key_file = "{key_file}"
+                key_id = "{key_id}"
+                team_id = "{team_id}"
+                topic = "{TOPIC}"
+                endpoint = "{endpoint}"
+                connections = 1
+                "#,
+                url = redis.url(),
+                key_file = key_file.display(),
+                key_id = key.key_id,
+                team_id = key.team_id,
+                endpoint = mock.url(),
+            ),
+        )
+        .unwrap();
+        (path, addr)
+    };
+    let (first_config, first_addr) = config(0);
+    let (second_config, second_addr) = config(1);
+    let first = spawn(&first_config, &dir.path().join("first.log"));
+    let _second = spawn(&second_config, &dir.path().join("second.log"));
+    let mut client = connect(&first_addr).await;
+    connect(&second_addr).await;
+    let n = 20u64;
+    let due = now_ms() + 4_000;
+    let mut request = batch((1..=n).map(|i| recipient(i, &[])).collect());
+    request.send_at_ms = due;
+    let response = client.send_batch(request).await.unwrap().into_inner();
+    assert_eq!(response.accepted as u64, n);
+    assert!(
+        response
+            .receipts
+            .iter()
+            .all(|r| status(r) == ReceiptStatus::Scheduled && r.scheduled_for_ms == due)
+    );
+    drop(first); // SIGKILL
+    let _first_again = spawn(&first_config, &dir.path().join("first-again.log"));
+    connect(&first_addr).await;
+    if now_ms() < due - 200 {
+        assert_eq!(mock.stats().accepted, 0, "nothing sent before its time");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let terminal = stream_receipts(&redis)
+            .await
+            .into_iter()
+            .filter(|r| r.terminal)
+            .count() as u64;
+        if terminal >= n || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Time for a duplicate to show, if there were one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let receipts = stream_receipts(&redis).await;
+    let terminal = harness::terminal_by_message(&receipts);
+    assert_eq!(
+        terminal.len() as u64,
+        n,
+        "every scheduled message ended once"
+    );
+    assert!(
+        terminal
+            .values()
+            .all(|r| status(r) == ReceiptStatus::Delivered && r.completed_at_ms >= due)
+    );
+    let mut tokens: Vec<String> = mock
+        .accepted()
+        .into_iter()
+        .map(|a| a.device_token)
+        .collect();
+    tokens.sort();
+    let before = tokens.len();
+    tokens.dedup();
+    assert_eq!(before, tokens.len(), "no token reached APNs twice");
+    assert_eq!(tokens.len() as u64, n);
+}

@@ -196,6 +196,7 @@ fn batch(ids: impl IntoIterator<Item = u64>) -> Batch {
                 title: None,
                 body: None,
                 token_registered_at_ms: 0,
+                send_at_ms: 0,
             })
             .collect(),
         ..Default::default()

@@ -278,6 +278,10 @@ impl Store for RedisStore {
         self.queue.park(job, super::due_ms(due));
     }
 
+    fn schedule(&self, job: Job, due: Instant) {
+        self.queue.schedule(job, super::due_ms(due));
+    }
+
     fn dead_letter(&self, job: Job, resolution: Resolution) {
         self.queue.dead_letter(job, resolution);
     }

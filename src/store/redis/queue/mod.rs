@@ -314,6 +314,37 @@ impl RedisRetryQueue {
         }
     }
 
+    /// Moves a scheduled message from its lease to this replica's delay set until `due_ms`, as
+    /// a parked job, but without keeping its `Pending` here: its caller no longer listens (see
+    /// `Pending::schedule`), so whichever replica claims it when due (this one, or the one that
+    /// takes over after a crash) emits its receipts to the app's subscribers. Memory here stays
+    /// the same however many messages are scheduled.
+    pub fn schedule(&self, job: Job, due_ms: i64) {
+        let meta = Arc::clone(job.pending.meta());
+        let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
+        const SHUT_DOWN: &str = "gateway shut down before the message was scheduled";
+        if self.keys(&meta.app_id).is_none() || self.stopped.load(Ordering::Acquire) {
+            job.pending
+                .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+            return;
+        }
+        let record = StoredJob::new(&meta, &job.request, job.pending.attempt()).to_json();
+        self.held.remove(&key);
+        self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
+        let (app, id) = key;
+        if self.write(Write::Park {
+            app,
+            id,
+            record,
+            due_ms,
+        }) {
+            job.pending.hand_off();
+        } else {
+            job.pending
+                .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+        }
+    }
+
     /// Keeps a job whose attempts ran out as a dead letter, then emits its terminal receipt.
     pub fn dead_letter(&self, job: Job, resolution: Resolution) {
         // The record is written before the terminal receipt is emitted (same writer order as
