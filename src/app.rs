@@ -430,7 +430,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             )
         })
         .add_optional_service(
-            PolicyApi::new(gateway.policy(), config.apps.keys().cloned()).map(|api| {
+            PolicyApi::new(
+                gateway.policy(),
+                Arc::clone(gateway.store()),
+                config.apps.keys().cloned(),
+            )
+            .map(|api| {
                 let keys = api_keys.clone();
                 tonic::service::interceptor::InterceptedService::new(
                     api.into_server(),

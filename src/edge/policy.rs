@@ -1,5 +1,6 @@
 //! The `pushgate.v1.PushGatewayPolicy` gRPC service: dead tokens (ListInvalidTokens), consent
-//! (SetOptOut, ClearOptOut) and erasure (ForgetUser). Authorized per app with the send scope,
+//! (SetOptOut, ClearOptOut), erasure (ForgetUser) and cancellation of scheduled messages
+//! (CancelScheduled). Authorized per app with the send scope,
 //! exactly like `PushGateway`: the caller's key must be one of the app's `api_keys` or
 //! `admin_keys`, checked before the app is looked up.
 
@@ -15,8 +16,8 @@ use tonic::{Request, Response, Status};
 use super::auth::{Caller, Scope, forbidden};
 use crate::policy::Policy;
 use crate::proto;
-use crate::store::StoreError;
 use crate::store::policy_state::{PolicyState, TokenCursor};
+use crate::store::{Scheduled, Store, StoreError};
 
 /// Tokens one ListInvalidTokens streams by default, and at most.
 const DEFAULT_LIMIT: usize = 1_000;
@@ -27,14 +28,20 @@ const PAGE: usize = 500;
 /// The policy service.
 pub struct PolicyApi {
     state: Arc<dyn PolicyState>,
+    store: Arc<dyn Store>,
     apps: HashSet<String>,
 }
 
 impl PolicyApi {
     /// The service over `policy`'s state; `None` when the stage keeps none.
-    pub fn new(policy: &Policy, apps: impl IntoIterator<Item = String>) -> Option<Self> {
+    pub fn new(
+        policy: &Policy,
+        store: Arc<dyn Store>,
+        apps: impl IntoIterator<Item = String>,
+    ) -> Option<Self> {
         Some(Self {
             state: Arc::clone(policy.state()?),
+            store,
             apps: apps.into_iter().collect(),
         })
     }
@@ -171,6 +178,43 @@ impl proto::push_gateway_policy_server::PushGatewayPolicy for PolicyApi {
             .await
             .map_err(unavailable)?;
         Ok(Response::new(proto::OptOutResponse { changed }))
+    }
+
+    async fn cancel_scheduled(
+        &self,
+        request: Request<proto::CancelScheduledRequest>,
+    ) -> Result<Response<proto::CancelScheduledResponse>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        self.check_app(&caller, &r.app_id)?;
+        let given = [
+            !r.campaign_id.is_empty(),
+            !r.batch_id.is_empty(),
+            !r.message_ids.is_empty(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(Status::invalid_argument(
+                "campaign_id, batch_id, message_ids: set exactly one",
+            ));
+        }
+        if r.message_ids.len() > MAX_LIMIT {
+            return Err(Status::invalid_argument(format!(
+                "message_ids: at most {MAX_LIMIT} per call"
+            )));
+        }
+        let which = if !r.campaign_id.is_empty() {
+            Scheduled::Campaign(r.campaign_id)
+        } else if !r.batch_id.is_empty() {
+            Scheduled::Batch(r.batch_id)
+        } else {
+            Scheduled::Messages(r.message_ids)
+        };
+        let cancelled = self
+            .store
+            .cancel_scheduled(&r.app_id, &which)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(proto::CancelScheduledResponse { cancelled }))
     }
 
     async fn forget_user(

@@ -53,6 +53,28 @@ pub enum Earlier {
     Finished(ReceiptStatus),
 }
 
+/// Which scheduled messages a cancellation takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheduled {
+    Campaign(String),
+    Batch(String),
+    Messages(Vec<String>),
+}
+
+impl Scheduled {
+    /// Whether a message of this campaign, batch and id is selected.
+    pub fn selects(&self, campaign_id: &str, batch_id: &str, message_id: &str) -> bool {
+        match self {
+            Scheduled::Campaign(c) => c == campaign_id,
+            Scheduled::Batch(b) => b == batch_id,
+            Scheduled::Messages(ids) => ids.iter().any(|id| id == message_id),
+        }
+    }
+}
+
+/// The reason of the receipt of a cancelled scheduled message.
+pub const CANCELLED: &str = "cancelled";
+
 /// Which receipts a resumable subscriber wants.
 #[derive(Debug, Clone, Default)]
 pub struct FeedFilter {
@@ -163,6 +185,11 @@ pub trait Store: ReceiptObserver + Send + Sync + 'static {
     fn schedule(&self, job: Job, due: Instant) {
         self.park(job, due);
     }
+
+    /// Ends the scheduled messages of `app` that `which` selects and that have not gone yet
+    /// (never attempted, still waiting), each with a terminal DROPPED receipt, reason
+    /// `cancelled`; returns how many. A message being sent at that moment is not taken.
+    async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError>;
 
     /// Ends a job whose attempts are exhausted with `resolution`; a store that keeps dead
     /// letters keeps it (with its last error) for the admin RPCs.

@@ -941,3 +941,129 @@ async fn scheduled_messages_survive_kill_9_and_go_once_across_two_replicas() {
     assert_eq!(before, tokens.len(), "no token reached APNs twice");
     assert_eq!(tokens.len() as u64, n);
 }
+
+/// CancelScheduled by campaign, by batch and by ids: each cancelled message ends DROPPED
+/// `cancelled` (once: cancelling again finds nothing), the rest goes at its time.
+async fn cancel(h: &Harness) {
+    let mut subscription = h
+        .client()
+        .await
+        .subscribe_receipts(proto::SubscribeReceiptsRequest {
+            app_id: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let due = now_ms() + 1_500;
+    let scheduled = |campaign: &str, batch_id: &str, ids: std::ops::Range<u64>| {
+        let mut request = batch(ids.map(|n| recipient(n, &[])).collect());
+        request.campaign_id = campaign.into();
+        request.batch_id = batch_id.into();
+        request.send_at_ms = due;
+        request
+    };
+    for request in [
+        scheduled("c1", "b1", 1..4),
+        scheduled("c2", "b2", 4..6),
+        scheduled("c3", "b3", 6..8),
+    ] {
+        let response = h
+            .client()
+            .await
+            .send_batch(request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            response
+                .receipts
+                .iter()
+                .all(|r| status(r) == ReceiptStatus::Scheduled)
+        );
+    }
+    let mut policy = policy_client(h).await;
+    let cancel = |campaign: &str, batch_id: &str, ids: &[&str]| proto::CancelScheduledRequest {
+        app_id: "shop".into(),
+        campaign_id: campaign.into(),
+        batch_id: batch_id.into(),
+        message_ids: ids.iter().map(|s| s.to_string()).collect(),
+    };
+    let n = |r: tonic::Response<proto::CancelScheduledResponse>| r.into_inner().cancelled;
+    assert_eq!(
+        n(policy
+            .cancel_scheduled(cancel("c1", "", &[]))
+            .await
+            .unwrap()),
+        3
+    );
+    assert_eq!(
+        n(policy
+            .cancel_scheduled(cancel("", "b2", &[]))
+            .await
+            .unwrap()),
+        2
+    );
+    assert_eq!(
+        n(policy
+            .cancel_scheduled(cancel("", "", &["m-6", "m-99"]))
+            .await
+            .unwrap()),
+        1
+    );
+    assert_eq!(
+        n(policy
+            .cancel_scheduled(cancel("c1", "", &[]))
+            .await
+            .unwrap()),
+        0
+    );
+    let both = policy
+        .cancel_scheduled(cancel("c1", "b1", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(both.code(), tonic::Code::InvalidArgument);
+    let mut terminal = HashMap::new();
+    while terminal.len() < 7 {
+        let r = tokio::time::timeout(Duration::from_secs(20), subscription.message())
+            .await
+            .expect("every message ends")
+            .unwrap()
+            .unwrap();
+        if r.terminal {
+            assert!(
+                terminal.insert(r.message_id.clone(), r).is_none(),
+                "one terminal receipt each"
+            );
+        }
+    }
+    for id in ["m-1", "m-2", "m-3", "m-4", "m-5", "m-6"] {
+        assert_eq!(status(&terminal[id]), ReceiptStatus::Dropped, "{id}");
+        assert_eq!(terminal[id].reason, "cancelled");
+    }
+    assert_eq!(status(&terminal["m-7"]), ReceiptStatus::Delivered);
+    assert_eq!(
+        h.mock.stats().accepted,
+        1,
+        "cancelled messages never reach APNs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_scheduled_in_memory() {
+    let h = harness::start(Options::default()).await;
+    cancel(&h).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_scheduled_with_redis() {
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        extra: redis_section(&redis),
+        ..Default::default()
+    })
+    .await;
+    cancel(&h).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}

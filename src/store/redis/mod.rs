@@ -51,8 +51,8 @@ pub use policy::RedisPolicyState;
 use queue::RedisRetryQueue;
 
 use super::{
-    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Store, StoreError,
-    StoreStats,
+    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Scheduled, Store,
+    StoreError, StoreStats,
 };
 use crate::domain::Receipt;
 use crate::receipts::{ReceiptHub, ReceiptObserver, Resolution};
@@ -280,6 +280,13 @@ impl Store for RedisStore {
 
     fn schedule(&self, job: Job, due: Instant) {
         self.queue.schedule(job, super::due_ms(due));
+    }
+
+    async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError> {
+        self.queue
+            .cancel_scheduled(app, which)
+            .await
+            .map_err(unreachable)
     }
 
     fn dead_letter(&self, job: Job, resolution: Resolution) {

@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use scripts::{ACK, CLAIM, RELEASE, RELEASE_FN, TAKEOVER};
+use scripts::{ACK, CANCEL, CLAIM, RELEASE, RELEASE_FN, TAKEOVER};
 use write::Write;
 
 use super::RedisClient;
@@ -60,7 +60,7 @@ use crate::domain::{Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::{Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
 use crate::render::RenderContext;
-use crate::store::{StoreStats, now_ms};
+use crate::store::{CANCELLED, Scheduled, StoreStats, now_ms};
 use crate::work::{AcceptedBatch, Job, Waiting, Work};
 
 type JobKey = (Arc<str>, String);
@@ -343,6 +343,84 @@ impl RedisRetryQueue {
             job.pending
                 .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
         }
+    }
+
+    /// Cancels the waiting scheduled messages of `app` that `which` selects (see
+    /// `Store::cancel_scheduled`). Ids are checked in every replica's delay set (a dead
+    /// replica's too, until it is taken over); a campaign or batch is found by reading the
+    /// delay sets' records, so that costs a pass over the app's waiting messages.
+    pub async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> redis::RedisResult<u64> {
+        let Some((runtime, k)) = self.apps.get(app) else {
+            return Ok(0);
+        };
+        let mut conn = self.store.conn();
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(k.replicas())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let mut delay_keys: Vec<String> = replicas.iter().map(|r| k.delay(r)).collect();
+        let mine = k.delay(self.store.replica());
+        if !delay_keys.contains(&mine) {
+            delay_keys.push(mine);
+        }
+        let ids: Vec<String> = match which {
+            Scheduled::Messages(ids) => ids.clone(),
+            _ => {
+                let mut ids = Vec::new();
+                for key in &delay_keys {
+                    let members: Vec<String> = redis::cmd("ZRANGE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut conn)
+                        .await?;
+                    for chunk in members.chunks(500) {
+                        let records: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+                            .arg(k.jobs())
+                            .arg(chunk)
+                            .query_async(&mut conn)
+                            .await?;
+                        for (id, record) in chunk.iter().zip(records) {
+                            let Some(job) = record.and_then(|r| StoredJob::from_json(&r).ok())
+                            else {
+                                continue;
+                            };
+                            if job.attempt == 0
+                                && which.selects(&job.campaign_id, &job.batch_id, &job.message_id)
+                            {
+                                ids.push(id.clone());
+                            }
+                        }
+                    }
+                }
+                ids
+            }
+        };
+        let script = Script::new(CANCEL);
+        let mut cancelled = 0u64;
+        for chunk in ids.chunks(500) {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(k.jobs()).arg(delay_keys.len());
+            for key in &delay_keys {
+                invocation.arg(key);
+            }
+            for id in chunk {
+                invocation.arg(id);
+            }
+            let records: Vec<Vec<u8>> = invocation.invoke_async(&mut conn).await?;
+            for record in records {
+                let Ok(job) = StoredJob::from_json(&record) else {
+                    continue;
+                };
+                cancelled += 1;
+                let meta = Arc::new(job.meta(Arc::clone(&runtime.id)));
+                Pending::detached(meta, Arc::clone(&self.hub), 0)
+                    .resolve(Resolution::gateway(ReceiptStatus::Dropped, CANCELLED));
+            }
+        }
+        Ok(cancelled)
     }
 
     /// Keeps a job whose attempts ran out as a dead letter, then emits its terminal receipt.
