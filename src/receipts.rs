@@ -305,6 +305,13 @@ impl Pending {
         self.permit = None;
     }
 
+    /// Blanks the user id its receipts carry (the user was erased, ForgetUser).
+    pub fn forget_user_id(&mut self) {
+        let mut meta = (*self.meta).clone();
+        meta.user_id.clear();
+        self.meta = Arc::new(meta);
+    }
+
     /// Emits the terminal receipt. Consumes the handle, so it can happen once.
     pub fn resolve(mut self, resolution: Resolution) {
         self.finish(resolution);

@@ -230,9 +230,22 @@ impl proto::push_gateway_policy_server::PushGatewayPolicy for PolicyApi {
             .forget_user(&r.app_id, &r.user_id)
             .await
             .map_err(unavailable)?;
+        let scheduled_erased = self
+            .store
+            .cancel_scheduled(&r.app_id, &Scheduled::User(r.user_id.clone()))
+            .await
+            .map_err(unavailable)?;
+        // After the scheduled messages: their DROPPED receipts carry no user id.
+        let receipts_erased = self
+            .store
+            .forget_receipts(&r.app_id, &r.user_id)
+            .await
+            .map_err(unavailable)?;
         Ok(Response::new(proto::ForgetUserResponse {
             opt_out_erased: forgotten.opt_out,
             cap_sends_erased: forgotten.cap_sends,
+            scheduled_erased,
+            receipts_erased,
         }))
     }
 }

@@ -221,7 +221,7 @@ impl Store for MemoryStore {
                     // Retries (attempted already) are not scheduled messages.
                     e.job.pending.attempt() == 0
                         && *m.app_id == *app
-                        && which.selects(&m.campaign_id, &m.batch_id, &m.message_id)
+                        && which.selects(&m.campaign_id, &m.batch_id, &m.message_id, &m.user_id)
                 });
             *heap = kept.into();
             taken
@@ -229,10 +229,11 @@ impl Store for MemoryStore {
         let n = cancelled.len() as u64;
         for entry in cancelled {
             self.metrics.retry_queue_depth.dec();
-            entry.job.pending.resolve(Resolution::gateway(
-                ReceiptStatus::Dropped,
-                super::CANCELLED,
-            ));
+            let mut pending = entry.job.pending;
+            if matches!(which, Scheduled::User(_)) {
+                pending.forget_user_id();
+            }
+            pending.resolve(Resolution::gateway(ReceiptStatus::Dropped, which.reason()));
         }
         Ok(n)
     }

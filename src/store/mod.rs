@@ -59,21 +59,34 @@ pub enum Scheduled {
     Campaign(String),
     Batch(String),
     Messages(Vec<String>),
+    /// A user's, erased by ForgetUser: their receipts carry no user id.
+    User(String),
 }
 
 impl Scheduled {
-    /// Whether a message of this campaign, batch and id is selected.
-    pub fn selects(&self, campaign_id: &str, batch_id: &str, message_id: &str) -> bool {
+    /// Whether a message of this campaign, batch, id and user is selected.
+    pub fn selects(&self, campaign_id: &str, batch_id: &str, message_id: &str, user: &str) -> bool {
         match self {
             Scheduled::Campaign(c) => c == campaign_id,
             Scheduled::Batch(b) => b == batch_id,
             Scheduled::Messages(ids) => ids.iter().any(|id| id == message_id),
+            Scheduled::User(u) => !u.is_empty() && u == user,
+        }
+    }
+
+    /// The reason of the DROPPED receipt of a message this selects.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Scheduled::User(_) => FORGOTTEN,
+            _ => CANCELLED,
         }
     }
 }
 
 /// The reason of the receipt of a cancelled scheduled message.
 pub const CANCELLED: &str = "cancelled";
+/// The reason of the receipt of a scheduled message erased with its user (ForgetUser).
+pub const FORGOTTEN: &str = "user_forgotten";
 
 /// Which receipts a resumable subscriber wants.
 #[derive(Debug, Clone, Default)]
@@ -190,6 +203,12 @@ pub trait Store: ReceiptObserver + Send + Sync + 'static {
     /// (never attempted, still waiting), each with a terminal DROPPED receipt, reason
     /// `cancelled`; returns how many. A message being sent at that moment is not taken.
     async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError>;
+
+    /// Deletes the receipts of `user_id` from `app`'s receipts feed (ForgetUser); returns how
+    /// many. A store without a feed has none.
+    async fn forget_receipts(&self, _app: &str, _user_id: &str) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 
     /// Ends a job whose attempts are exhausted with `resolution`; a store that keeps dead
     /// letters keeps it (with its last error) for the admin RPCs.

@@ -1067,3 +1067,60 @@ async fn cancel_scheduled_with_redis() {
     cancel(&h).await;
     assert_eq!(h.unresolved_drops(), 0);
 }
+
+/// ForgetUser with Redis: the user's scheduled message ends DROPPED `user_forgotten` without a
+/// user id, and the receipts stream keeps no receipt naming the user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_user_erases_scheduled_messages_and_stream_entries() {
+    use crate::redis_crash::stream_receipts;
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        extra: redis_section(&redis),
+        ..Default::default()
+    })
+    .await;
+    let now_sent = send(&h, batch(vec![to_user(1, "u-9"), to_user(2, "u-keep")])).await;
+    assert_eq!(status(&now_sent["m-1"]), ReceiptStatus::Delivered);
+    let mut later = batch(vec![to_user(3, "u-9")]);
+    later.send_at_ms = now_ms() + 60_000;
+    let scheduled = send(&h, later).await;
+    assert!(scheduled.is_empty(), "a SCHEDULED receipt is not terminal");
+    let names = |receipts: &[Receipt]| receipts.iter().filter(|r| r.user_id == "u-9").count();
+    // The stream is written behind the receipts: wait for the user's two (DELIVERED, SCHEDULED).
+    for _ in 0..100 {
+        if names(&stream_receipts(&redis).await) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let forgotten = policy_client(&h)
+        .await
+        .forget_user(proto::ForgetUserRequest {
+            app_id: "shop".into(),
+            user_id: "u-9".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgotten.scheduled_erased, 1);
+    assert_eq!(
+        forgotten.cap_sends_erased, 2,
+        "the sent and the scheduled message"
+    );
+    assert_eq!(forgotten.receipts_erased, 2, "{forgotten:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stream = stream_receipts(&redis).await;
+    assert_eq!(names(&stream), 0, "no receipt names the forgotten user");
+    let dropped = stream
+        .iter()
+        .find(|r| r.message_id == "m-3" && r.terminal)
+        .expect("the scheduled message has its terminal receipt");
+    assert_eq!(status(dropped), ReceiptStatus::Dropped);
+    assert_eq!(dropped.reason, "user_forgotten");
+    assert!(
+        stream.iter().any(|r| r.user_id == "u-keep"),
+        "others are kept"
+    );
+    assert_eq!(h.unresolved_drops(), 0);
+}

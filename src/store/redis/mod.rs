@@ -289,6 +289,12 @@ impl Store for RedisStore {
             .map_err(unreachable)
     }
 
+    async fn forget_receipts(&self, app: &str, user_id: &str) -> Result<u64, StoreError> {
+        feed::forget_user(&self.client, app, user_id)
+            .await
+            .map_err(unreachable)
+    }
+
     fn dead_letter(&self, job: Job, resolution: Resolution) {
         self.queue.dead_letter(job, resolution);
     }

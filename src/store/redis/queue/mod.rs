@@ -60,7 +60,7 @@ use crate::domain::{Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::{Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
 use crate::render::RenderContext;
-use crate::store::{CANCELLED, Scheduled, StoreStats, now_ms};
+use crate::store::{Scheduled, StoreStats, now_ms};
 use crate::work::{AcceptedBatch, Job, Waiting, Work};
 
 type JobKey = (Arc<str>, String);
@@ -388,7 +388,12 @@ impl RedisRetryQueue {
                                 continue;
                             };
                             if job.attempt == 0
-                                && which.selects(&job.campaign_id, &job.batch_id, &job.message_id)
+                                && which.selects(
+                                    &job.campaign_id,
+                                    &job.batch_id,
+                                    &job.message_id,
+                                    &job.user_id,
+                                )
                             {
                                 ids.push(id.clone());
                             }
@@ -415,9 +420,12 @@ impl RedisRetryQueue {
                     continue;
                 };
                 cancelled += 1;
-                let meta = Arc::new(job.meta(Arc::clone(&runtime.id)));
-                Pending::detached(meta, Arc::clone(&self.hub), 0)
-                    .resolve(Resolution::gateway(ReceiptStatus::Dropped, CANCELLED));
+                let mut meta = job.meta(Arc::clone(&runtime.id));
+                if matches!(which, Scheduled::User(_)) {
+                    meta.user_id.clear();
+                }
+                Pending::detached(Arc::new(meta), Arc::clone(&self.hub), 0)
+                    .resolve(Resolution::gateway(ReceiptStatus::Dropped, which.reason()));
             }
         }
         Ok(cancelled)
