@@ -383,7 +383,16 @@ impl Policy {
     /// `transactional`: HIGH priority or `bypass_policies`.
     pub async fn decide(&self, app: &str, transactional: bool, inputs: &[Input]) -> Vec<Verdict> {
         let Some(state) = &self.state else {
-            return inputs.iter().map(|_| Verdict::Send).collect();
+            return inputs
+                .iter()
+                .map(|input| match input.due_ms {
+                    Some(due_ms) => Verdict::Schedule {
+                        due_ms,
+                        deferred: false,
+                    },
+                    None => Verdict::Send,
+                })
+                .collect();
         };
         let none = AppPolicy::default();
         let policy = self.apps.get(app).unwrap_or(&none);
