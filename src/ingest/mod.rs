@@ -650,15 +650,22 @@ impl Ingest {
             .unzip();
         match self.store.accept(messages).await {
             Ok(works) => {
+                let mut scheduled = Vec::new();
                 for (work, (admission, _, index, message_id, due_ms)) in
                     works.into_iter().zip(places)
                 {
                     match due_ms {
-                        Some(due_ms) => self.schedule(work, due_ms),
+                        // The limit-stage place is given back: the message takes one again
+                        // when it comes due, like a retry.
+                        Some(due_ms) => scheduled.extend(self.schedule(work, due_ms)),
                         None => self.dispatch(work, admission).await,
                     }
                     run.results
                         .push(RecipientResult::accepted(index, message_id));
+                }
+                // Before the caller hears it was accepted: with Redis the schedule is durable.
+                if !scheduled.is_empty() {
+                    self.store.schedule(scheduled).await;
                 }
             }
             Err(AcceptError { error, messages }) => {
@@ -698,20 +705,21 @@ impl Ingest {
     }
 
     /// Sets an accepted message aside until `due_ms`: rendered now (a message that cannot be
-    /// rendered ends REJECTED here), its SCHEDULED receipt emitted, its window slot released,
-    /// and the store holds it (in Redis, durably) until it is due. Its limit-stage place is
-    /// given back; it takes one again when it comes due, like a retry.
-    fn schedule(&self, work: Work, due_ms: i64) {
-        let Some(mut job) = work.into_job() else {
-            return;
-        };
+    /// rendered ends REJECTED here and `None` is returned), its SCHEDULED receipt emitted and
+    /// its window slot released; the caller hands it to the store.
+    fn schedule(
+        &self,
+        work: Work,
+        due_ms: i64,
+    ) -> Option<(crate::work::Job, tokio::time::Instant)> {
+        let mut job = work.into_job()?;
         let wait = u64::try_from(due_ms - crate::store::now_ms()).unwrap_or(0);
         let due = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(due_ms.max(0) as u64);
         job.pending.schedule(due);
-        self.store.schedule(
+        Some((
             job,
             tokio::time::Instant::now() + std::time::Duration::from_millis(wait),
-        );
+        ))
     }
 
     /// Hands accepted work to the limit stage; its limit-stage place is committed once it is in

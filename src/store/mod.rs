@@ -192,11 +192,14 @@ pub trait Store: ReceiptObserver + Send + Sync + 'static {
     /// Parks `job` until `due`, then feeds it to the limit stage again.
     fn park(&self, job: Job, due: Instant);
 
-    /// Holds a scheduled message (never attempted, already accepted) until `due`, then feeds
-    /// it to the limit stage. A durable store keeps it across crashes and lets exactly one
-    /// replica send it; the memory store keeps it with its retries.
-    fn schedule(&self, job: Job, due: Instant) {
-        self.park(job, due);
+    /// Holds scheduled messages (never attempted, already accepted) until each is due, then
+    /// feeds them to the limit stage. A durable store has them stored as scheduled when this
+    /// returns (a crash then neither loses one nor sends it early) and lets exactly one replica
+    /// send each; the memory store keeps them with its retries.
+    async fn schedule(&self, jobs: Vec<(Job, Instant)>) {
+        for (job, due) in jobs {
+            self.park(job, due);
+        }
     }
 
     /// Ends the scheduled messages of `app` that `which` selects and that have not gone yet

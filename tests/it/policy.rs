@@ -925,11 +925,10 @@ async fn scheduled_messages_survive_kill_9_and_go_once_across_two_replicas() {
         n,
         "every scheduled message ended once"
     );
-    assert!(
-        terminal
-            .values()
-            .all(|r| status(r) == ReceiptStatus::Delivered && r.completed_at_ms >= due)
-    );
+    for r in terminal.values() {
+        assert_eq!(status(r), ReceiptStatus::Delivered, "{r:?}");
+        assert!(r.completed_at_ms >= due, "sent before its time: {r:?}");
+    }
     let mut tokens: Vec<String> = mock
         .accepted()
         .into_iter()

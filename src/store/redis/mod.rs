@@ -278,8 +278,12 @@ impl Store for RedisStore {
         self.queue.park(job, super::due_ms(due));
     }
 
-    fn schedule(&self, job: Job, due: Instant) {
-        self.queue.schedule(job, super::due_ms(due));
+    async fn schedule(&self, jobs: Vec<(Job, Instant)>) {
+        let jobs = jobs
+            .into_iter()
+            .map(|(job, due)| (job, super::due_ms(due)))
+            .collect();
+        self.queue.schedule(jobs).await;
     }
 
     async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError> {

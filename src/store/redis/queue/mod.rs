@@ -314,34 +314,87 @@ impl RedisRetryQueue {
         }
     }
 
-    /// Moves a scheduled message from its lease to this replica's delay set until `due_ms`, as
-    /// a parked job, but without keeping its `Pending` here: its caller no longer listens (see
-    /// `Pending::schedule`), so whichever replica claims it when due (this one, or the one that
-    /// takes over after a crash) emits its receipts to the app's subscribers. Memory here stays
-    /// the same however many messages are scheduled.
-    pub fn schedule(&self, job: Job, due_ms: i64) {
-        let meta = Arc::clone(job.pending.meta());
-        let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
+    /// Moves scheduled messages from their lease to this replica's delay set, each until its
+    /// due time, as parked jobs, in one MULTI per app that is awaited: when this returns a
+    /// crash loses none and sends none early. Their `Pending`s are not kept here: their callers
+    /// no longer listen (see `Pending::schedule`), so whichever replica claims one when due
+    /// (this one, or the one that takes over after a crash) emits its receipts to the app's
+    /// subscribers, and memory here stays the same however many are scheduled. If the MULTI
+    /// fails (Redis away), they go through the write loop like parked retries, which writes them
+    /// once Redis is back.
+    pub async fn schedule(&self, jobs: Vec<(Job, i64)>) {
         const SHUT_DOWN: &str = "gateway shut down before the message was scheduled";
-        if self.keys(&meta.app_id).is_none() || self.stopped.load(Ordering::Acquire) {
-            job.pending
-                .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
-            return;
+        let mut by_app: HashMap<Arc<str>, Vec<(Job, i64, String)>> = HashMap::new();
+        for (job, due_ms) in jobs {
+            let meta = Arc::clone(job.pending.meta());
+            if self.keys(&meta.app_id).is_none() || self.stopped.load(Ordering::Acquire) {
+                job.pending
+                    .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+                continue;
+            }
+            self.held
+                .remove(&(Arc::clone(&meta.app_id), meta.message_id.clone()));
+            let record = StoredJob::new(&meta, &job.request, job.pending.attempt()).to_json();
+            by_app
+                .entry(Arc::clone(&meta.app_id))
+                .or_default()
+                .push((job, due_ms, record));
         }
-        let record = StoredJob::new(&meta, &job.request, job.pending.attempt()).to_json();
-        self.held.remove(&key);
-        self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
-        let (app, id) = key;
-        if self.write(Write::Park {
-            app,
-            id,
-            record,
-            due_ms,
-        }) {
-            job.pending.hand_off();
-        } else {
-            job.pending
-                .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+        let me = self.store.replica();
+        let mut conn = self.store.conn();
+        for (app, list) in by_app {
+            let Some(k) = self.keys(&app) else { continue };
+            let ids: Vec<&str> = list
+                .iter()
+                .map(|(job, _, _)| job.pending.meta().message_id.as_str())
+                .collect();
+            let rows: Vec<(&str, &str)> = list
+                .iter()
+                .zip(&ids)
+                .map(|((_, _, record), id)| (*id, record.as_str()))
+                .collect();
+            let due: Vec<(i64, &str)> = list
+                .iter()
+                .zip(&ids)
+                .map(|((_, due_ms, _), id)| (*due_ms, *id))
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                // Before the packed records are replaced: see `RELEASE_FN`.
+                .cmd("EVAL")
+                .arg(&self.release_script)
+                .arg(1)
+                .arg(k.jobs())
+                .arg(k.batch_prefix())
+                .arg(&ids)
+                .ignore()
+                .hset_multiple(k.jobs(), &rows)
+                .ignore()
+                .zadd_multiple(k.delay(me), &due)
+                .ignore()
+                .zrem(k.leases(), &ids)
+                .ignore()
+                .hdel(k.owner(), &ids)
+                .ignore();
+            let result = pipe.query_async::<()>(&mut conn).await;
+            self.store.observe(&result);
+            let written = result.is_ok();
+            for (job, due_ms, record) in list {
+                self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
+                let queued = written
+                    || self.write(Write::Park {
+                        app: Arc::clone(&app),
+                        id: job.pending.meta().message_id.clone(),
+                        record,
+                        due_ms,
+                    });
+                if queued {
+                    job.pending.hand_off();
+                } else {
+                    job.pending
+                        .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+                }
+            }
         }
     }
 
