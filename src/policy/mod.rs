@@ -325,6 +325,18 @@ impl Policy {
         index: usize,
         timing: &Timing,
     ) -> Result<Input, FieldError> {
+        self.inspect_at(jiff::Timestamp::now(), app, recipient, index, timing)
+    }
+
+    /// [`Policy::inspect`] at the instant `now`.
+    fn inspect_at(
+        &self,
+        now: jiff::Timestamp,
+        app: &str,
+        recipient: &Recipient,
+        index: usize,
+        timing: &Timing,
+    ) -> Result<Input, FieldError> {
         let policy = self.apps.get(app);
         let field = |name: &str| format!("recipients[{index}].{name}");
         let zone = if policy.is_some_and(|p| p.quiet.is_some()) || timing.local.is_some() {
@@ -341,7 +353,6 @@ impl Policy {
         } else {
             None
         };
-        let now = jiff::Timestamp::now();
         let now_ms = time::millis(now);
         let due_ms = if recipient.send_at_ms > 0 {
             check_ahead(&field("send_at_ms"), recipient.send_at_ms, now_ms)?;
@@ -525,6 +536,67 @@ fn verdict(answer: Answer) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn paris_recipient() -> Recipient {
+        Recipient {
+            message_id: "m".into(),
+            platform: crate::domain::Platform::Apns,
+            device_token: "t".into(),
+            vars: Default::default(),
+            user_id: "u".into(),
+            locale: String::new(),
+            timezone: "Europe/Paris".into(),
+            apns_json: String::new(),
+            fcm_json: String::new(),
+            title: None,
+            body: None,
+            token_registered_at_ms: 0,
+            send_at_ms: 0,
+        }
+    }
+
+    /// `local_send_time` through the stage across the 2026 spring change in Paris: 09:00 on
+    /// the Saturday is 08:00 UTC, on the Sunday 07:00 UTC, 23 hours later; "09:00" asked on
+    /// the Saturday at 10:00 local goes on the Sunday at 07:00 UTC.
+    #[test]
+    fn local_send_times_cross_a_dst_change() {
+        let policy = Policy::default();
+        let now: jiff::Timestamp = "2026-03-27T12:00:00Z".parse().unwrap();
+        let due = |local: &str, now: jiff::Timestamp| {
+            let timing = Timing {
+                local: Some(match local.split_once(' ') {
+                    Some((d, c)) => (Some(d.parse().unwrap()), time::Clock::parse(c).unwrap()),
+                    None => (None, time::Clock::parse(local).unwrap()),
+                }),
+                ..Timing::default()
+            };
+            policy
+                .inspect_at(now, "shop", &paris_recipient(), 0, &timing)
+                .unwrap()
+                .due_ms
+                .unwrap()
+        };
+        let ms = |t: &str| t.parse::<jiff::Timestamp>().unwrap().as_millisecond();
+        let saturday = due("2026-03-28 09:00", now);
+        let sunday = due("2026-03-29 09:00", now);
+        assert_eq!(saturday, ms("2026-03-28T08:00:00Z"));
+        assert_eq!(sunday, ms("2026-03-29T07:00:00Z"));
+        assert_eq!(sunday - saturday, 23 * 3_600_000);
+        let saturday_late = "2026-03-28T09:00:00Z".parse().unwrap();
+        assert_eq!(due("09:00", saturday_late), ms("2026-03-29T07:00:00Z"));
+        // A past date is refused naming the batch's field.
+        let timing = Timing {
+            local: Some((
+                Some("2026-03-01".parse().unwrap()),
+                time::Clock::parse("09:00").unwrap(),
+            )),
+            ..Timing::default()
+        };
+        let e = policy
+            .inspect_at(now, "shop", &paris_recipient(), 0, &timing)
+            .unwrap_err();
+        assert_eq!(e.field, "local_send_time");
+    }
 
     #[test]
     fn windows_parse_with_units() {
