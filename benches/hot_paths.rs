@@ -57,6 +57,8 @@ fn recipient(n: u64, platform: Platform) -> Recipient {
         fcm_json: String::new(),
         title: None,
         body: None,
+        token_registered_at_ms: 0,
+        send_at_ms: 0,
     }
 }
 

@@ -227,6 +227,7 @@ async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
                 recipients,
                 wait_for_receipts: false,
                 campaign_rate_per_minute: 0,
+                ..Default::default()
             };
             if tx.send(request).await.is_err() {
                 break;

@@ -21,21 +21,24 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
+use crate::edge::PolicyApi;
 use crate::edge::{AdminApi, Api, ApiKeys, ServerTls};
 use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, RequestCaps, SubmitError};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicySettings};
 use crate::proto;
 use crate::receipts::{CallerSink, ReceiptHub};
 use crate::registry::AppRegistry;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{RedisClient, RedisStore};
+use crate::store::policy_state::{MemoryPolicyState, PolicyState};
+use crate::store::redis::{RedisClient, RedisPolicyState, RedisStore};
 
 /// The wired data path. See the module docs.
 pub struct Gateway {
     apps: Arc<AppRegistry>,
+    policy: Policy,
     ingest: Arc<Ingest>,
     hub: Arc<ReceiptHub>,
     store: Arc<dyn Store>,
@@ -59,7 +62,25 @@ impl Gateway {
         metrics: Arc<Metrics>,
         redis: Option<Arc<RedisClient>>,
     ) -> Arc<Self> {
+        Self::start_with_policy(apps, config, metrics, redis, PolicySettings::default())
+    }
+
+    /// [`Gateway::start_with`] with the apps' delivery policies (opt-outs, quiet hours, dead
+    /// token suppression, frequency caps), kept in Redis when `redis` is given.
+    pub fn start_with_policy(
+        apps: AppRegistry,
+        config: PipelineConfig,
+        metrics: Arc<Metrics>,
+        redis: Option<Arc<RedisClient>>,
+        policy: PolicySettings,
+    ) -> Arc<Self> {
         let apps = Arc::new(apps);
+        let ttl_ms = policy.config.suppression_ttl_ms();
+        let policy_state: Arc<dyn PolicyState> = match &redis {
+            Some(client) => Arc::new(RedisPolicyState::new(Arc::clone(client), ttl_ms)),
+            None => Arc::new(MemoryPolicyState::new(ttl_ms)),
+        };
+        let policy = Policy::new(policy, Arc::clone(&policy_state), Arc::clone(&metrics));
         let hard_stop = CancellationToken::new();
         let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
         // Everything admitted holds an accept-window slot; the bound backs up the channel into
@@ -95,6 +116,7 @@ impl Gateway {
             requests: Arc::new(Semaphore::new(config.max_in_flight_requests)),
             hard_stop: hard_stop.clone(),
             limits: Arc::clone(&limits),
+            dead_tokens: Some(Arc::clone(&policy_state)),
         });
         tokio::spawn(deliverer.run(ready_rx));
         let ingest = Arc::new(Ingest::new(IngestParts {
@@ -102,7 +124,7 @@ impl Gateway {
             config: IngestConfig {
                 accept_window: config.accept_window,
                 max_batch_recipients: config.max_batch_recipients,
-                max_unread_rejections: config.max_unread_rejections,
+                max_unread_receipts: config.max_unread_receipts,
                 caps: RequestCaps {
                     max_id_bytes: config.max_id_bytes,
                     max_vars_per_recipient: config.max_vars_per_recipient,
@@ -114,13 +136,14 @@ impl Gateway {
             },
             ready,
             store: Arc::clone(&store),
-            policy: Policy::default(),
+            policy: policy.clone(),
             limits: Arc::clone(&limits),
             hub: Arc::clone(&hub),
             metrics: Arc::clone(&metrics),
         }));
         Arc::new(Self {
             apps,
+            policy,
             ingest,
             hub,
             store,
@@ -166,6 +189,11 @@ impl Gateway {
 
     pub fn apps(&self) -> &AppRegistry {
         &self.apps
+    }
+
+    /// The policy stage (and through it what the policies remember).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// True until shutdown begins.
@@ -301,7 +329,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             warn!("redis is not reachable yet: sends are refused until it is");
         }
     }
-    let gateway = Gateway::start_with(apps, config.pipeline.clone(), Arc::clone(&metrics), redis);
+    let gateway = Gateway::start_with_policy(
+        apps,
+        config.pipeline.clone(),
+        Arc::clone(&metrics),
+        redis,
+        config.policy_settings()?,
+    );
     for (id, app) in &config.apps {
         gateway.update_limits(id, app.limits.clone());
     }
@@ -435,6 +469,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 move |request| keys.intercept(request),
             )
         })
+        .add_optional_service(
+            PolicyApi::new(
+                gateway.policy(),
+                Arc::clone(gateway.store()),
+                config.apps.keys().cloned(),
+            )
+            .map(|api| {
+                let keys = api_keys.clone();
+                tonic::service::interceptor::InterceptedService::new(
+                    api.into_server(),
+                    move |request| keys.intercept(request),
+                )
+            }),
+        )
         .add_optional_service(admin.map(|admin| {
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(

@@ -70,6 +70,9 @@ pub struct Config {
     /// `[otlp]`: export spans to an OpenTelemetry collector; off when absent.
     #[serde(default)]
     pub otlp: Option<crate::otlp::OtlpConfig>,
+    /// `[policy]`: settings of the policy stage shared by every app.
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 /// How the gateway writes its log lines (`log_format`).
@@ -143,9 +146,10 @@ pub struct PipelineConfig {
     /// Dead letters one `ReplayDeadLetters` may replay (its `limit` is clamped to this, and more
     /// `message_ids` than this are refused).
     pub max_replay_dead_letters: usize,
-    /// REJECTED receipts a `StreamSend` caller has not read yet, at most: beyond it the gateway
-    /// stops reading that stream (HTTP/2 flow control then slows the caller) until it reads.
-    pub max_unread_rejections: usize,
+    /// Receipts queued for a `StreamSend` caller that has not read them, at most: beyond it the
+    /// gateway stops reading that caller's batches (HTTP/2 flow control then slows the caller)
+    /// until it reads.
+    pub max_unread_receipts: usize,
 }
 
 impl Default for PipelineConfig {
@@ -164,7 +168,7 @@ impl Default for PipelineConfig {
             max_raw_json_bytes: 4_096,
             max_request_bytes: None,
             max_replay_dead_letters: 1_000,
-            max_unread_rejections: 10_000,
+            max_unread_receipts: 10_000,
         }
     }
 }
@@ -212,6 +216,18 @@ pub struct AppConfig {
     /// Rate limits, fair-share weight and adaptive-concurrency bounds (`[apps.<id>.limits]`).
     #[serde(default)]
     pub limits: crate::limit::LimitConfig,
+    /// The IANA zone of recipients without a `timezone` (quiet hours); UTC when unset.
+    #[serde(default)]
+    pub default_timezone: Option<String>,
+    /// At most `max` sends per user in any rolling `window` (`[{ max = 3, window = "1d" }]`).
+    #[serde(default)]
+    pub frequency_caps: Vec<crate::policy::CapConfig>,
+    /// `[apps.<id>.quiet_hours]`: no pushes in this window of the recipient's local time.
+    #[serde(default)]
+    pub quiet_hours: Option<crate::policy::QuietHoursConfig>,
+    /// Transactional messages (HIGH priority, `bypass_policies`) reach opted-out users.
+    #[serde(default)]
+    pub opt_out_spares_transactional: bool,
 }
 
 /// An API key; its `Debug` never shows the secret.
@@ -352,6 +368,26 @@ impl Config {
             .unwrap_or_else(|| self.pipeline.max_request_bytes().saturating_mul(2))
     }
 
+    /// Every app's delivery policies, checked (errors name the key).
+    pub fn policy_settings(&self) -> Result<crate::policy::PolicySettings, ConfigError> {
+        let mut apps = HashMap::new();
+        for (id, app) in &self.apps {
+            let c = crate::policy::AppPolicyConfig {
+                default_timezone: app.default_timezone.as_deref(),
+                frequency_caps: &app.frequency_caps,
+                quiet_hours: app.quiet_hours.as_ref(),
+                opt_out_spares_transactional: app.opt_out_spares_transactional,
+            };
+            let policy = crate::policy::AppPolicy::from_config(&format!("apps.{id}"), &c)
+                .map_err(|e| ConfigError::invalid(e.field, e.reason))?;
+            apps.insert(id.clone(), policy);
+        }
+        Ok(crate::policy::PolicySettings {
+            apps,
+            config: self.policy.clone(),
+        })
+    }
+
     /// True when any app has an API or admin key (the API is then authenticated).
     pub fn has_keys(&self) -> bool {
         self.apps
@@ -399,14 +435,16 @@ impl Config {
                 "pipeline.max_replay_dead_letters",
                 p.max_replay_dead_letters as u64,
             ),
-            (
-                "pipeline.max_unread_rejections",
-                p.max_unread_rejections as u64,
-            ),
+            ("pipeline.max_unread_receipts", p.max_unread_receipts as u64),
         ] {
             at_least_one(key, value)?;
         }
         validate_retry("retry", &self.retry)?;
+        at_least_one(
+            "policy.suppression_ttl_days",
+            self.policy.suppression_ttl_days,
+        )?;
+        self.policy_settings()?;
         if !self.listen.ip().is_loopback() && !self.has_keys() && !self.allow_unauthenticated {
             return Err(ConfigError::invalid(
                 "listen",

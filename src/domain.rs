@@ -141,6 +141,11 @@ pub struct Recipient {
     pub fcm_json: String,
     pub title: Option<String>,
     pub body: Option<String>,
+    /// When the app registered the device token (epoch ms), 0 when unknown: a token remembered
+    /// as dead is sent to again when it was registered after it was reported dead.
+    pub token_registered_at_ms: i64,
+    /// Send at this instant (epoch ms) instead of now; 0 means the batch's timing.
+    pub send_at_ms: i64,
 }
 
 impl std::fmt::Debug for Recipient {
@@ -159,6 +164,8 @@ impl std::fmt::Debug for Recipient {
             .field("fcm_json", &Fingerprint(&self.fcm_json))
             .field("title", &redacted(&self.title))
             .field("body", &redacted(&self.body))
+            .field("token_registered_at_ms", &self.token_registered_at_ms)
+            .field("send_at_ms", &self.send_at_ms)
             .finish()
     }
 }
@@ -173,6 +180,15 @@ pub struct Batch {
     pub recipients: Vec<Recipient>,
     /// The campaign's rate limit (messages per minute) carried in the request; 0 means none.
     pub campaign_rate_per_minute: u32,
+    /// Transactional: quiet hours and frequency caps do not apply (opt-outs and dead-token
+    /// suppression still do).
+    pub bypass_policies: bool,
+    /// Send at this instant (epoch ms) instead of now; 0 means now.
+    pub send_at_ms: i64,
+    /// Send at this local time (`HH:MM` or `YYYY-MM-DD HH:MM`) in each recipient's zone.
+    pub local_send_time: String,
+    /// With `local_send_time`: a time already past today goes now instead of tomorrow.
+    pub late_sends_now: bool,
 }
 
 /// What is known of a batch that could not be read into a [`Batch`] at all (a structural error)
@@ -317,6 +333,14 @@ pub enum ProviderRequest {
 }
 
 impl ProviderRequest {
+    /// The device token the request is addressed to.
+    pub fn device_token(&self) -> &str {
+        match self {
+            ProviderRequest::Apns(r) => &r.device_token,
+            ProviderRequest::Fcm(r) => &r.device_token,
+        }
+    }
+
     pub fn platform(&self) -> Platform {
         match self {
             ProviderRequest::Apns(_) => Platform::Apns,
@@ -362,11 +386,13 @@ pub enum ReceiptStatus {
     Dropped,
     /// Non-terminal: another attempt is scheduled.
     Retrying,
+    /// Non-terminal: the message waits for its send time (`next_attempt_at`).
+    Scheduled,
 }
 
 impl ReceiptStatus {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, ReceiptStatus::Retrying)
+        !matches!(self, ReceiptStatus::Retrying | ReceiptStatus::Scheduled)
     }
 
     /// Lower-case name used in metrics.
@@ -379,6 +405,7 @@ impl ReceiptStatus {
             ReceiptStatus::Expired => "expired",
             ReceiptStatus::Dropped => "dropped",
             ReceiptStatus::Retrying => "retrying",
+            ReceiptStatus::Scheduled => "scheduled",
         }
     }
 }
@@ -536,6 +563,8 @@ mod tests {
             fcm_json: String::new(),
             title: Some("Hello Private Person".into()),
             body: None,
+            token_registered_at_ms: 0,
+            send_at_ms: 0,
         };
         let fcm = FcmRequest {
             device_token: token.clone(),

@@ -21,7 +21,7 @@ pub mod ingest;
 pub mod limit;
 pub mod metrics;
 pub mod otlp;
-mod policy;
+pub mod policy;
 pub mod provider;
 pub mod receipts;
 pub mod redact;

@@ -204,6 +204,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub app: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: String,
 }
@@ -282,6 +288,9 @@ pub struct Metrics {
     /// Round trip of Redis's health PING.
     pub redis_ping_seconds: Histogram,
     samplers: Arc<RwLock<Vec<Sampler>>>,
+    /// What the policy stage decided, per app: `send`, `opted_out`, `quiet_hours`,
+    /// `suppressed`, `frequency_cap`, `unavailable` (policy state unreachable).
+    pub policy_decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -386,8 +395,15 @@ impl Metrics {
         let collector = SampledCollector::default();
         let samplers = Arc::clone(&collector.samplers);
         registry.register_collector(Box::new(collector));
+        let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "Policy-stage decisions per app (send, opted_out, quiet_hours, suppressed, frequency_cap, unavailable)",
+            policy_decisions.clone(),
+        );
         Self {
             registry,
+            policy_decisions,
             accepted,
             rejected_at_ingest,
             receipts,

@@ -276,6 +276,42 @@ impl Pending {
         }
     }
 
+    /// Sets the message aside until `due`: emits a non-terminal SCHEDULED receipt (to the caller
+    /// and the subscribers), then lets go of the caller's sink and window slot, because a
+    /// scheduled message may wait for days: its terminal receipt goes to the app's subscribers
+    /// (and, with Redis, the receipts stream). Its ttl counts from `due`.
+    pub fn schedule(&mut self, due: SystemTime) {
+        if let Some(expires_at) = self.meta.expires_at {
+            let ttl = expires_at
+                .duration_since(self.meta.accepted_at)
+                .unwrap_or_default();
+            let mut meta = (*self.meta).clone();
+            meta.expires_at = Some(due + ttl);
+            self.meta = Arc::new(meta);
+        }
+        let receipt = Arc::new(Receipt::new(
+            Arc::clone(&self.meta),
+            self.attempt,
+            Resolution::gateway(ReceiptStatus::Scheduled, "scheduled"),
+            Some(due),
+        ));
+        self.hub.publish(&receipt);
+        if let Some(sink) = self.sink.take() {
+            let _ = sink.send(ReceiptEnvelope {
+                receipt,
+                permit: None,
+            });
+        }
+        self.permit = None;
+    }
+
+    /// Blanks the user id its receipts carry (the user was erased, ForgetUser).
+    pub fn forget_user_id(&mut self) {
+        let mut meta = (*self.meta).clone();
+        meta.user_id.clear();
+        self.meta = Arc::new(meta);
+    }
+
     /// Emits the terminal receipt. Consumes the handle, so it can happen once.
     pub fn resolve(mut self, resolution: Resolution) {
         self.finish(resolution);

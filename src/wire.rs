@@ -31,6 +31,7 @@ fn status_to_proto(status: ReceiptStatus) -> proto::ReceiptStatus {
         ReceiptStatus::Expired => proto::ReceiptStatus::Expired,
         ReceiptStatus::Dropped => proto::ReceiptStatus::Dropped,
         ReceiptStatus::Retrying => proto::ReceiptStatus::Retrying,
+        ReceiptStatus::Scheduled => proto::ReceiptStatus::Scheduled,
     }
 }
 
@@ -55,5 +56,9 @@ pub fn receipt(r: &Receipt) -> proto::Receipt {
         user_id: r.meta.user_id.clone(),
         field: r.field.clone(),
         cursor: String::new(),
+        scheduled_for_ms: match r.status {
+            ReceiptStatus::Scheduled => r.next_attempt_at.map(epoch_millis).unwrap_or(0),
+            _ => 0,
+        },
     }
 }

@@ -113,6 +113,9 @@ struct Flags {
     accept_window: Option<usize>,
     #[arg(long)]
     max_in_flight_requests: Option<usize>,
+    /// Every app's `frequency_caps` (TOML), e.g. '[{ max = 3, window = "1d" }]'.
+    #[arg(long)]
+    frequency_caps: Option<String>,
     #[arg(long)]
     mock_threads: Option<usize>,
     #[arg(long)]
@@ -171,6 +174,9 @@ impl Flags {
         }
         if self.gateway_bin.is_some() {
             s.gateway_bin = self.gateway_bin;
+        }
+        if self.frequency_caps.is_some() {
+            s.frequency_caps = self.frequency_caps;
         }
         if self.rate.is_some() {
             s.rate = self.rate;

@@ -15,6 +15,7 @@ use crate::domain::{Outcome, ReceiptStatus};
 use crate::metrics::Metrics;
 use crate::receipts::Resolution;
 use crate::store::Store;
+use crate::store::policy_state::PolicyState;
 use crate::work::{Job, Work};
 
 /// Shared state of the deliver stage.
@@ -28,6 +29,9 @@ pub struct Deliverer {
     pub hard_stop: CancellationToken,
     /// Per-app rate limits, fair-share weights and adaptive concurrency (the limit stage).
     pub limits: Arc<crate::limit::Limits>,
+    /// Where tokens the provider reports dead are remembered, so the policy stage stops
+    /// sending to them.
+    pub dead_tokens: Option<Arc<dyn PolicyState>>,
 }
 
 impl Deliverer {
@@ -109,6 +113,16 @@ impl Deliverer {
             outcome_label(&outcome),
         );
         debug!(attempt, ?outcome, "attempt finished");
+        if let (Outcome::InvalidToken { invalid_since, .. }, Some(dead)) =
+            (&outcome, &self.dead_tokens)
+        {
+            let since = invalid_since.unwrap_or_else(SystemTime::now);
+            dead.suppress(
+                &meta.app_id,
+                job.request.device_token(),
+                crate::domain::epoch_millis(since),
+            );
+        }
         match outcome {
             Outcome::Retry {
                 reason,

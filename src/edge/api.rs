@@ -4,13 +4,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, mpsc};
-use tokio_stream::wrappers::{
-    BroadcastStream, UnboundedReceiverStream, errors::BroadcastStreamRecvError,
-};
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::debug;
@@ -27,43 +24,44 @@ use crate::wire::receipt as to_proto_receipt;
 
 type ReceiptStream = Pin<Box<dyn Stream<Item = Result<proto::Receipt, Status>> + Send>>;
 
-/// REJECTED receipts sent to one `StreamSend` caller and not yet taken by its stream. Signed:
-/// the stream may take a receipt before the inbound side has counted its batch.
-struct UnreadRejections {
-    count: AtomicI64,
-    cap: i64,
-    read: Notify,
+/// The receipts queued for one `StreamSend` caller, shared by the stream that sends them and
+/// the task that reads the caller's batches, so the reader can stop while too many wait.
+struct ReceiptQueue {
+    receiver: parking_lot::Mutex<mpsc::UnboundedReceiver<ReceiptEnvelope>>,
+    cap: usize,
+    taken: Notify,
 }
 
-impl UnreadRejections {
-    fn new(cap: usize) -> Self {
+impl ReceiptQueue {
+    fn new(receiver: mpsc::UnboundedReceiver<ReceiptEnvelope>, cap: usize) -> Self {
         Self {
-            count: AtomicI64::new(0),
-            cap: i64::try_from(cap).unwrap_or(i64::MAX),
-            read: Notify::new(),
+            receiver: parking_lot::Mutex::new(receiver),
+            cap: cap.max(1),
+            taken: Notify::new(),
         }
     }
 
-    fn add(&self, rejected: usize) {
-        let rejected = i64::try_from(rejected).unwrap_or(i64::MAX);
-        self.count.fetch_add(rejected, Ordering::AcqRel);
-    }
-
-    fn read_one(&self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) - 1 < self.cap {
-            self.read.notify_one();
+    fn poll_next(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ReceiptEnvelope>> {
+        let mut receiver = self.receiver.lock();
+        let next = receiver.poll_recv(cx);
+        if next.is_ready() && receiver.len() < self.cap {
+            self.taken.notify_one();
         }
+        next
     }
 
-    /// Returns once fewer than the cap are unread.
+    /// Returns once fewer than the cap are queued.
     async fn below_cap(&self) {
         loop {
-            // Registered before the check, so a read between the check and the wait wakes it.
-            let read = self.read.notified();
-            if self.count.load(Ordering::Acquire) < self.cap {
+            // Created before the check: a receipt taken in between leaves a permit behind.
+            let taken = self.taken.notified();
+            if self.receiver.lock().len() < self.cap {
                 return;
             }
-            read.await;
+            taken.await;
         }
     }
 }
@@ -142,7 +140,7 @@ impl proto::push_gateway_server::PushGateway for Api {
                 tokio::select! {
                     result = &mut submit => break result,
                     Some(envelope) = receipts.recv() => {
-                        if envelope.receipt.terminal() {
+                        if answers(&envelope.receipt) {
                             collected.push(to_proto_receipt(&envelope.receipt));
                         }
                     }
@@ -153,7 +151,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         let result = result.map_err(submit_status)?;
         if wait {
             while let Some(envelope) = receipts.recv().await {
-                if envelope.receipt.terminal() {
+                if answers(&envelope.receipt) {
                     collected.push(to_proto_receipt(&envelope.receipt));
                 }
             }
@@ -173,15 +171,15 @@ impl proto::push_gateway_server::PushGateway for Api {
         let ingest = Arc::clone(&self.ingest);
         let apps = Arc::clone(&self.apps);
         // Receipts of accepted messages hold window slots, so the window bounds them; REJECTED
-        // ones hold none, so a caller that never reads would grow the sink without end. They
-        // are counted instead, and the stream is not read while too many are unread.
-        let unread = Arc::new(UnreadRejections::new(ingest.max_unread_rejections()));
-        let reader = Arc::clone(&unread);
+        // ones hold none, so a caller that never reads would grow the queue without end. The
+        // caller's batches are not read while too many receipts wait.
+        let queue = Arc::new(ReceiptQueue::new(receipts, ingest.max_unread_receipts()));
+        let outbound = Arc::clone(&queue);
         tokio::spawn(async move {
             let stopping = ingest.stopping();
             loop {
                 tokio::select! {
-                    () = unread.below_cap() => {}
+                    () = queue.below_cap() => {}
                     _ = stopping.cancelled() => break,
                 }
                 // Not reading while `submit` waits for window room is the backpressure: HTTP/2
@@ -199,7 +197,6 @@ impl proto::push_gateway_server::PushGateway for Api {
                     }
                 };
                 let outline = outline_of(&request);
-                let recipients = outline.recipients.len();
                 let allowed = caller
                     .authorize(&request.app_id, Scope::Send)
                     .and_then(|()| apps.get(&request.app_id).map(drop).ok_or_else(forbidden));
@@ -208,14 +205,13 @@ impl proto::push_gateway_server::PushGateway for Api {
                     // reach that app's subscribers.
                     let error = FieldError::new("app_id", status.message());
                     ingest.deny_batch(outline, &error, &sink);
-                    unread.add(recipients);
                     continue;
                 }
                 let outcome = match into_batch(request) {
                     Ok(mut batch) => ingest
                         .submit(&mut batch, Some(&sink), true)
                         .await
-                        .map(|result| unread.add(result.results.len() - result.accepted()))
+                        .map(drop)
                         .map_err(|e| match e {
                             SubmitError::Invalid(f) => vec![f],
                             SubmitError::Unavailable(reason) => vec![FieldError::new("", reason)],
@@ -224,18 +220,12 @@ impl proto::push_gateway_server::PushGateway for Api {
                 };
                 if let Err(errors) = outcome {
                     ingest.refuse_batch(outline, &errors, &sink);
-                    unread.add(recipients);
                 }
             }
         });
-        let stream = UnboundedReceiverStream::new(receipts)
+        let stream = futures::stream::poll_fn(move |cx| outbound.poll_next(cx))
             // The envelope, and with it the window slot, is released as the receipt leaves.
-            .map(move |envelope| {
-                if !envelope.receipt.accepted {
-                    reader.read_one();
-                }
-                Ok(to_proto_receipt(&envelope.receipt))
-            });
+            .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -283,6 +273,12 @@ impl proto::push_gateway_server::PushGateway for Api {
             });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// Whether a receipt goes into a SendBatch response: terminal ones, and the SCHEDULED receipt of
+/// a message that waits for its send time (its terminal receipt comes later, to subscribers).
+fn answers(receipt: &crate::domain::Receipt) -> bool {
+    receipt.terminal() || receipt.status == crate::domain::ReceiptStatus::Scheduled
 }
 
 fn invalid_argument(errors: Vec<FieldError>) -> Status {

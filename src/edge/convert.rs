@@ -78,6 +78,8 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
             fcm_json: r.fcm_json,
             title: r.title,
             body: r.body,
+            token_registered_at_ms: r.token_registered_at_ms,
+            send_at_ms: r.send_at_ms,
         });
     }
     if !errors.is_empty() {
@@ -90,6 +92,10 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         template,
         recipients,
         campaign_rate_per_minute: request.campaign_rate_per_minute,
+        bypass_policies: request.bypass_policies,
+        send_at_ms: request.send_at_ms,
+        local_send_time: request.local_send_time,
+        late_sends_now: request.late_sends_now,
     })
 }
 

@@ -3,6 +3,7 @@
 //!
 //! - `api`: `pushgate.v1.PushGateway` (SendBatch, StreamSend, SubscribeReceipts).
 //! - `admin`: `pushgate.v1.PushGatewayAdmin` (dead letters), when the store keeps them.
+//! - `policy`: `pushgate.v1.PushGatewayPolicy` (dead tokens, opt-outs, erasure).
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
 //! - `tls`: TLS and mutual TLS on the listener, reloadable.
@@ -14,10 +15,12 @@ pub mod auth;
 pub mod convert;
 pub mod http;
 pub mod openapi;
+pub mod policy;
 pub mod tls;
 
 pub use admin::AdminApi;
 pub use api::Api;
 pub use auth::{ApiKeys, Caller, Scope};
 pub use convert::into_batch;
+pub use policy::PolicyApi;
 pub use tls::ServerTls;

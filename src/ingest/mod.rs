@@ -22,8 +22,8 @@ use crate::domain::{
 };
 use crate::limit::{Admission, Limits};
 use crate::metrics::{AppLabels, Metrics};
-use crate::policy::{Policy, Verdict};
-use crate::receipts::{CallerSink, ReceiptEnvelope, ReceiptHub, Resolution};
+use crate::policy::{Input as PolicyInput, Policy, Timing, Verdict};
+use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
 use crate::registry::AppRegistry;
 use crate::render::{CompiledTemplate, RenderContext, Stamp};
 use crate::store::{AcceptError, Earlier, Store};
@@ -39,8 +39,8 @@ pub struct IngestConfig {
     pub accept_window: usize,
     /// Recipients in one batch, at most.
     pub max_batch_recipients: usize,
-    /// Unread REJECTED receipts one `StreamSend` caller may have, at most.
-    pub max_unread_rejections: usize,
+    /// Receipts queued unread for one `StreamSend` caller, at most.
+    pub max_unread_receipts: usize,
     /// What one batch may cost, checked before any work is done on it.
     pub caps: RequestCaps,
 }
@@ -310,10 +310,10 @@ impl Ingest {
         self.config.accept_window
     }
 
-    /// Unread REJECTED receipts one `StreamSend` caller may have before its stream is no
-    /// longer read.
-    pub fn max_unread_rejections(&self) -> usize {
-        self.config.max_unread_rejections
+    /// Receipts queued unread for one `StreamSend` caller before its batches are no longer
+    /// read.
+    pub fn max_unread_receipts(&self) -> usize {
+        self.config.max_unread_receipts
     }
 
     /// Validates, packs and admits a batch. Waits for accept-window room as needed (that wait is
@@ -364,6 +364,7 @@ impl Ingest {
             .into());
         }
         self.config.caps.check(batch)?;
+        let timing = Timing::of(batch)?;
         let compiled = CompiledTemplate::compile(&batch.template)?;
         // A template whose fixed text alone is over every provider's limit fails the batch once,
         // instead of being rendered for each recipient to fail each.
@@ -417,8 +418,10 @@ impl Ingest {
         let batch_id = accepted.batch_id.to_string();
         let mut run = Run::new(self, &accepted.app.id, sink, stream_rejections);
         let recipients = std::mem::take(&mut batch.recipients);
-        let valid = run.validate_and_pack(&mut accepted, recipients, &earlier);
-        self.admit(Arc::new(accepted), valid, &mut run).await;
+        let valid = run.validate_and_pack(&mut accepted, recipients, &earlier, &timing);
+        let transactional = batch.bypass_policies || accepted.priority == Priority::High;
+        self.admit(Arc::new(accepted), valid, transactional, &mut run)
+            .await;
         let app_id = Arc::clone(&run.app_id);
         if let Err(e) = self.store.release_ids(&app_id, &run.release).await {
             warn!(app = %app_id, error = %e, "could not release idempotency keys of recipients not taken");
@@ -507,49 +510,134 @@ impl Ingest {
         }
     }
 
-    /// Second half of a batch: each validated recipient passes the policy stage, takes its
-    /// limit-stage place and window slot, and is staged; staged messages go to the store in
-    /// chunks and, once it has them, to the limit stage.
-    async fn admit(&self, batch: Arc<AcceptedBatch>, valid: Vec<Valid>, run: &mut Run<'_>) {
+    /// Second half of a batch: each validated recipient passes the policy stage (a chunk at a
+    /// time), takes its limit-stage place and window slot, and is staged; staged messages go to
+    /// the store in chunks and, once it has them, to the limit stage.
+    async fn admit(
+        &self,
+        batch: Arc<AcceptedBatch>,
+        valid: Vec<Valid>,
+        transactional: bool,
+        run: &mut Run<'_>,
+    ) {
         let mut staged = Vec::new();
-        for Valid { at, claimed } in valid {
-            let message_id = batch.message_id_at(at).to_owned();
-            match self.policy.check(&batch.app) {
-                Verdict::Send => {}
-            }
-            // Staged messages hold limit-stage places and window slots until the store has
-            // them, so hand them over before a wait they might be causing.
-            if !staged.is_empty()
-                && (self.window.available_permits() == 0 || !self.limits.has_room(&run.app_id))
-            {
-                self.flush(&mut staged, run).await;
-            }
-            let Some((admission, slot)) = self.take_place(&run.app_id).await else {
-                if claimed {
-                    run.release.push(message_id.clone());
-                }
-                let meta = batch.meta_at(at, SystemTime::now());
-                run.refuse(
-                    Arc::new(meta),
-                    at.index(),
-                    message_id,
-                    FieldError::new("", "the gateway is shutting down"),
-                );
-                continue;
-            };
-            run.accepted.inc();
-            staged.push(Staged {
-                waiting: Waiting::new(Arc::clone(&batch), at, slot),
-                admission,
-                claimed,
-                index: at.index(),
-                message_id,
-            });
-            if staged.len() >= STAGE_CHUNK {
-                self.flush(&mut staged, run).await;
+        let mut valid = valid.into_iter().peekable();
+        while valid.peek().is_some() {
+            let chunk: Vec<Valid> = valid.by_ref().take(STAGE_CHUNK).collect();
+            let inputs: Vec<_> = chunk.iter().map(|v| v.input.clone()).collect();
+            let verdicts = self
+                .policy
+                .decide(&batch.app.id, transactional, &inputs)
+                .await;
+            for (v, verdict) in chunk.into_iter().zip(verdicts) {
+                self.admit_one(&batch, v, verdict, &mut staged, run).await;
             }
         }
         self.flush(&mut staged, run).await;
+    }
+
+    /// One recipient after its policy verdict: ended by the policy (accepted, with its
+    /// terminal receipt now), refused (the policy state is unreachable), or staged.
+    async fn admit_one(
+        &self,
+        batch: &Arc<AcceptedBatch>,
+        Valid { at, claimed, .. }: Valid,
+        verdict: Verdict,
+        staged: &mut Vec<Staged>,
+        run: &mut Run<'_>,
+    ) {
+        let message_id = batch.message_id_at(at).to_owned();
+        let mut due_ms = None;
+        match verdict {
+            Verdict::Send => {}
+            Verdict::Schedule { due_ms: due, .. } => {
+                // Without a durable store a scheduled message waits in this process: bounded.
+                if self.store.name() == "memory"
+                    && self.store.parked() >= self.policy.max_scheduled_in_memory()
+                {
+                    if claimed {
+                        run.release.push(message_id.clone());
+                    }
+                    let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
+                    run.refuse(
+                        meta,
+                        at.index(),
+                        message_id,
+                        FieldError::new(
+                            "send_at_ms",
+                            "too many scheduled messages waiting in memory \
+                             (policy.max_scheduled_in_memory); configure Redis to schedule more",
+                        ),
+                    );
+                    return;
+                }
+                due_ms = Some(due);
+            }
+            Verdict::End(resolution) => {
+                let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
+                let pending = Pending::new(meta, batch.sink.clone(), Arc::clone(&self.hub), None);
+                pending.resolve(resolution);
+                run.accepted.inc();
+                run.results
+                    .push(RecipientResult::accepted(at.index(), message_id));
+                return;
+            }
+            Verdict::Unavailable(reason) => {
+                if claimed {
+                    run.release.push(message_id.clone());
+                }
+                let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
+                let receipt = self.hub.refuse(
+                    meta,
+                    Resolution::gateway(ReceiptStatus::Failed, reason.clone()),
+                );
+                if let Some(sink) = run.sink.filter(|_| run.stream_rejections) {
+                    let _ = sink.send(ReceiptEnvelope {
+                        receipt,
+                        permit: None,
+                    });
+                }
+                run.results.push(RecipientResult::rejected(
+                    at.index(),
+                    message_id,
+                    String::new(),
+                    reason,
+                ));
+                return;
+            }
+        }
+        // Staged messages hold limit-stage places and window slots until the store has
+        // them, so hand them over before a wait they might be causing.
+        if !staged.is_empty()
+            && (self.window.available_permits() == 0 || !self.limits.has_room(&run.app_id))
+        {
+            self.flush(staged, run).await;
+        }
+        let Some((admission, slot)) = self.take_place(&run.app_id).await else {
+            if claimed {
+                run.release.push(message_id.clone());
+            }
+            let meta = batch.meta_at(at, SystemTime::now());
+            run.refuse(
+                Arc::new(meta),
+                at.index(),
+                message_id,
+                FieldError::new("", "the gateway is shutting down"),
+            );
+            return;
+        };
+        run.accepted.inc();
+        staged.push(Staged {
+            waiting: Waiting::new(Arc::clone(batch), at, slot),
+            admission,
+            claimed,
+            index: at.index(),
+            message_id,
+            due_ms,
+        });
+        if staged.len() >= STAGE_CHUNK {
+            self.flush(staged, run).await;
+        }
     }
 
     /// Hands the staged messages to the store, then to the limit stage. When the store cannot
@@ -561,19 +649,38 @@ impl Ingest {
         }
         let (messages, places): (Vec<_>, Vec<_>) = std::mem::take(staged)
             .into_iter()
-            .map(|s| (s.waiting, (s.admission, s.claimed, s.index, s.message_id)))
+            .map(|s| {
+                (
+                    s.waiting,
+                    (s.admission, s.claimed, s.index, s.message_id, s.due_ms),
+                )
+            })
             .unzip();
         match self.store.accept(messages).await {
             Ok(works) => {
-                for (work, (admission, _, index, message_id)) in works.into_iter().zip(places) {
-                    self.dispatch(work, admission).await;
+                let mut scheduled = Vec::new();
+                for (work, (admission, _, index, message_id, due_ms)) in
+                    works.into_iter().zip(places)
+                {
+                    match due_ms {
+                        // The limit-stage place is given back: the message takes one again
+                        // when it comes due, like a retry.
+                        Some(due_ms) => scheduled.extend(self.schedule(work, due_ms)),
+                        None => self.dispatch(work, admission).await,
+                    }
                     run.results
                         .push(RecipientResult::accepted(index, message_id));
+                }
+                // Before the caller hears it was accepted: with Redis the schedule is durable.
+                if !scheduled.is_empty() {
+                    self.store.schedule(scheduled).await;
                 }
             }
             Err(AcceptError { error, messages }) => {
                 let reason = format!("{error}; the message was not accepted");
-                for (waiting, (_, claimed, index, message_id)) in messages.into_iter().zip(places) {
+                for (waiting, (_, claimed, index, message_id, _)) in
+                    messages.into_iter().zip(places)
+                {
                     waiting.resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
                     if claimed {
                         run.release.push(message_id.clone());
@@ -605,6 +712,24 @@ impl Ingest {
         place
     }
 
+    /// Sets an accepted message aside until `due_ms`: rendered now (a message that cannot be
+    /// rendered ends REJECTED here and `None` is returned), its SCHEDULED receipt emitted and
+    /// its window slot released; the caller hands it to the store.
+    fn schedule(
+        &self,
+        work: Work,
+        due_ms: i64,
+    ) -> Option<(crate::work::Job, tokio::time::Instant)> {
+        let mut job = work.into_job()?;
+        let wait = u64::try_from(due_ms - crate::store::now_ms()).unwrap_or(0);
+        let due = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(due_ms.max(0) as u64);
+        job.pending.schedule(due);
+        Some((
+            job,
+            tokio::time::Instant::now() + std::time::Duration::from_millis(wait),
+        ))
+    }
+
     /// Hands accepted work to the limit stage; its limit-stage place is committed once it is in
     /// the channel.
     async fn dispatch(&self, work: Work, admission: Admission) {
@@ -623,6 +748,8 @@ impl Ingest {
 struct Valid {
     at: PackedAt,
     claimed: bool,
+    /// What the policy stage reads of the recipient.
+    input: PolicyInput,
 }
 
 /// An admitted message waiting for the store, with what its result needs.
@@ -632,6 +759,8 @@ struct Staged {
     claimed: bool,
     index: usize,
     message_id: String,
+    /// A scheduled message's send time (epoch ms).
+    due_ms: Option<i64>,
 }
 
 /// The recipient index a field such as `recipients[12].vars` names.
@@ -729,6 +858,7 @@ impl<'a> Run<'a> {
         batch: &mut AcceptedBatch,
         recipients: Vec<Recipient>,
         earlier: &HashMap<String, Earlier>,
+        timing: &Timing,
     ) -> Vec<Valid> {
         let mut packed = PackedRecipients::default();
         let mut valid = Vec::with_capacity(recipients.len());
@@ -755,14 +885,20 @@ impl<'a> Run<'a> {
             let checked = self
                 .check(batch, &recipient, index, &message_id, accepted_at)
                 .and_then(|_validated| {
+                    self.ingest
+                        .policy
+                        .inspect(&batch.app.id, &recipient, index, timing)
+                })
+                .and_then(|input| {
                     packed
                         .push(&recipient, &message_id, index, &batch.template)
+                        .map(|at| (at, input))
                         .ok_or_else(|| {
                             FieldError::new("recipients", "the batch is too large to hold")
                         })
                 });
             match checked {
-                Ok(at) => valid.push(Valid { at, claimed }),
+                Ok((at, input)) => valid.push(Valid { at, claimed, input }),
                 Err(error) => {
                     if claimed {
                         self.release.push(message_id.clone());

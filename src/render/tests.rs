@@ -53,6 +53,8 @@ fn recipient(platform: Platform, token: &str, vars: &[(&str, &str)]) -> Recipien
         fcm_json: String::new(),
         title: None,
         body: None,
+        token_registered_at_ms: 0,
+        send_at_ms: 0,
     }
 }
 

@@ -10,6 +10,8 @@ use crate::proto;
 
 /// One record of the audience file.
 #[derive(Debug, Clone, PartialEq)]
+// Records are read and sent one at a time, so the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Record {
     /// A recipient, at `line` (CSV: the data row's number from 1; NDJSON: the line number).
     Recipient {

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Store, StoreError,
-    StoreStats,
+    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Scheduled, Store,
+    StoreError, StoreStats,
 };
 use crate::domain::{Receipt, ReceiptStatus};
 use crate::metrics::Metrics;
@@ -208,6 +208,34 @@ impl Store for MemoryStore {
         if earliest {
             self.wake.notify_one();
         }
+    }
+
+    async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError> {
+        let cancelled: Vec<Entry> = {
+            let mut heap = self.heap.lock();
+            let (taken, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut *heap)
+                .into_vec()
+                .into_iter()
+                .partition(|e| {
+                    let m = e.job.pending.meta();
+                    // Retries (attempted already) are not scheduled messages.
+                    e.job.pending.attempt() == 0
+                        && *m.app_id == *app
+                        && which.selects(&m.campaign_id, &m.batch_id, &m.message_id, &m.user_id)
+                });
+            *heap = kept.into();
+            taken
+        };
+        let n = cancelled.len() as u64;
+        for entry in cancelled {
+            self.metrics.retry_queue_depth.dec();
+            let mut pending = entry.job.pending;
+            if matches!(which, Scheduled::User(_)) {
+                pending.forget_user_id();
+            }
+            pending.resolve(Resolution::gateway(ReceiptStatus::Dropped, which.reason()));
+        }
+        Ok(n)
     }
 
     fn dead_letter(&self, job: Job, resolution: Resolution) {

@@ -15,6 +15,7 @@
 //! hub shows every receipt to the store, which releases what a terminal receipt finished.
 
 pub mod memory;
+pub mod policy_state;
 pub mod redis;
 
 use std::collections::HashMap;
@@ -51,6 +52,41 @@ pub enum Earlier {
     /// Finished with this terminal status.
     Finished(ReceiptStatus),
 }
+
+/// Which scheduled messages a cancellation takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheduled {
+    Campaign(String),
+    Batch(String),
+    Messages(Vec<String>),
+    /// A user's, erased by ForgetUser: their receipts carry no user id.
+    User(String),
+}
+
+impl Scheduled {
+    /// Whether a message of this campaign, batch, id and user is selected.
+    pub fn selects(&self, campaign_id: &str, batch_id: &str, message_id: &str, user: &str) -> bool {
+        match self {
+            Scheduled::Campaign(c) => c == campaign_id,
+            Scheduled::Batch(b) => b == batch_id,
+            Scheduled::Messages(ids) => ids.iter().any(|id| id == message_id),
+            Scheduled::User(u) => !u.is_empty() && u == user,
+        }
+    }
+
+    /// The reason of the DROPPED receipt of a message this selects.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Scheduled::User(_) => FORGOTTEN,
+            _ => CANCELLED,
+        }
+    }
+}
+
+/// The reason of the receipt of a cancelled scheduled message.
+pub const CANCELLED: &str = "cancelled";
+/// The reason of the receipt of a scheduled message erased with its user (ForgetUser).
+pub const FORGOTTEN: &str = "user_forgotten";
 
 /// Which receipts a resumable subscriber wants.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +191,27 @@ pub trait Store: ReceiptObserver + Send + Sync + 'static {
 
     /// Parks `job` until `due`, then feeds it to the limit stage again.
     fn park(&self, job: Job, due: Instant);
+
+    /// Holds scheduled messages (never attempted, already accepted) until each is due, then
+    /// feeds them to the limit stage. A durable store has them stored as scheduled when this
+    /// returns (a crash then neither loses one nor sends it early) and lets exactly one replica
+    /// send each; the memory store keeps them with its retries.
+    async fn schedule(&self, jobs: Vec<(Job, Instant)>) {
+        for (job, due) in jobs {
+            self.park(job, due);
+        }
+    }
+
+    /// Ends the scheduled messages of `app` that `which` selects and that have not gone yet
+    /// (never attempted, still waiting), each with a terminal DROPPED receipt, reason
+    /// `cancelled`; returns how many. A message being sent at that moment is not taken.
+    async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError>;
+
+    /// Deletes the receipts of `user_id` from `app`'s receipts feed (ForgetUser); returns how
+    /// many. A store without a feed has none.
+    async fn forget_receipts(&self, _app: &str, _user_id: &str) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 
     /// Ends a job whose attempts are exhausted with `resolution`; a store that keeps dead
     /// letters keeps it (with its last error) for the admin RPCs.

@@ -330,6 +330,8 @@ pub(super) mod tests {
             fcm_json: r#"{"data":{"k":"v"}}"#.into(),
             title: None,
             body: Some("Ünïcode {{ first_name }}".into()),
+            token_registered_at_ms: 0,
+            send_at_ms: 0,
         }
     }
 

@@ -25,6 +25,7 @@ fn batch(n: usize, recipients: Vec<proto::Recipient>) -> proto::SendBatchRequest
         recipients,
         wait_for_receipts: false,
         campaign_rate_per_minute: 0,
+        ..Default::default()
     }
 }
 

@@ -15,6 +15,7 @@ mod google_credentials;
 mod http_api;
 mod limits;
 mod otlp;
+mod policy;
 mod redis_cluster;
 mod redis_crash;
 mod redis_durable;

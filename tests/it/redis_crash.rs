@@ -19,13 +19,13 @@ use pushgate_mocks::apns::{MockApns, MockApnsConfig};
 use pushgate_mocks::fcm::{MockFcm, MockFcmConfig};
 use pushgate_mocks::redis_server::RedisServer;
 
-const TOPIC: &str = "com.example.shop";
+pub(crate) const TOPIC: &str = "com.example.shop";
 const N: u64 = 50_000;
 const PER_BATCH: u64 = 1_000;
 const IN_FLIGHT: u64 = 200;
 const WRITE_BATCH: u64 = 256;
 
-struct Gateway(Child);
+pub(crate) struct Gateway(Child);
 
 impl Drop for Gateway {
     fn drop(&mut self) {
@@ -34,7 +34,7 @@ impl Drop for Gateway {
     }
 }
 
-fn spawn(config: &std::path::Path, log: &std::path::Path) -> Gateway {
+pub(crate) fn spawn(config: &std::path::Path, log: &std::path::Path) -> Gateway {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
         .arg("serve")
@@ -49,7 +49,7 @@ fn spawn(config: &std::path::Path, log: &std::path::Path) -> Gateway {
     Gateway(child)
 }
 
-async fn connect(addr: &str) -> PushGatewayClient<tonic::transport::Channel> {
+pub(crate) async fn connect(addr: &str) -> PushGatewayClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(client) = PushGatewayClient::connect(format!("http://{addr}")).await {
@@ -60,7 +60,7 @@ async fn connect(addr: &str) -> PushGatewayClient<tonic::transport::Channel> {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -69,7 +69,7 @@ fn free_port() -> u16 {
 }
 
 /// Every receipt in the app's receipts stream.
-async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
+pub(crate) async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -100,7 +100,7 @@ async fn stream_receipts(redis: &RedisServer) -> Vec<proto::Receipt> {
 }
 
 /// A cleartext mock APNs for the app `shop`, and the key it trusts written to `dir`.
-async fn apns_mock(
+pub(crate) async fn apns_mock(
     dir: &std::path::Path,
 ) -> (MockApns, pushgate_mocks::keys::ApnsKey, std::path::PathBuf) {
     let key = pushgate_mocks::keys::generate_apns_key();

@@ -195,6 +195,8 @@ fn batch(ids: impl IntoIterator<Item = u64>) -> Batch {
                 fcm_json: String::new(),
                 title: None,
                 body: None,
+                token_registered_at_ms: 0,
+                send_at_ms: 0,
             })
             .collect(),
         ..Default::default()

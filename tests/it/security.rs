@@ -847,7 +847,7 @@ async fn stream_send_refusals_are_one_short_error_per_recipient() {
 }
 
 /// A `StreamSend` caller that sends refused batches and never reads its receipts is not read
-/// either once `max_unread_rejections` of them wait: the gateway stops taking its batches
+/// either once `max_unread_receipts` of them wait: the gateway stops taking its batches
 /// instead of queueing their REJECTED receipts without end. When it reads, every recipient
 /// still gets its receipt.
 #[tokio::test]
@@ -856,7 +856,7 @@ async fn stream_send_caller_that_never_reads_is_not_read_either() {
     const BATCH: u64 = 100;
     const BATCHES: u64 = 1000;
     let h = harness::start(Options {
-        pipeline: format!("shutdown_grace_secs = 5\nmax_unread_rejections = {CAP}"),
+        pipeline: format!("shutdown_grace_secs = 5\nmax_unread_receipts = {CAP}"),
         ..Options::default()
     })
     .await;

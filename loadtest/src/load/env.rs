@@ -199,6 +199,9 @@ pub fn write_gateway_config(
         write!(cfg, "\n[redis]\nurl = {}\n", toml_str(url))?;
     }
     for i in 0..s.apps {
+        if let Some(caps) = &s.frequency_caps {
+            write!(cfg, "\n[apps.{}]\nfrequency_caps = {caps}\n", app_id(i))?;
+        }
         write!(
             cfg,
             "\n[apps.{app}.apns]\nkey_file = {key}\nkey_id = {kid}\nteam_id = {team}\n\

@@ -77,6 +77,9 @@ pub struct Settings {
     pub accept_window: Option<usize>,
     /// Gateway config: `[pipeline] max_in_flight_requests` (absent = gateway default).
     pub max_in_flight_requests: Option<usize>,
+    /// Gateway config: every app's `frequency_caps`, as TOML (e.g.
+    /// `[{ max = 3, window = "1d" }]`); absent = no caps.
+    pub frequency_caps: Option<String>,
     /// Gateway config: `[retry] base_ms` and `max_attempts`.
     pub retry_base_ms: u64,
     pub retry_max_attempts: u32,
@@ -128,6 +131,7 @@ impl Default for Settings {
             drain_secs: 30.0,
             gateway_connections: 2,
             accept_window: None,
+            frequency_caps: None,
             max_in_flight_requests: None,
             retry_base_ms: 50,
             retry_max_attempts: 5,

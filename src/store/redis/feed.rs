@@ -23,6 +23,51 @@ pub fn key(prefix: &str, app: &str) -> String {
     format!("{prefix}:{{{app}}}:receipts")
 }
 
+/// Deletes the entries of `app`'s stream whose receipt names `user_id` (ForgetUser), reading
+/// the whole stream a page at a time; returns how many.
+pub async fn forget_user(store: &RedisClient, app: &str, user_id: &str) -> redis::RedisResult<u64> {
+    if user_id.is_empty() {
+        return Ok(0);
+    }
+    let key = key(&store.config().key_prefix, app);
+    let mut conn = store.conn();
+    let mut start = "-".to_string();
+    let mut deleted = 0u64;
+    loop {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(&mut conn)
+            .await?;
+        let Some(last) = reply.ids.last().map(|e| e.id.clone()) else {
+            return Ok(deleted);
+        };
+        let theirs: Vec<&str> = reply
+            .ids
+            .iter()
+            .filter(|entry| {
+                entry
+                    .get::<Vec<u8>>("r")
+                    .and_then(|bytes| proto::Receipt::decode(bytes.as_slice()).ok())
+                    .is_some_and(|r| r.user_id == user_id)
+            })
+            .map(|entry| entry.id.as_str())
+            .collect();
+        if !theirs.is_empty() {
+            let n: u64 = redis::cmd("XDEL")
+                .arg(&key)
+                .arg(&theirs)
+                .query_async(&mut conn)
+                .await?;
+            deleted += n;
+        }
+        start = format!("({last}");
+    }
+}
+
 /// True when `filter` wants `r`.
 fn wants(filter: &FeedFilter, r: &proto::Receipt) -> bool {
     (filter.include_non_terminal || r.terminal)

@@ -10,6 +10,10 @@
 //! | `<p>:{app}:replicas` | ZSET | replica id scored by "alive until" (ms) |
 //! | `<p>:{app}:dead` | HASH | message_id -> dead-letter record (JSON, with last error) |
 //! | `<p>:{app}:dead_idx` | ZSET | message_id scored by dead-letter time (ms) |
+//! | `<p>:{app}:optout` | SET | user ids opted out of the app's pushes |
+//! | `<p>:{app}:cap:<user>` | ZSET | the user's sends in the longest cap window (score = ms), expiring with it |
+//! | `<p>:{app}:dead_tokens` | HASH | device token reported dead -> since (ms) |
+//! | `<p>:{app}:dead_tokens_idx` | ZSET | the same tokens scored by since (ms), for listing and expiry |
 //! | `<p>:{app}:batch:<id>` | HASH | a batch's context (`ctx`, JSON), its packed recipients (`buf`, bytes) and how many packed records still refer to it (`left`) |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).
@@ -47,6 +51,19 @@ impl AppKeys {
     pub fn dead_idx(&self) -> String {
         format!("{}:dead_idx", self.base)
     }
+    pub fn optout(&self) -> String {
+        format!("{}:optout", self.base)
+    }
+    /// The prefix of the per-user cap counters; the user id is the rest.
+    pub fn cap_prefix(&self) -> String {
+        format!("{}:cap:", self.base)
+    }
+    pub fn dead_tokens(&self) -> String {
+        format!("{}:dead_tokens", self.base)
+    }
+    pub fn dead_tokens_idx(&self) -> String {
+        format!("{}:dead_tokens_idx", self.base)
+    }
     /// The prefix of the batch-context keys; a packed record names the rest.
     pub fn batch_prefix(&self) -> String {
         format!("{}:batch:", self.base)
@@ -72,6 +89,10 @@ mod tests {
             k.dead(),
             k.dead_idx(),
             k.batch("b1"),
+            k.optout(),
+            k.cap_prefix(),
+            k.dead_tokens(),
+            k.dead_tokens_idx(),
         ] {
             assert!(key.starts_with("pg:{shop}:"), "{key}");
         }

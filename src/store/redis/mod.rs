@@ -33,6 +33,7 @@ mod dead_letters;
 mod feed;
 mod idempotency;
 mod keys;
+mod policy;
 mod queue;
 mod record;
 mod replicas;
@@ -46,11 +47,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use client::{DurableError, RedisClient, RedisConn};
+pub use policy::RedisPolicyState;
 use queue::RedisRetryQueue;
 
 use super::{
-    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Store, StoreError,
-    StoreStats,
+    AcceptError, DeadLetters, Earlier, FeedError, FeedFilter, ReceiptFeed, Scheduled, Store,
+    StoreError, StoreStats,
 };
 use crate::domain::Receipt;
 use crate::receipts::{ReceiptHub, ReceiptObserver, Resolution};
@@ -274,6 +276,27 @@ impl Store for RedisStore {
 
     fn park(&self, job: Job, due: Instant) {
         self.queue.park(job, super::due_ms(due));
+    }
+
+    async fn schedule(&self, jobs: Vec<(Job, Instant)>) {
+        let jobs = jobs
+            .into_iter()
+            .map(|(job, due)| (job, super::due_ms(due)))
+            .collect();
+        self.queue.schedule(jobs).await;
+    }
+
+    async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> Result<u64, StoreError> {
+        self.queue
+            .cancel_scheduled(app, which)
+            .await
+            .map_err(unreachable)
+    }
+
+    async fn forget_receipts(&self, app: &str, user_id: &str) -> Result<u64, StoreError> {
+        feed::forget_user(&self.client, app, user_id)
+            .await
+            .map_err(unreachable)
     }
 
     fn dead_letter(&self, job: Job, resolution: Resolution) {

@@ -41,6 +41,8 @@ pub struct Options {
     pub top: String,
     /// Appended at the end of the config (e.g. a `[redis]` or `[tls]` section).
     pub extra: String,
+    /// Keys of the `[apps.shop]` table itself (e.g. `frequency_caps = [...]`).
+    pub shop: String,
 }
 
 /// Another app of the harness gateway, sharing shop's APNs credentials.
@@ -64,6 +66,7 @@ impl Default for Options {
             more_apps: Vec::new(),
             top: String::new(),
             extra: String::new(),
+            shop: String::new(),
         }
     }
 }
@@ -125,6 +128,7 @@ pub async fn start(options: Options) -> Harness {
         [apps.shop]
         api_keys = {api_keys:?}
         admin_keys = {admin_keys:?}
+        {shop}
         [apps.shop.apns]
         key_file = "{key_file}"
         key_id = "{key_id}"
@@ -139,6 +143,7 @@ pub async fn start(options: Options) -> Harness {
         {extra}
         "#,
         top = options.top,
+        shop = options.shop,
         extra = options.extra,
         pipeline = options.pipeline,
         api_keys = options.api_keys,

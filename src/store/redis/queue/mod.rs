@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use scripts::{ACK, CLAIM, RELEASE, RELEASE_FN, TAKEOVER};
+use scripts::{ACK, CANCEL, CLAIM, RELEASE, RELEASE_FN, TAKEOVER};
 use write::Write;
 
 use super::RedisClient;
@@ -60,7 +60,7 @@ use crate::domain::{Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::{Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
 use crate::render::RenderContext;
-use crate::store::{StoreStats, now_ms};
+use crate::store::{Scheduled, StoreStats, now_ms};
 use crate::work::{AcceptedBatch, Job, Waiting, Work};
 
 type JobKey = (Arc<str>, String);
@@ -312,6 +312,176 @@ impl RedisRetryQueue {
                 "gateway shut down before the retry was attempted",
             ));
         }
+    }
+
+    /// Moves scheduled messages from their lease to this replica's delay set, each until its
+    /// due time, as parked jobs, in one MULTI per app that is awaited: when this returns a
+    /// crash loses none and sends none early. Their `Pending`s are not kept here: their callers
+    /// no longer listen (see `Pending::schedule`), so whichever replica claims one when due
+    /// (this one, or the one that takes over after a crash) emits its receipts to the app's
+    /// subscribers, and memory here stays the same however many are scheduled. If the MULTI
+    /// fails (Redis away), they go through the write loop like parked retries, which writes them
+    /// once Redis is back.
+    pub async fn schedule(&self, jobs: Vec<(Job, i64)>) {
+        const SHUT_DOWN: &str = "gateway shut down before the message was scheduled";
+        let mut by_app: HashMap<Arc<str>, Vec<(Job, i64, String)>> = HashMap::new();
+        for (job, due_ms) in jobs {
+            let meta = Arc::clone(job.pending.meta());
+            if self.keys(&meta.app_id).is_none() || self.stopped.load(Ordering::Acquire) {
+                job.pending
+                    .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+                continue;
+            }
+            self.held
+                .remove(&(Arc::clone(&meta.app_id), meta.message_id.clone()));
+            let record = StoredJob::new(&meta, &job.request, job.pending.attempt()).to_json();
+            by_app
+                .entry(Arc::clone(&meta.app_id))
+                .or_default()
+                .push((job, due_ms, record));
+        }
+        let me = self.store.replica();
+        let mut conn = self.store.conn();
+        for (app, list) in by_app {
+            let Some(k) = self.keys(&app) else { continue };
+            let ids: Vec<&str> = list
+                .iter()
+                .map(|(job, _, _)| job.pending.meta().message_id.as_str())
+                .collect();
+            let rows: Vec<(&str, &str)> = list
+                .iter()
+                .zip(&ids)
+                .map(|((_, _, record), id)| (*id, record.as_str()))
+                .collect();
+            let due: Vec<(i64, &str)> = list
+                .iter()
+                .zip(&ids)
+                .map(|((_, due_ms, _), id)| (*due_ms, *id))
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                // Before the packed records are replaced: see `RELEASE_FN`.
+                .cmd("EVAL")
+                .arg(&self.release_script)
+                .arg(1)
+                .arg(k.jobs())
+                .arg(k.batch_prefix())
+                .arg(&ids)
+                .ignore()
+                .hset_multiple(k.jobs(), &rows)
+                .ignore()
+                .zadd_multiple(k.delay(me), &due)
+                .ignore()
+                .zrem(k.leases(), &ids)
+                .ignore()
+                .hdel(k.owner(), &ids)
+                .ignore();
+            let result = pipe.query_async::<()>(&mut conn).await;
+            self.store.observe(&result);
+            let written = result.is_ok();
+            for (job, due_ms, record) in list {
+                self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
+                let queued = written
+                    || self.write(Write::Park {
+                        app: Arc::clone(&app),
+                        id: job.pending.meta().message_id.clone(),
+                        record,
+                        due_ms,
+                    });
+                if queued {
+                    job.pending.hand_off();
+                } else {
+                    job.pending
+                        .resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN));
+                }
+            }
+        }
+    }
+
+    /// Cancels the waiting scheduled messages of `app` that `which` selects (see
+    /// `Store::cancel_scheduled`). Ids are checked in every replica's delay set (a dead
+    /// replica's too, until it is taken over); a campaign or batch is found by reading the
+    /// delay sets' records, so that costs a pass over the app's waiting messages.
+    pub async fn cancel_scheduled(&self, app: &str, which: &Scheduled) -> redis::RedisResult<u64> {
+        let Some((runtime, k)) = self.apps.get(app) else {
+            return Ok(0);
+        };
+        let mut conn = self.store.conn();
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(k.replicas())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let mut delay_keys: Vec<String> = replicas.iter().map(|r| k.delay(r)).collect();
+        let mine = k.delay(self.store.replica());
+        if !delay_keys.contains(&mine) {
+            delay_keys.push(mine);
+        }
+        let ids: Vec<String> = match which {
+            Scheduled::Messages(ids) => ids.clone(),
+            _ => {
+                let mut ids = Vec::new();
+                for key in &delay_keys {
+                    let members: Vec<String> = redis::cmd("ZRANGE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut conn)
+                        .await?;
+                    for chunk in members.chunks(500) {
+                        let records: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+                            .arg(k.jobs())
+                            .arg(chunk)
+                            .query_async(&mut conn)
+                            .await?;
+                        for (id, record) in chunk.iter().zip(records) {
+                            let Some(job) = record.and_then(|r| StoredJob::from_json(&r).ok())
+                            else {
+                                continue;
+                            };
+                            if job.attempt == 0
+                                && which.selects(
+                                    &job.campaign_id,
+                                    &job.batch_id,
+                                    &job.message_id,
+                                    &job.user_id,
+                                )
+                            {
+                                ids.push(id.clone());
+                            }
+                        }
+                    }
+                }
+                ids
+            }
+        };
+        let script = Script::new(CANCEL);
+        let mut cancelled = 0u64;
+        for chunk in ids.chunks(500) {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(k.jobs()).arg(delay_keys.len());
+            for key in &delay_keys {
+                invocation.arg(key);
+            }
+            for id in chunk {
+                invocation.arg(id);
+            }
+            let records: Vec<Vec<u8>> = invocation.invoke_async(&mut conn).await?;
+            for record in records {
+                let Ok(job) = StoredJob::from_json(&record) else {
+                    continue;
+                };
+                cancelled += 1;
+                let mut meta = job.meta(Arc::clone(&runtime.id));
+                if matches!(which, Scheduled::User(_)) {
+                    meta.user_id.clear();
+                }
+                Pending::detached(Arc::new(meta), Arc::clone(&self.hub), 0)
+                    .resolve(Resolution::gateway(ReceiptStatus::Dropped, which.reason()));
+            }
+        }
+        Ok(cancelled)
     }
 
     /// Keeps a job whose attempts ran out as a dead letter, then emits its terminal receipt.

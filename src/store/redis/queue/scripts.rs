@@ -124,3 +124,26 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 "#;
+
+/// Cancels scheduled messages that are still waiting: each id that is in one of the delay sets
+/// named in ARGV and whose record was never attempted leaves its delay set and `jobs` (KEYS[1])
+/// in one step, so a claim and a cancel never both take it. ARGV: n, n delay-set keys, ids.
+/// Returns the cancelled records.
+pub(super) const CANCEL: &str = r#"
+local n = tonumber(ARGV[1])
+local out = {}
+for i = n + 2, #ARGV do
+  local id = ARGV[i]
+  local rec = redis.call('HGET', KEYS[1], id)
+  if rec and string.find(rec, '"attempt":0[,}]') then
+    for d = 2, n + 1 do
+      if redis.call('ZREM', ARGV[d], id) == 1 then
+        redis.call('HDEL', KEYS[1], id)
+        out[#out + 1] = rec
+        break
+      end
+    end
+  end
+end
+return out
+"#;
