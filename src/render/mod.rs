@@ -492,19 +492,26 @@ impl CompiledTemplate {
         if push_type == PushType::Background {
             self.check_background(title, body)?;
         }
-        let missing = |e: template::MissingVar| {
-            FieldError::new(
-                recipient_field(index, &format!("vars.{}", e.name)),
-                e.to_string(),
-            )
-        };
-        let title = title.text.render(vars).map_err(missing)?;
-        let subtitle = self.subtitle.render(vars).map_err(missing)?;
-        let body = body.text.render(vars).map_err(missing)?;
+        let title_text = title
+            .text
+            .render(vars)
+            .map_err(|e| render_error(e, index, || title.origin.field("title")))?;
+        let subtitle = self
+            .subtitle
+            .render(vars)
+            .map_err(|e| render_error(e, index, || "template.subtitle".to_owned()))?;
+        let body_text = body
+            .text
+            .render(vars)
+            .map_err(|e| render_error(e, index, || body.origin.field("body")))?;
         let mut data = Vec::with_capacity(self.data.len());
         for (key, value) in &self.data {
-            data.push((key.as_str(), value.render(vars).map_err(missing)?));
+            let rendered = value
+                .render(vars)
+                .map_err(|e| render_error(e, index, || format!("template.data.{key}")))?;
+            data.push((key.as_str(), rendered));
         }
+        let (title, body) = (title_text, body_text);
         Ok(Content {
             push_type,
             title,
@@ -512,6 +519,22 @@ impl CompiledTemplate {
             body,
             data,
         })
+    }
+}
+
+/// A recipient's rendering failure as a field error: a missing variable names the variable
+/// (`recipients[3].vars.first_name`); anything else (budget, a filter's input) names the text.
+fn render_error(
+    e: template::RenderError,
+    index: usize,
+    text_field: impl FnOnce() -> String,
+) -> FieldError {
+    match &e {
+        template::RenderError::Missing { name } => FieldError::new(
+            recipient_field(index, &format!("vars.{name}")),
+            e.to_string(),
+        ),
+        _ => FieldError::new(text_field(), format!("recipients[{index}]: {e}")),
     }
 }
 
