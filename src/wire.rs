@@ -55,5 +55,19 @@ pub fn receipt(r: &Receipt) -> proto::Receipt {
         user_id: r.meta.user_id.clone(),
         field: r.field.clone(),
         cursor: String::new(),
+        variant: r
+            .meta
+            .content
+            .variant
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned(),
+        locale: r
+            .meta
+            .content
+            .locale
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned(),
     }
 }

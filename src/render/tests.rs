@@ -27,6 +27,7 @@ fn meta(message_id: &str) -> MessageMeta {
         accepted_at: SystemTime::UNIX_EPOCH + Duration::from_secs(ACCEPTED),
         expires_at: None,
         campaign_rate_per_minute: 0,
+        content: Default::default(),
     }
 }
 
