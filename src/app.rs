@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
-use crate::edge::{AdminApi, Api, ApiKeys, ServerTls};
+use crate::edge::{AdminApi, Api, ApiKeys, InsightsApi, ServerTls};
 use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, RequestCaps, SubmitError};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
@@ -30,7 +30,9 @@ use crate::proto;
 use crate::receipts::{CallerSink, ReceiptHub};
 use crate::registry::AppRegistry;
 use crate::store::Store;
+use crate::store::insights::{Insights, MemoryInsights};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::insights::RedisInsights;
 use crate::store::redis::{RedisClient, RedisStore};
 
 /// The wired data path. See the module docs.
@@ -39,6 +41,8 @@ pub struct Gateway {
     ingest: Arc<Ingest>,
     hub: Arc<ReceiptHub>,
     store: Arc<dyn Store>,
+    /// Campaign measurement (receipts counted, opens and conversions tracked).
+    insights: Arc<dyn Insights>,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     /// Fires when the shutdown grace period is over: what is still in flight is abandoned.
@@ -69,6 +73,11 @@ impl Gateway {
             (config.accept_window / 2).max(1),
         ));
         let (ready, ready_rx) = mpsc::channel(config.dispatch_queue);
+        let insights: Arc<dyn Insights> = match &redis {
+            Some(client) => RedisInsights::start(Arc::clone(client), config.insights()),
+            None => Arc::new(MemoryInsights::new(config.insights())),
+        };
+        hub.add_observer(Arc::clone(&insights) as _);
         let store: Arc<dyn Store> = match redis {
             Some(client) => {
                 let runtimes = apps.ids().filter_map(|id| apps.get(id).cloned());
@@ -120,6 +129,7 @@ impl Gateway {
             ingest,
             hub,
             store,
+            insights,
             limits,
             metrics,
             hard_stop,
@@ -150,6 +160,11 @@ impl Gateway {
     /// The store every stage keeps its state in.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Campaign measurement.
+    pub fn insights(&self) -> &Arc<dyn Insights> {
+        &self.insights
     }
 
     pub fn hub(&self) -> &Arc<ReceiptHub> {
@@ -392,6 +407,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 gateway
                     .api()
                     .into_server(config.pipeline.max_request_bytes()),
+                move |request| keys.intercept(request),
+            )
+        })
+        .add_service({
+            let keys = api_keys.clone();
+            tonic::service::interceptor::InterceptedService::new(
+                InsightsApi::new(Arc::clone(gateway.insights()), Arc::clone(&gateway.apps))
+                    .into_server(),
                 move |request| keys.intercept(request),
             )
         })

@@ -402,7 +402,7 @@ pub enum Outcome {
 }
 
 /// The state a receipt reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReceiptStatus {
     Delivered,
     InvalidToken,

@@ -226,7 +226,7 @@ impl proto::push_gateway_server::PushGateway for Api {
     }
 }
 
-fn invalid_argument(errors: Vec<FieldError>) -> Status {
+pub(super) fn invalid_argument(errors: Vec<FieldError>) -> Status {
     let message = errors
         .iter()
         .map(|e| e.to_string())

@@ -149,10 +149,12 @@ impl Contents {
         for (i, v) in experiment.variants.iter().enumerate() {
             let field = format!("template.experiment.variants[{i}]");
             let name = v.name.trim();
-            if name.is_empty() || name.len() > 64 || name == HOLDOUT {
+            if name.is_empty() || name.len() > 64 || name == HOLDOUT || name.contains('|') {
                 return Err(FieldError::new(
                     format!("{field}.name"),
-                    format!("a variant needs a name of 1 to 64 bytes, not `{HOLDOUT}`"),
+                    format!(
+                        "a variant needs a name of 1 to 64 bytes, without `|`, not `{HOLDOUT}`"
+                    ),
                 ));
             }
             if !names.insert(name) {

@@ -8,6 +8,7 @@
 mod harness;
 
 mod apns_pipeline;
+mod content;
 mod deploy;
 mod fcm_pipeline;
 mod limits;
