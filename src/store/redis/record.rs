@@ -518,7 +518,10 @@ mod tests {
             accepted_at: from_millis(1_700_000_000_123),
             expires_at: Some(from_millis(1_700_000_100_000)),
             campaign_rate_per_minute: 0,
-            content: Default::default(),
+            content: crate::domain::ContentLabel {
+                variant: Some("urgent".into()),
+                locale: Some("pt-BR".into()),
+            },
         };
         let apns = ProviderRequest::Apns(ApnsRequest {
             device_token: "ab".into(),
@@ -538,6 +541,8 @@ mod tests {
         assert_eq!(m.accepted_at, meta.accepted_at);
         assert_eq!(m.expires_at, meta.expires_at);
         assert_eq!(m.priority, Priority::High);
+        // A parked retry reports the variant and locale it was rendered with.
+        assert_eq!(m.content, meta.content);
         match back.provider_request().unwrap() {
             ProviderRequest::Apns(a) => {
                 assert_eq!(a.push_type, PushType::Voip);
@@ -600,6 +605,22 @@ mod tests {
             badge: Some(3),
             data: [("k".to_string(), "{{ v }}".to_string())].into(),
             fcm_json: r#"{"android":{}}"#.into(),
+            locales: [(
+                "pt-BR".to_string(),
+                crate::domain::LocalizedText {
+                    title: "Oi {{ name }}".into(),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            experiment: Some(crate::domain::Experiment {
+                variants: vec![crate::domain::Variant {
+                    name: "a".into(),
+                    weight: 2,
+                    ..Default::default()
+                }],
+                holdout_bp: 500,
+            }),
             ..Default::default()
         };
         let stored = StoredTemplate::from(&template);
@@ -609,6 +630,8 @@ mod tests {
         assert_eq!(StoredTemplate::from(&again), stored);
         assert_eq!(again.push_type, Some(PushType::Background));
         assert_eq!(again.ttl, Some(Duration::from_secs(90)));
+        assert_eq!(again.locales, template.locales);
+        assert_eq!(again.experiment, template.experiment);
         let bad = StoredTemplate {
             push_type: Some("nope".into()),
             ..stored
