@@ -4,7 +4,9 @@
 //! safe, and hands it to the limit stage. One path, whichever store is configured.
 //!
 //! Every recipient not taken gets a REJECTED receipt through the receipt hub, naming the field;
-//! every recipient taken is accepted and owes a terminal receipt from then on.
+//! every recipient taken is accepted and owes a terminal receipt from then on. A recipient that
+//! an experiment holds out (`render::content`) is validated, accepted and ended at once: DROPPED
+//! `holdout`, never packed nor sent.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
