@@ -81,6 +81,7 @@ fn retry_round_trip(c: &mut Criterion) {
             accepted_at: SystemTime::now(),
             expires_at: None,
             campaign_rate_per_minute: 0,
+            content: Default::default(),
         });
         let mut pending = Pending::new(meta, None, Arc::clone(&hub), None);
         pending.begin_attempt();

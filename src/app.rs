@@ -21,8 +21,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
-use crate::edge::PolicyApi;
-use crate::edge::{AdminApi, Api, ApiKeys, ServerTls};
+use crate::edge::{AdminApi, Api, ApiKeys, InsightsApi, PolicyApi, ServerTls};
 use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, RequestCaps, SubmitError};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
@@ -31,8 +30,10 @@ use crate::proto;
 use crate::receipts::{CallerSink, ReceiptHub};
 use crate::registry::AppRegistry;
 use crate::store::Store;
+use crate::store::insights::{Insights, MemoryInsights};
 use crate::store::memory::MemoryStore;
 use crate::store::policy_state::{MemoryPolicyState, PolicyState};
+use crate::store::redis::insights::RedisInsights;
 use crate::store::redis::{RedisClient, RedisPolicyState, RedisStore};
 
 /// The wired data path. See the module docs.
@@ -42,6 +43,8 @@ pub struct Gateway {
     ingest: Arc<Ingest>,
     hub: Arc<ReceiptHub>,
     store: Arc<dyn Store>,
+    /// Campaign measurement (receipts counted, opens and conversions tracked).
+    insights: Arc<dyn Insights>,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     /// Fires when the shutdown grace period is over: what is still in flight is abandoned.
@@ -91,6 +94,11 @@ impl Gateway {
         ));
         let (ready, ready_rx) = mpsc::channel(config.dispatch_queue);
         let durable = redis.is_some();
+        let insights: Arc<dyn Insights> = match &redis {
+            Some(client) => RedisInsights::start(Arc::clone(client), config.insights()),
+            None => Arc::new(MemoryInsights::new(config.insights())),
+        };
+        hub.add_observer(Arc::clone(&insights) as _);
         let store: Arc<dyn Store> = match redis {
             Some(client) => {
                 client.set_metrics(metrics.redis());
@@ -147,6 +155,7 @@ impl Gateway {
             ingest,
             hub,
             store,
+            insights,
             limits,
             metrics,
             hard_stop,
@@ -177,6 +186,11 @@ impl Gateway {
     /// The store every stage keeps its state in.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Campaign measurement.
+    pub fn insights(&self) -> &Arc<dyn Insights> {
+        &self.insights
     }
 
     pub fn hub(&self) -> &Arc<ReceiptHub> {
@@ -483,6 +497,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 )
             }),
         )
+        .add_service({
+            let keys = api_keys.clone();
+            tonic::service::interceptor::InterceptedService::new(
+                InsightsApi::new(Arc::clone(gateway.insights()), Arc::clone(&gateway.apps))
+                    .into_server(),
+                move |request| keys.intercept(request),
+            )
+        })
         .add_optional_service(admin.map(|admin| {
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(

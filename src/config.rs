@@ -150,6 +150,13 @@ pub struct PipelineConfig {
     /// gateway stops reading that caller's batches (HTTP/2 flow control then slows the caller)
     /// until it reads.
     pub max_unread_receipts: usize,
+    /// How long after its exposure (delivery, or holdout) a conversion is attributed to a
+    /// campaign; also how long exposures and tracked event ids are remembered.
+    pub attribution_window_secs: u64,
+    /// Exposures (and tracked event ids) kept in memory without Redis, at most.
+    pub insights_max_exposures: usize,
+    /// Days Redis keeps a campaign's counters after their last update.
+    pub insights_retention_days: u64,
 }
 
 impl Default for PipelineConfig {
@@ -169,6 +176,9 @@ impl Default for PipelineConfig {
             max_request_bytes: None,
             max_replay_dead_letters: 1_000,
             max_unread_receipts: 10_000,
+            attribution_window_secs: 3 * 24 * 3600,
+            insights_max_exposures: 1_000_000,
+            insights_retention_days: 30,
         }
     }
 }
@@ -186,6 +196,15 @@ impl PipelineConfig {
                 .saturating_mul(RECIPIENT_WIRE_BUDGET)
                 .saturating_add(REQUEST_WIRE_OVERHEAD)
         })
+    }
+
+    /// The campaign-measurement settings.
+    pub fn insights(&self) -> crate::store::insights::InsightsConfig {
+        crate::store::insights::InsightsConfig {
+            attribution_window: Duration::from_secs(self.attribution_window_secs),
+            max_exposures: self.insights_max_exposures,
+            retention: Duration::from_secs(self.insights_retention_days.saturating_mul(86_400)),
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -430,6 +449,18 @@ impl Config {
                 p.max_template_data_entries as u64,
             ),
             ("pipeline.max_raw_json_bytes", p.max_raw_json_bytes as u64),
+            (
+                "pipeline.attribution_window_secs",
+                p.attribution_window_secs,
+            ),
+            (
+                "pipeline.insights_max_exposures",
+                p.insights_max_exposures as u64,
+            ),
+            (
+                "pipeline.insights_retention_days",
+                p.insights_retention_days,
+            ),
             ("pipeline.max_request_bytes", p.max_request_bytes() as u64),
             (
                 "pipeline.max_replay_dead_letters",

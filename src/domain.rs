@@ -124,6 +124,53 @@ pub struct Template {
     /// Raw JSON (an object) deep-merged into the FCM `message` last.
     pub fcm_json: String,
     pub android_channel_id: String,
+    /// Per-locale texts by language tag (`pt-BR`, `pt`): see [`crate::render::content`].
+    pub locales: BTreeMap<String, LocalizedText>,
+    /// An A/B test of the campaign's texts, with an optional holdout.
+    pub experiment: Option<Experiment>,
+}
+
+/// A title, subtitle and body; an empty one falls back to the text it replaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct LocalizedText {
+    pub title: String,
+    pub subtitle: String,
+    pub body: String,
+}
+
+impl LocalizedText {
+    pub fn is_empty(&self) -> bool {
+        self.title.is_empty() && self.subtitle.is_empty() && self.body.is_empty()
+    }
+}
+
+/// Variants of a campaign's texts and a holdout, each recipient assigned deterministically.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Experiment {
+    pub variants: Vec<Variant>,
+    /// The share of recipients held out (not sent), in basis points (1/10,000).
+    pub holdout_bp: u32,
+}
+
+/// One variant: its weight among the variants, its texts (empty: the template's) and its own
+/// per-locale texts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Variant {
+    pub name: String,
+    pub weight: u32,
+    pub texts: LocalizedText,
+    pub locales: BTreeMap<String, LocalizedText>,
+}
+
+/// Which content a message got: its experiment variant (`holdout` for a held-out recipient)
+/// and the locale whose texts it was rendered with (none: the default texts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContentLabel {
+    pub variant: Option<Arc<str>>,
+    pub locale: Option<Arc<str>>,
 }
 
 /// One addressee of a batch with its personalization variables. Its `Debug` shows the device
@@ -227,6 +274,7 @@ impl std::fmt::Debug for MessageMeta {
             .field("accepted_at", &self.accepted_at)
             .field("expires_at", &self.expires_at)
             .field("campaign_rate_per_minute", &self.campaign_rate_per_minute)
+            .field("content", &self.content)
             .finish()
     }
 }
@@ -247,6 +295,8 @@ pub struct MessageMeta {
     pub expires_at: Option<SystemTime>,
     /// The request's campaign rate limit, messages per minute; 0 means none.
     pub campaign_rate_per_minute: u32,
+    /// The variant and locale the message was rendered with (receipts carry them).
+    pub content: ContentLabel,
 }
 
 /// A validation failure that names the offending field, e.g. `recipients[3].vars.first_name`.
@@ -376,7 +426,7 @@ pub enum Outcome {
 }
 
 /// The state a receipt reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReceiptStatus {
     Delivered,
     InvalidToken,

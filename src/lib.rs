@@ -18,6 +18,7 @@ mod deliver;
 pub mod domain;
 pub mod edge;
 pub mod ingest;
+pub mod insights;
 pub mod limit;
 pub mod metrics;
 pub mod otlp;

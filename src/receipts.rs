@@ -168,6 +168,16 @@ impl ReceiptHub {
         receipt
     }
 
+    /// Publishes the terminal receipt of a message accepted and ended by policy before it
+    /// entered the pipeline (a holdout recipient: DROPPED, never sent), and returns it for the
+    /// caller. It is marked accepted, so a durable store records its outcome for idempotent
+    /// resends; no stage holds anything of it, and it never counted as in flight.
+    pub fn decline(&self, meta: Arc<MessageMeta>, resolution: Resolution) -> Arc<Receipt> {
+        let receipt = Arc::new(Receipt::new(meta, 0, resolution, None));
+        self.publish(&receipt);
+        receipt
+    }
+
     fn publish(&self, receipt: &Arc<Receipt>) {
         self.metrics.receipts.inc(
             &receipt.meta.app_id,
@@ -379,6 +389,7 @@ mod tests {
             accepted_at: SystemTime::now(),
             expires_at: None,
             campaign_rate_per_minute: 0,
+            content: Default::default(),
         })
     }
 

@@ -60,5 +60,19 @@ pub fn receipt(r: &Receipt) -> proto::Receipt {
             ReceiptStatus::Scheduled => r.next_attempt_at.map(epoch_millis).unwrap_or(0),
             _ => 0,
         },
+        variant: r
+            .meta
+            .content
+            .variant
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned(),
+        locale: r
+            .meta
+            .content
+            .locale
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned(),
     }
 }

@@ -281,7 +281,7 @@ fn answers(receipt: &crate::domain::Receipt) -> bool {
     receipt.terminal() || receipt.status == crate::domain::ReceiptStatus::Scheduled
 }
 
-fn invalid_argument(errors: Vec<FieldError>) -> Status {
+pub(super) fn invalid_argument(errors: Vec<FieldError>) -> Status {
     let message = errors
         .iter()
         .map(|e| e.to_string())

@@ -35,6 +35,36 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
             None
         }
     };
+    let locales = localized(template.locales);
+    let experiment = template.experiment.map(|e| {
+        let share = e.holdout_share;
+        let holdout_bp = if share.is_finite() && (0.0..1.0).contains(&share) {
+            (share * 10_000.0).round() as u32
+        } else {
+            errors.push(FieldError::new(
+                "template.experiment.holdout_share",
+                "must be at least 0 and below 1",
+            ));
+            0
+        };
+        domain::Experiment {
+            variants: e
+                .variants
+                .into_iter()
+                .map(|v| domain::Variant {
+                    name: v.name,
+                    weight: v.weight,
+                    texts: domain::LocalizedText {
+                        title: v.title,
+                        subtitle: v.subtitle,
+                        body: v.body,
+                    },
+                    locales: localized(v.locales),
+                })
+                .collect(),
+            holdout_bp,
+        }
+    });
     let template = domain::Template {
         title: template.title,
         subtitle: template.subtitle,
@@ -56,6 +86,8 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         apns_json: template.apns_json,
         fcm_json: template.fcm_json,
         android_channel_id: template.android_channel_id,
+        locales,
+        experiment,
     };
     let mut recipients = Vec::with_capacity(request.recipients.len());
     for (index, r) in request.recipients.into_iter().enumerate() {
@@ -97,6 +129,23 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         local_send_time: request.local_send_time,
         late_sends_now: request.late_sends_now,
     })
+}
+
+fn localized(
+    map: std::collections::BTreeMap<String, proto::LocalizedText>,
+) -> std::collections::BTreeMap<String, domain::LocalizedText> {
+    map.into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                domain::LocalizedText {
+                    title: t.title,
+                    subtitle: t.subtitle,
+                    body: t.body,
+                },
+            )
+        })
+        .collect()
 }
 
 fn push_type_from_proto(p: proto::PushType) -> Option<PushType> {

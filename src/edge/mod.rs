@@ -6,6 +6,7 @@
 //! - `policy`: `pushgate.v1.PushGatewayPolicy` (dead tokens, opt-outs, erasure).
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
+//! - `insights`: `pushgate.v1.PushGatewayInsights` (TrackEvents, GetCampaignStats).
 //! - `tls`: TLS and mutual TLS on the listener, reloadable.
 //! - `http`: the HTTP/JSON API over the same `Api`; `openapi`: its OpenAPI document.
 
@@ -14,6 +15,7 @@ pub mod api;
 pub mod auth;
 pub mod convert;
 pub mod http;
+pub mod insights;
 pub mod openapi;
 pub mod policy;
 pub mod tls;
@@ -22,5 +24,6 @@ pub use admin::AdminApi;
 pub use api::Api;
 pub use auth::{ApiKeys, Caller, Scope};
 pub use convert::into_batch;
+pub use insights::InsightsApi;
 pub use policy::PolicyApi;
 pub use tls::ServerTls;

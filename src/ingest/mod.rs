@@ -4,7 +4,9 @@
 //! safe, and hands it to the limit stage. One path, whichever store is configured.
 //!
 //! Every recipient not taken gets a REJECTED receipt through the receipt hub, naming the field;
-//! every recipient taken is accepted and owes a terminal receipt from then on.
+//! every recipient taken is accepted and owes a terminal receipt from then on. A recipient that
+//! an experiment holds out (`render::content`) is validated, accepted and ended at once: DROPPED
+//! `holdout`, never packed nor sent.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,7 +27,8 @@ use crate::metrics::{AppLabels, Metrics};
 use crate::policy::{Input as PolicyInput, Policy, Timing, Verdict};
 use crate::receipts::{CallerSink, Pending, ReceiptEnvelope, ReceiptHub, Resolution};
 use crate::registry::AppRegistry;
-use crate::render::{CompiledTemplate, RenderContext, Stamp};
+use crate::render::content::Choice;
+use crate::render::{CompiledTemplate, RecipientRef, RenderContext, Stamp};
 use crate::store::{AcceptError, Earlier, Store};
 use crate::work::{AcceptedBatch, PackedAt, PackedRecipients, Waiting, Work};
 
@@ -124,6 +127,58 @@ impl RequestCaps {
                     self.max_template_data_entries
                 ),
             ));
+        }
+        // Per-locale and per-variant texts are capped like the template's own; their counts
+        // are capped when the template compiles.
+        let localized = |field: &str, texts: &crate::domain::LocalizedText| {
+            [
+                ("title", &texts.title),
+                ("subtitle", &texts.subtitle),
+                ("body", &texts.body),
+            ]
+            .into_iter()
+            .find_map(|(name, value)| text(format!("{field}.{name}"), value))
+        };
+        let locales =
+            |field: &str,
+             map: &std::collections::BTreeMap<String, crate::domain::LocalizedText>| {
+                if map.len() > crate::render::content::MAX_LOCALES {
+                    return Some(FieldError::new(
+                        field,
+                        format!(
+                            "{} locales, over the limit of {}",
+                            map.len(),
+                            crate::render::content::MAX_LOCALES
+                        ),
+                    ));
+                }
+                map.iter().find_map(|(key, texts)| {
+                    id(field, key).or_else(|| localized(&format!("{field}.{key}"), texts))
+                })
+            };
+        if let Some(e) = locales("template.locales", &t.locales) {
+            return Err(e);
+        }
+        if let Some(x) = &t.experiment {
+            if x.variants.len() > crate::render::content::MAX_VARIANTS {
+                return Err(FieldError::new(
+                    "template.experiment.variants",
+                    format!(
+                        "{} variants, over the limit of {}",
+                        x.variants.len(),
+                        crate::render::content::MAX_VARIANTS
+                    ),
+                ));
+            }
+            for (i, v) in x.variants.iter().enumerate() {
+                let field = format!("template.experiment.variants[{i}]");
+                let found = id(&format!("{field}.name"), &v.name)
+                    .or_else(|| localized(&field, &v.texts))
+                    .or_else(|| locales(&format!("{field}.locales"), &v.locales));
+                if let Some(e) = found {
+                    return Err(e);
+                }
+            }
         }
         for (key, value) in &t.data {
             if let Some(e) = id("template.data", key) {
@@ -366,6 +421,13 @@ impl Ingest {
         self.config.caps.check(batch)?;
         let timing = Timing::of(batch)?;
         let compiled = CompiledTemplate::compile(&batch.template)?;
+        if compiled.contents().has_experiment() && batch.campaign_id.is_empty() {
+            return Err(FieldError::new(
+                "campaign_id",
+                "required with template.experiment: recipients are assigned per campaign",
+            )
+            .into());
+        }
         // A template whose fixed text alone is over every provider's limit fails the batch once,
         // instead of being rendered for each recipient to fail each.
         let overridden = batch
@@ -495,6 +557,7 @@ impl Ingest {
                 accepted_at: now,
                 expires_at: None,
                 campaign_rate_per_minute: 0,
+                content: Default::default(),
             });
             let receipt = if through_hub {
                 self.hub.refuse(meta, resolution(index))
@@ -882,23 +945,47 @@ impl<'a> Run<'a> {
             }
             // A caller id is claimed for idempotency only on its first occurrence.
             let claimed = first && !recipient.message_id.is_empty();
+            let choice = batch.template.contents().choose(
+                &batch.campaign_id,
+                &recipient.user_id,
+                &message_id,
+                &recipient.locale,
+            );
+            let set = match choice {
+                Choice::Send { set } => set,
+                // Validated like any other recipient (its input is as wrong or right).
+                Choice::Holdout => 0,
+            };
             let checked = self
-                .check(batch, &recipient, index, &message_id, accepted_at)
+                .check(batch, &recipient, index, &message_id, accepted_at, set)
                 .and_then(|_validated| {
                     self.ingest
                         .policy
                         .inspect(&batch.app.id, &recipient, index, timing)
                 })
-                .and_then(|input| {
-                    packed
-                        .push(&recipient, &message_id, index, &batch.template)
-                        .map(|at| (at, input))
+                .and_then(|input| match choice {
+                    Choice::Holdout => Ok(None),
+                    Choice::Send { set } => packed
+                        .push(&recipient, &message_id, index, set, &batch.template)
+                        .map(|at| Some((at, input)))
                         .ok_or_else(|| {
                             FieldError::new("recipients", "the batch is too large to hold")
-                        })
+                        }),
                 });
             match checked {
-                Ok((at, input)) => valid.push(Valid { at, claimed, input }),
+                Ok(Some((at, input))) => valid.push(Valid { at, claimed, input }),
+                Ok(None) => {
+                    // Held out: accepted, and ended at once, unsent. Its id stays claimed, so
+                    // a resend is answered with this outcome instead of a second holdout.
+                    let mut m = batch.meta(
+                        message_id.clone(),
+                        recipient.platform,
+                        recipient.user_id.clone(),
+                        accepted_at,
+                    );
+                    m.content = batch.template.contents().holdout_label();
+                    self.hold_out(Arc::new(m), index, message_id);
+                }
                 Err(error) => {
                     if claimed {
                         self.release.push(message_id.clone());
@@ -920,6 +1007,7 @@ impl<'a> Run<'a> {
         index: usize,
         message_id: &str,
         accepted_at: SystemTime,
+        content: u16,
     ) -> Result<ProviderRequest, FieldError> {
         if !self.seen_ids.insert(message_id.to_owned()) {
             return Err(FieldError::new(
@@ -941,9 +1029,28 @@ impl<'a> Run<'a> {
             message_id,
             accepted_at,
         };
+        let mut recipient = RecipientRef::from(recipient);
+        recipient.content = content;
         batch
             .template
-            .render_ref(recipient.into(), index, stamp, &batch.ctx)
+            .render_ref(recipient, index, stamp, &batch.ctx)
+    }
+
+    /// Ends a held-out recipient: DROPPED `holdout`, through the hub and to the caller.
+    fn hold_out(&mut self, meta: Arc<MessageMeta>, index: usize, message_id: String) {
+        self.accepted.inc();
+        let receipt = self.ingest.hub.decline(
+            meta,
+            Resolution::gateway(ReceiptStatus::Dropped, crate::render::content::HOLDOUT),
+        );
+        if let Some(sink) = self.sink {
+            let _ = sink.send(ReceiptEnvelope {
+                receipt,
+                permit: None,
+            });
+        }
+        self.results
+            .push(RecipientResult::accepted(index, message_id));
     }
 
     /// Reports a recipient that was not taken, with a REJECTED receipt through the hub (and to

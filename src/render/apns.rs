@@ -11,7 +11,7 @@ use super::{
 };
 use crate::domain::{ApnsRequest, FieldError, Priority, PushType};
 use crate::render::RenderContext;
-use crate::render::template::Vars;
+use crate::render::template::{Text, Vars};
 
 /// A rendered APNs payload with the push type and priority it was rendered for.
 #[derive(Debug, Clone)]
@@ -197,12 +197,13 @@ impl CompiledTemplate {
     pub(super) fn build_apns_payload(
         &self,
         title: &Effective<'_>,
+        subtitle: &Text,
         body: &Effective<'_>,
         vars: &dyn Vars,
         index: usize,
         recipient_json: &str,
     ) -> Result<Built, FieldError> {
-        let content = self.content(title, body, vars, index)?;
+        let content = self.content(title, subtitle, body, vars, index)?;
         let priority = self.apns_priority(content.push_type)?;
         let mut buf = Vec::with_capacity(256);
         let mut o = Obj::begin(&mut buf);
@@ -279,8 +280,15 @@ impl CompiledTemplate {
         let built = match &self.apns_cached {
             Some(cached) if no_overrides => cached.clone()?,
             _ => {
-                let (title, body) = self.effective_texts(recipient, index)?;
-                self.build_apns_payload(&title, &body, recipient.vars, index, recipient.apns_json)?
+                let (title, subtitle, body) = self.effective_texts(recipient, index)?;
+                self.build_apns_payload(
+                    &title,
+                    subtitle,
+                    &body,
+                    recipient.vars,
+                    index,
+                    recipient.apns_json,
+                )?
             }
         };
         let limit = built.push_type.max_payload_bytes();

@@ -170,8 +170,8 @@ impl CompiledTemplate {
         let token = recipient.device_token;
         check_token(token)
             .map_err(|reason| FieldError::new(recipient_field(index, "device_token"), reason))?;
-        let (title, body) = self.effective_texts(recipient, index)?;
-        let content = self.content(&title, &body, recipient.vars, index)?;
+        let (title, subtitle, body) = self.effective_texts(recipient, index)?;
+        let content = self.content(&title, subtitle, &body, recipient.vars, index)?;
         let has_text = !(content.title.is_empty() && content.body.is_empty());
         let notification = has_text && !content.is_background();
         let android_priority = match (self.priority, notification) {

@@ -54,6 +54,7 @@
 //!   `fid`) cannot be changed.
 
 mod apns;
+pub mod content;
 mod fcm;
 mod json;
 pub mod template;
@@ -69,6 +70,7 @@ use serde_json::{Map, Value};
 use crate::domain::{
     FieldError, MessageMeta, Platform, Priority, ProviderRequest, PushType, Recipient, Template,
 };
+use content::{Contents, Texts};
 use template::{Text, Vars};
 
 pub use apns::sanitize_apns_id;
@@ -108,6 +110,8 @@ pub struct RecipientRef<'a> {
     pub body: Option<&'a str>,
     pub apns_json: &'a str,
     pub fcm_json: &'a str,
+    /// The content set (variant and locale) chosen for the recipient; see [`content`].
+    pub content: u16,
 }
 
 impl<'a> From<&'a Recipient> for RecipientRef<'a> {
@@ -120,6 +124,7 @@ impl<'a> From<&'a Recipient> for RecipientRef<'a> {
             body: r.body.as_deref(),
             apns_json: &r.apns_json,
             fcm_json: &r.fcm_json,
+            content: 0,
         }
     }
 }
@@ -152,9 +157,8 @@ impl<'a> From<&'a MessageMeta> for Stamp<'a> {
 /// A batch's template, parsed and validated once, rendered per recipient.
 #[derive(Debug, Clone)]
 pub struct CompiledTemplate {
-    title: Text,
-    subtitle: Text,
-    body: Text,
+    /// The title, subtitle and body of every variant and locale.
+    contents: Contents,
     /// Data entries in key order, values parsed.
     data: Vec<(String, Text)>,
     image_url: String,
@@ -235,9 +239,7 @@ impl CompiledTemplate {
             Text::parse(source)
                 .map_err(|e| FieldError::new(format!("template.{name}"), e.to_string()))
         };
-        let title = text("title", &template.title)?;
-        let subtitle = text("subtitle", &template.subtitle)?;
-        let body = text("body", &template.body)?;
+        let contents = Contents::compile(template)?;
         let mut data = Vec::with_capacity(template.data.len());
         for (key, value) in &template.data {
             if key.is_empty() {
@@ -269,9 +271,7 @@ impl CompiledTemplate {
         let fcm_json = raw("fcm_json", &template.fcm_json)?;
 
         let mut compiled = CompiledTemplate {
-            title,
-            subtitle,
-            body,
+            contents,
             data,
             image_url: template.image_url.clone(),
             deep_link: template.deep_link.clone(),
@@ -294,8 +294,9 @@ impl CompiledTemplate {
             apns_topic: std::sync::OnceLock::new(),
             variables: Vec::new(),
         };
-        let mut variables: Vec<String> = [&compiled.title, &compiled.subtitle, &compiled.body]
-            .into_iter()
+        let mut variables: Vec<String> = compiled
+            .contents
+            .texts()
             .chain(compiled.data.iter().map(|(_, text)| text))
             .flat_map(|text| text.variables())
             .map(str::to_owned)
@@ -304,23 +305,31 @@ impl CompiledTemplate {
         variables.dedup();
         compiled.variables = variables;
         if compiled.push_type == Some(PushType::Background) {
-            compiled.check_background(
-                &Effective {
-                    text: Cow::Borrowed(&compiled.title),
-                    origin: Origin::Template,
-                },
-                &Effective {
-                    text: Cow::Borrowed(&compiled.body),
-                    origin: Origin::Template,
-                },
-            )?;
+            for set in compiled.contents.sets() {
+                compiled.check_background(
+                    &Effective {
+                        text: Cow::Borrowed(&set.title),
+                        origin: Origin::Template,
+                    },
+                    &set.subtitle,
+                    &Effective {
+                        text: Cow::Borrowed(&set.body),
+                        origin: Origin::Template,
+                    },
+                )?;
+            }
         }
         compiled.apns_problem = compiled.find_apns_problem();
         compiled.fcm_problem = compiled.find_fcm_problem();
-        if compiled.apns_problem.is_none() && compiled.is_static() {
+        if compiled.apns_problem.is_none()
+            && compiled.is_static()
+            && compiled.contents.sets().len() == 1
+        {
+            let set = compiled.contents.set(0);
             compiled.apns_cached = Some(compiled.build_apns_payload(
-                &compiled.template_title(),
-                &compiled.template_body(),
+                &compiled.template_title(set),
+                &set.subtitle,
+                &compiled.template_body(set),
                 &BTreeMap::new(),
                 0,
                 "",
@@ -369,7 +378,12 @@ impl CompiledTemplate {
         let texts = if texts_overridden {
             0
         } else {
-            self.title.literal_len() + self.body.literal_len()
+            self.contents
+                .sets()
+                .iter()
+                .map(|set| set.title.literal_len() + set.body.literal_len())
+                .min()
+                .unwrap_or(0)
         };
         data + texts
     }
@@ -390,22 +404,24 @@ impl CompiledTemplate {
     /// True when no text of the template has a placeholder: every recipient without overrides
     /// gets the same content.
     pub fn is_static(&self) -> bool {
-        self.title.is_static()
-            && self.subtitle.is_static()
-            && self.body.is_static()
-            && self.data.iter().all(|(_, v)| v.is_static())
+        self.contents.texts().all(Text::is_static) && self.data.iter().all(|(_, v)| v.is_static())
     }
 
-    fn template_title(&self) -> Effective<'_> {
+    /// The variants, locales and holdout of the template.
+    pub fn contents(&self) -> &Contents {
+        &self.contents
+    }
+
+    fn template_title<'a>(&self, set: &'a Texts) -> Effective<'a> {
         Effective {
-            text: Cow::Borrowed(&self.title),
+            text: Cow::Borrowed(&set.title),
             origin: Origin::Template,
         }
     }
 
-    fn template_body(&self) -> Effective<'_> {
+    fn template_body<'a>(&self, set: &'a Texts) -> Effective<'a> {
         Effective {
-            text: Cow::Borrowed(&self.body),
+            text: Cow::Borrowed(&set.body),
             origin: Origin::Template,
         }
     }
@@ -415,7 +431,8 @@ impl CompiledTemplate {
         &self,
         recipient: RecipientRef<'_>,
         index: usize,
-    ) -> Result<(Effective<'_>, Effective<'_>), FieldError> {
+    ) -> Result<(Effective<'_>, &Text, Effective<'_>), FieldError> {
+        let set = self.contents.set(recipient.content);
         // Overrides are rare: they are parsed per recipient, only when present.
         let own = |source: &str, name: &str| {
             Text::parse(source)
@@ -426,23 +443,28 @@ impl CompiledTemplate {
                 .map_err(|e| FieldError::new(recipient_field(index, name), e.to_string()))
         };
         let title = match recipient.title {
-            None => self.template_title(),
+            None => self.template_title(set),
             Some(source) => own(source, "title")?,
         };
         let body = match recipient.body {
-            None => self.template_body(),
+            None => self.template_body(set),
             Some(source) => own(source, "body")?,
         };
-        Ok((title, body))
+        Ok((title, &set.subtitle, body))
     }
 
     /// The push type for a recipient whose title and body are `title` and `body`.
-    fn resolve_push_type(&self, title: &Effective<'_>, body: &Effective<'_>) -> PushType {
+    fn resolve_push_type(
+        &self,
+        title: &Effective<'_>,
+        subtitle: &Text,
+        body: &Effective<'_>,
+    ) -> PushType {
         match self.push_type {
             Some(p) => p,
             None if self.content_available
                 && title.text.is_empty()
-                && self.subtitle.is_empty()
+                && subtitle.is_empty()
                 && body.text.is_empty()
                 && self.sound.is_empty()
                 && self.badge.is_none() =>
@@ -457,13 +479,14 @@ impl CompiledTemplate {
     fn check_background(
         &self,
         title: &Effective<'_>,
+        subtitle: &Text,
         body: &Effective<'_>,
     ) -> Result<(), FieldError> {
         const WHY: &str =
             "not allowed in a background push (aps may only contain content-available)";
         let conflict = if !title.text.is_empty() {
             Some(title.origin.field("title"))
-        } else if !self.subtitle.is_empty() {
+        } else if !subtitle.is_empty() {
             Some("template.subtitle".to_owned())
         } else if !body.text.is_empty() {
             Some(body.origin.field("body"))
@@ -484,27 +507,34 @@ impl CompiledTemplate {
     fn content<'a>(
         &'a self,
         title: &'a Effective<'_>,
+        subtitle: &'a Text,
         body: &'a Effective<'_>,
         vars: &'a dyn Vars,
         index: usize,
     ) -> Result<Content<'a>, FieldError> {
-        let push_type = self.resolve_push_type(title, body);
+        let push_type = self.resolve_push_type(title, subtitle, body);
         if push_type == PushType::Background {
-            self.check_background(title, body)?;
+            self.check_background(title, subtitle, body)?;
         }
-        let missing = |e: template::MissingVar| {
-            FieldError::new(
-                recipient_field(index, &format!("vars.{}", e.name)),
-                e.to_string(),
-            )
-        };
-        let title = title.text.render(vars).map_err(missing)?;
-        let subtitle = self.subtitle.render(vars).map_err(missing)?;
-        let body = body.text.render(vars).map_err(missing)?;
+        let title_text = title
+            .text
+            .render(vars)
+            .map_err(|e| render_error(e, index, || title.origin.field("title")))?;
+        let subtitle = subtitle
+            .render(vars)
+            .map_err(|e| render_error(e, index, || "template.subtitle".to_owned()))?;
+        let body_text = body
+            .text
+            .render(vars)
+            .map_err(|e| render_error(e, index, || body.origin.field("body")))?;
         let mut data = Vec::with_capacity(self.data.len());
         for (key, value) in &self.data {
-            data.push((key.as_str(), value.render(vars).map_err(missing)?));
+            let rendered = value
+                .render(vars)
+                .map_err(|e| render_error(e, index, || format!("template.data.{key}")))?;
+            data.push((key.as_str(), rendered));
         }
+        let (title, body) = (title_text, body_text);
         Ok(Content {
             push_type,
             title,
@@ -512,6 +542,22 @@ impl CompiledTemplate {
             body,
             data,
         })
+    }
+}
+
+/// A recipient's rendering failure as a field error: a missing variable names the variable
+/// (`recipients[3].vars.first_name`); anything else (budget, a filter's input) names the text.
+fn render_error(
+    e: template::RenderError,
+    index: usize,
+    text_field: impl FnOnce() -> String,
+) -> FieldError {
+    match &e {
+        template::RenderError::Missing { name } => FieldError::new(
+            recipient_field(index, &format!("vars.{name}")),
+            e.to_string(),
+        ),
+        _ => FieldError::new(text_field(), format!("recipients[{index}]: {e}")),
     }
 }
 

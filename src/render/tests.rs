@@ -27,6 +27,7 @@ fn meta(message_id: &str) -> MessageMeta {
         accepted_at: SystemTime::UNIX_EPOCH + Duration::from_secs(ACCEPTED),
         expires_at: None,
         campaign_rate_per_minute: 0,
+        content: Default::default(),
     }
 }
 
@@ -175,14 +176,14 @@ fn apns_missing_variable_names_the_variable() {
 fn compile_errors_name_the_template_field() {
     let bad = |t: Template| CompiledTemplate::compile(&t).unwrap_err();
     let e = bad(Template {
-        title: "Hi {{ name | upcase }}".into(),
+        title: "Hi {{ name | shout }}".into(),
         ..Template::default()
     });
     assert_eq!(
         e,
         err(
             "template.title",
-            "unknown filter `upcase` in the tag at byte 3: only `default` is supported"
+            "line 1, column 14: unknown filter `shout`"
         )
     );
     let e = bad(Template {
@@ -190,7 +191,10 @@ fn compile_errors_name_the_template_field() {
         ..Template::default()
     });
     assert_eq!(e.field, "template.data.k");
-    assert!(e.reason.starts_with("unterminated tag"), "{e}");
+    assert!(
+        e.reason.starts_with("line 1, column 1: unterminated tag"),
+        "{e}"
+    );
     let e = bad(Template {
         body: "{{}}".into(),
         ..Template::default()

@@ -14,6 +14,7 @@
 //! messages reclaimed from a replica that died). Acknowledgement is [`ReceiptObserver`]: the
 //! hub shows every receipt to the store, which releases what a terminal receipt finished.
 
+pub mod insights;
 pub mod memory;
 pub mod policy_state;
 pub mod redis;

@@ -201,12 +201,14 @@ impl AcceptedBatch {
     }
 
     fn meta_of(&self, fields: &Fields<'_>, accepted_at: SystemTime) -> MessageMeta {
-        self.meta(
+        let mut meta = self.meta(
             fields.message_id.to_owned(),
             fields.platform,
             fields.user_id.to_owned(),
             accepted_at,
-        )
+        );
+        meta.content = self.template.contents().label(fields.content);
+        meta
     }
 
     /// The fields of the recipient packed at `at`.
@@ -234,6 +236,7 @@ impl AcceptedBatch {
             accepted_at,
             expires_at: self.ttl.map(|t| accepted_at + t),
             campaign_rate_per_minute: self.campaign_rate_per_minute,
+            content: Default::default(),
         }
     }
 
@@ -465,8 +468,8 @@ mod tests {
         let mut r = recipient();
         r.body = None;
         let at = [
-            packed.push(&r, "m-0", 0, &accepted.template).unwrap(),
-            packed.push(&r, "m-1", 1, &accepted.template).unwrap(),
+            packed.push(&r, "m-0", 0, 0, &accepted.template).unwrap(),
+            packed.push(&r, "m-1", 1, 0, &accepted.template).unwrap(),
         ];
         accepted.set_recipients(packed);
         let accepted = Arc::new(accepted);

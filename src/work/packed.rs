@@ -66,6 +66,7 @@ impl PackedRecipients {
         recipient: &Recipient,
         message_id: &str,
         index: usize,
+        content: u16,
         template: &CompiledTemplate,
     ) -> Option<PackedAt> {
         let offset = u32::try_from(self.0.len())
@@ -108,6 +109,7 @@ impl PackedRecipients {
         {
             put_str(out, s);
         }
+        put_len(out, usize::from(content));
         if names_inline {
             put_len(out, recipient.vars.len());
             for (name, value) in &recipient.vars {
@@ -144,6 +146,8 @@ pub(super) struct Fields<'a> {
     pub(super) body: Option<&'a str>,
     pub(super) apns_json: &'a str,
     pub(super) fcm_json: &'a str,
+    /// The content set (variant and locale) the recipient is rendered with.
+    pub(super) content: u16,
     pub(super) vars: PackedVars<'a>,
 }
 
@@ -179,6 +183,7 @@ impl<'a> Fields<'a> {
             body: self.body,
             apns_json: self.apns_json,
             fcm_json: self.fcm_json,
+            content: self.content,
         }
     }
 }
@@ -209,6 +214,7 @@ impl Packed {
         let body = (flags & HAS_BODY != 0).then(|| r.str());
         let apns_json = r.str();
         let fcm_json = r.str();
+        let content = u16::try_from(r.len()).unwrap_or(0);
         let count = r.len();
         Fields {
             platform: Packed::platform(flags),
@@ -219,6 +225,7 @@ impl Packed {
             body,
             apns_json,
             fcm_json,
+            content,
             vars: PackedVars {
                 bytes: r.0,
                 count,
@@ -350,9 +357,9 @@ pub(super) mod tests {
         let mut plain = recipient();
         plain.body = None;
         plain.platform = Platform::Apns;
-        let first = packed.push(&plain, "m-0", 0, &template).unwrap();
+        let first = packed.push(&plain, "m-0", 0, 0, &template).unwrap();
         let r = recipient();
-        let second = packed.push(&r, "m-1", 1, &template).unwrap();
+        let second = packed.push(&r, "m-1", 1, 0, &template).unwrap();
         assert!(second.offset > first.offset);
         assert_eq!(second.index, 1);
 
@@ -409,7 +416,7 @@ pub(super) mod tests {
         ] {
             r.device_token = token.clone();
             let mut packed = PackedRecipients::default();
-            packed.push(&r, "m", 0, &template).unwrap();
+            packed.push(&r, "m", 0, 0, &template).unwrap();
             let f = Packed::unpack(&packed.0, &template);
             assert_eq!(f.device_token.text(), token);
             assert_eq!(
@@ -422,7 +429,7 @@ pub(super) mod tests {
         r.platform = Platform::Fcm;
         r.device_token = "ab".repeat(40);
         let mut packed = PackedRecipients::default();
-        packed.push(&r, "m", 0, &template).unwrap();
+        packed.push(&r, "m", 0, 0, &template).unwrap();
         let f = Packed::unpack(&packed.0, &template);
         assert!(
             matches!(f.device_token, Token::Text(_)),

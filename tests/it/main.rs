@@ -9,6 +9,7 @@
 mod harness;
 
 mod apns_pipeline;
+mod content;
 mod deploy;
 mod fcm_pipeline;
 mod google_credentials;

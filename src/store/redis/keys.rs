@@ -15,6 +15,10 @@
 //! | `<p>:{app}:dead_tokens` | HASH | device token reported dead -> since (ms) |
 //! | `<p>:{app}:dead_tokens_idx` | ZSET | the same tokens scored by since (ms), for listing and expiry |
 //! | `<p>:{app}:batch:<id>` | HASH | a batch's context (`ctx`, JSON), its packed recipients (`buf`, bytes) and how many packed records still refer to it (`left`) |
+//! | `<p>:{app}:stats:<campaign>` | HASH | `<variant>\|<platform>\|<status>`, `<variant>\|opens`, `<variant>\|conversions` -> count (expires `pipeline.insights_retention_days` after the last update) |
+//! | `<p>:{app}:exp:<message_id>` | HASH | an exposure: campaign `c`, variant `v`, user `u`, time `t` (ms), flags `o`/`c` once counted (expires after the attribution window) |
+//! | `<p>:{app}:uexp:<user_id>` | HASH | campaign -> the user's latest exposure (message id) in it, `*` -> its latest overall (expires after the window) |
+//! | `<p>:{app}:ev:<event_id>` | STRING | a tracked event id already recorded (expires after the window) |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).
 
@@ -71,6 +75,13 @@ impl AppKeys {
     pub fn batch(&self, id: &str) -> String {
         format!("{}:batch:{id}", self.base)
     }
+    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `ev:` follow).
+    pub fn insights_prefix(&self) -> String {
+        format!("{}:", self.base)
+    }
+    pub fn stats(&self, campaign: &str) -> String {
+        format!("{}:stats:{campaign}", self.base)
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +104,8 @@ mod tests {
             k.cap_prefix(),
             k.dead_tokens(),
             k.dead_tokens_idx(),
+            k.stats("c1"),
+            k.insights_prefix(),
         ] {
             assert!(key.starts_with("pg:{shop}:"), "{key}");
         }

@@ -32,6 +32,7 @@ mod client;
 mod dead_letters;
 mod feed;
 mod idempotency;
+pub mod insights;
 mod keys;
 mod policy;
 mod queue;

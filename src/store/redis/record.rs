@@ -123,6 +123,8 @@ pub struct StoredTemplate {
     pub apns_json: String,
     pub fcm_json: String,
     pub android_channel_id: String,
+    pub locales: std::collections::BTreeMap<String, crate::domain::LocalizedText>,
+    pub experiment: Option<crate::domain::Experiment>,
 }
 
 impl From<&Template> for StoredTemplate {
@@ -149,6 +151,8 @@ impl From<&Template> for StoredTemplate {
             apns_json: t.apns_json.clone(),
             fcm_json: t.fcm_json.clone(),
             android_channel_id: t.android_channel_id.clone(),
+            locales: t.locales.clone(),
+            experiment: t.experiment.clone(),
         }
     }
 }
@@ -182,6 +186,8 @@ impl StoredTemplate {
             apns_json: self.apns_json.clone(),
             fcm_json: self.fcm_json.clone(),
             android_channel_id: self.android_channel_id.clone(),
+            locales: self.locales.clone(),
+            experiment: self.experiment.clone(),
         })
     }
 }
@@ -198,6 +204,11 @@ pub struct StoredJob {
     pub accepted_at_ms: i64,
     #[serde(default)]
     pub expires_at_ms: Option<i64>,
+    /// The experiment variant and locale the message was rendered with (empty: none).
+    #[serde(default)]
+    pub variant: String,
+    #[serde(default)]
+    pub locale: String,
     /// The campaign rate limit the message was sent under (messages per minute; 0 = none).
     #[serde(default)]
     pub campaign_rate_per_minute: u32,
@@ -335,6 +346,18 @@ impl StoredJob {
             accepted_at_ms: epoch_millis(meta.accepted_at),
             expires_at_ms: meta.expires_at.map(epoch_millis),
             campaign_rate_per_minute: meta.campaign_rate_per_minute,
+            variant: meta
+                .content
+                .variant
+                .as_deref()
+                .unwrap_or_default()
+                .to_owned(),
+            locale: meta
+                .content
+                .locale
+                .as_deref()
+                .unwrap_or_default()
+                .to_owned(),
             attempt,
             request: match request {
                 ProviderRequest::Apns(a) => StoredRequest::Apns {
@@ -387,6 +410,10 @@ impl StoredJob {
             expires_at: self.expires_at_ms.map(from_millis),
             // Not persisted yet (limit stage): a recovered message has no campaign rate.
             campaign_rate_per_minute: self.campaign_rate_per_minute,
+            content: crate::domain::ContentLabel {
+                variant: (!self.variant.is_empty()).then(|| self.variant.as_str().into()),
+                locale: (!self.locale.is_empty()).then(|| self.locale.as_str().into()),
+            },
         }
     }
 
@@ -491,6 +518,10 @@ mod tests {
             accepted_at: from_millis(1_700_000_000_123),
             expires_at: Some(from_millis(1_700_000_100_000)),
             campaign_rate_per_minute: 0,
+            content: crate::domain::ContentLabel {
+                variant: Some("urgent".into()),
+                locale: Some("pt-BR".into()),
+            },
         };
         let apns = ProviderRequest::Apns(ApnsRequest {
             device_token: "ab".into(),
@@ -510,6 +541,8 @@ mod tests {
         assert_eq!(m.accepted_at, meta.accepted_at);
         assert_eq!(m.expires_at, meta.expires_at);
         assert_eq!(m.priority, Priority::High);
+        // A parked retry reports the variant and locale it was rendered with.
+        assert_eq!(m.content, meta.content);
         match back.provider_request().unwrap() {
             ProviderRequest::Apns(a) => {
                 assert_eq!(a.push_type, PushType::Voip);
@@ -572,6 +605,22 @@ mod tests {
             badge: Some(3),
             data: [("k".to_string(), "{{ v }}".to_string())].into(),
             fcm_json: r#"{"android":{}}"#.into(),
+            locales: [(
+                "pt-BR".to_string(),
+                crate::domain::LocalizedText {
+                    title: "Oi {{ name }}".into(),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            experiment: Some(crate::domain::Experiment {
+                variants: vec![crate::domain::Variant {
+                    name: "a".into(),
+                    weight: 2,
+                    ..Default::default()
+                }],
+                holdout_bp: 500,
+            }),
             ..Default::default()
         };
         let stored = StoredTemplate::from(&template);
@@ -581,6 +630,8 @@ mod tests {
         assert_eq!(StoredTemplate::from(&again), stored);
         assert_eq!(again.push_type, Some(PushType::Background));
         assert_eq!(again.ttl, Some(Duration::from_secs(90)));
+        assert_eq!(again.locales, template.locales);
+        assert_eq!(again.experiment, template.experiment);
         let bad = StoredTemplate {
             push_type: Some("nope".into()),
             ..stored

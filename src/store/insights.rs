@@ -1,0 +1,482 @@
+//! Campaign measurement behind the storage seam: per campaign and variant, the terminal
+//! receipts by provider and status, and tracked opens and conversions attributed to an
+//! *exposure* (a delivered message, or a holdout recipient).
+//!
+//! Receipts come in through [`ReceiptObserver`] (the hub shows every receipt to the insights
+//! store as it does to the message store); events through [`Insights::track`]. Both
+//! implementations keep the same rules:
+//!
+//! - An event id counts once; a repeat is `Duplicate` (for as long as the event is
+//!   remembered: the attribution window).
+//! - An event is about an exposure: by `message_id`, or (conversions) by `user_id`, the user's
+//!   latest exposure (of `campaign_id` when given). Exposures are kept for the attribution
+//!   window; an event about an exposure not (or no longer) known is `Unknown`, and is not
+//!   remembered, so it can be sent again once the receipt is in.
+//! - A conversion counts when it happened within the window after the exposure. Each exposure
+//!   counts at most one open and one conversion (rates are proportions of exposures).
+//!
+//! [`MemoryInsights`] keeps everything in this process, bounded by `max_exposures` (the oldest
+//! exposures and event ids are forgotten first) and `MAX_CAMPAIGNS` campaigns per app;
+//! `super::redis::insights::RedisInsights` keeps it in Redis, with TTLs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::StoreError;
+use crate::domain::{Platform, Receipt, ReceiptStatus};
+use crate::receipts::ReceiptObserver;
+
+/// Campaigns whose counters one app keeps in memory, at most (the oldest go first).
+pub const MAX_CAMPAIGNS: usize = 10_000;
+/// The variant name of messages sent without an experiment.
+pub const NO_VARIANT: &str = crate::render::content::DEFAULT_VARIANT;
+
+/// What happened after a message was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Open,
+    Conversion,
+}
+
+/// One tracked event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackEvent {
+    pub event_id: String,
+    pub kind: EventKind,
+    pub message_id: String,
+    pub user_id: String,
+    pub campaign_id: String,
+    /// When it happened, Unix epoch ms.
+    pub occurred_at_ms: i64,
+}
+
+/// What became of one tracked event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tracked {
+    /// Counted for this campaign and variant.
+    Counted { campaign: String, variant: String },
+    /// This event id was recorded before.
+    Duplicate,
+    /// The exposure already has an event of this kind.
+    AlreadyCounted { campaign: String, variant: String },
+    /// A conversion outside the attribution window (or before the exposure).
+    OutsideWindow { campaign: String, variant: String },
+    /// No known exposure for this message or user.
+    Unknown,
+}
+
+/// Counts of one variant of one campaign.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VariantCounts {
+    /// Terminal receipts by provider and status.
+    pub receipts: BTreeMap<(Platform, ReceiptStatus), u64>,
+    /// Exposures with an open, and with a conversion.
+    pub opens: u64,
+    pub conversions: u64,
+}
+
+/// Counts of one campaign, by variant name.
+pub type CampaignCounts = BTreeMap<String, VariantCounts>;
+
+/// Settings of campaign measurement (`pipeline.attribution_window_secs`, ...).
+#[derive(Debug, Clone, Copy)]
+pub struct InsightsConfig {
+    pub attribution_window: Duration,
+    /// Exposures (and as many event ids) kept in memory, at most.
+    pub max_exposures: usize,
+    /// How long Redis keeps a campaign's counters after its last update.
+    pub retention: Duration,
+}
+
+impl Default for InsightsConfig {
+    fn default() -> Self {
+        Self {
+            attribution_window: Duration::from_secs(3 * 24 * 3600),
+            max_exposures: 1_000_000,
+            retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// The measurement store. See the module docs.
+#[async_trait::async_trait]
+pub trait Insights: ReceiptObserver + Send + Sync + 'static {
+    /// Records `events` of `app`; one outcome per event, in order.
+    async fn track(&self, app: &str, events: &[TrackEvent]) -> Result<Vec<Tracked>, StoreError>;
+
+    /// The counts of `campaign` of `app` (empty when nothing is known of it).
+    async fn counts(&self, app: &str, campaign: &str) -> Result<CampaignCounts, StoreError>;
+}
+
+/// The variant name a receipt counts under.
+pub(crate) fn variant_of(receipt: &Receipt) -> &str {
+    receipt
+        .meta
+        .content
+        .variant
+        .as_deref()
+        .unwrap_or(NO_VARIANT)
+}
+
+/// True when a receipt makes an exposure: delivered, or held out.
+pub(crate) fn is_exposure(receipt: &Receipt) -> bool {
+    match receipt.status {
+        ReceiptStatus::Delivered => true,
+        ReceiptStatus::Dropped => {
+            receipt.meta.content.variant.as_deref() == Some(crate::render::content::HOLDOUT)
+        }
+        _ => false,
+    }
+}
+
+/// The attribution rule, shared by both stores: true when a conversion does not count (it
+/// happened before the exposure, or more than the window after it). Opens always may.
+pub(crate) fn outside_window(
+    kind: EventKind,
+    exposed_at_ms: i64,
+    occurred_at_ms: i64,
+    window: Duration,
+) -> bool {
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    kind == EventKind::Conversion
+        && (occurred_at_ms < exposed_at_ms
+            || occurred_at_ms.saturating_sub(exposed_at_ms) > window_ms)
+}
+
+#[derive(Debug, Clone)]
+struct Exposure {
+    campaign: Arc<str>,
+    variant: Arc<str>,
+    at_ms: i64,
+    opened: bool,
+    converted: bool,
+}
+
+#[derive(Default)]
+struct AppState {
+    campaigns: HashMap<Arc<str>, CampaignCounts>,
+    campaign_order: VecDeque<Arc<str>>,
+    /// message id -> exposure.
+    exposures: HashMap<String, Exposure>,
+    exposure_order: VecDeque<String>,
+    /// user id -> its latest exposures' message ids, newest last (a few per user).
+    users: HashMap<String, VecDeque<String>>,
+    events: HashMap<String, ()>,
+    event_order: VecDeque<String>,
+}
+
+/// Exposures remembered per user for attribution by user id, at most.
+const EXPOSURES_PER_USER: usize = 16;
+
+impl AppState {
+    fn counts(&mut self, campaign: &Arc<str>) -> &mut CampaignCounts {
+        if !self.campaigns.contains_key(campaign) {
+            if self.campaign_order.len() >= MAX_CAMPAIGNS
+                && let Some(old) = self.campaign_order.pop_front()
+            {
+                self.campaigns.remove(&old);
+            }
+            self.campaign_order.push_back(Arc::clone(campaign));
+        }
+        self.campaigns.entry(Arc::clone(campaign)).or_default()
+    }
+
+    fn expose(&mut self, message_id: &str, user_id: &str, exposure: Exposure, max: usize) {
+        if self
+            .exposures
+            .insert(message_id.to_owned(), exposure)
+            .is_none()
+        {
+            self.exposure_order.push_back(message_id.to_owned());
+        }
+        while self.exposure_order.len() > max {
+            if let Some(old) = self.exposure_order.pop_front() {
+                self.exposures.remove(&old);
+            }
+        }
+        if !user_id.is_empty() {
+            if !self.users.contains_key(user_id) && self.users.len() >= max {
+                // Users whose exposures were all forgotten go first.
+                let exposures = &self.exposures;
+                self.users
+                    .retain(|_, ids| ids.iter().any(|id| exposures.contains_key(id)));
+            }
+            let ids = self.users.entry(user_id.to_owned()).or_default();
+            ids.retain(|id| id != message_id);
+            ids.push_back(message_id.to_owned());
+            while ids.len() > EXPOSURES_PER_USER {
+                ids.pop_front();
+            }
+        }
+    }
+
+    fn remember_event(&mut self, id: &str, max: usize) {
+        if self.events.insert(id.to_owned(), ()).is_none() {
+            self.event_order.push_back(id.to_owned());
+        }
+        while self.event_order.len() > max {
+            if let Some(old) = self.event_order.pop_front() {
+                self.events.remove(&old);
+            }
+        }
+    }
+
+    /// The message id of the exposure an event is about.
+    fn exposure_of(&self, e: &TrackEvent) -> Option<String> {
+        if !e.message_id.is_empty() {
+            return self
+                .exposures
+                .contains_key(&e.message_id)
+                .then(|| e.message_id.clone());
+        }
+        if e.user_id.is_empty() {
+            return None;
+        }
+        let ids = self.users.get(&e.user_id)?;
+        ids.iter()
+            .rev()
+            .find(|id| {
+                self.exposures
+                    .get(*id)
+                    .is_some_and(|x| e.campaign_id.is_empty() || *x.campaign == *e.campaign_id)
+            })
+            .cloned()
+    }
+
+    fn track(&mut self, e: &TrackEvent, config: &InsightsConfig) -> Tracked {
+        if self.events.contains_key(&e.event_id) {
+            return Tracked::Duplicate;
+        }
+        let Some(id) = self.exposure_of(e) else {
+            return Tracked::Unknown;
+        };
+        let Some(x) = self.exposures.get_mut(&id) else {
+            return Tracked::Unknown;
+        };
+        if !e.campaign_id.is_empty() && *x.campaign != *e.campaign_id {
+            return Tracked::Unknown;
+        }
+        let (campaign, variant) = (x.campaign.to_string(), x.variant.to_string());
+        let outcome =
+            if outside_window(e.kind, x.at_ms, e.occurred_at_ms, config.attribution_window) {
+                Tracked::OutsideWindow { campaign, variant }
+            } else {
+                let flag = match e.kind {
+                    EventKind::Open => &mut x.opened,
+                    EventKind::Conversion => &mut x.converted,
+                };
+                if *flag {
+                    Tracked::AlreadyCounted { campaign, variant }
+                } else {
+                    *flag = true;
+                    let (c, v) = (Arc::clone(&x.campaign), Arc::clone(&x.variant));
+                    let counts = self.counts(&c).entry(v.to_string()).or_default();
+                    match e.kind {
+                        EventKind::Open => counts.opens += 1,
+                        EventKind::Conversion => counts.conversions += 1,
+                    }
+                    Tracked::Counted { campaign, variant }
+                }
+            };
+        self.remember_event(&e.event_id, config.max_exposures);
+        outcome
+    }
+}
+
+/// Campaign measurement in this process. See the module docs.
+pub struct MemoryInsights {
+    config: InsightsConfig,
+    apps: Mutex<HashMap<Arc<str>, AppState>>,
+}
+
+impl MemoryInsights {
+    pub fn new(config: InsightsConfig) -> Self {
+        Self {
+            config,
+            apps: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl ReceiptObserver for MemoryInsights {
+    fn observe(&self, receipt: &Arc<Receipt>) {
+        if !receipt.terminal() || receipt.meta.campaign_id.is_empty() {
+            return;
+        }
+        let meta = &receipt.meta;
+        let mut apps = self.apps.lock();
+        let app = apps.entry(Arc::clone(&meta.app_id)).or_default();
+        let variant = variant_of(receipt);
+        *app.counts(&meta.campaign_id)
+            .entry(variant.to_owned())
+            .or_default()
+            .receipts
+            .entry((meta.platform, receipt.status))
+            .or_default() += 1;
+        if is_exposure(receipt) {
+            let exposure = Exposure {
+                campaign: Arc::clone(&meta.campaign_id),
+                variant: Arc::from(variant),
+                at_ms: crate::domain::epoch_millis(
+                    receipt.completed_at.unwrap_or(meta.accepted_at),
+                ),
+                opened: false,
+                converted: false,
+            };
+            app.expose(
+                &meta.message_id,
+                &meta.user_id,
+                exposure,
+                self.config.max_exposures,
+            );
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Insights for MemoryInsights {
+    async fn track(&self, app: &str, events: &[TrackEvent]) -> Result<Vec<Tracked>, StoreError> {
+        let mut apps = self.apps.lock();
+        let state = apps.entry(Arc::from(app)).or_default();
+        Ok(events
+            .iter()
+            .map(|e| state.track(e, &self.config))
+            .collect())
+    }
+
+    async fn counts(&self, app: &str, campaign: &str) -> Result<CampaignCounts, StoreError> {
+        Ok(self
+            .apps
+            .lock()
+            .get(app)
+            .and_then(|a| a.campaigns.get(campaign))
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ContentLabel, MessageMeta, Priority, Resolution};
+    use std::time::SystemTime;
+
+    fn receipt(id: &str, user: &str, variant: &str, status: ReceiptStatus) -> Arc<Receipt> {
+        let meta = Arc::new(MessageMeta {
+            app_id: "app".into(),
+            batch_id: "b".into(),
+            campaign_id: "spring".into(),
+            message_id: id.into(),
+            platform: Platform::Fcm,
+            user_id: user.into(),
+            priority: Priority::Default,
+            accepted_at: SystemTime::now(),
+            expires_at: None,
+            campaign_rate_per_minute: 0,
+            content: ContentLabel {
+                variant: Some(variant.into()),
+                locale: None,
+            },
+        });
+        Arc::new(Receipt::new(meta, 1, Resolution::gateway(status, ""), None))
+    }
+
+    fn event(id: &str, kind: EventKind, message: &str, user: &str, at: i64) -> TrackEvent {
+        TrackEvent {
+            event_id: id.into(),
+            kind,
+            message_id: message.into(),
+            user_id: user.into(),
+            campaign_id: String::new(),
+            occurred_at_ms: at,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_count_once_per_id_and_exposure_within_the_window() {
+        let config = InsightsConfig {
+            attribution_window: Duration::from_secs(3600),
+            max_exposures: 100,
+            retention: Duration::from_secs(60),
+        };
+        let s = MemoryInsights::new(config);
+        s.observe(&receipt("m1", "u1", "a", ReceiptStatus::Delivered));
+        s.observe(&receipt("m2", "u2", "holdout", ReceiptStatus::Dropped));
+        s.observe(&receipt("m3", "u3", "a", ReceiptStatus::Failed));
+        let now = crate::store::now_ms();
+        let out = s
+            .track(
+                "app",
+                &[
+                    event("e1", EventKind::Open, "m1", "", now),
+                    event("e1", EventKind::Open, "m1", "", now),
+                    event("e2", EventKind::Open, "m1", "", now),
+                    event("e3", EventKind::Conversion, "", "u2", now),
+                    event("e4", EventKind::Conversion, "m3", "", now),
+                    event("e5", EventKind::Conversion, "m1", "", now + 7_200_000),
+                    event("e6", EventKind::Conversion, "", "u1", now + 60_000),
+                ],
+            )
+            .await
+            .unwrap();
+        let counted = |v: &str| Tracked::Counted {
+            campaign: "spring".into(),
+            variant: v.into(),
+        };
+        assert_eq!(out[0], counted("a"));
+        assert_eq!(out[1], Tracked::Duplicate);
+        assert!(matches!(out[2], Tracked::AlreadyCounted { .. }));
+        assert_eq!(out[3], counted("holdout"));
+        assert_eq!(out[4], Tracked::Unknown, "a failed message is no exposure");
+        assert!(matches!(out[5], Tracked::OutsideWindow { .. }));
+        assert_eq!(out[6], counted("a"));
+        let counts = s.counts("app", "spring").await.unwrap();
+        assert_eq!((counts["a"].opens, counts["a"].conversions), (1, 1));
+        assert_eq!(counts["holdout"].conversions, 1);
+        assert_eq!(
+            counts["a"].receipts[&(Platform::Fcm, ReceiptStatus::Delivered)],
+            1
+        );
+        assert_eq!(
+            counts["a"].receipts[&(Platform::Fcm, ReceiptStatus::Failed)],
+            1
+        );
+        // An unknown event is not remembered: once its receipt is in, it counts.
+        assert_eq!(
+            s.track("app", &[event("e7", EventKind::Open, "m9", "", now)])
+                .await
+                .unwrap(),
+            [Tracked::Unknown]
+        );
+        s.observe(&receipt("m9", "u9", "a", ReceiptStatus::Delivered));
+        assert_eq!(
+            s.track("app", &[event("e7", EventKind::Open, "m9", "", now)])
+                .await
+                .unwrap(),
+            [counted("a")]
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let s = MemoryInsights::new(InsightsConfig {
+            max_exposures: 10,
+            ..InsightsConfig::default()
+        });
+        for i in 0..1_000 {
+            s.observe(&receipt(
+                &format!("m{i}"),
+                &format!("u{i}"),
+                "a",
+                ReceiptStatus::Delivered,
+            ));
+        }
+        let apps = s.apps.lock();
+        let app = &apps["app"];
+        assert_eq!(app.exposures.len(), 10);
+        assert!(app.users.len() <= 11, "{}", app.users.len());
+    }
+}
