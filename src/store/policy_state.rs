@@ -190,10 +190,18 @@ impl MemoryPolicyState {
         }
     }
 
-    /// [`PolicyState::suppress`] as reported at `reported_ms`.
-    pub fn suppress_at(&self, app: &str, device_token: &str, since_ms: i64, reported_ms: i64) {
+    /// [`PolicyState::suppress`] as reported at `reported_ms` (now when `None`, read under the
+    /// app's lock so the listing's order is the order of the reports).
+    pub fn suppress_at(
+        &self,
+        app: &str,
+        device_token: &str,
+        since_ms: i64,
+        reported_ms: Option<i64>,
+    ) {
         let horizon = super::now_ms() - self.suppression_ttl_ms;
         self.with(app, |state| {
+            let reported_ms = reported_ms.unwrap_or_else(super::now_ms);
             let token = device_token.to_owned();
             if let Some((_, old)) = state.dead.insert(token.clone(), (since_ms, reported_ms)) {
                 state.dead_order.remove(&(old, token.clone()));
@@ -236,7 +244,7 @@ impl PolicyState for MemoryPolicyState {
     }
 
     fn suppress(&self, app: &str, device_token: &str, since_ms: i64) {
-        self.suppress_at(app, device_token, since_ms, super::now_ms());
+        self.suppress_at(app, device_token, since_ms, None);
     }
 
     async fn dead_tokens(
@@ -376,7 +384,7 @@ mod tests {
         let s = MemoryPolicyState::new(DAY);
         let now = crate::store::now_ms();
         for (i, token) in ["a", "b", "c", "d"].iter().enumerate() {
-            s.suppress_at("app", token, 5, now + i as i64);
+            s.suppress_at("app", token, 5, Some(now + i as i64));
         }
         let first = s.dead_tokens("app", 0, None, 2).await.unwrap();
         assert_eq!(
@@ -410,7 +418,7 @@ mod tests {
         );
         // A token reported longer ago than the ttl is dropped at the next report, however
         // long it had been invalid.
-        s.suppress_at("app", "old", 5, now - 2 * DAY);
+        s.suppress_at("app", "old", 5, Some(now - 2 * DAY));
         s.suppress("app", "e", 1);
         let all = s.dead_tokens("app", 0, None, 10).await.unwrap();
         assert!(all.iter().all(|t| t.device_token != "old"), "{all:?}");

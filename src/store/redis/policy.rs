@@ -87,11 +87,17 @@ return out
 "#;
 
 /// Remembers a dead token and forgets those reported longer ago than the ttl. KEYS:
-/// dead_tokens, dead_tokens_idx. ARGV: token, invalid since, reported at, horizon.
+/// dead_tokens, dead_tokens_idx. ARGV: token, invalid since, ttl (ms). The report instant is
+/// Redis' own clock, so the listing's order is the order of the writes whichever replica made
+/// them: a listing resumed from a cursor cannot miss a token written after it with an earlier
+/// instant.
 const SUPPRESS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4], 'LIMIT', 0, 1000)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+local horizon = string.format('(%d', now - tonumber(ARGV[3]))
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon, 'LIMIT', 0, 1000)
 if #old > 0 then
   redis.call('HDEL', KEYS[1], unpack(old))
   redis.call('ZREM', KEYS[2], unpack(old))
@@ -189,8 +195,7 @@ impl PolicyState for RedisPolicyState {
 
     fn suppress(&self, app: &str, device_token: &str, since_ms: i64) {
         let k = self.keys(app);
-        let now = crate::store::now_ms();
-        let horizon = now - self.suppression_ttl_ms;
+        let ttl_ms = self.suppression_ttl_ms;
         let script = self.suppress.clone();
         let token = device_token.to_owned();
         let mut conn = self.client.conn();
@@ -202,8 +207,7 @@ impl PolicyState for RedisPolicyState {
                 .key(k.dead_tokens_idx())
                 .arg(token)
                 .arg(since_ms)
-                .arg(now)
-                .arg(horizon)
+                .arg(ttl_ms)
                 .invoke_async::<i64>(&mut conn)
                 .await;
             client.observe(&result);
@@ -227,7 +231,10 @@ impl PolicyState for RedisPolicyState {
             .map_or(reported_ms, |(t, _)| reported_ms.max(*t));
         let mut conn = self.client.conn();
         let mut out = Vec::new();
-        let mut offset = 0usize;
+        // Keyset paging: each page starts at the last instant seen, skipping the entries of
+        // that instant already read (an offset from the start would shift as tokens are added).
+        let mut start = start;
+        let mut skip = 0usize;
         while out.len() < limit {
             let page: Vec<(String, i64)> = self.observe(
                 redis::cmd("ZRANGEBYSCORE")
@@ -236,7 +243,7 @@ impl PolicyState for RedisPolicyState {
                     .arg("+inf")
                     .arg("WITHSCORES")
                     .arg("LIMIT")
-                    .arg(offset)
+                    .arg(skip)
                     .arg(LIST_PAGE)
                     .query_async(&mut conn)
                     .await,
@@ -244,7 +251,14 @@ impl PolicyState for RedisPolicyState {
             if page.is_empty() {
                 break;
             }
-            offset += page.len();
+            for (_, score) in &page {
+                if *score == start {
+                    skip += 1;
+                } else {
+                    start = *score;
+                    skip = 1;
+                }
+            }
             let tokens: Vec<&str> = page.iter().map(|(t, _)| t.as_str()).collect();
             let since: Vec<Option<i64>> = self.observe(
                 redis::cmd("HMGET")
