@@ -177,7 +177,7 @@ impl Default for PipelineConfig {
             max_replay_dead_letters: 1_000,
             max_unread_receipts: 10_000,
             attribution_window_secs: 3 * 24 * 3600,
-            insights_max_exposures: 1_000_000,
+            insights_max_exposures: 100_000,
             insights_retention_days: 30,
         }
     }
