@@ -50,6 +50,24 @@ impl PolicyApi {
         proto::push_gateway_policy_server::PushGatewayPolicyServer::new(self)
     }
 
+    /// SetOptOut (`opted_out` true) and ClearOptOut (false).
+    async fn opt_out(
+        &self,
+        request: Request<proto::OptOutRequest>,
+        opted_out: bool,
+    ) -> Result<Response<proto::OptOutResponse>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        self.check_app(&caller, &r.app_id)?;
+        user_id(&r.user_id)?;
+        let changed = self
+            .state
+            .set_opt_out(&r.app_id, &r.user_id, opted_out)
+            .await
+            .map_err(unavailable)?;
+        Ok(Response::new(proto::OptOutResponse { changed }))
+    }
+
     #[allow(clippy::result_large_err)] // tonic::Status
     fn check_app(&self, caller: &Caller, app: &str) -> Result<(), Status> {
         if app.is_empty() {
@@ -152,32 +170,14 @@ impl proto::push_gateway_policy_server::PushGatewayPolicy for PolicyApi {
         &self,
         request: Request<proto::OptOutRequest>,
     ) -> Result<Response<proto::OptOutResponse>, Status> {
-        let caller = Caller::of(&request);
-        let r = request.into_inner();
-        self.check_app(&caller, &r.app_id)?;
-        user_id(&r.user_id)?;
-        let changed = self
-            .state
-            .set_opt_out(&r.app_id, &r.user_id, true)
-            .await
-            .map_err(unavailable)?;
-        Ok(Response::new(proto::OptOutResponse { changed }))
+        self.opt_out(request, true).await
     }
 
     async fn clear_opt_out(
         &self,
         request: Request<proto::OptOutRequest>,
     ) -> Result<Response<proto::OptOutResponse>, Status> {
-        let caller = Caller::of(&request);
-        let r = request.into_inner();
-        self.check_app(&caller, &r.app_id)?;
-        user_id(&r.user_id)?;
-        let changed = self
-            .state
-            .set_opt_out(&r.app_id, &r.user_id, false)
-            .await
-            .map_err(unavailable)?;
-        Ok(Response::new(proto::OptOutResponse { changed }))
+        self.opt_out(request, false).await
     }
 
     async fn cancel_scheduled(
