@@ -215,6 +215,10 @@ struct Conn {
     /// Set once a request on this connection succeeded; until then `warmup` admits one at a time.
     warmed: AtomicBool,
     warmup: tokio::sync::Semaphore,
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS as last read from h2. Reading it from h2
+    /// takes the connection's stream lock, which the connection task holds while it works:
+    /// read there once per finished request, not once per connection for every pick.
+    max_streams: AtomicUsize,
 }
 
 struct Slot {
@@ -227,6 +231,9 @@ struct Shared {
     endpoint: Endpoint,
     config: PoolConfig,
     slots: Vec<Slot>,
+    /// The connections the slots hold now, republished whenever a slot's connection changes:
+    /// a pick walks these few instead of locking every slot (FCM pools have 250).
+    open: RwLock<Arc<[Arc<Conn>]>>,
     /// Signalled whenever a slot gets a fresh connection.
     connected: Notify,
     last_error: RwLock<String>,
@@ -273,6 +280,7 @@ impl H2Pool {
                 endpoint,
                 config,
                 slots,
+                open: RwLock::new(Arc::from(Vec::new())),
                 connected: Notify::new(),
                 last_error: RwLock::new("not connected yet".into()),
                 started: AtomicBool::new(false),
@@ -316,14 +324,9 @@ impl H2Pool {
     /// Requests currently waiting for a response, over all connections.
     pub fn in_flight(&self) -> usize {
         self.shared
-            .slots
+            .opened()
             .iter()
-            .filter_map(|s| {
-                s.conn
-                    .read()
-                    .as_ref()
-                    .map(|c| c.in_flight.load(Ordering::Relaxed))
-            })
+            .map(|c| c.in_flight.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -467,15 +470,36 @@ impl H2Pool {
 }
 
 impl Shared {
+    /// The connections the slots hold (some may be closing).
+    fn opened(&self) -> Arc<[Arc<Conn>]> {
+        Arc::clone(&self.open.read())
+    }
+
     /// The connections that take requests now.
-    fn live(&self) -> impl Iterator<Item = Arc<Conn>> + '_ {
-        self.slots.iter().filter_map(|slot| {
-            let guard = slot.conn.read();
-            guard
-                .as_ref()
-                .filter(|c| !c.closed.load(Ordering::Acquire))
-                .map(Arc::clone)
-        })
+    fn live(&self) -> impl Iterator<Item = Arc<Conn>> {
+        let opened = self.opened();
+        (0..opened.len())
+            .map(move |i| Arc::clone(&opened[i]))
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+    }
+
+    /// Puts `conn` in slot `index` (or empties the slot when `conn` is `None` and the slot
+    /// still holds connection `id`) and republishes the open connections.
+    fn set_slot(&self, index: usize, conn: Option<Arc<Conn>>, id: u64) {
+        let mut open = self.open.write();
+        {
+            let mut slot = self.slots[index].conn.write();
+            match conn {
+                Some(conn) => *slot = Some(conn),
+                None if slot.as_ref().is_some_and(|c| c.id == id) => *slot = None,
+                None => {}
+            }
+        }
+        *open = self
+            .slots
+            .iter()
+            .filter_map(|slot| slot.conn.read().clone())
+            .collect();
     }
 }
 
@@ -483,10 +507,16 @@ impl Conn {
     /// Streams the server lets this connection carry now (one while it warms up).
     fn capacity(&self) -> usize {
         if self.warmed.load(Ordering::Acquire) {
-            self.send.current_max_send_streams().max(1)
+            self.max_streams.load(Ordering::Relaxed).max(1)
         } else {
             1
         }
+    }
+
+    /// Reads the server's current stream limit from h2 (it changes with SETTINGS frames).
+    fn refresh_max_streams(&self) {
+        self.max_streams
+            .store(self.send.current_max_send_streams(), Ordering::Relaxed);
     }
 }
 
@@ -536,6 +566,7 @@ async fn send_on(
         stream.send_data(body, true).map_err(|e| map_h2(e, conn))?;
     }
     let response = response.await.map_err(|e| map_h2(e, conn))?;
+    conn.refresh_max_streams();
     let (parts, mut recv) = response.into_parts();
     // Responses are small and usually one DATA frame: keep that frame as it is, and copy only
     // when there are more.
@@ -675,8 +706,10 @@ async fn serve_slot(
         closed: Arc::new(AtomicBool::new(false)),
         warmed: AtomicBool::new(!shared.config.single_stream_until_success),
         warmup: tokio::sync::Semaphore::new(1),
+        max_streams: AtomicUsize::new(0),
     });
-    *shared.slots[index].conn.write() = Some(Arc::clone(&conn));
+    conn.refresh_max_streams();
+    shared.set_slot(index, Some(Arc::clone(&conn)), id);
     if extra {
         shared.growing.store(false, Ordering::Release);
     }
@@ -685,12 +718,7 @@ async fn serve_slot(
     let started = tokio::time::Instant::now();
     let ended = drive(shared, connection, extra.then_some(&conn)).await;
     conn.closed.store(true, Ordering::SeqCst);
-    {
-        let mut slot = shared.slots[index].conn.write();
-        if slot.as_ref().is_some_and(|c| c.id == conn.id) {
-            *slot = None;
-        }
-    }
+    shared.set_slot(index, None, conn.id);
     Ok(match ended {
         DriveEnd::Cancelled => Served::Cancelled,
         DriveEnd::Retired => Served::Retired,

@@ -33,6 +33,9 @@ use crate::receipts::ReceiptObserver;
 pub const MAX_CAMPAIGNS: usize = 10_000;
 /// The variant name of messages sent without an experiment.
 pub const NO_VARIANT: &str = crate::render::content::DEFAULT_VARIANT;
+/// [`NO_VARIANT`] shared, so an exposure without an experiment allocates no name.
+static NO_VARIANT_SHARED: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| Arc::from(NO_VARIANT));
 
 /// What happened after a message was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,12 +163,14 @@ struct AppState {
     campaigns: HashMap<Arc<str>, CampaignCounts>,
     campaign_order: VecDeque<Arc<str>>,
     /// message id -> exposure.
-    exposures: HashMap<String, Exposure>,
-    exposure_order: VecDeque<String>,
+    /// (Ids are shared `Arc<str>`: one allocation per exposure and per user, however many
+    /// maps and queues name it; this runs for every delivered message of a campaign.)
+    exposures: HashMap<Arc<str>, Exposure>,
+    exposure_order: VecDeque<Arc<str>>,
     /// user id -> its latest exposures' message ids, newest last (a few per user).
-    users: HashMap<String, VecDeque<String>>,
+    users: HashMap<Arc<str>, VecDeque<Arc<str>>>,
     /// Users in the order they were first seen, to forget the oldest in O(1).
-    user_order: VecDeque<String>,
+    user_order: VecDeque<Arc<str>>,
     events: HashMap<String, ()>,
     event_order: VecDeque<String>,
 }
@@ -187,37 +192,37 @@ impl AppState {
     }
 
     fn expose(&mut self, message_id: &str, user_id: &str, exposure: Exposure, max: usize) {
-        if self
-            .exposures
-            .insert(message_id.to_owned(), exposure)
-            .is_none()
-        {
-            self.exposure_order.push_back(message_id.to_owned());
+        let id: Arc<str> = Arc::from(message_id);
+        if self.exposures.insert(Arc::clone(&id), exposure).is_none() {
+            self.exposure_order.push_back(Arc::clone(&id));
         }
         while self.exposure_order.len() > max {
             if let Some(old) = self.exposure_order.pop_front() {
                 self.exposures.remove(&old);
             }
         }
-        if !user_id.is_empty() {
-            if !self.users.contains_key(user_id) {
-                // The oldest user goes first. (Scanning for users whose exposures were all
-                // forgotten made every new user cost a pass over all of them once the map was
-                // full: a load run stalled at 100,000 users.)
-                self.user_order.push_back(user_id.to_owned());
-                while self.user_order.len() > max {
-                    if let Some(old) = self.user_order.pop_front() {
-                        self.users.remove(&old);
-                    }
-                }
-            }
-            let ids = self.users.entry(user_id.to_owned()).or_default();
-            ids.retain(|id| id != message_id);
-            ids.push_back(message_id.to_owned());
+        if user_id.is_empty() {
+            return;
+        }
+        if let Some(ids) = self.users.get_mut(user_id) {
+            ids.retain(|known| *known != id);
+            ids.push_back(id);
             while ids.len() > EXPOSURES_PER_USER {
                 ids.pop_front();
             }
+            return;
         }
+        // A new user: the oldest user goes first. (Scanning for users whose exposures were
+        // all forgotten made every new user cost a pass over all of them once the map was
+        // full: a load run stalled at 100,000 users.)
+        let user: Arc<str> = Arc::from(user_id);
+        self.user_order.push_back(Arc::clone(&user));
+        while self.user_order.len() > max {
+            if let Some(old) = self.user_order.pop_front() {
+                self.users.remove(&old);
+            }
+        }
+        self.users.insert(user, VecDeque::from([id]));
     }
 
     fn remember_event(&mut self, id: &str, max: usize) {
@@ -232,22 +237,22 @@ impl AppState {
     }
 
     /// The message id of the exposure an event is about.
-    fn exposure_of(&self, e: &TrackEvent) -> Option<String> {
+    fn exposure_of(&self, e: &TrackEvent) -> Option<Arc<str>> {
         if !e.message_id.is_empty() {
             return self
                 .exposures
-                .contains_key(&e.message_id)
-                .then(|| e.message_id.clone());
+                .get_key_value(e.message_id.as_str())
+                .map(|(id, _)| Arc::clone(id));
         }
         if e.user_id.is_empty() {
             return None;
         }
-        let ids = self.users.get(&e.user_id)?;
+        let ids = self.users.get(e.user_id.as_str())?;
         ids.iter()
             .rev()
             .find(|id| {
                 self.exposures
-                    .get(*id)
+                    .get(id.as_ref())
                     .is_some_and(|x| e.campaign_id.is_empty() || *x.campaign == *e.campaign_id)
             })
             .cloned()
@@ -317,16 +322,23 @@ impl ReceiptObserver for MemoryInsights {
         let mut apps = self.apps.lock();
         let app = apps.entry(Arc::clone(&meta.app_id)).or_default();
         let variant = variant_of(receipt);
-        *app.counts(&meta.campaign_id)
-            .entry(variant.to_owned())
-            .or_default()
+        let counts = app.counts(&meta.campaign_id);
+        let of_variant = match counts.get_mut(variant) {
+            Some(known) => known,
+            None => counts.entry(variant.to_owned()).or_default(),
+        };
+        *of_variant
             .receipts
             .entry((meta.platform, receipt.status))
             .or_default() += 1;
         if is_exposure(receipt) {
             let exposure = Exposure {
                 campaign: Arc::clone(&meta.campaign_id),
-                variant: Arc::from(variant),
+                variant: meta
+                    .content
+                    .variant
+                    .clone()
+                    .unwrap_or_else(|| Arc::clone(&NO_VARIANT_SHARED)),
                 at_ms: crate::domain::epoch_millis(
                     receipt.completed_at.unwrap_or(meta.accepted_at),
                 ),
