@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
-use crate::edge::{AdminApi, Api, ApiKeys, InsightsApi, PolicyApi, ServerTls};
+use crate::edge::{AdminApi, Api, ApiKeys, InsightsApi, PolicyApi, Quotas, ServerTls};
 use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, RequestCaps, SubmitError};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
@@ -225,14 +225,16 @@ impl Gateway {
         self.ingest.window_size()
     }
 
-    /// The gRPC services over this data path.
-    fn api(&self) -> Api {
+    /// The gRPC services over this data path, under the per-key ingress limits `quotas` (one
+    /// set shared by every door).
+    fn api(&self, quotas: &Arc<Quotas>) -> Api {
         Api::new(
             Arc::clone(&self.ingest),
             Arc::clone(&self.hub),
             Arc::clone(&self.store),
             Arc::clone(&self.apps),
         )
+        .with_quotas(Arc::clone(quotas))
     }
 
     /// Stops accepting, waits up to `grace` for in-flight messages to finish, then abandons what
@@ -431,6 +433,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let grace = config.pipeline.shutdown_grace();
     let server_stop = CancellationToken::new();
+    let quotas = Arc::new(Quotas::new(&config.ingress));
     // The HTTP/JSON door runs the same service and keys as the gRPC one, until the gRPC server
     // stops (receipt streams keep flowing while in-flight messages drain).
     let http_addr = match config.http_listen {
@@ -445,7 +448,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 Arc::new(move || gateway.is_accepting() && *health.borrow())
             };
             let http = crate::edge::http::HttpApi::new(
-                Arc::new(gateway.api()),
+                Arc::new(gateway.api(&quotas)),
                 api_keys.clone(),
                 ready,
                 config.http_max_body_bytes(),
@@ -478,7 +481,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(
                 gateway
-                    .api()
+                    .api(&quotas)
                     .into_server(config.pipeline.max_request_bytes()),
                 move |request| keys.intercept(request),
             )

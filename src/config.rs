@@ -73,6 +73,54 @@ pub struct Config {
     /// `[policy]`: settings of the policy stage shared by every app.
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
+    /// `[ingress]`: per-API-key limits (batches and recipients per second, open streams and
+    /// subscriptions).
+    #[serde(default)]
+    pub ingress: IngressConfig,
+}
+
+/// `[ingress]`: per-key limits; 0 turns one off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// `SendBatch` calls and `StreamSend` batches of one key per second (bursts of one
+    /// second's worth).
+    pub batches_per_second_per_key: u32,
+    /// Recipients of one key per second, over all its batches (bursts of one second's worth,
+    /// so at least `pipeline.max_batch_recipients`).
+    pub recipients_per_second_per_key: u32,
+    /// `StreamSend` streams of one key open at once.
+    pub streams_per_key: u32,
+    /// `SubscribeReceipts` subscriptions of one key open at once.
+    pub subscriptions_per_key: u32,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            batches_per_second_per_key: 500,
+            recipients_per_second_per_key: 200_000,
+            streams_per_key: 32,
+            subscriptions_per_key: 32,
+        }
+    }
+}
+
+impl IngressConfig {
+    /// Checks what serde cannot; errors name the key.
+    pub fn validate(&self, max_batch_recipients: usize) -> Result<(), (String, String)> {
+        let rate = self.recipients_per_second_per_key as usize;
+        if rate != 0 && rate < max_batch_recipients {
+            return Err((
+                "ingress.recipients_per_second_per_key".into(),
+                format!(
+                    "{rate} is below pipeline.max_batch_recipients ({max_batch_recipients}): \
+                     a full batch could never pass (0 turns the limit off)"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How the gateway writes its log lines (`log_format`).
@@ -421,6 +469,9 @@ impl Config {
         }
         self.redis
             .validate()
+            .map_err(|(key, reason)| ConfigError::invalid(key, reason))?;
+        self.ingress
+            .validate(self.pipeline.max_batch_recipients)
             .map_err(|(key, reason)| ConfigError::invalid(key, reason))?;
         let p = &self.pipeline;
         for (key, value) in [

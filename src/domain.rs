@@ -98,8 +98,10 @@ impl PushType {
     }
 }
 
-/// The content shared by every recipient of a batch, before personalization.
-#[derive(Debug, Clone, Default)]
+/// The content shared by every recipient of a batch, before personalization. Its `Debug`
+/// shows texts, URLs and raw JSON as lengths and `data` by key only: a batch's template can
+/// carry personal data (a transactional message, a deep link with an id).
+#[derive(Clone, Default)]
 pub struct Template {
     pub title: String,
     pub subtitle: String,
@@ -130,13 +132,54 @@ pub struct Template {
     pub experiment: Option<Experiment>,
 }
 
-/// A title, subtitle and body; an empty one falls back to the text it replaces.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::Len;
+        f.debug_struct("Template")
+            .field("title", &Len(&self.title))
+            .field("subtitle", &Len(&self.subtitle))
+            .field("body", &Len(&self.body))
+            .field("image_url", &Len(&self.image_url))
+            .field("deep_link", &Len(&self.deep_link))
+            .field("sound", &self.sound)
+            .field("badge", &self.badge)
+            .field("category", &self.category)
+            .field("thread_id", &Len(&self.thread_id))
+            .field("data", &self.data.keys().collect::<Vec<_>>())
+            .field("collapse_key", &Len(&self.collapse_key))
+            .field("ttl", &self.ttl)
+            .field("priority", &self.priority)
+            .field("push_type", &self.push_type)
+            .field("content_available", &self.content_available)
+            .field("mutable_content", &self.mutable_content)
+            .field("apns_json", &Len(&self.apns_json))
+            .field("fcm_json", &Len(&self.fcm_json))
+            .field("android_channel_id", &self.android_channel_id)
+            .field("locales", &self.locales)
+            .field("experiment", &self.experiment)
+            .finish()
+    }
+}
+
+/// A title, subtitle and body; an empty one falls back to the text it replaces. Its `Debug`
+/// shows lengths only.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct LocalizedText {
     pub title: String,
     pub subtitle: String,
     pub body: String,
+}
+
+impl std::fmt::Debug for LocalizedText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::Len;
+        f.debug_struct("LocalizedText")
+            .field("title", &Len(&self.title))
+            .field("subtitle", &Len(&self.subtitle))
+            .field("body", &Len(&self.body))
+            .finish()
+    }
 }
 
 impl LocalizedText {
@@ -626,6 +669,53 @@ mod tests {
         }
         assert!(
             shown.contains("…feed(64)") && shown.contains("name"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn template_debug_shows_no_text_url_or_data_value() {
+        let secret = "Ada Lovelace, your code is 424242";
+        let texts = LocalizedText {
+            title: secret.into(),
+            subtitle: String::new(),
+            body: secret.into(),
+        };
+        let template = Template {
+            title: secret.into(),
+            body: secret.into(),
+            deep_link: format!("app://reset?name={secret}"),
+            data: [("code".to_string(), secret.to_string())].into(),
+            apns_json: format!("{{\"x\":\"{secret}\"}}"),
+            locales: [("pt".to_string(), texts.clone())].into(),
+            experiment: Some(Experiment {
+                variants: vec![Variant {
+                    name: "b".into(),
+                    weight: 1,
+                    texts,
+                    locales: Default::default(),
+                }],
+                holdout_bp: 0,
+            }),
+            ..Default::default()
+        };
+        let batch = Batch {
+            template: template.clone(),
+            ..Default::default()
+        };
+        let compiled = crate::render::CompiledTemplate::compile(&Template {
+            locales: Default::default(),
+            experiment: None,
+            title: format!("{secret} {{{{ name }}}}"),
+            ..template.clone()
+        })
+        .unwrap();
+        let shown = format!("{template:?} {batch:?} {compiled:?}");
+        for leaked in ["Ada Lovelace", "424242"] {
+            assert!(!shown.contains(leaked), "{leaked} in {shown}");
+        }
+        assert!(
+            shown.contains("code") && shown.contains("bytes>"),
             "{shown}"
         );
     }

@@ -327,14 +327,22 @@ impl Pending {
         self.finish(resolution);
     }
 
+    /// Emits the terminal receipt of a message that turned out not to be accepted after all
+    /// (the store could not make it safe), marked `accepted = false` like a refusal at ingest:
+    /// a store records no outcome for it and releases nothing of it.
+    pub fn resolve_unaccepted(mut self, resolution: Resolution) {
+        self.finish_marked(resolution, false);
+    }
+
     fn finish(&mut self, resolution: Resolution) {
+        self.finish_marked(resolution, true);
+    }
+
+    fn finish_marked(&mut self, resolution: Resolution, accepted: bool) {
         self.resolved = true;
-        let receipt = Arc::new(Receipt::new(
-            Arc::clone(&self.meta),
-            self.attempt,
-            resolution,
-            None,
-        ));
+        let mut receipt = Receipt::new(Arc::clone(&self.meta), self.attempt, resolution, None);
+        receipt.accepted = accepted;
+        let receipt = Arc::new(receipt);
         self.hub.publish(&receipt);
         self.hub.in_flight.leave();
         let permit = self.permit.take();

@@ -32,6 +32,19 @@ impl fmt::Debug for Fingerprint<'_> {
     }
 }
 
+/// `Debug` of a text that may hold personal data (a template, a variable's value) as its
+/// length only: `<12 bytes>`, or `<empty>`.
+pub struct Len<'a>(pub &'a str);
+
+impl fmt::Debug for Len<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.len() {
+            0 => f.write_str("<empty>"),
+            n => write!(f, "<{n} bytes>"),
+        }
+    }
+}
+
 /// A URL with its password (and user name) replaced by `<redacted>`, for `Debug` and errors.
 /// Text that does not parse as a URL is redacted whole.
 pub fn redact_url(url: &str) -> String {
@@ -59,6 +72,15 @@ mod tests {
         assert_eq!(format!("{}", Fingerprint(&token)), "…9f3c(64)");
         assert_eq!(format!("{}", Fingerprint("user-42")), "<redacted 7 chars>");
         assert_eq!(format!("{}", Fingerprint("")), "<empty>");
+    }
+
+    #[test]
+    fn lengths_never_show_the_text() {
+        assert_eq!(
+            format!("{:?}", Len("Hi Ada, your code is 4242")),
+            "<25 bytes>"
+        );
+        assert_eq!(format!("{:?}", Len("")), "<empty>");
     }
 
     #[test]

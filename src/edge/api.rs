@@ -8,12 +8,14 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 use tracing::debug;
 
 use super::auth::{Caller, Scope, forbidden};
 use super::convert::{into_batch, outline_of, to_proto_response};
+use super::quota::Quotas;
 use crate::domain::FieldError;
 use crate::ingest::{Ingest, SubmitError};
 use crate::proto;
@@ -72,6 +74,8 @@ pub struct Api {
     hub: Arc<ReceiptHub>,
     store: Arc<dyn Store>,
     apps: Arc<AppRegistry>,
+    /// Per-key ingress limits (none unless [`Api::with_quotas`]).
+    quotas: Arc<Quotas>,
 }
 
 impl Api {
@@ -102,7 +106,14 @@ impl Api {
             hub,
             store,
             apps,
+            quotas: Arc::new(Quotas::unlimited()),
         }
+    }
+
+    /// Applies per-key ingress limits (`[ingress]`).
+    pub fn with_quotas(mut self, quotas: Arc<Quotas>) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// The tonic server for this service. A request larger than `max_request_bytes` is refused
@@ -127,28 +138,42 @@ impl proto::push_gateway_server::PushGateway for Api {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         self.authorize(&caller, &request.app_id)?;
+        if let Some(who) = caller.key_id() {
+            self.quotas.admit_batch(who, request.recipients.len())?;
+        }
         let wait = request.wait_for_receipts;
         let mut batch = into_batch(request).map_err(invalid_argument)?;
         let (sink, mut receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let mut collected = Vec::new();
-        let result = {
-            let submit = self.ingest.submit(&mut batch, wait.then_some(&sink), false);
-            tokio::pin!(submit);
+        // The batch is submitted in a task of its own, so a call that is cancelled or runs past
+        // its deadline (this future dropped) does not drop ingest half-way with ids claimed:
+        // the guard tells it the call ended, recipients not admitted yet are refused and their
+        // ids released, and what was admitted is delivered.
+        let call_ended = CancellationToken::new();
+        let _ended_on_drop = call_ended.clone().drop_guard();
+        let ingest = Arc::clone(&self.ingest);
+        let task_sink = wait.then(|| sink.clone());
+        let mut submit = tokio::spawn(async move {
+            ingest
+                .submit_until(&mut batch, task_sink.as_ref(), false, &call_ended)
+                .await
+        });
+        let result = loop {
             // Collect receipts while submitting: receipts hold window slots, so a batch larger
             // than the window would otherwise wait on itself.
-            loop {
-                tokio::select! {
-                    result = &mut submit => break result,
-                    Some(envelope) = receipts.recv() => {
-                        if answers(&envelope.receipt) {
-                            collected.push(to_proto_receipt(&envelope.receipt));
-                        }
+            tokio::select! {
+                result = &mut submit => break result,
+                Some(envelope) = receipts.recv() => {
+                    if answers(&envelope.receipt) {
+                        collected.push(to_proto_receipt(&envelope.receipt));
                     }
                 }
             }
         };
         drop(sink);
-        let result = result.map_err(submit_status)?;
+        let result = result
+            .map_err(|e| Status::internal(format!("the batch's task ended: {e}")))?
+            .map_err(submit_status)?;
         if wait {
             while let Some(envelope) = receipts.recv().await {
                 if answers(&envelope.receipt) {
@@ -166,10 +191,14 @@ impl proto::push_gateway_server::PushGateway for Api {
         request: Request<Streaming<proto::SendBatchRequest>>,
     ) -> Result<Response<Self::StreamSendStream>, Status> {
         let caller = Caller::of(&request);
+        let who = caller.key_id();
+        // Counted until the receipt stream is dropped (the call ended).
+        let slot = who.map(|w| self.quotas.open_stream(w)).transpose()?;
         let mut inbound = request.into_inner();
         let (sink, receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let ingest = Arc::clone(&self.ingest);
         let apps = Arc::clone(&self.apps);
+        let quotas = Arc::clone(&self.quotas);
         // Receipts of accepted messages hold window slots, so the window bounds them; REJECTED
         // ones hold none, so a caller that never reads would grow the queue without end. The
         // caller's batches are not read while too many receipts wait.
@@ -207,6 +236,14 @@ impl proto::push_gateway_server::PushGateway for Api {
                     ingest.deny_batch(outline, &error, &sink);
                     continue;
                 }
+                // Over its key's rates, a stream is paced, not refused: the next batch is read
+                // once they allow this one.
+                if let Some(who) = who {
+                    tokio::select! {
+                        () = quotas.pace_batch(who, request.recipients.len()) => {}
+                        _ = stopping.cancelled() => break,
+                    }
+                }
                 let outcome = match into_batch(request) {
                     Ok(mut batch) => ingest
                         .submit(&mut batch, Some(&sink), true)
@@ -223,9 +260,12 @@ impl proto::push_gateway_server::PushGateway for Api {
                 }
             }
         });
-        let stream = futures::stream::poll_fn(move |cx| outbound.poll_next(cx))
-            // The envelope, and with it the window slot, is released as the receipt leaves.
-            .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)));
+        let stream = futures::stream::poll_fn(move |cx| {
+            let _open = &slot;
+            outbound.poll_next(cx)
+        })
+        // The envelope, and with it the window slot, is released as the receipt leaves.
+        .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -238,6 +278,11 @@ impl proto::push_gateway_server::PushGateway for Api {
         let caller = Caller::of(&request);
         let request = request.into_inner();
         self.authorize(&caller, &request.app_id)?;
+        // Counted until the stream is dropped (the subscriber went away).
+        let slot = caller
+            .key_id()
+            .map(|w| self.quotas.open_subscription(w))
+            .transpose()?;
         if !request.resume_after.is_empty() {
             let filter = FeedFilter {
                 campaign_id: request.campaign_id,
@@ -247,7 +292,10 @@ impl proto::push_gateway_server::PushGateway for Api {
                 .store
                 .receipts_feed(&request.app_id, request.resume_after, filter)
             {
-                Ok(feed) => Ok(Response::new(Box::pin(feed.map(Ok)))),
+                Ok(feed) => Ok(Response::new(Box::pin(feed.map(move |r| {
+                    let _open = &slot;
+                    Ok(r)
+                })))),
                 Err(e @ FeedError::Unsupported) => Err(Status::failed_precondition(e.to_string())),
                 Err(e @ FeedError::BadCursor) => Err(invalid_argument(vec![FieldError::new(
                     "resume_after",
@@ -259,6 +307,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         let include_non_terminal = request.include_non_terminal;
         let stream =
             BroadcastStream::new(self.hub.subscribe(&request.app_id)).filter_map(move |item| {
+                let _open = &slot;
                 let out = match item {
                     Ok(receipt) => {
                         let wanted = (include_non_terminal || receipt.terminal())

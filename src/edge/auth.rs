@@ -14,6 +14,7 @@ use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
 
+use super::quota::KeyId;
 use crate::config::{Config, ConfigError};
 
 /// What a key may do for an app. `Admin` includes `Send`.
@@ -31,8 +32,8 @@ pub enum Caller {
     /// No key is configured anywhere: every app may be used for sending and receipts; admin
     /// RPCs only when `allow_unauthenticated = true`.
     Open { admin: bool },
-    /// An authenticated key, with its scope per app.
-    Key(Grants),
+    /// An authenticated key (by digest, for per-key limits), with its scope per app.
+    Key(Grants, KeyId),
     /// The interceptor did not run: nothing is allowed.
     Nobody,
 }
@@ -54,11 +55,20 @@ impl Caller {
                 "admin RPCs need an admin key (apps.<id>.admin_keys); with no key configured \
                  they are served only with allow_unauthenticated = true",
             )),
-            Caller::Key(grants) => match grants.get(app_id) {
+            Caller::Key(grants, _) => match grants.get(app_id) {
                 Some(granted) if *granted >= scope => Ok(()),
                 _ => Err(forbidden()),
             },
             Caller::Nobody => Err(Status::unauthenticated("no credentials checked")),
+        }
+    }
+
+    /// Who per-key ingress limits count this caller as (`None`: nobody, refused anyway).
+    pub fn key_id(&self) -> Option<KeyId> {
+        match self {
+            Caller::Open { .. } => Some(KeyId::Open),
+            Caller::Key(_, id) => Some(*id),
+            Caller::Nobody => None,
         }
     }
 
@@ -179,7 +189,9 @@ impl ApiKeys {
             }
         }
         let grants = found.ok_or_else(|| Status::unauthenticated("unknown API key"))?;
-        request.extensions_mut().insert(Caller::Key(grants));
+        request
+            .extensions_mut()
+            .insert(Caller::Key(grants, KeyId::Key(wanted)));
         Ok(request)
     }
 }

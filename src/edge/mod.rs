@@ -7,6 +7,8 @@
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
 //! - `insights`: `pushgate.v1.PushGatewayInsights` (TrackEvents, GetCampaignStats).
+//! - `quota`: per-key ingress limits (batches and recipients per second, open streams and
+//!   subscriptions).
 //! - `tls`: TLS and mutual TLS on the listener, reloadable.
 //! - `http`: the HTTP/JSON API over the same `Api`; `openapi`: its OpenAPI document.
 
@@ -18,6 +20,7 @@ pub mod http;
 pub mod insights;
 pub mod openapi;
 pub mod policy;
+pub mod quota;
 pub mod tls;
 
 pub use admin::AdminApi;
@@ -26,4 +29,5 @@ pub use auth::{ApiKeys, Caller, Scope};
 pub use convert::into_batch;
 pub use insights::InsightsApi;
 pub use policy::PolicyApi;
+pub use quota::{IngressConfig, Quotas};
 pub use tls::ServerTls;

@@ -384,6 +384,23 @@ impl Ingest {
         sink: Option<&CallerSink>,
         stream_rejections: bool,
     ) -> Result<BatchResult, SubmitError> {
+        self.submit_until(batch, sink, stream_rejections, &CancellationToken::new())
+            .await
+    }
+
+    /// [`Ingest::submit`] for a call that can go away: once `call_ended` fires, recipients not
+    /// yet admitted are refused (`the call was cancelled ...`) instead of waiting for window
+    /// room, and their idempotency ids are released with the others not taken, so a resend
+    /// of the same ids is accepted. What was admitted before stays accepted and is delivered.
+    /// Run this to completion (e.g. in a task of its own): a future dropped half-way cannot
+    /// release what it claimed.
+    pub async fn submit_until(
+        &self,
+        batch: &mut Batch,
+        sink: Option<&CallerSink>,
+        stream_rejections: bool,
+        call_ended: &CancellationToken,
+    ) -> Result<BatchResult, SubmitError> {
         if !self.is_accepting() {
             return Err(SubmitError::Unavailable(
                 "the gateway is shutting down".into(),
@@ -479,6 +496,7 @@ impl Ingest {
         );
         let batch_id = accepted.batch_id.to_string();
         let mut run = Run::new(self, &accepted.app.id, sink, stream_rejections);
+        run.call_ended = call_ended.clone();
         let recipients = std::mem::take(&mut batch.recipients);
         let valid = run.validate_and_pack(&mut accepted, recipients, &earlier, &timing);
         let transactional = batch.bypass_policies || accepted.priority == Priority::High;
@@ -676,18 +694,28 @@ impl Ingest {
         {
             self.flush(staged, run).await;
         }
-        let Some((admission, slot)) = self.take_place(&run.app_id).await else {
-            if claimed {
-                run.release.push(message_id.clone());
+        let (admission, slot) = match self.take_place(&run.app_id, &run.call_ended).await {
+            Place::Taken(admission, slot) => (admission, slot),
+            refused => {
+                if claimed {
+                    run.release.push(message_id.clone());
+                }
+                let reason = match refused {
+                    Place::CallEnded => {
+                        "the call was cancelled before this recipient was admitted; \
+                         it was not accepted (a resend with the same message_id is)"
+                    }
+                    _ => "the gateway is shutting down",
+                };
+                let meta = batch.meta_at(at, SystemTime::now());
+                run.refuse(
+                    Arc::new(meta),
+                    at.index(),
+                    message_id,
+                    FieldError::new("", reason),
+                );
+                return;
             }
-            let meta = batch.meta_at(at, SystemTime::now());
-            run.refuse(
-                Arc::new(meta),
-                at.index(),
-                message_id,
-                FieldError::new("", "the gateway is shutting down"),
-            );
-            return;
         };
         run.accepted.inc();
         staged.push(Staged {
@@ -744,7 +772,10 @@ impl Ingest {
                 for (waiting, (_, claimed, index, message_id, _)) in
                     messages.into_iter().zip(places)
                 {
-                    waiting.resolve(Resolution::gateway(ReceiptStatus::Failed, reason.clone()));
+                    waiting.resolve_unaccepted(Resolution::gateway(
+                        ReceiptStatus::Failed,
+                        reason.clone(),
+                    ));
                     if claimed {
                         run.release.push(message_id.clone());
                     }
@@ -761,14 +792,19 @@ impl Ingest {
 
     /// A recipient's place in the limit stage (first, so one app's backlog cannot fill the
     /// shared window), then its accept-window slot; `None` when shutdown begins meanwhile.
-    async fn take_place(&self, app_id: &Arc<str>) -> Option<(Admission, OwnedSemaphorePermit)> {
+    async fn take_place(&self, app_id: &Arc<str>, call_ended: &CancellationToken) -> Place {
         let place = tokio::select! {
+            // A call that ended takes no more places, even where one is free.
+            biased;
+            _ = self.accepting.cancelled() => Place::ShuttingDown,
+            _ = call_ended.cancelled() => Place::CallEnded,
             place = async {
                 let admission = self.limits.admit(app_id).await;
-                let permit = Arc::clone(&self.window).acquire_owned().await.ok()?;
-                Some((admission, permit))
+                match Arc::clone(&self.window).acquire_owned().await {
+                    Ok(permit) => Place::Taken(admission, permit),
+                    Err(_) => Place::ShuttingDown,
+                }
             } => place,
-            _ = self.accepting.cancelled() => None,
         };
         let used = self.config.accept_window - self.window.available_permits();
         self.window_high_water.fetch_max(used, Ordering::Relaxed);
@@ -804,6 +840,14 @@ impl Ingest {
             )),
         }
     }
+}
+
+/// What [`Ingest::take_place`] got a recipient.
+enum Place {
+    Taken(Admission, OwnedSemaphorePermit),
+    ShuttingDown,
+    /// The caller's call ended (cancelled, deadline passed) before the recipient had room.
+    CallEnded,
 }
 
 /// A validated recipient: where it is packed, and whether its caller id was claimed for
@@ -883,6 +927,8 @@ struct Run<'a> {
     results: Vec<RecipientResult>,
     /// Caller ids claimed for idempotency whose recipients were not taken.
     release: Vec<String>,
+    /// Fires when the caller's call ends: recipients not admitted by then are refused.
+    call_ended: CancellationToken,
     accepted: Counter,
     rejected: Counter,
 }
@@ -905,6 +951,7 @@ impl<'a> Run<'a> {
             seen_ids: HashSet::new(),
             results: Vec::new(),
             release: Vec::new(),
+            call_ended: CancellationToken::new(),
             accepted: ingest.metrics.accepted.get_or_create(&labels).clone(),
             rejected: ingest
                 .metrics

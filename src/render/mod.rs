@@ -154,8 +154,9 @@ impl<'a> From<&'a MessageMeta> for Stamp<'a> {
     }
 }
 
-/// A batch's template, parsed and validated once, rendered per recipient.
-#[derive(Debug, Clone)]
+/// A batch's template, parsed and validated once, rendered per recipient. Its `Debug` shows
+/// the shape, never the texts, URLs or JSON (see [`crate::domain::Template`]).
+#[derive(Clone)]
 pub struct CompiledTemplate {
     /// The title, subtitle and body of every variant and locale.
     contents: Contents,
@@ -228,6 +229,23 @@ struct Content<'a> {
 impl Content<'_> {
     fn is_background(&self) -> bool {
         self.push_type == PushType::Background
+    }
+}
+
+impl std::fmt::Debug for CompiledTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::redact::Len;
+        f.debug_struct("CompiledTemplate")
+            .field("contents", &self.contents)
+            .field("data", &self.data)
+            .field("image_url", &Len(&self.image_url))
+            .field("deep_link", &Len(&self.deep_link))
+            .field("priority", &self.priority)
+            .field("push_type", &self.push_type)
+            .field("apns_json", &self.apns_json.as_ref().map(|m| m.len()))
+            .field("fcm_json", &self.fcm_json.as_ref().map(|m| m.len()))
+            .field("variables", &self.variables)
+            .finish_non_exhaustive()
     }
 }
 

@@ -381,6 +381,14 @@ impl Waiting {
         pending.resolve(resolution);
     }
 
+    /// Ends a message the store could not make safe: it was not accepted after all (see
+    /// [`Pending::resolve_unaccepted`]).
+    pub fn resolve_unaccepted(mut self, resolution: Resolution) {
+        let pending = self.pending(&self.fields());
+        self.at = Self::LEFT;
+        pending.resolve_unaccepted(resolution);
+    }
+
     /// The receipt handle the message becomes (it was counted in flight when it was accepted).
     /// The caller marks the message as left ([`Self::LEFT`]).
     fn pending(&self, fields: &Fields<'_>) -> Pending {

@@ -14,6 +14,8 @@ mod deploy;
 mod fcm_pipeline;
 mod google_credentials;
 mod http_api;
+mod idempotency;
+mod ingress_limits;
 mod limits;
 mod otlp;
 mod policy;

@@ -1262,7 +1262,8 @@ fn pem_body(pem: &str) -> Vec<String> {
 /// tokens fetched from the mock, deliveries on both providers, an app whose APNs key the
 /// provider refuses (a failed credential) and Redis behind a password: its whole output holds
 /// none of the API keys, the .p8 and service-account private keys, any JWT (`eyJ`), any issued
-/// access token (`ya29.`), the Redis password, a device token or a user id.
+/// access token (`ya29.`), the Redis password, a device token, a user id, a personalization
+/// variable's value or a template's text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_device_token_in_trace_output() {
     use pushgate_mocks::apns::{MockApns, MockApnsConfig};
@@ -1378,11 +1379,13 @@ async fn no_secret_or_device_token_in_trace_output() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    const VAR_VALUE: &str = "var-secret-value-9d1c55";
+    const TEMPLATE_TEXT: &str = "template-secret-text-4b7a";
     let user = |n: u64| format!("user-secret-{n:08}");
     let fcm_token = |n: u64| format!("fcm-{}:APA91b{n:016}", &secret_token(n)[..24]);
     let mut recipients = Vec::new();
     for n in 0..4 {
-        let mut r = recipient(n, &[("name", "Private Person")]);
+        let mut r = recipient(n, &[("name", VAR_VALUE)]);
         r.user_id = user(n);
         if n % 2 == 0 {
             r.device_token = secret_token(n);
@@ -1399,7 +1402,10 @@ async fn no_secret_or_device_token_in_trace_output() {
         .send_batch(signed(
             proto::SendBatchRequest {
                 app_id: "shop".into(),
-                template: Some(template("Hi {{ name }}", "there")),
+                template: Some(template(
+                    &format!("{TEMPLATE_TEXT} {{{{ name }}}}"),
+                    TEMPLATE_TEXT,
+                )),
                 recipients,
                 wait_for_receipts: true,
                 ..Default::default()
@@ -1465,6 +1471,8 @@ async fn no_secret_or_device_token_in_trace_output() {
         ("refused api key".into(), wrong_key.into()),
         ("redis password".into(), PASSWORD.into()),
         ("JWT".into(), "eyJ".into()),
+        ("personalization variable".into(), VAR_VALUE.into()),
+        ("template text".into(), TEMPLATE_TEXT.into()),
         ("access token".into(), "ya29.".into()),
     ];
     for line in pem_body(&key.private_p8_pem)

@@ -84,7 +84,7 @@ pub enum RenderError {
 }
 
 /// A parsed template text, rendered many times with different variables.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Text {
     source: String,
     nodes: Vec<Node>,
@@ -92,6 +92,16 @@ pub struct Text {
     literal_len: usize,
     /// Variable names the text may look up (verbatim keys and roots of paths), with repeats.
     variables: Vec<String>,
+}
+
+/// Its length and the variables it uses, never its text (a template may carry personal data).
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Text")
+            .field("source", &crate::redact::Len(&self.source))
+            .field("variables", &self.variables)
+            .finish()
+    }
 }
 
 impl PartialEq for Text {

@@ -3,14 +3,17 @@
 //! protobuf-encoded `pushgate.v1.Receipt`. `SubscribeReceipts` with `resume_after` reads it from
 //! the cursor on (`0` = the oldest retained, `$` = from now) and then follows it live, so a
 //! consumer that reconnects with its last receipt's `cursor` misses nothing and sees nothing
-//! twice. Each subscription uses its own connection (blocking XREAD would stall the shared one).
+//! twice. Subscriptions share the store's one multiplexed connection (however many there are,
+//! they open none of their own, so subscribers cannot exhaust Redis' connections): each reads
+//! without blocking, and between reads waits until this replica's writer has appended receipts
+//! of the app, or `IDLE_POLL` for receipts other replicas append.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
 use redis::streams::{StreamReadOptions, StreamReadReply};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
@@ -90,38 +93,35 @@ pub fn valid_cursor(cursor: &str) -> bool {
     }
 }
 
-/// Receipts of `app` after `cursor`, then live, until the subscriber goes away.
+/// How long an idle subscription waits before reading again when this replica wrote nothing
+/// for its app (receipts appended by other replicas are seen within this).
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Entries read at once.
+const PAGE: usize = 512;
+
+/// Receipts of `app` after `cursor`, then live, until the subscriber goes away. `written`
+/// changes whenever this replica appended receipts of `app`.
 pub fn subscribe(
     store: Arc<RedisClient>,
     app: &str,
     cursor: String,
     filter: FeedFilter,
+    mut written: Option<watch::Receiver<()>>,
 ) -> ReceiverStream<proto::Receipt> {
     let (tx, rx) = mpsc::channel(256);
     let key = key(&store.config().key_prefix, app);
     tokio::spawn(async move {
         let mut last = cursor;
-        let mut conn = None;
+        let mut conn = store.conn();
         loop {
             if tx.is_closed() {
                 return;
             }
-            if conn.is_none() {
-                match store.dedicated_conn().await {
-                    Ok(c) => conn = Some(c),
-                    Err(e) => {
-                        debug!(error = %e, "receipts subscription: reconnecting");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                }
-            }
-            let Some(c) = conn.as_mut() else { continue };
             if last == "$" {
                 // Pin "from now" to a concrete position first, so nothing between reads is
                 // missed.
                 let tail: redis::RedisResult<redis::streams::StreamRangeReply> =
-                    redis::AsyncCommands::xrevrange_count(c, &key, "+", "-", 1).await;
+                    redis::AsyncCommands::xrevrange_count(&mut conn, &key, "+", "-", 1).await;
                 match tail {
                     Ok(t) => {
                         last = t
@@ -130,37 +130,64 @@ pub fn subscribe(
                             .map(|e| e.id.clone())
                             .unwrap_or_else(|| "0".into())
                     }
-                    Err(_) => conn = None,
+                    Err(e) => {
+                        debug!(error = %e, "receipts subscription: read failed, retrying");
+                        tokio::time::sleep(IDLE_POLL).await;
+                    }
                 }
                 continue;
             }
-            let options = StreamReadOptions::default().count(512).block(500);
+            if let Some(w) = written.as_mut() {
+                // Seen from here on: a write after this read wakes the wait below.
+                w.borrow_and_update();
+            }
+            let options = StreamReadOptions::default().count(PAGE);
             let reply: redis::RedisResult<Option<StreamReadReply>> =
-                redis::AsyncCommands::xread_options(c, &[&key], &[&last], &options).await;
+                redis::AsyncCommands::xread_options(&mut conn, &[&key], &[&last], &options).await;
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) => {
                     debug!(error = %e, "receipts subscription: read failed, retrying");
-                    conn = None;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(IDLE_POLL).await;
                     continue;
                 }
             };
-            for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                for entry in stream.ids {
-                    let bytes: Option<Vec<u8>> = entry.get("r");
-                    last = entry.id.clone();
-                    let Some(bytes) = bytes else { continue };
-                    let Ok(mut receipt) = proto::Receipt::decode(bytes.as_slice()) else {
-                        continue;
-                    };
-                    if !wants(&filter, &receipt) {
-                        continue;
+            let entries: Vec<_> = reply
+                .map(|r| r.keys)
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|stream| stream.ids)
+                .collect();
+            let caught_up = entries.len() < PAGE;
+            for entry in entries {
+                let bytes: Option<Vec<u8>> = entry.get("r");
+                last = entry.id.clone();
+                let Some(bytes) = bytes else { continue };
+                let Ok(mut receipt) = proto::Receipt::decode(bytes.as_slice()) else {
+                    continue;
+                };
+                if !wants(&filter, &receipt) {
+                    continue;
+                }
+                receipt.cursor = entry.id;
+                if tx.send(receipt).await.is_err() {
+                    return;
+                }
+            }
+            if caught_up {
+                let woken = async {
+                    match written.as_mut() {
+                        Some(w) => w.changed().await.is_ok(),
+                        None => std::future::pending().await,
                     }
-                    receipt.cursor = entry.id;
-                    if tx.send(receipt).await.is_err() {
-                        return;
-                    }
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = tx.closed() => return,
+                    alive = woken => if !alive {
+                        // The writer ended (shutdown): poll only.
+                        written = None;
+                    },
                 }
             }
         }

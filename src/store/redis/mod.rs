@@ -233,8 +233,9 @@ impl Store for RedisStore {
         "redis"
     }
 
+    /// Redis answers, and no undo of an unconfirmed accept still waits to be written.
     fn is_healthy(&self) -> bool {
-        self.client.is_healthy()
+        self.client.is_healthy() && !self.queue.unaccepts_pending()
     }
 
     fn health(&self) -> watch::Receiver<bool> {
@@ -268,10 +269,15 @@ impl Store for RedisStore {
     async fn accept(&self, messages: Vec<Waiting>) -> Result<Vec<Work>, AcceptError> {
         match self.queue.persist_accepted(&messages).await {
             Ok(()) => Ok(messages.into_iter().map(Work::Waiting).collect()),
-            Err(e) => Err(AcceptError {
-                error: unreachable(e),
-                messages,
-            }),
+            Err(e) => {
+                // The write may have been applied with its reply lost: undo it, so "not
+                // accepted" is the truth and a resend with the same ids is accepted once.
+                self.queue.unaccept(&messages).await;
+                Err(AcceptError {
+                    error: unreachable(e),
+                    messages,
+                })
+            }
         }
     }
 
@@ -332,6 +338,7 @@ impl Store for RedisStore {
             app,
             cursor,
             filter,
+            self.queue.feed_written(app),
         )))
     }
 

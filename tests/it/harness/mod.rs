@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+pub mod reply_cut;
+
 use pushgate::app::Running;
 use pushgate::config::Config;
 use pushgate::proto::push_gateway_client::PushGatewayClient;

@@ -17,6 +17,10 @@
 //!   once per batch with a count of the records that refer to it), and leased to this replica
 //!   (one MULTI per chunk of a batch) before the caller is told it was accepted, so a `kill -9`
 //!   loses nothing acknowledged. A claimed packed record is rendered from its batch's context.
+//! - **Unaccept** (`unaccept`, Lua): an accept MULTI that failed may still have been applied
+//!   (its reply lost); the caller is told "not accepted", so the records this replica owns are
+//!   removed with their lease and the ids' claims, at once or, when Redis does not answer,
+//!   through the write loop first thing once it does.
 //! - **Release**: whenever a packed record is replaced (park, dead letter) or deleted (ack), the
 //!   same script that reads it lowers its batch's count, and the context goes with the last
 //!   record. Scripts reach the context keys by name (`<p>:{app}:batch:<id>`, the app's hash
@@ -40,17 +44,17 @@ mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use redis::Script;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use scripts::{ACK, CANCEL, CLAIM, RELEASE, RELEASE_FN, TAKEOVER};
+use scripts::{ACK, CANCEL, CLAIM, RELEASE, RELEASE_FN, TAKEOVER, UNACCEPT};
 use write::Write;
 
 use super::RedisClient;
@@ -102,17 +106,24 @@ pub(super) struct RedisRetryQueue {
     /// Jobs this replica holds a lease on (renewed until their terminal receipt).
     held: DashMap<JobKey, ()>,
     writes: mpsc::UnboundedSender<Write>,
+    /// Per app: changed whenever the writer appended receipts to its stream (wakes the
+    /// resumable subscriptions of this replica).
+    feed_written: HashMap<String, watch::Sender<()>>,
     stopped: AtomicBool,
     /// Set while a write batch failed and waits to be written again. A failed batch may still
     /// have been applied (its reply lost to an outage or a timeout); writing it again is harmless
     /// only if no job was claimed in between, so claiming pauses until the batch is through.
     write_backlog: AtomicBool,
+    /// Undos of unconfirmed accepts queued in the write loop and not yet written.
+    unaccepts_pending: AtomicUsize,
     stats: QueueStats,
     claim: Script,
     takeover: Script,
-    /// `RELEASE_FN` + `ACK`, and `RELEASE_FN` + `RELEASE`, sent with EVAL inside MULTIs.
+    /// `RELEASE_FN` + `ACK`, `RELEASE_FN` + `RELEASE` and `RELEASE_FN` + `UNACCEPT`, sent with
+    /// EVAL (inside MULTIs).
     ack_script: String,
     release_script: String,
+    unaccept_script: String,
 }
 
 impl RedisRetryQueue {
@@ -127,7 +138,7 @@ impl RedisRetryQueue {
         stop: CancellationToken,
     ) -> Arc<Self> {
         let prefix = store.config().key_prefix.clone();
-        let apps = apps
+        let apps: HashMap<String, (Arc<AppRuntime>, AppKeys)> = apps
             .into_iter()
             .map(|a| {
                 (
@@ -135,6 +146,10 @@ impl RedisRetryQueue {
                     (Arc::clone(&a), AppKeys::new(&prefix, &a.id)),
                 )
             })
+            .collect();
+        let feed_written = apps
+            .keys()
+            .map(|app| (app.clone(), watch::channel(()).0))
             .collect();
         let (writes, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Self {
@@ -144,13 +159,16 @@ impl RedisRetryQueue {
             local: DashMap::new(),
             held: DashMap::new(),
             writes,
+            feed_written,
             stopped: AtomicBool::new(false),
             write_backlog: AtomicBool::new(false),
+            unaccepts_pending: AtomicUsize::new(0),
             stats: QueueStats::default(),
             claim: Script::new(CLAIM),
             takeover: Script::new(TAKEOVER),
             ack_script: format!("{RELEASE_FN}{ACK}"),
             release_script: format!("{RELEASE_FN}{RELEASE}"),
+            unaccept_script: format!("{RELEASE_FN}{UNACCEPT}"),
         });
         let writer = Arc::clone(&queue);
         let writer_stop = stop.clone();
@@ -244,6 +262,92 @@ impl RedisRetryQueue {
             );
         }
         Ok(())
+    }
+
+    /// Changes whenever this replica appended receipts of `app` to its stream.
+    pub fn feed_written(&self, app: &str) -> Option<watch::Receiver<()>> {
+        self.feed_written.get(app).map(watch::Sender::subscribe)
+    }
+
+    pub(super) fn wake_feed(&self, app: &str) {
+        if let Some(w) = self.feed_written.get(app) {
+            w.send_replace(());
+        }
+    }
+
+    /// Undoes [`Self::persist_accepted`] for `messages` after it failed: a failed MULTI may
+    /// still have been applied (its reply lost to a timeout or a broken connection), and a
+    /// record left behind would be reclaimed and delivered once its lease expires, although
+    /// the caller was told the message was not accepted. Tried at once; if Redis does not
+    /// answer, the undo goes to the write loop, which writes it before anything queued after it
+    /// (claiming pauses meanwhile), and releases the ids' idempotency keys when it runs.
+    pub async fn unaccept(&self, messages: &[Waiting]) {
+        let mut by_app: HashMap<&Arc<str>, Vec<(String, String)>> = HashMap::new();
+        for message in messages {
+            by_app.entry(&message.app().id).or_default().push((
+                message.message_id().to_owned(),
+                message.batch().key.to_string(),
+            ));
+        }
+        let mut conn = self.store.conn();
+        for (app, pairs) in by_app {
+            let Some(k) = self.keys(app) else { continue };
+            let refs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(id, b)| (id.as_str(), b.as_str()))
+                .collect();
+            let mut pipe = redis::pipe();
+            self.unaccept_command(&mut pipe, k, app, &refs);
+            let result = pipe.query_async::<(u64,)>(&mut conn).await;
+            self.store.observe(&result);
+            match result {
+                Ok((removed,)) => {
+                    debug!(%app, removed, "unconfirmed accept undone");
+                }
+                Err(e) => {
+                    warn!(%app, error = %e, messages = pairs.len(), "could not undo an unconfirmed accept; retrying in the write loop");
+                    self.write_backlog.store(true, Ordering::Release);
+                    self.unaccepts_pending.fetch_add(1, Ordering::AcqRel);
+                    if !self.write(Write::Unaccept {
+                        app: Arc::clone(app),
+                        pairs,
+                    }) {
+                        self.unaccepts_pending.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+    }
+
+    /// True while an undo of an unconfirmed accept waits in the write loop: until it is
+    /// written, a resend of its ids must not be accepted here (the undo could take it for the
+    /// message it undoes), so the store reports itself unavailable for new sends.
+    pub fn unaccepts_pending(&self) -> bool {
+        self.unaccepts_pending.load(Ordering::Acquire) > 0
+    }
+
+    /// The `UNACCEPT` call for (id, batch key) `pairs` of `app`, added to `pipe`.
+    pub(super) fn unaccept_command(
+        &self,
+        pipe: &mut redis::Pipeline,
+        k: &AppKeys,
+        app: &str,
+        pairs: &[(&str, &str)],
+    ) {
+        let idem_prefix = super::idempotency::key(&self.store.config().key_prefix, app, "");
+        let cmd = pipe
+            .cmd("EVAL")
+            .arg(&self.unaccept_script)
+            .arg(3)
+            .arg(k.leases())
+            .arg(k.owner())
+            .arg(k.jobs())
+            .arg(self.store.replica())
+            .arg(k.batch_prefix())
+            .arg(idem_prefix);
+        for (id, batch) in pairs {
+            cmd.arg(*id).arg(*batch);
+        }
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -521,15 +625,13 @@ impl RedisRetryQueue {
         let config = self.store.config();
         let terminal = receipt.terminal();
         let id = receipt.meta.message_id.clone();
-        // Refusals at ingest hold nothing here: a message of the same id that was accepted
-        // must not be released by them. Rejections never claimed an idempotency key (or
-        // released it).
+        // Refusals at ingest (and the answers to duplicates, which never reach the hub) hold
+        // nothing here: a message of the same id that was accepted must not be released, nor
+        // its outcome overwritten, by them; their ids were released or never claimed. Every
+        // outcome of an accepted message is recorded, a provider's REJECTED included, so a
+        // resend is answered with it instead of being sent again.
         let accepted = receipt.accepted;
-        if accepted
-            && terminal
-            && config.idempotency_ttl_secs > 0
-            && receipt.status != ReceiptStatus::Rejected
-        {
+        if accepted && terminal && config.idempotency_ttl_secs > 0 {
             self.write(Write::Outcome {
                 app: Arc::clone(&app),
                 id: id.clone(),

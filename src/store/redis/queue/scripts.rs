@@ -31,6 +31,39 @@ release(KEYS[1], ARGV[1], ids)
 return 1
 "#;
 
+/// Undoes an accept whose outcome is unknown (its MULTI may have been applied with the reply
+/// lost). For each (id, batch) pair: the record is removed with its lease and owner (its batch
+/// context released) only if this replica owns it and it is the packed record of that batch
+/// (a later accept of the same id, a resend, is left alone); the id's idempotency key is
+/// deleted when the record was removed, or when there is none and the key still says
+/// `accepted`, so a resend of the id is accepted. Returns how many records were removed.
+/// KEYS: leases, owner, jobs; ARGV: replica, batch-context prefix, idempotency-key prefix, then
+/// id, batch pairs.
+pub(super) const UNACCEPT: &str = r#"
+local me = ARGV[1]
+local ours = {}
+for i = 4, #ARGV - 1, 2 do
+  local id, batch = ARGV[i], ARGV[i + 1]
+  local rec = redis.call('HGET', KEYS[3], id)
+  local idem = ARGV[3] .. id
+  if rec then
+    if redis.call('HGET', KEYS[2], id) == me and string.match(rec, BATCH_OF) == batch then
+      ours[#ours + 1] = id
+      redis.call('DEL', idem)
+    end
+  elseif redis.call('GET', idem) == 'accepted' then
+    redis.call('DEL', idem)
+  end
+end
+if #ours > 0 then
+  release(KEYS[3], ARGV[2], ours)
+  redis.call('HDEL', KEYS[3], unpack(ours))
+  redis.call('ZREM', KEYS[1], unpack(ours))
+  redis.call('HDEL', KEYS[2], unpack(ours))
+end
+return #ours
+"#;
+
 /// Claims due and expired-lease jobs. Returns `{jobs, contexts}`: `jobs` as flat
 /// `id, record, reclaimed` triples, and `contexts` as flat `batch, ctx, buf` triples, once per
 /// batch that a claimed packed record refers to (`ctx`/`buf` false if the context is gone).

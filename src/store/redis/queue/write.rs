@@ -34,6 +34,12 @@ pub(super) enum Write {
         record: String,
         at_ms: i64,
     },
+    /// Undo an accept whose reply was lost (see `UNACCEPT`): (message id, batch key) pairs;
+    /// written before anything else of its batch.
+    Unaccept {
+        app: Arc<str>,
+        pairs: Vec<(String, String)>,
+    },
 }
 
 impl RedisRetryQueue {
@@ -65,6 +71,16 @@ impl RedisRetryQueue {
             }
             match self.flush(&buf).await {
                 Ok(()) => {
+                    // Counted off only once the whole batch is written (a failed one is
+                    // written again whole).
+                    let unaccepts = buf
+                        .iter()
+                        .filter(|w| matches!(w, Write::Unaccept { .. }))
+                        .count();
+                    if unaccepts > 0 {
+                        self.unaccepts_pending
+                            .fetch_sub(unaccepts, Ordering::AcqRel);
+                    }
                     buf.clear();
                     self.write_backlog.store(false, Ordering::Release);
                 }
@@ -111,6 +127,7 @@ impl RedisRetryQueue {
             dead_at: Vec<(i64, &'a str)>,
             dead_ids: Vec<&'a str>,
             outcomes: Vec<(&'a str, &'static str)>,
+            unaccepted: Vec<(&'a str, &'a str)>,
             receipts: Vec<&'a [u8]>,
             acks: Vec<&'a str>,
         }
@@ -141,6 +158,11 @@ impl RedisRetryQueue {
                     g.dead_ids.push(id);
                 }
                 Write::Ack { app, id } => groups.entry(app).or_default().acks.push(id),
+                Write::Unaccept { app, pairs } => {
+                    let g = groups.entry(app).or_default();
+                    g.unaccepted
+                        .extend(pairs.iter().map(|(id, b)| (id.as_str(), b.as_str())));
+                }
                 Write::Outcome { app, id, status } => {
                     groups.entry(app).or_default().outcomes.push((id, status))
                 }
@@ -158,6 +180,10 @@ impl RedisRetryQueue {
             let Some(k) = self.keys(app) else { continue };
             let mut pipe = redis::pipe();
             pipe.atomic();
+            if !g.unaccepted.is_empty() {
+                self.unaccept_command(&mut pipe, k, app, &g.unaccepted);
+                pipe.ignore();
+            }
             if !g.parked.is_empty() || !g.dead_ids.is_empty() {
                 // Before the records are replaced or deleted: see `RELEASE_FN`.
                 pipe.cmd("EVAL")
@@ -206,6 +232,7 @@ impl RedisRetryQueue {
                         .ignore();
                 }
             }
+            let wrote_receipts = !g.receipts.is_empty();
             if g.acks.is_empty() {
                 pipe.query_async::<()>(&mut conn).await?;
             } else {
@@ -221,6 +248,9 @@ impl RedisRetryQueue {
                     .arg(&g.acks);
                 let (n,): (u64,) = pipe.query_async(&mut conn).await?;
                 self.stats.acked.fetch_add(n, Ordering::Relaxed);
+            }
+            if wrote_receipts {
+                self.wake_feed(app);
             }
         }
         Ok(())
