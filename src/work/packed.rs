@@ -254,7 +254,8 @@ impl Vars for PackedVars<'_> {
         match self.names {
             Some(template) => {
                 let wanted = template.variable_index(name)?;
-                for _ in 0..self.count {
+                // A damaged count (from a store's copy) must not loop past the bytes there are.
+                for _ in 0..self.count.min(self.bytes.len()) {
                     let index = r.len();
                     let value = r.str();
                     if index == wanted {
@@ -263,7 +264,7 @@ impl Vars for PackedVars<'_> {
                 }
             }
             None => {
-                for _ in 0..self.count {
+                for _ in 0..self.count.min(self.bytes.len()) {
                     let key = r.str();
                     let value = r.str();
                     if key == name {
@@ -511,6 +512,21 @@ pub(super) mod tests {
             matches!(f.device_token, Token::Text(_)),
             "FCM tokens stay text"
         );
+    }
+
+    /// Found by the `packed` fuzz target: a damaged variable count (2^35) made every lookup
+    /// loop that many times over an empty buffer, for minutes. Each pair takes at least one
+    /// byte, so no more pairs are read than there are bytes.
+    #[test]
+    fn a_damaged_variable_count_does_not_loop_past_the_bytes() {
+        let template = template("{{ a }}");
+        // Flags, five empty strings, content 0, then a count of 2^35 - 1 with nothing after.
+        for flags in [0u8, NAMES_INLINE] {
+            let bytes = [flags, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x7f];
+            let f = Packed::unpack(&bytes, &template);
+            assert!(f.vars.count > 1 << 30);
+            assert_eq!(f.vars.get("a"), None);
+        }
     }
 
     #[test]
