@@ -2,7 +2,8 @@
 # Installs what pushgate's build and tests need on a fresh Debian/Ubuntu machine:
 # a Rust toolchain (if cargo is missing), redis-server and redis-cli (the Redis tests start their
 # own servers, and a three-node cluster), kubernetes-validate (the k8s manifests' check) and
-# schemathesis (the HTTP API's property-based tests).
+# schemathesis (the HTTP API's property-based tests), and cargo-fuzz when the nightly toolchain
+# is present (the fuzz targets, scripts/fuzz.sh).
 set -euo pipefail
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -30,4 +31,11 @@ fi
 if ! command -v schemathesis >/dev/null 2>&1; then
   echo "installing schemathesis (PyPI)"
   python3 -m pip install --quiet schemathesis
+fi
+
+# cargo-fuzz for the fuzz targets (scripts/fuzz.sh), from crates.io; only useful with the
+# nightly toolchain, which libFuzzer's instrumentation needs.
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz (crates.io)"
+  cargo install cargo-fuzz --locked
 fi

@@ -8,3 +8,10 @@ bash scripts/setup.sh
 cargo test --workspace --locked "$@"
 bash scripts/validate-k8s.sh
 bash scripts/schemathesis.sh
+# The fuzz targets, briefly (the stable tests above already replayed their seeds and past
+# findings): only where the nightly toolchain and cargo-fuzz are installed.
+if cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --version >/dev/null 2>&1; then
+  bash scripts/fuzz.sh "${PUSHGATE_FUZZ_SECONDS:-20}"
+else
+  echo "fuzzing SKIPPED: needs the nightly toolchain and cargo-fuzz (scripts/setup.sh installs cargo-fuzz when nightly is present)"
+fi

@@ -2,7 +2,7 @@
 //! full jitter, Retry-After as a clamped floor) and the jittered delay the HTTP/2 pools and the
 //! OAuth client use to reconnect.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -74,6 +74,38 @@ pub fn retry_delay_ceiling(policy: &RetryConfig, attempt: u32) -> Duration {
     exponential_ceiling(policy.base(), policy.cap(), attempt)
 }
 
+/// What follows a transient failure of a message's attempt `attempt` (1-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryPlan {
+    /// No attempt is left: the message ends (dead letter).
+    GiveUp,
+    /// The next attempt would come at or after the message's expiry: it ends EXPIRED now.
+    Expire,
+    /// Another attempt after `delay`, at `at` (`now + delay`), before any expiry.
+    Retry { delay: Duration, at: SystemTime },
+}
+
+/// Decides what follows a transient failure at `now` of a message expiring at `expires_at`:
+/// [`retry_delay`] chooses the wait, and a wait that would reach the expiry (or that no clock
+/// can represent) ends the message instead of scheduling an attempt the provider would
+/// refuse.
+pub fn plan_retry(
+    policy: &RetryConfig,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    now: SystemTime,
+    expires_at: Option<SystemTime>,
+) -> RetryPlan {
+    if attempt >= policy.max_attempts {
+        return RetryPlan::GiveUp;
+    }
+    let delay = retry_delay(policy, attempt, retry_after);
+    match now.checked_add(delay) {
+        Some(at) if expires_at.is_none_or(|expiry| at < expiry) => RetryPlan::Retry { delay, at },
+        _ => RetryPlan::Expire,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +140,86 @@ mod tests {
             assert!(d >= Duration::from_secs(30));
             let d = retry_delay(&policy, attempt, Some(Duration::from_secs(7_200)));
             assert_eq!(d, Duration::from_secs(60), "clamped to max_retry_after");
+        }
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn policy() -> impl Strategy<Value = RetryConfig> {
+            (0u64..120_000, 0u64..7_200_000, 1u32..50, 0u64..200_000).prop_map(
+                |(base_ms, extra, max_attempts, max_retry_after_secs)| RetryConfig {
+                    base_ms,
+                    cap_ms: base_ms + extra,
+                    max_attempts,
+                    max_retry_after_secs,
+                },
+            )
+        }
+
+        fn retry_after() -> impl Strategy<Value = Option<Duration>> {
+            proptest::option::of(prop_oneof![
+                (0u64..100_000).prop_map(Duration::from_secs),
+                any::<u64>().prop_map(Duration::from_secs),
+                Just(Duration::MAX),
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Backoff and Retry-After never schedule an attempt at or past the ttl, and the
+            /// wait is within the policy's caps and honours the (capped) Retry-After.
+            #[test]
+            fn no_attempt_is_planned_past_the_expiry(
+                policy in policy(),
+                attempt in 1u32..64,
+                retry_after in retry_after(),
+                now_ms in 0u64..4_000_000_000_000,
+                ttl_ms in proptest::option::of(0u64..40 * 86_400_000),
+            ) {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
+                let expires_at = ttl_ms.map(|ms| now + Duration::from_millis(ms));
+                match plan_retry(&policy, attempt, retry_after, now, expires_at) {
+                    RetryPlan::GiveUp => prop_assert!(attempt >= policy.max_attempts),
+                    RetryPlan::Expire => {
+                        prop_assert!(attempt < policy.max_attempts);
+                        prop_assert!(expires_at.is_some(), "expired without a ttl");
+                    }
+                    RetryPlan::Retry { delay, at } => {
+                        prop_assert!(attempt < policy.max_attempts);
+                        prop_assert_eq!(Some(at), now.checked_add(delay));
+                        if let Some(expiry) = expires_at {
+                            prop_assert!(at < expiry, "attempt at {:?} not before {:?}", at, expiry);
+                        }
+                        prop_assert!(delay <= policy.cap().max(policy.max_retry_after()));
+                        if let Some(after) = retry_after {
+                            prop_assert!(delay >= after.min(policy.max_retry_after()));
+                        }
+                        prop_assert!(tokio::time::Instant::now().checked_add(delay).is_some());
+                    }
+                }
+            }
+
+            /// A message with time left is retried, not expired, when the longest wait the
+            /// policy could choose fits before its expiry.
+            #[test]
+            fn a_wait_that_fits_is_never_expired(
+                policy in policy(),
+                attempt in 1u32..64,
+                retry_after in retry_after(),
+                slack_ms in 1u64..1_000_000,
+            ) {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+                let longest = retry_delay_ceiling(&policy, attempt)
+                    .max(retry_after.unwrap_or_default().min(policy.max_retry_after()));
+                let expires_at = now + longest + Duration::from_millis(slack_ms);
+                let plan = plan_retry(&policy, attempt, retry_after, now, Some(expires_at));
+                if attempt < policy.max_attempts {
+                    prop_assert!(matches!(plan, RetryPlan::Retry { .. }), "{:?}", plan);
+                }
+            }
         }
     }
 }

@@ -17,6 +17,9 @@ mod config_error;
 mod deliver;
 pub mod domain;
 pub mod edge;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod insights;
 pub mod limit;

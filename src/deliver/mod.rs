@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
-use crate::backoff::retry_delay;
+use crate::backoff::{RetryPlan, plan_retry};
 use crate::domain::{Outcome, ReceiptStatus};
 use crate::metrics::Metrics;
 use crate::receipts::Resolution;
@@ -133,35 +133,38 @@ impl Deliverer {
         }
     }
 
-    /// Parks a transiently failed job, or ends it when no attempt is left or its ttl would pass.
+    /// Parks a transiently failed job, or ends it when no attempt is left or its ttl would pass
+    /// before the next one ([`plan_retry`]).
     fn retry(&self, job: Job, reason: String, status: u16, retry_after: Option<Duration>) {
-        let policy = &job.app.retry;
         let attempt = job.pending.attempt();
-        if attempt >= policy.max_attempts {
-            let resolution = Resolution::from_outcome(Outcome::Retry {
-                reason: format!("{reason} (after {attempt} attempts)"),
-                status,
-                retry_after,
-            });
-            self.store.dead_letter(job, resolution);
-            return;
-        }
-        let delay = retry_delay(policy, attempt, retry_after);
-        let next_attempt_at = SystemTime::now() + delay;
-        if let Some(expires_at) = job.pending.meta().expires_at
-            && next_attempt_at >= expires_at
-        {
-            job.pending.resolve(Resolution {
+        let plan = plan_retry(
+            &job.app.retry,
+            attempt,
+            retry_after,
+            SystemTime::now(),
+            job.pending.meta().expires_at,
+        );
+        match plan {
+            RetryPlan::GiveUp => {
+                let resolution = Resolution::from_outcome(Outcome::Retry {
+                    reason: format!("{reason} (after {attempt} attempts)"),
+                    status,
+                    retry_after,
+                });
+                self.store.dead_letter(job, resolution);
+            }
+            RetryPlan::Expire => job.pending.resolve(Resolution {
                 provider_status: status,
                 ..Resolution::gateway(
                     ReceiptStatus::Expired,
                     format!("ttl passes before the next attempt; last error: {reason}"),
                 )
-            });
-            return;
+            }),
+            RetryPlan::Retry { delay, at } => {
+                job.pending.retrying(&reason, status, at);
+                self.store.park(job, Instant::now() + delay);
+            }
         }
-        job.pending.retrying(&reason, status, next_attempt_at);
-        self.store.park(job, Instant::now() + delay);
     }
 }
 

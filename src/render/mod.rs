@@ -419,6 +419,11 @@ impl CompiledTemplate {
             .ok()
     }
 
+    /// The variable names the template's texts use, sorted (see [`Self::variable_index`]).
+    pub fn variable_names(&self) -> &[String] {
+        &self.variables
+    }
+
     /// True when no text of the template has a placeholder: every recipient without overrides
     /// gets the same content.
     pub fn is_static(&self) -> bool {

@@ -9,6 +9,9 @@
 mod batch;
 mod packed;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use packed::fuzz;
+
 use std::sync::Arc;
 
 pub use batch::{AcceptedBatch, Waiting};

@@ -32,6 +32,11 @@ impl PackedAt {
     pub fn index(&self) -> usize {
         self.index as usize
     }
+
+    /// The recipient's byte offset in its batch's packed buffer (what a durable store keeps).
+    pub fn offset(&self) -> u32 {
+        self.offset
+    }
 }
 
 const FCM: u8 = 1;
@@ -249,7 +254,8 @@ impl Vars for PackedVars<'_> {
         match self.names {
             Some(template) => {
                 let wanted = template.variable_index(name)?;
-                for _ in 0..self.count {
+                // A damaged count (from a store's copy) must not loop past the bytes there are.
+                for _ in 0..self.count.min(self.bytes.len()) {
                     let index = r.len();
                     let value = r.str();
                     if index == wanted {
@@ -258,7 +264,7 @@ impl Vars for PackedVars<'_> {
                 }
             }
             None => {
-                for _ in 0..self.count {
+                for _ in 0..self.count.min(self.bytes.len()) {
                     let key = r.str();
                     let value = r.str();
                     if key == name {
@@ -312,6 +318,77 @@ impl<'a> Reader<'a> {
 
     fn str(&mut self) -> &'a str {
         std::str::from_utf8(self.bytes()).unwrap_or_default()
+    }
+}
+
+/// The packed codec's fuzz target body (`crate::fuzzing::packed`): kept here because the codec
+/// is private to this module.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz {
+    use super::*;
+
+    /// Reads `bytes` as a packed recipient, every field and variable: a damaged buffer (a
+    /// durable store's copy) never panics.
+    pub(crate) fn unpack_anything(bytes: &[u8], template: &CompiledTemplate, names: &[&str]) {
+        let f = Packed::unpack(bytes, template);
+        let _ = f.device_token.text();
+        let _ = (
+            f.message_id,
+            f.user_id,
+            f.title,
+            f.body,
+            f.apns_json,
+            f.fcm_json,
+        );
+        for name in names {
+            let _ = f.vars.get(name);
+        }
+        for name in template.variable_names() {
+            let _ = f.vars.get(name);
+        }
+    }
+
+    /// Packs `recipient` after `before` others and reads it back: every field comes back as it
+    /// was, and every variable rendering can read (all of them for a recipient that overrides a
+    /// text, those the template uses otherwise).
+    pub(crate) fn round_trip(
+        before: &[Recipient],
+        recipient: &Recipient,
+        message_id: &str,
+        content: u16,
+        template: &CompiledTemplate,
+    ) {
+        let mut packed = PackedRecipients::default();
+        for (i, other) in before.iter().enumerate() {
+            packed.push(other, &other.message_id, i, 0, template);
+        }
+        let at = packed
+            .push(recipient, message_id, before.len(), content, template)
+            .expect("a small buffer has room");
+        assert_eq!(at.index(), before.len());
+        let f = Packed::unpack(&packed.0[at.offset as usize..], template);
+        assert_eq!(f.platform, recipient.platform);
+        assert_eq!(f.device_token.text(), recipient.device_token);
+        assert_eq!(f.message_id, message_id);
+        assert_eq!(f.user_id, recipient.user_id);
+        assert_eq!(f.title, recipient.title.as_deref());
+        assert_eq!(f.body, recipient.body.as_deref());
+        assert_eq!(f.apns_json, recipient.apns_json);
+        assert_eq!(f.fcm_json, recipient.fcm_json);
+        assert_eq!(f.content, content);
+        let overrides = recipient.title.is_some() || recipient.body.is_some();
+        for (name, value) in &recipient.vars {
+            let kept = overrides || template.variable_index(name).is_some();
+            let expected = kept.then_some(value.as_str());
+            assert_eq!(f.vars.get(name), expected, "variable `{name}`");
+        }
+        for name in template.variable_names() {
+            assert_eq!(
+                f.vars.get(name),
+                recipient.vars.get(name).map(String::as_str),
+                "variable `{name}` the template uses"
+            );
+        }
     }
 }
 
@@ -435,6 +512,21 @@ pub(super) mod tests {
             matches!(f.device_token, Token::Text(_)),
             "FCM tokens stay text"
         );
+    }
+
+    /// Found by the `packed` fuzz target: a damaged variable count (2^35) made every lookup
+    /// loop that many times over an empty buffer, for minutes. Each pair takes at least one
+    /// byte, so no more pairs are read than there are bytes.
+    #[test]
+    fn a_damaged_variable_count_does_not_loop_past_the_bytes() {
+        let template = template("{{ a }}");
+        // Flags, five empty strings, content 0, then a count of 2^35 - 1 with nothing after.
+        for flags in [0u8, NAMES_INLINE] {
+            let bytes = [flags, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x7f];
+            let f = Packed::unpack(&bytes, &template);
+            assert!(f.vars.count > 1 << 30);
+            assert_eq!(f.vars.get("a"), None);
+        }
     }
 
     #[test]

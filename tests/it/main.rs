@@ -4,7 +4,8 @@
 //! - [`harness`]: the gateway + mocks + client fixture, and the Redis server/cluster fixtures.
 //! - one module per area: the APNs and FCM pipelines, limits, and the Redis store (durability,
 //!   gRPC over Redis, crash recovery, cluster), security (authorization, TLS, request caps),
-//!   the HTTP/JSON API, and `pushgate send`.
+//!   the HTTP/JSON API, and `pushgate send`; property tests of the one-terminal-receipt
+//!   invariant over scripted provider answers (`properties`).
 
 mod harness;
 
@@ -19,6 +20,7 @@ mod ingress_limits;
 mod limits;
 mod otlp;
 mod policy;
+mod properties;
 mod redis_cluster;
 mod redis_crash;
 mod redis_durable;

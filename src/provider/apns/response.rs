@@ -36,6 +36,8 @@ pub fn classify(status: u16, body: &[u8], apns_id: Option<&str>) -> Verdict {
     let reason = parsed
         .as_ref()
         .and_then(|b| b.reason.clone())
+        // An empty reason says no more than none: the receipt names the status instead.
+        .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| format!("HTTP {status} without a reason"));
     let timestamp_ms = parsed.as_ref().and_then(|b| b.timestamp);
     Verdict::Final(match (status, reason.as_str()) {
@@ -88,6 +90,23 @@ fn credentials_advice(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `apns_response` fuzz target: `{"reason":""}` made a receipt without a
+    /// reason.
+    #[test]
+    fn an_empty_reason_is_read_as_none() {
+        let verdict = classify(410, br#"{"reason":"","timestamp":1700000000000}"#, None);
+        let Verdict::Final(Outcome::InvalidToken { reason, .. }) = verdict else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(reason, "HTTP 410 without a reason");
+        let Verdict::Final(Outcome::Retry { reason, .. }) =
+            classify(503, br#"{"reason":" "}"#, None)
+        else {
+            panic!("503 is retried");
+        };
+        assert_eq!(reason, "HTTP 503 without a reason");
+    }
 
     fn outcome(status: u16, body: &str) -> Outcome {
         match classify(status, body.as_bytes(), Some("id-1")) {

@@ -57,7 +57,12 @@ impl ApiError {
     pub fn parse(body: &[u8]) -> Option<Self> {
         let root: Value = serde_json::from_slice(body).ok()?;
         let error = root.get("error")?.as_object()?;
-        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        // An empty string says no more than none (a receipt must carry a reason).
+        let text = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .filter(|s| !s.trim().is_empty())
+                .map(str::to_string)
+        };
         let mut info = ApiError {
             message: text(error.get("message")),
             status: text(error.get("status")),
@@ -305,6 +310,19 @@ fn invalid_token(reason: String, status: u16) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `fcm_response` fuzz target: `"status":""` became the code, and a receipt
+    /// with an empty reason.
+    #[test]
+    fn empty_strings_in_the_error_are_read_as_none() {
+        let body = br#"{"error":{"code":403,"status":"","message":""}}"#;
+        let info = ApiError::parse(body).unwrap();
+        assert_eq!((info.status, info.message), (None, None));
+        let Verdict::Final(outcome) = classify(0, body, None, now()) else {
+            panic!("not a token refresh");
+        };
+        assert_eq!(reason(&outcome), "HTTP 0");
+    }
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_793_000_000)
