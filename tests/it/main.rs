@@ -21,5 +21,6 @@ mod redis_cluster;
 mod redis_crash;
 mod redis_durable;
 mod redis_grpc;
+mod redis_sentinel;
 mod security;
 mod send_cli;
