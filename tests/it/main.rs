@@ -9,6 +9,7 @@
 mod harness;
 
 mod apns_pipeline;
+mod chaos;
 mod content;
 mod deploy;
 mod fcm_pipeline;
