@@ -174,15 +174,24 @@ impl RedisServer {
                 Ok(child) => child,
                 Err(e) => panic!("starting {}: {e}", binary.display()),
             };
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = child.try_wait() {
                     last_error = format!("redis-server exited with {status}");
                     break;
                 }
-                if ping_at(self.host(), self.port) {
-                    self.child = Some(child);
-                    return;
+                match ping_reply(self.host(), self.port) {
+                    Reply::Pong => {
+                        self.child = Some(child);
+                        return;
+                    }
+                    // Replaying a large AOF: it is up, give it time (killing it here would
+                    // restart the replay forever).
+                    Reply::Loading => {
+                        last_error = "still loading its data".into();
+                        deadline = deadline.max(Instant::now() + Duration::from_secs(1));
+                    }
+                    Reply::Nothing => {}
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -309,16 +318,32 @@ fn ping(port: u16) -> bool {
 }
 
 fn ping_at(host: &str, port: u16) -> bool {
+    ping_reply(host, port) == Reply::Pong
+}
+
+#[derive(PartialEq)]
+enum Reply {
+    Pong,
+    /// `-LOADING`: up, replaying its AOF or RDB.
+    Loading,
+    Nothing,
+}
+
+fn ping_reply(host: &str, port: u16) -> Reply {
     let Ok(addr) = format!("{host}:{port}").parse::<std::net::SocketAddr>() else {
-        return false;
+        return Reply::Nothing;
     };
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
+        return Reply::Nothing;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     if stream.write_all(b"PING\r\n").is_err() {
-        return false;
+        return Reply::Nothing;
     }
     let mut buf = [0u8; 16];
-    matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    match stream.read(&mut buf) {
+        Ok(n) if buf[..n].starts_with(b"+PONG") => Reply::Pong,
+        Ok(n) if buf[..n].starts_with(b"-LOADING") => Reply::Loading,
+        _ => Reply::Nothing,
+    }
 }
