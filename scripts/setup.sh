@@ -19,6 +19,17 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 redis-server --version
+# Sentinels run as `redis-server --sentinel` (tests/it/redis_sentinel.rs, the chaos runner's
+# --sentinel), so the separate redis-sentinel package is not needed.
+
+# `ip netns` and `tc` for the chaos runner's network faults (it skips them without).
+if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+  echo "installing iproute2 (Debian package)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq iproute2 >/dev/null
+fi
 
 # The offline validator of the Kubernetes manifests (scripts/validate-k8s.sh), from PyPI.
 if ! command -v kubernetes-validate >/dev/null 2>&1; then

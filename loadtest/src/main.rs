@@ -2,7 +2,7 @@
 //! throughput, receipt latency and cost; or measures the mock providers' ceiling with a raw
 //! HTTP/2 client. See `pushgate-loadtest run --help`.
 
-mod load;
+use pushgate_loadtest::load;
 
 // mimalloc, as in the gateway: glibc malloc/free was a fifth of the mocks' CPU in a profile, and
 // every cycle the mocks spend is taken from the gateway they share the machine with.
@@ -42,6 +42,101 @@ enum Command {
     Run(Flags),
     /// Blasts the mock providers with a raw HTTP/2 client (no gateway) and reports req/s.
     Ceiling(Flags),
+    /// Runs a mixed workload against 2-3 gateway replicas on one Redis while injecting faults,
+    /// then reconciles what was accepted, delivered and receipted. Exits 1 when anything
+    /// accepted was lost or a status was wrong.
+    Chaos(ChaosFlags),
+}
+
+/// `chaos` flags (defaults: a 60 s run at 500 msg/s with every fault this machine allows).
+#[derive(Args)]
+struct ChaosFlags {
+    /// The pushgate binary the replicas run.
+    #[arg(long, default_value = "target/release/pushgate")]
+    gateway_bin: PathBuf,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Target messages/s over all senders.
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Gateway replicas (2 or 3).
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    #[arg(long, default_value_t = 3)]
+    apps: usize,
+    #[arg(long, default_value_t = 50)]
+    batch_size: usize,
+    /// Concurrent SendBatch loops.
+    #[arg(long, default_value_t = 4)]
+    senders: usize,
+    /// A primary and a replica under three Sentinels (the Redis fault becomes a failover).
+    #[arg(long)]
+    sentinel: bool,
+    /// `redis.min_replicas_acked` of the replicas in --sentinel runs.
+    #[arg(long, default_value_t = 1)]
+    min_replicas_acked: u32,
+    /// Seconds between the starts of two faults.
+    #[arg(long, default_value_t = 8.0)]
+    fault_every: f64,
+    /// Only these faults (comma-separated names, as the report prints them).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Network faults (Redis in its own namespace): auto, off, require.
+    #[arg(long, value_enum, default_value = "auto")]
+    netns: load::chaos::netns::Mode,
+    /// Seconds to wait after sending for the last receipts.
+    #[arg(long, default_value_t = 120.0)]
+    drain: f64,
+    /// The replicas' provider request timeout, ms (the slow-response fault exceeds it).
+    #[arg(long, default_value_t = 1_000)]
+    request_timeout_ms: u64,
+    #[arg(long, default_value_t = 3_000)]
+    lease_ms: u64,
+    /// Mock response latency, ms.
+    #[arg(long, default_value_t = 5)]
+    latency_ms: u64,
+    /// Worker threads of the tool's runtime (senders, mocks, receipts reader).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn chaos(f: ChaosFlags) -> anyhow::Result<()> {
+    let settings = load::chaos::ChaosSettings {
+        gateway_bin: f.gateway_bin,
+        duration_secs: f.duration,
+        rate: f.rate,
+        replicas: f.replicas,
+        apps: f.apps,
+        batch_size: f.batch_size,
+        senders: f.senders,
+        sentinel: f.sentinel,
+        min_replicas_acked: f.min_replicas_acked,
+        fault_every_secs: f.fault_every,
+        only: f.only,
+        netns: f.netns,
+        drain_secs: f.drain,
+        latency_ms: f.latency_ms,
+        request_timeout_ms: f.request_timeout_ms,
+        lease_ms: f.lease_ms,
+        json: f.json.clone(),
+        quiet: f.quiet,
+    };
+    let rt = runtime(CLIENT_THREAD, f.threads)?;
+    let report = rt.block_on(load::chaos::run(&settings))?;
+    load::chaos::print(&report);
+    if let Some(path) = &f.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    if !report.pass {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Every flag overrides the scenario file's value of the same name.
@@ -228,6 +323,7 @@ fn main() -> anyhow::Result<()> {
     let (flags, ceiling_only) = match cli.command {
         Command::Run(f) => (f, false),
         Command::Ceiling(f) => (f, true),
+        Command::Chaos(f) => return chaos(f),
     };
     let settings = flags.settings()?;
     let client_rt = runtime(CLIENT_THREAD, settings.client_threads)?;

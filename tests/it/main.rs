@@ -10,6 +10,7 @@
 mod harness;
 
 mod apns_pipeline;
+mod chaos;
 mod content;
 mod deploy;
 mod fcm_pipeline;
@@ -25,5 +26,6 @@ mod redis_cluster;
 mod redis_crash;
 mod redis_durable;
 mod redis_grpc;
+mod redis_sentinel;
 mod security;
 mod send_cli;

@@ -25,4 +25,4 @@ pub mod redis_server;
 mod server;
 pub mod tls;
 
-pub use server::MockStats;
+pub use server::{MockStats, OnAccepted};

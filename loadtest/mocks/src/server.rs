@@ -273,11 +273,48 @@ pub(crate) struct ConnFaults {
     pub reset: Countdown,
     pub drop: Countdown,
     pub goaway_all: watch::Sender<u64>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS of connections opened from now on; 0: the configured one.
+    pub max_streams: AtomicU32,
 }
 
 impl ConnFaults {
     pub fn goaway_all_now(&self) {
         self.goaway_all.send_modify(|v| *v += 1);
+    }
+
+    /// `configured`, or the live override.
+    pub fn max_streams(&self, configured: u32) -> u32 {
+        match self.max_streams.load(Relaxed) {
+            0 => configured,
+            n => n,
+        }
+    }
+
+    /// Connections opened from now on advertise `n` streams (`None`: the configured number),
+    /// and every open one gets GOAWAY, so clients reconnect and meet the new limit.
+    pub fn set_max_streams(&self, n: Option<u32>) {
+        self.max_streams.store(n.unwrap_or(0), Relaxed);
+        self.goaway_all_now();
+    }
+}
+
+/// Called with the device token of every request a mock accepted (answered 200).
+pub type OnAccepted = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The accepted-request observer of a mock, set once (a chaos run's delivery ledger: a
+/// per-message counter costs far less than [`crate::apns::MockApnsConfig::record_accepted`]).
+#[derive(Default)]
+pub(crate) struct AcceptObserver(std::sync::OnceLock<OnAccepted>);
+
+impl AcceptObserver {
+    pub fn set(&self, f: OnAccepted) -> bool {
+        self.0.set(f).is_ok()
+    }
+
+    pub fn accepted(&self, token: &str) {
+        if let Some(f) = self.0.get() {
+            f(token);
+        }
     }
 }
 

@@ -10,8 +10,11 @@
 //! - [`procstat`]: CPU and RSS from `/proc`.
 //! - [`redis`]: durable-mode runs: the gateway's Redis and what it spent.
 //! - [`report`]: the summary, its JSON and an HTML page with inline SVG charts.
+//! - [`chaos`]: the chaos runner: a long mixed workload against several replicas on one Redis,
+//!   faults on a schedule, and the three ledgers reconciled.
 
 pub mod ceiling;
+pub mod chaos;
 pub mod driver;
 pub mod env;
 pub mod procstat;

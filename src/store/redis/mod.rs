@@ -71,6 +71,22 @@ pub struct RedisConfig {
     /// Seed nodes of a Redis Cluster (`redis://host:port` each), instead of `url`. Every call
     /// touches the keys of one app, which share a hash tag, so each lands on one slot.
     pub cluster_nodes: Vec<String>,
+    /// Sentinels watching the primary (`redis://host:port` each), instead of `url`: the gateway
+    /// asks them for the primary and follows it through a failover.
+    pub sentinels: Vec<String>,
+    /// The name the Sentinels know the primary by (`sentinel monitor <name> ...`); required
+    /// with `sentinels`.
+    pub sentinel_master: String,
+    /// Replicas that must acknowledge (`WAIT`) the writes of an accept, a schedule and a park
+    /// before they count as done; 0 (default) waits for none. With 1 or more, an asynchronous
+    /// replication failover cannot lose a message the caller was told was accepted, at the
+    /// cost of one replication round trip per accepted chunk, and of availability: while fewer
+    /// replicas are attached the gateway reports NOT_SERVING and refuses new sends. Single Redis
+    /// or Sentinel only (not `cluster_nodes`).
+    pub min_replicas_acked: u32,
+    /// How long one `WAIT` for `min_replicas_acked` may take before the writes count as not
+    /// replicated (an accept then fails; parked writes are written again).
+    pub replica_ack_timeout_ms: u64,
     /// Prefix of every key.
     pub key_prefix: String,
     /// How long a claimed job stays leased to a replica without renewal; also how long a
@@ -104,6 +120,17 @@ impl std::fmt::Debug for RedisConfig {
                     .map(|u| redact_url(u))
                     .collect::<Vec<_>>(),
             )
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sentinel_master", &self.sentinel_master)
+            .field("min_replicas_acked", &self.min_replicas_acked)
+            .field("replica_ack_timeout_ms", &self.replica_ack_timeout_ms)
             .field("key_prefix", &self.key_prefix)
             .field("lease_ms", &self.lease_ms)
             .field("claim_batch", &self.claim_batch)
@@ -121,6 +148,10 @@ impl Default for RedisConfig {
         Self {
             url: None,
             cluster_nodes: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
+            min_replicas_acked: 0,
+            replica_ack_timeout_ms: 1_000,
             key_prefix: "pushgate".into(),
             lease_ms: 30_000,
             claim_batch: 512,
@@ -134,9 +165,9 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
-    /// True when durable delivery is configured (a URL or a cluster seed list).
+    /// True when durable delivery is configured (a URL, Sentinels or a cluster seed list).
     pub fn enabled(&self) -> bool {
-        self.url.is_some() || !self.cluster_nodes.is_empty()
+        self.url.is_some() || !self.cluster_nodes.is_empty() || !self.sentinels.is_empty()
     }
 
     /// Checks values serde cannot; errors name the key.
@@ -145,6 +176,39 @@ impl RedisConfig {
             return Err((
                 "redis.cluster_nodes".into(),
                 "set either redis.url or redis.cluster_nodes, not both".into(),
+            ));
+        }
+        if !self.sentinels.is_empty() {
+            if self.url.is_some() || !self.cluster_nodes.is_empty() {
+                return Err((
+                    "redis.sentinels".into(),
+                    "set one of redis.url, redis.cluster_nodes and redis.sentinels".into(),
+                ));
+            }
+            if self.sentinel_master.is_empty() {
+                return Err((
+                    "redis.sentinel_master".into(),
+                    "required with redis.sentinels: the name the Sentinels monitor".into(),
+                ));
+            }
+            if let Err(e) = redis::sentinel::SentinelClient::build(
+                self.sentinels.clone(),
+                self.sentinel_master.clone(),
+                None,
+                redis::sentinel::SentinelServerType::Master,
+            ) {
+                return Err(("redis.sentinels".into(), e.to_string()));
+            }
+        } else if !self.sentinel_master.is_empty() {
+            return Err((
+                "redis.sentinel_master".into(),
+                "only with redis.sentinels".into(),
+            ));
+        }
+        if self.min_replicas_acked > 0 && !self.cluster_nodes.is_empty() {
+            return Err((
+                "redis.min_replicas_acked".into(),
+                "not supported with redis.cluster_nodes (WAIT is per node)".into(),
             ));
         }
         if !self.cluster_nodes.is_empty()
@@ -161,6 +225,7 @@ impl RedisConfig {
             ("redis.lease_ms", self.lease_ms),
             ("redis.poll_ms", self.poll_ms),
             ("redis.command_timeout_ms", self.command_timeout_ms),
+            ("redis.replica_ack_timeout_ms", self.replica_ack_timeout_ms),
         ] {
             if value == 0 {
                 return Err((key.into(), "must be at least 1".into()));
@@ -374,6 +439,16 @@ mod tests {
         assert_eq!(c.redis.idempotency_ttl_secs, 86_400);
         let c = Config::from_toml("[redis]\nurl = \"redis://127.0.0.1:7000/\"").unwrap();
         assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000/"));
+        let c = Config::from_toml(
+            "[redis]\nsentinels = [\"redis://127.0.0.1:26379\", \"redis://127.0.0.1:26380\"]\nsentinel_master = \"mymaster\"\nmin_replicas_acked = 1",
+        )
+        .unwrap();
+        assert!(
+            c.redis.enabled(),
+            "sentinels alone turn durable delivery on"
+        );
+        assert_eq!(c.redis.sentinels.len(), 2);
+        assert_eq!(c.redis.min_replicas_acked, 1);
         for (toml, key) in [
             ("[redis]\nurl = \"http://x\"", "redis.url"),
             (
@@ -388,6 +463,27 @@ mod tests {
             ("[redis]\nclaim_batch = 5000", "redis.claim_batch"),
             ("[redis]\nkey_prefix = \"a{b}\"", "redis.key_prefix"),
             ("[redis]\nbogus = 1", "redis"),
+            (
+                "[redis]\nsentinels = [\"redis://127.0.0.1:26379\"]",
+                "redis.sentinel_master",
+            ),
+            (
+                "[redis]\nurl = \"redis://a/\"\nsentinels = [\"redis://b:1\"]\nsentinel_master = \"m\"",
+                "redis.sentinels",
+            ),
+            ("[redis]\nsentinel_master = \"m\"", "redis.sentinel_master"),
+            (
+                "[redis]\nsentinels = [\"http://x\"]\nsentinel_master = \"m\"",
+                "redis.sentinels",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://b:1\"]\nmin_replicas_acked = 1",
+                "redis.min_replicas_acked",
+            ),
+            (
+                "[redis]\nreplica_ack_timeout_ms = 0",
+                "redis.replica_ack_timeout_ms",
+            ),
         ] {
             match Config::from_toml(toml) {
                 Err(ConfigError::Invalid { key: k, .. }) => {

@@ -20,6 +20,7 @@ pub struct ApnsFaults {
     pub(super) wrong_env_keys: RwLock<HashSet<String>>,
     pub(super) has_wrong_env_keys: AtomicBool,
     pub(super) clock: MockClock,
+    pub(super) on_accepted: crate::server::AcceptObserver,
 }
 
 impl ApnsFaults {
@@ -40,6 +41,7 @@ impl ApnsFaults {
             wrong_env_keys: RwLock::default(),
             has_wrong_env_keys: AtomicBool::new(false),
             clock: MockClock::default(),
+            on_accepted: crate::server::AcceptObserver::default(),
         }
     }
 
@@ -102,6 +104,18 @@ impl ApnsFaults {
     /// no GOAWAY, in-flight streams lost).
     pub fn drop_connection_after(&self, n: u64) {
         self.conn.drop.arm(n);
+    }
+
+    /// New connections advertise SETTINGS_MAX_CONCURRENT_STREAMS `n` (`None`: back to the
+    /// configured value), and every open connection gets GOAWAY so clients move to new ones.
+    pub fn set_max_concurrent_streams(&self, n: Option<u32>) {
+        self.conn.set_max_streams(n);
+    }
+
+    /// `f` is called with the device token of every accepted (200) request from now on; only
+    /// the first call sets it (false after).
+    pub fn set_on_accepted(&self, f: crate::server::OnAccepted) -> bool {
+        self.on_accepted.set(f)
     }
 
     /// Delay before every response.

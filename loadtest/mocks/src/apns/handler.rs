@@ -89,6 +89,7 @@ impl ApnsInner {
             return self.respond(resp, &apns_id, Some(reason.into()));
         }
         self.counters.accepted.fetch_add(1, Relaxed);
+        self.faults.on_accepted.accepted(v.token);
         if self.cfg.record_accepted {
             let record = AcceptedApns {
                 device_token: v.token.to_string(),
@@ -120,9 +121,13 @@ impl Handler for ApnsInner {
 
     fn h2_builder(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
-        b.max_concurrent_streams(self.cfg.max_concurrent_streams)
-            .max_header_list_size(8000)
-            .max_local_error_reset_streams(None);
+        b.max_concurrent_streams(
+            self.faults
+                .conn
+                .max_streams(self.cfg.max_concurrent_streams),
+        )
+        .max_header_list_size(8000)
+        .max_local_error_reset_streams(None);
         b
     }
 

@@ -23,6 +23,7 @@ pub struct FcmFaults {
     pub(super) generation: AtomicU64,
     pub(super) bucket: Mutex<Option<Bucket>>,
     pub(super) clock: MockClock,
+    pub(super) on_accepted: crate::server::AcceptObserver,
 }
 
 impl FcmFaults {
@@ -40,6 +41,7 @@ impl FcmFaults {
             generation: AtomicU64::new(0),
             bucket: Mutex::new(None),
             clock: MockClock::default(),
+            on_accepted: crate::server::AcceptObserver::default(),
         }
     }
 
@@ -142,6 +144,18 @@ impl FcmFaults {
     /// When the `n`-th request from now (n >= 1) arrives, its connection is dropped without GOAWAY.
     pub fn drop_connection_after(&self, n: u64) {
         self.conn.drop.arm(n);
+    }
+
+    /// New connections advertise SETTINGS_MAX_CONCURRENT_STREAMS `n` (`None`: back to the
+    /// configured value), and every open connection gets GOAWAY so clients move to new ones.
+    pub fn set_max_concurrent_streams(&self, n: Option<u32>) {
+        self.conn.set_max_streams(n);
+    }
+
+    /// `f` is called with the device token of every accepted (200) request from now on; only
+    /// the first call sets it (false after).
+    pub fn set_on_accepted(&self, f: crate::server::OnAccepted) -> bool {
+        self.on_accepted.set(f)
     }
 
     /// Delay before every response.

@@ -187,6 +187,9 @@ impl FcmInner {
             let mut buf = [0u8; 48];
             let id = message_id(self.faults.clock.now_millis(), n, &mut buf);
             self.counters.accepted.fetch_add(1, Relaxed);
+            if let Some(token) = req.token.as_deref() {
+                self.faults.on_accepted.accepted(token);
+            }
             if self.cfg.record_accepted {
                 let record = AcceptedFcm {
                     token: req.token.map(Cow::into_owned).unwrap_or_default(),
@@ -282,8 +285,12 @@ impl Handler for FcmInner {
 
     fn h2_builder(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
-        b.max_concurrent_streams(self.cfg.max_concurrent_streams)
-            .max_local_error_reset_streams(None);
+        b.max_concurrent_streams(
+            self.faults
+                .conn
+                .max_streams(self.cfg.max_concurrent_streams),
+        )
+        .max_local_error_reset_streams(None);
         b
     }
 

@@ -687,3 +687,32 @@ async fn throughput_probe() {
     );
     assert_eq!(mock.stats().jwt_verifications, 1);
 }
+
+/// `set_max_concurrent_streams(Some(1))`: open connections get GOAWAY, new ones advertise one
+/// stream; `None` restores the configured limit for connections opened after it.
+#[tokio::test]
+async fn max_concurrent_streams_drops_to_one_for_new_connections() {
+    let key = generate_apns_key();
+    let mock = start(&key, false).await;
+    let j = jwt(&key, now_secs());
+    let request = |c: &Client| push(c, &j, &format!("/3/device/{TOKEN}")).body(()).unwrap();
+    let mut before = connect(&mock.url(), None).await;
+    assert_eq!(
+        before.send(request(&before), ALERT).await.unwrap().status,
+        200
+    );
+    assert_eq!(before.send.current_max_send_streams(), 1000);
+
+    mock.faults().set_max_concurrent_streams(Some(1));
+    let closed = tokio::time::timeout(Duration::from_secs(2), &mut before.conn).await;
+    assert!(closed.is_ok(), "the open connection got GOAWAY");
+    let mut c = connect(&mock.url(), None).await;
+    assert_eq!(c.send(request(&c), ALERT).await.unwrap().status, 200);
+    assert_eq!(c.send.current_max_send_streams(), 1);
+
+    mock.faults().set_max_concurrent_streams(None);
+    let mut c = connect(&mock.url(), None).await;
+    assert_eq!(c.send(request(&c), ALERT).await.unwrap().status, 200);
+    assert_eq!(c.send.current_max_send_streams(), 1000);
+    mock.shutdown().await;
+}

@@ -252,6 +252,24 @@ impl RedisRetryQueue {
                 batch.mark_saved();
             }
         }
+        // `redis.min_replicas_acked`: the caller hears "accepted" only once replicas hold the
+        // messages too, so a failover to one of them loses none.
+        let replicated = self.store.replicated(&mut conn).await;
+        self.store.observe(&replicated);
+        if !replicated? {
+            // Not accepted after all: release what was written, so a replica that reclaims the
+            // leases does not deliver messages whose caller was told they failed.
+            for message in messages {
+                self.write(Write::Ack {
+                    app: Arc::clone(&message.app().id),
+                    id: message.message_id().to_owned(),
+                });
+            }
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "fewer Redis replicas than redis.min_replicas_acked acknowledged the messages",
+            )));
+        }
         for message in messages {
             self.held.insert(
                 (
@@ -480,7 +498,18 @@ impl RedisRetryQueue {
                 .ignore()
                 .hdel(k.owner(), &ids)
                 .ignore();
-            let result = pipe.query_async::<()>(&mut conn).await;
+            let mut result = pipe.query_async::<()>(&mut conn).await;
+            if result.is_ok() {
+                // Not replicated as asked: the write loop writes them again until they are.
+                result = match self.store.replicated(&mut conn).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "scheduled messages not acknowledged by enough replicas",
+                    ))),
+                    Err(e) => Err(e),
+                };
+            }
             self.store.observe(&result);
             let written = result.is_ok();
             for (job, due_ms, record) in list {

@@ -70,7 +70,7 @@ impl RedisRetryQueue {
                 }
             }
             match self.flush(&buf).await {
-                Ok(()) => {
+                Ok(true) => {
                     // Counted off only once the whole batch is written (a failed one is
                     // written again whole).
                     let unaccepts = buf
@@ -83,6 +83,23 @@ impl RedisRetryQueue {
                     }
                     buf.clear();
                     self.write_backlog.store(false, Ordering::Release);
+                }
+                Ok(false) => {
+                    // Written, but fewer replicas than `min_replicas_acked` confirmed it in
+                    // time: a failover could still drop it, so the whole batch is written
+                    // again (idempotent, except that its receipts may then appear twice in the
+                    // receipts stream) until replicas confirm it; claiming waits meanwhile.
+                    if stop.is_cancelled() && self.stopped.load(Ordering::Acquire) {
+                        // Shutting down without replicas: the primary has the batch; keep it.
+                        warn!("shutting down with writes not acknowledged by Redis replicas");
+                        buf.clear();
+                        if rx.is_closed() && rx.is_empty() {
+                            return;
+                        }
+                        continue;
+                    }
+                    self.write_backlog.store(true, Ordering::Release);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
                     self.write_backlog.store(true, Ordering::Release);
@@ -116,8 +133,9 @@ impl RedisRetryQueue {
     }
 
     /// Writes one batch: per app, one MULTI of variadic commands (all keys share the app's
-    /// hash tag, so this is valid on Cluster), then one ack script call.
-    async fn flush(&self, buf: &[Write]) -> redis::RedisResult<()> {
+    /// hash tag, so this is valid on Cluster), then one ack script call. False when it was
+    /// written but `redis.min_replicas_acked` replicas did not acknowledge it in time.
+    async fn flush(&self, buf: &[Write]) -> redis::RedisResult<bool> {
         #[derive(Default)]
         struct Group<'a> {
             jobs: Vec<(&'a str, &'a str)>,
@@ -253,6 +271,6 @@ impl RedisRetryQueue {
                 self.wake_feed(app);
             }
         }
-        Ok(())
+        self.store.replicated(&mut conn).await
     }
 }
