@@ -7,8 +7,9 @@ use std::cmp::Ordering;
 
 use serde_json::Value as Json;
 
+use super::expr::{Expr, Path, Seg};
 use super::filters;
-use super::parse::{Cond, Expr, Node, Op, Output, Path, Seg};
+use super::parse::{Cond, Node, Op, Output};
 use super::value::Value;
 use super::{MAX_ITERATIONS, MAX_OUTPUT_BYTES, RenderError, Text, Vars, line_col};
 

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use jiff::tz::TimeZone;
 
 use super::MAX_OUTPUT_BYTES;
-use super::parse::Expr;
+use super::expr::Expr;
 use super::value::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,6 +25,7 @@
 //! [`Text`] borrows (no allocation) when the text has no tags or is exactly one plain variable.
 
 mod eval;
+mod expr;
 mod filters;
 mod parse;
 #[cfg(test)]
