@@ -260,10 +260,13 @@ async fn duplicate_after_the_flush_leaves_the_original_job_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_once() {
     let redis = RedisServer::start();
+    // Timeouts generous enough that no command but the cut accept times out on a loaded CI
+    // machine (at 300 ms the id claim before the accept timed out there once); the lease
+    // outlasts the accept timeout, so only the undo can end the unconfirmed record.
     let proxy = ReplyCutProxy::start(redis.port()).await;
     let h = harness::start(Options {
         extra: format!(
-            "[redis]\nurl = \"{}\"\npoll_ms = 20\ncommand_timeout_ms = 300\nlease_ms = 1500",
+            "[redis]\nurl = \"{}\"\npoll_ms = 20\ncommand_timeout_ms = 1500\nlease_ms = 6000",
             proxy.url()
         ),
         ..Default::default()
