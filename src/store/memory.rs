@@ -258,6 +258,7 @@ impl Store for MemoryStore {
             reclaimed: 0,
             acked: 0,
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            fenced: 0,
         }
     }
 

@@ -120,6 +120,9 @@ pub struct StoreStats {
     /// Messages released by their terminal receipt.
     pub acked: u64,
     pub dead_lettered: u64,
+    /// Writes (park, dead letter, terminal receipt) not made because another replica had
+    /// reclaimed the message's lease meanwhile: that replica finishes it.
+    pub fenced: u64,
 }
 
 /// A message whose attempts ran out, kept for the admin RPCs.

@@ -36,6 +36,8 @@ struct Scripted {
     script: Box<Script>,
     /// When set, requests never complete (a provider that stopped answering).
     hang: std::sync::atomic::AtomicBool,
+    /// How long each answer takes (zero: at once).
+    answer_after: Mutex<Duration>,
 }
 
 impl Scripted {
@@ -46,6 +48,7 @@ impl Scripted {
             payloads: Mutex::default(),
             script: Box::new(script),
             hang: Default::default(),
+            answer_after: Mutex::new(Duration::ZERO),
         })
     }
     fn delivered(&self) -> HashMap<String, u32> {
@@ -81,7 +84,14 @@ impl Provider for Scripted {
         if matches!(outcome, Outcome::Delivered { .. }) {
             *self.delivered.lock().entry(token).or_default() += 1;
         }
-        Box::pin(std::future::ready(outcome))
+        let after = *self.answer_after.lock();
+        if after.is_zero() {
+            return Box::pin(std::future::ready(outcome));
+        }
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            outcome
+        })
     }
 }
 
@@ -1096,4 +1106,164 @@ async fn a_packed_record_whose_batch_context_is_gone_is_dead_lettered_not_lost()
     );
     assert!(healthy.delivered().is_empty());
     b.gateway.shutdown(Duration::ZERO).await;
+}
+
+/// Sends `n` messages to a replica whose provider answers after 1.5 s and, while they are in
+/// flight, hands their leases to another replica in Redis, as a replica does that reclaims a
+/// lease after ours lapsed (a stall or a partition longer than `lease_ms`). Returns the
+/// replica, its caller's receipts and a connection to Redis.
+async fn leases_taken_over_in_flight(
+    redis: &RedisServer,
+    outcome: impl Fn(u32) -> Outcome + Send + Sync + 'static,
+    n: u64,
+    max_attempts: u32,
+) -> (Node, Sink, redis::aio::MultiplexedConnection) {
+    let provider = Scripted::new(outcome);
+    *provider.answer_after.lock() = Duration::from_millis(1_500);
+    let policy = RetryConfig {
+        base_ms: 60_000,
+        cap_ms: 60_000,
+        max_attempts,
+        max_retry_after_secs: 60,
+    };
+    let a = node(redis, Arc::clone(&provider), policy, |_| {}).await;
+    let rx = send(&a.gateway, 1..=n).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (provider.calls.lock().len() as u64) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the messages never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut c = conn(redis).await;
+    for i in 1..=n {
+        let _: () = redis::cmd("HSET")
+            .arg("pushgate:{shop}:owner")
+            .arg(format!("m-{i}"))
+            .arg("another-replica")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    (a, rx, c)
+}
+
+/// Waits until the replica's writer has fenced `n` writes off (at most 20 s).
+async fn wait_fenced(node: &Node, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.gateway.store().stats().fenced < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} writes fenced off",
+            node.gateway.store().stats().fenced
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_a_lease_writes_no_terminal_receipt_and_releases_nothing() {
+    let redis = RedisServer::start();
+    const N: u64 = 20;
+    let (a, mut rx, mut c) = leases_taken_over_in_flight(&redis, |_| delivered(), N, 5).await;
+    // A's own caller still hears how A's attempt went ...
+    let receipts = collect(&mut rx, Duration::from_secs(20), |r| {
+        terminal_count(r) as u64 == N
+    })
+    .await;
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r.status == ReceiptStatus::Delivered)
+    );
+    wait_fenced(&a, N).await;
+    // ... but the app's receipts stream, where the new owner writes the message's one terminal
+    // receipt, gets none from A, and the new owner's lease and record are left alone.
+    let stream = crate::redis_crash::stream_receipts(&redis).await;
+    assert!(
+        stream.iter().all(|r| !r.terminal),
+        "a terminal receipt from the replica that lost the lease: {:?}",
+        stream.iter().find(|r| r.terminal)
+    );
+    assert_taken_over_records_untouched(&mut c, N).await;
+    let leases: u64 = redis::cmd("ZCARD")
+        .arg("pushgate:{shop}:leases")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(leases, N);
+    assert_eq!(a.gateway.store().stats().acked, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_a_lease_parks_no_retry_of_it() {
+    let redis = RedisServer::start();
+    const N: u64 = 10;
+    let (a, _rx, mut c) = leases_taken_over_in_flight(&redis, |_| retry(429, None), N, 5).await;
+    wait_fenced(&a, N).await;
+    let mut delay = 0u64;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("pushgate:{shop}:delay:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    for key in keys {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        delay += n;
+    }
+    assert_eq!(
+        delay, 0,
+        "A parked retries of messages another replica holds"
+    );
+    assert_taken_over_records_untouched(&mut c, N).await;
+    assert_eq!(
+        a.gateway.store().parked(),
+        0,
+        "the fenced retries' callers were handed off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_a_lease_dead_letters_nothing_of_it() {
+    let redis = RedisServer::start();
+    const N: u64 = 10;
+    // One attempt allowed: the 429 exhausts it, so A would dead-letter the messages and write
+    // their terminal receipts; both writes are fenced off.
+    let (a, _rx, mut c) = leases_taken_over_in_flight(&redis, |_| retry(429, None), N, 1).await;
+    wait_fenced(&a, 2 * N).await;
+    let dead: u64 = redis::cmd("HLEN")
+        .arg("pushgate:{shop}:dead")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "A dead-lettered messages another replica holds");
+    let stream = crate::redis_crash::stream_receipts(&redis).await;
+    assert!(stream.iter().all(|r| !r.terminal), "{stream:?}");
+    assert_taken_over_records_untouched(&mut c, N).await;
+}
+
+/// The new owner still holds all `n` messages, with their accepted (packed) records.
+async fn assert_taken_over_records_untouched(c: &mut redis::aio::MultiplexedConnection, n: u64) {
+    let owners: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("pushgate:{shop}:owner")
+        .query_async(c)
+        .await
+        .unwrap();
+    assert_eq!(owners.len() as u64, n);
+    assert!(owners.values().all(|o| o == "another-replica"));
+    let records: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("pushgate:{shop}:jobs")
+        .query_async(c)
+        .await
+        .unwrap();
+    assert_eq!(records.len() as u64, n);
+    assert!(
+        records.values().all(|r| r.starts_with(r#"{"packed":"#)),
+        "{records:?}"
+    );
 }

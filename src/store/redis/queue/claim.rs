@@ -259,10 +259,16 @@ impl RedisRetryQueue {
         .to_string();
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         self.write(Write::Dead {
-            app: key.0,
-            id: key.1,
+            app: Arc::clone(&key.0),
+            id: key.1.clone(),
             record,
             at_ms: now_ms(),
+        });
+        // The dead letter keeps the lease for a terminal receipt to release; this one has
+        // none to follow.
+        self.write(Write::Ack {
+            app: key.0,
+            id: key.1,
         });
     }
 

@@ -34,9 +34,17 @@
 //!   `dead` / `dead_idx`; admin RPCs list, replay (back into a delay set with attempts reset) or
 //!   purge them.
 //!
+//! - **Fencing**: park, dead letter and ack (with its terminal receipt) are scripts that skip
+//!   every message whose lease another replica now owns, so a replica whose lease lapsed while
+//!   it still worked on a message (a stall, a partition) neither overwrites the new owner's
+//!   record nor appends a second, possibly different, terminal receipt; its retries' callers are
+//!   handed off. The `fenced` counter shows them.
+//!
 //! Each message is held by one replica at a time; only a lease that expires (crash, or a
 //! replica stalled, or a Redis outage, longer than `lease_ms`) lets a second replica attempt
-//! it, which the `reclaimed` counter shows.
+//! it, which the `reclaimed` counter shows. The provider may then see it twice; the receipts
+//! stream still gets one terminal receipt, the new owner's (the first replica's own caller has
+//! already heard that replica's outcome).
 
 mod claim;
 mod scripts;
@@ -54,7 +62,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use scripts::{ACK, CANCEL, CLAIM, RELEASE, RELEASE_FN, TAKEOVER, UNACCEPT};
+use scripts::{ACK, CANCEL, CLAIM, DEAD, FENCE_FN, PARK, RELEASE, RELEASE_FN, TAKEOVER, UNACCEPT};
 use write::Write;
 
 use super::RedisClient;
@@ -94,6 +102,8 @@ struct QueueStats {
     pub reclaimed: AtomicU64,
     pub acked: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Writes refused because another replica had reclaimed the message's lease.
+    pub fenced: AtomicU64,
 }
 
 /// The queue. See the module docs.
@@ -119,9 +129,11 @@ pub(super) struct RedisRetryQueue {
     stats: QueueStats,
     claim: Script,
     takeover: Script,
-    /// `RELEASE_FN` + `ACK`, `RELEASE_FN` + `RELEASE` and `RELEASE_FN` + `UNACCEPT`, sent with
-    /// EVAL (inside MULTIs).
+    /// `RELEASE_FN` + `ACK`, `RELEASE_FN` + `FENCE_FN` + `PARK` / `DEAD`, `RELEASE_FN` +
+    /// `RELEASE` and `RELEASE_FN` + `UNACCEPT`, sent with EVAL (inside MULTIs).
     ack_script: String,
+    park_script: String,
+    dead_script: String,
     release_script: String,
     unaccept_script: String,
 }
@@ -167,6 +179,8 @@ impl RedisRetryQueue {
             claim: Script::new(CLAIM),
             takeover: Script::new(TAKEOVER),
             ack_script: format!("{RELEASE_FN}{ACK}"),
+            park_script: format!("{RELEASE_FN}{FENCE_FN}{PARK}"),
+            dead_script: format!("{RELEASE_FN}{FENCE_FN}{DEAD}"),
             release_script: format!("{RELEASE_FN}{RELEASE}"),
             unaccept_script: format!("{RELEASE_FN}{UNACCEPT}"),
         });
@@ -376,6 +390,7 @@ impl RedisRetryQueue {
             reclaimed: s.reclaimed.load(Ordering::Relaxed),
             acked: s.acked.load(Ordering::Relaxed),
             dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+            fenced: s.fenced.load(Ordering::Relaxed),
         }
     }
 
@@ -415,10 +430,10 @@ impl RedisRetryQueue {
         self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
         let record = stored.to_json();
         if self.stopped.load(Ordering::Acquire) {
-            job.pending.resolve(Resolution::gateway(
-                ReceiptStatus::Failed,
-                "gateway shut down before the retry was attempted",
-            ));
+            // Its record is still in Redis under this replica's lease: the replica that
+            // reclaims it retries it and emits its one terminal receipt (a FAILED here would be
+            // a second one, disagreeing).
+            job.pending.hand_off();
             return;
         }
         self.local.insert(key.clone(), job.pending);
@@ -620,7 +635,7 @@ impl RedisRetryQueue {
     /// Keeps a job whose attempts ran out as a dead letter, then emits its terminal receipt.
     pub fn dead_letter(&self, job: Job, resolution: Resolution) {
         // The record is written before the terminal receipt is emitted (same writer order as
-        // the job's earlier writes); the lease is released by the dead-letter write itself.
+        // the job's earlier writes).
         let Job {
             pending,
             request,
@@ -628,7 +643,8 @@ impl RedisRetryQueue {
         } = job;
         let meta = Arc::clone(pending.meta());
         let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
-        self.held.remove(&key);
+        // Still held: its terminal receipt releases the lease (`ACK`), fenced like the dead
+        // letter itself, so a replica that lost the lease writes neither.
         let mut stored = StoredJob::new(&meta, &request, pending.attempt());
         stored.last_error = resolution.reason.clone();
         if self.keys(&app.id).is_some() {

@@ -132,15 +132,42 @@ end
 return {out, contexts}
 "#;
 
-/// Releases the leases this replica still owns and deletes their records (after `RELEASE_FN`).
+/// Lua shared by the scripts that write for a message this replica may no longer hold: a
+/// message is fenced off when another replica owns its lease (it reclaimed the lease after ours
+/// lapsed: a stall, a partition or an outage longer than `lease_ms`), so only the owner parks,
+/// dead-letters or finishes it. A message nobody owns is not fenced for parks and dead letters
+/// (a write batch applied once already and written again, or a Redis that lost its data: the
+/// record is written again rather than lost).
+pub(super) const FENCE_FN: &str = r#"
+local function taken(owner, id, me)
+  local holder = redis.call('HGET', owner, id)
+  return holder and holder ~= me
+end
+"#;
+
+/// Finishes messages (after `RELEASE_FN`): for each id this replica still owns, its terminal
+/// receipt (if any) is appended to the receipts stream and its lease, owner and record are
+/// removed. A receipt for an id this replica does not own is not written: the replica that
+/// reclaimed the message writes the one terminal receipt it ends with, and a write batch
+/// written again after a lost reply appends no receipt twice. KEYS: leases, owner, jobs,
+/// receipts stream; ARGV: replica, batch-context prefix, stream maxlen, n, n ids without a
+/// receipt, then id, receipt pairs. Returns `{acked, fenced}`.
 pub(super) const ACK: &str = r#"
 local me = ARGV[1]
-local ids = {}
-for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
-local owners = redis.call('HMGET', KEYS[2], unpack(ids))
+local n = tonumber(ARGV[4])
 local mine = {}
-for i, id in ipairs(ids) do
-  if owners[i] == me then mine[#mine + 1] = id end
+local fenced = 0
+for i = 5, 4 + n do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == me then mine[#mine + 1] = ARGV[i] end
+end
+for i = 5 + n, #ARGV - 1, 2 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) == me then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[i + 1])
+    mine[#mine + 1] = id
+  else
+    fenced = fenced + 1
+  end
 end
 if #mine > 0 then
   release(KEYS[3], ARGV[2], mine)
@@ -148,7 +175,65 @@ if #mine > 0 then
   redis.call('HDEL', KEYS[2], unpack(mine))
   redis.call('HDEL', KEYS[3], unpack(mine))
 end
-return #mine
+return {#mine, fenced}
+"#;
+
+/// Parks retries (after `RELEASE_FN` and `FENCE_FN`): each id not fenced off gets its new
+/// record, a place in this replica's delay set at its due time, and loses its lease. KEYS:
+/// jobs, delay set, leases, owner; ARGV: replica, batch-context prefix, then id, due, record
+/// triples. Returns the fenced ids.
+pub(super) const PARK: &str = r#"
+local me = ARGV[1]
+local ids, records, due, fenced = {}, {}, {}, {}
+for i = 3, #ARGV - 2, 3 do
+  local id = ARGV[i]
+  if taken(KEYS[4], id, me) then
+    fenced[#fenced + 1] = id
+  else
+    ids[#ids + 1] = id
+    due[#due + 1] = ARGV[i + 1]
+    due[#due + 1] = id
+    records[#records + 1] = id
+    records[#records + 1] = ARGV[i + 2]
+  end
+end
+if #ids > 0 then
+  release(KEYS[1], ARGV[2], ids)
+  redis.call('HSET', KEYS[1], unpack(records))
+  redis.call('ZADD', KEYS[2], unpack(due))
+  redis.call('ZREM', KEYS[3], unpack(ids))
+  redis.call('HDEL', KEYS[4], unpack(ids))
+end
+return fenced
+"#;
+
+/// Dead-letters messages (after `RELEASE_FN` and `FENCE_FN`): each id not fenced off moves
+/// from `jobs` to the dead letters. Its lease stays: the terminal receipt that follows releases
+/// it through `ACK`, fenced the same way. KEYS: jobs, dead, dead index, owner; ARGV: replica,
+/// batch-context prefix, then id, at, record triples. Returns how many were fenced.
+pub(super) const DEAD: &str = r#"
+local me = ARGV[1]
+local ids, records, at = {}, {}, {}
+local fenced = 0
+for i = 3, #ARGV - 2, 3 do
+  local id = ARGV[i]
+  if taken(KEYS[4], id, me) then
+    fenced = fenced + 1
+  else
+    ids[#ids + 1] = id
+    at[#at + 1] = ARGV[i + 1]
+    at[#at + 1] = id
+    records[#records + 1] = id
+    records[#records + 1] = ARGV[i + 2]
+  end
+end
+if #ids > 0 then
+  release(KEYS[1], ARGV[2], ids)
+  redis.call('HSET', KEYS[2], unpack(records))
+  redis.call('ZADD', KEYS[3], unpack(at))
+  redis.call('HDEL', KEYS[1], unpack(ids))
+end
+return fenced
 "#;
 
 pub(super) const TAKEOVER: &str = r#"

@@ -118,35 +118,37 @@ impl RedisRetryQueue {
         }
     }
 
-    /// Writes that could not be made durable at shutdown: the caller gets a FAILED receipt.
+    /// Writes that could not be made at shutdown. A retry that could not be parked is still in
+    /// Redis as it was before this attempt, under this replica's lease: the replica that
+    /// reclaims the lease retries it and emits its terminal receipt, so its caller here is
+    /// handed off (a FAILED receipt here would be a second terminal receipt, disagreeing).
     fn abandon(&self, writes: Vec<Write>) {
         for w in writes {
             if let Write::Park { app, id, .. } = w
                 && let Some((_, pending)) = self.local.remove(&(app, id))
             {
-                pending.resolve(Resolution::gateway(
-                    ReceiptStatus::Failed,
-                    "gateway shut down and Redis was unreachable; the retry was not persisted",
-                ));
+                pending.hand_off();
             }
         }
     }
 
-    /// Writes one batch: per app, one MULTI of variadic commands (all keys share the app's
-    /// hash tag, so this is valid on Cluster), then one ack script call. False when it was
-    /// written but `redis.min_replicas_acked` replicas did not acknowledge it in time.
+    /// Writes one batch: per app, one MULTI of variadic commands and the scripts that fence
+    /// off messages another replica reclaimed (all keys share the app's hash tag, so this is
+    /// valid on Cluster). False when it was written but `redis.min_replicas_acked` replicas
+    /// did not acknowledge it in time.
     async fn flush(&self, buf: &[Write]) -> redis::RedisResult<bool> {
         #[derive(Default)]
         struct Group<'a> {
-            jobs: Vec<(&'a str, &'a str)>,
-            due: Vec<(i64, &'a str)>,
-            parked: Vec<&'a str>,
-            dead: Vec<(&'a str, &'a str)>,
-            dead_at: Vec<(i64, &'a str)>,
-            dead_ids: Vec<&'a str>,
+            /// (id, due, record) of each retry parked.
+            parked: Vec<(&'a str, i64, &'a str)>,
+            /// (id, at, record) of each dead letter.
+            dead: Vec<(&'a str, i64, &'a str)>,
             outcomes: Vec<(&'a str, &'static str)>,
             unaccepted: Vec<(&'a str, &'a str)>,
+            /// Receipts that release no lease (not terminal, or of no message held here).
             receipts: Vec<&'a [u8]>,
+            /// Terminal receipts with the message whose lease each releases.
+            finished: Vec<(&'a str, &'a [u8])>,
             acks: Vec<&'a str>,
         }
         let me = self.store.replica();
@@ -158,23 +160,21 @@ impl RedisRetryQueue {
                     id,
                     record,
                     due_ms,
-                } => {
-                    let g = groups.entry(app).or_default();
-                    g.jobs.push((id, record));
-                    g.due.push((*due_ms, id));
-                    g.parked.push(id);
-                }
+                } => groups
+                    .entry(app)
+                    .or_default()
+                    .parked
+                    .push((id, *due_ms, record)),
                 Write::Dead {
                     app,
                     id,
                     record,
                     at_ms,
-                } => {
-                    let g = groups.entry(app).or_default();
-                    g.dead.push((id, record));
-                    g.dead_at.push((*at_ms, id));
-                    g.dead_ids.push(id);
-                }
+                } => groups
+                    .entry(app)
+                    .or_default()
+                    .dead
+                    .push((id, *at_ms, record)),
                 Write::Ack { app, id } => groups.entry(app).or_default().acks.push(id),
                 Write::Unaccept { app, pairs } => {
                     let g = groups.entry(app).or_default();
@@ -186,48 +186,59 @@ impl RedisRetryQueue {
                 }
                 Write::Receipt { app, encoded, ack } => {
                     let g = groups.entry(app).or_default();
-                    g.receipts.push(encoded);
-                    if let Some(id) = ack {
-                        g.acks.push(id);
+                    match ack {
+                        Some(id) => g.finished.push((id, encoded)),
+                        None => g.receipts.push(encoded),
                     }
                 }
             }
         }
         let mut conn = self.store.conn();
+        let config = self.store.config();
+        let stream_maxlen = config.receipts_stream_maxlen;
         for (app, g) in groups {
             let Some(k) = self.keys(app) else { continue };
+            let stream = super::super::feed::key(&config.key_prefix, app);
             let mut pipe = redis::pipe();
             pipe.atomic();
             if !g.unaccepted.is_empty() {
                 self.unaccept_command(&mut pipe, k, app, &g.unaccepted);
                 pipe.ignore();
             }
-            if !g.parked.is_empty() || !g.dead_ids.is_empty() {
-                // Before the records are replaced or deleted: see `RELEASE_FN`.
-                pipe.cmd("EVAL")
-                    .arg(&self.release_script)
-                    .arg(1)
+            let park = !g.parked.is_empty();
+            if park {
+                let cmd = pipe
+                    .cmd("EVAL")
+                    .arg(&self.park_script)
+                    .arg(4)
                     .arg(k.jobs())
-                    .arg(k.batch_prefix())
-                    .arg(&g.parked)
-                    .arg(&g.dead_ids)
-                    .ignore();
+                    .arg(k.delay(me))
+                    .arg(k.leases())
+                    .arg(k.owner())
+                    .arg(me)
+                    .arg(k.batch_prefix());
+                for (id, due, record) in &g.parked {
+                    cmd.arg(*id).arg(*due).arg(*record);
+                }
             }
-            if !g.parked.is_empty() {
-                pipe.hset_multiple(k.jobs(), &g.jobs).ignore();
-                pipe.zadd_multiple(k.delay(me), &g.due).ignore();
-                pipe.zrem(k.leases(), &g.parked).ignore();
-                pipe.hdel(k.owner(), &g.parked).ignore();
-            }
-            if !g.dead_ids.is_empty() {
-                pipe.hset_multiple(k.dead(), &g.dead).ignore();
-                pipe.zadd_multiple(k.dead_idx(), &g.dead_at).ignore();
-                pipe.hdel(k.jobs(), &g.dead_ids).ignore();
-                pipe.zrem(k.leases(), &g.dead_ids).ignore();
-                pipe.hdel(k.owner(), &g.dead_ids).ignore();
+            let dead = !g.dead.is_empty();
+            if dead {
+                let cmd = pipe
+                    .cmd("EVAL")
+                    .arg(&self.dead_script)
+                    .arg(4)
+                    .arg(k.jobs())
+                    .arg(k.dead())
+                    .arg(k.dead_idx())
+                    .arg(k.owner())
+                    .arg(me)
+                    .arg(k.batch_prefix());
+                for (id, at, record) in &g.dead {
+                    cmd.arg(*id).arg(*at).arg(*record);
+                }
             }
             for (id, status) in &g.outcomes {
-                let key = super::super::idempotency::key(&self.store.config().key_prefix, app, id);
+                let key = super::super::idempotency::key(&config.key_prefix, app, id);
                 pipe.cmd("SET")
                     .arg(key)
                     .arg(*status)
@@ -235,42 +246,82 @@ impl RedisRetryQueue {
                     .arg("KEEPTTL")
                     .ignore();
             }
-            if !g.receipts.is_empty() {
-                let stream = super::super::feed::key(&self.store.config().key_prefix, app);
-                let maxlen = self.store.config().receipts_stream_maxlen;
-                for encoded in &g.receipts {
-                    pipe.cmd("XADD")
-                        .arg(&stream)
-                        .arg("MAXLEN")
-                        .arg("~")
-                        .arg(maxlen)
-                        .arg("*")
-                        .arg("r")
-                        .arg(*encoded)
-                        .ignore();
-                }
+            for encoded in &g.receipts {
+                pipe.cmd("XADD")
+                    .arg(&stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(stream_maxlen)
+                    .arg("*")
+                    .arg("r")
+                    .arg(*encoded)
+                    .ignore();
             }
-            let wrote_receipts = !g.receipts.is_empty();
-            if g.acks.is_empty() {
-                pipe.query_async::<()>(&mut conn).await?;
-            } else {
+            let finish = !g.acks.is_empty() || !g.finished.is_empty();
+            if finish {
                 // EVAL (not EVALSHA) inside the MULTI: no NOSCRIPT round trip; Redis caches it.
-                pipe.cmd("EVAL")
+                let cmd = pipe
+                    .cmd("EVAL")
                     .arg(&self.ack_script)
-                    .arg(3)
+                    .arg(4)
                     .arg(k.leases())
                     .arg(k.owner())
                     .arg(k.jobs())
+                    .arg(&stream)
                     .arg(me)
                     .arg(k.batch_prefix())
+                    .arg(stream_maxlen)
+                    .arg(g.acks.len())
                     .arg(&g.acks);
-                let (n,): (u64,) = pipe.query_async(&mut conn).await?;
-                self.stats.acked.fetch_add(n, Ordering::Relaxed);
+                for (id, encoded) in &g.finished {
+                    cmd.arg(*id).arg(*encoded);
+                }
             }
-            if wrote_receipts {
+            let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            let mut fenced = 0u64;
+            let mut next = replies.drain(..);
+            if park {
+                let ids: Vec<String> = reply(next.next())?;
+                self.hand_off_fenced(app, &ids);
+                fenced += ids.len() as u64;
+            }
+            if dead {
+                fenced += reply::<u64>(next.next())?;
+            }
+            if finish {
+                let (acked, refused): (u64, u64) = reply(next.next())?;
+                self.stats.acked.fetch_add(acked, Ordering::Relaxed);
+                fenced += refused;
+            }
+            if fenced > 0 {
+                self.stats.fenced.fetch_add(fenced, Ordering::Relaxed);
+                warn!(%app, fenced, "writes for messages another replica reclaimed were not made: that replica finishes them");
+            }
+            if !g.receipts.is_empty() || !g.finished.is_empty() {
                 self.wake_feed(app);
             }
         }
         self.store.replicated(&mut conn).await
+    }
+
+    /// Retries this replica parked for messages another replica had reclaimed: their callers
+    /// here hear no more of them; the replica that holds them emits their receipts.
+    fn hand_off_fenced(&self, app: &str, ids: &[String]) {
+        for id in ids {
+            if let Some((_, pending)) = self.local.remove(&(Arc::from(app), id.clone())) {
+                pending.hand_off();
+            }
+        }
+    }
+}
+
+/// One reply of a MULTI, decoded; a missing one is a protocol error.
+fn reply<T: redis::FromRedisValue>(value: Option<redis::Value>) -> redis::RedisResult<T> {
+    match value {
+        Some(v) => Ok(redis::from_redis_value(v)?),
+        None => Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a reply of the write MULTI is missing",
+        ))),
     }
 }
