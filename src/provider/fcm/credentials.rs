@@ -15,7 +15,7 @@
 //! Credentials) or `authorized_user` (a gcloud user's refresh token).
 //!
 //! Each [`Credential`] knows how to make one token request ([`Credential::fetch`]); caching,
-//! single-flight refresh and retries are [`super::oauth::TokenSource`]'s. No secret (key, refresh
+//! single-flight refresh and retries are [`super::token_source::TokenSource`]'s. No secret (key, refresh
 //! token, subject token, access token) reaches a `Debug` output or a log line.
 
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! `/fcm/send` APIs are gone and never called).
 //!
 //! One `FcmProvider` exists per app. It owns a connection pool to the FCM endpoint, a
-//! [`oauth::TokenSource`] (its credential, found as Application Default Credentials are, and
+//! [`token_source::TokenSource`] (its credential, found as Application Default Credentials are, and
 //! the HTTP/1.1-or-HTTP/2 client of the credential endpoints) and the project-wide quota pause: after a `429` with `Retry-After`, every delivery of this provider
 //! waits until that instant before sending, because the quota is shared by the whole project.
 
@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod oauth;
 pub mod response;
 pub mod token_http;
+pub mod token_source;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,9 +23,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use self::credentials::{Credential, discover};
-use self::oauth::{AccessToken, RefreshPolicy, TokenError, TokenSource};
+use self::oauth::{AccessToken, TokenError};
 use self::response::{Verdict, classify};
 use self::token_http::CredentialHttp;
+use self::token_source::{RefreshPolicy, TokenSource};
 use super::apns::transport_outcome;
 use super::config::FcmConfig;
 use super::h2pool::{Endpoint, H2Pool, PoolConfig};
