@@ -23,17 +23,9 @@ impl RedisRetryQueue {
     pub(super) async fn claim_loop(&self, dispatch: mpsc::Sender<Work>, stop: CancellationToken) {
         let config = self.store.config().clone();
         let poll = Duration::from_millis(config.poll_ms);
-        let maintain_every = Duration::from_millis((config.lease_ms / 3).max(1));
-        let mut next_maintenance = Instant::now();
         'outer: loop {
             if stop.is_cancelled() {
                 break;
-            }
-            if Instant::now() >= next_maintenance {
-                if let Err(e) = self.maintain().await {
-                    self.store.observe::<()>(&Err(e));
-                }
-                next_maintenance = Instant::now() + maintain_every;
             }
             let mut full = false;
             if self.write_backlog.load(Ordering::Acquire) {
@@ -270,6 +262,25 @@ impl RedisRetryQueue {
             app: key.0,
             id: key.1,
         });
+    }
+
+    /// Renews leases and the heartbeat every `lease_ms / 3` until `stop`. Its own loop, not a
+    /// step of the claim loop: that one waits for room in the deliver stage, which under
+    /// overload can take longer than a lease, and leases that lapse while their messages are
+    /// still in flight here let other replicas deliver them a second time.
+    pub(super) async fn maintain_loop(&self, stop: CancellationToken) {
+        let every = Duration::from_millis((self.store.config().lease_ms / 3).max(1));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.maintain().await {
+                self.store.observe::<()>(&Err(e));
+            }
+        }
     }
 
     /// Lease renewal, heartbeat, and takeover of dead replicas' delay sets.

@@ -58,7 +58,6 @@ use std::time::Duration;
 use dashmap::DashMap;
 use redis::Script;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
@@ -187,6 +186,9 @@ impl RedisRetryQueue {
         let writer = Arc::clone(&queue);
         let writer_stop = stop.clone();
         let writer_done = tokio::spawn(async move { writer.write_loop(rx, writer_stop).await });
+        let maintainer = Arc::clone(&queue);
+        let maintainer_stop = stop.clone();
+        tokio::spawn(async move { maintainer.maintain_loop(maintainer_stop).await });
         let claimer = Arc::clone(&queue);
         tokio::spawn(async move {
             claimer.claim_loop(dispatch, stop).await;
