@@ -251,6 +251,27 @@ async fn expired_provider_token_is_resigned_and_sent_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_token_refused_as_expired_again_is_retried_later_not_failed() {
+    let h = harness::start(Options::default()).await;
+    let t = template("Hi", "there");
+    let first = stream_all(&h, vec![batch(0, vec![recipient(1, &[])], t.clone())]).await;
+    assert_eq!(status(first.last().unwrap()), ReceiptStatus::Delivered);
+    // The first refusal is re-signed and sent again at once; the second (with the new token)
+    // makes it a retry through the retry queue, which then delivers it.
+    h.mock.faults().force_expired_provider_token(2);
+    let receipts = stream_all(&h, vec![batch(1, vec![recipient(2, &[])], t)]).await;
+    let last = receipts.last().unwrap();
+    assert_eq!(status(last), ReceiptStatus::Delivered, "{last:?}");
+    assert!(
+        receipts.iter().any(|r| status(r) == ReceiptStatus::Retrying
+            && r.reason.starts_with("ExpiredProviderToken")),
+        "{receipts:?}"
+    );
+    assert_eq!(h.mock.stats().reason("ExpiredProviderToken"), 2);
+    h.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_within_grace() {
     let h = harness::start(Options {
         mock: Box::new(|c| c.latency = Duration::from_millis(300)),

@@ -250,16 +250,10 @@ impl GatewayChild {
         let log = dir.join("gateway.log");
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
-        let mut child = tokio::process::Command::new(bin)
+        let mut child = gateway_command(bin)
             .arg("serve")
             .arg("--config")
             .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("PUSHGATE_LOG").unwrap_or("warn".into()),
-            )
-            // The gateway reads `PUSHGATE_*` variables as config keys (`log` is none).
-            .env_remove("PUSHGATE_LOG")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -305,4 +299,21 @@ impl GatewayChild {
         }
         Ok(())
     }
+}
+
+/// A command that runs the gateway binary `bin` with the tool's environment minus every
+/// `PUSHGATE_*` variable: the gateway reads those as configuration keys, and the tool's own
+/// (`PUSHGATE_LOG`, `PUSHGATE_CHAOS_KEEP`) are none. `PUSHGATE_LOG` becomes its `RUST_LOG`.
+pub fn gateway_command(bin: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(bin);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PUSHGATE_") {
+            command.env_remove(key);
+        }
+    }
+    command.env(
+        "RUST_LOG",
+        std::env::var("PUSHGATE_LOG").unwrap_or("warn".into()),
+    );
+    command
 }

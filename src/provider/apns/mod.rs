@@ -228,11 +228,16 @@ impl ApnsProvider {
                     self.signer.expire(&token);
                 }
                 Verdict::RefreshToken => {
-                    return Outcome::Failed {
+                    // Twice in a row, the second time with a token signed after the first
+                    // refusal: the message is not at fault, so it is retried later with backoff
+                    // (and a token signed then) instead of failed; a host clock that stays
+                    // wrong still ends it after its attempts, with this reason.
+                    return Outcome::Retry {
                         reason: "ExpiredProviderToken: APNs rejected a freshly signed token as \
                                  expired; check the gateway host's clock"
                             .into(),
                         status: 403,
+                        retry_after: None,
                     };
                 }
                 Verdict::CredentialsRejected(reason) => {

@@ -53,15 +53,10 @@ impl Replica {
             .append(true)
             .open(&self.log)?;
         let err = log.try_clone()?;
-        let mut child = tokio::process::Command::new(&self.bin)
+        let mut child = crate::load::env::gateway_command(&self.bin)
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("PUSHGATE_LOG").unwrap_or("warn".into()),
-            )
-            .env_remove("PUSHGATE_LOG")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -72,8 +67,14 @@ impl Replica {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
-                let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(15).collect();
+                let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                // The cause, not the end of a backtrace: from the first error or panic line.
+                let first = lines
+                    .iter()
+                    .position(|l| l.contains("panicked at") || l.starts_with("Error"))
+                    .unwrap_or(lines.len().saturating_sub(15));
+                let tail: Vec<&str> = lines.iter().skip(first).take(15).copied().collect();
                 bail!(
                     "gateway {} exited at start ({status}): {tail:?}",
                     self.index
