@@ -72,6 +72,11 @@ impl ApnsInner {
             return Err(reason.into());
         }
         if f.force_expired.take() {
+            // The token is expired, not this connection's copy of it: every connection that
+            // used it must take a new one without a `TooManyProviderTokenUpdates`.
+            if let Some((_, jwt)) = auth.split_once(' ') {
+                f.expired_jwts.write().insert(Arc::from(jwt.trim()));
+            }
             *conn.token.lock() = ConnToken::default();
             return Err(ExpiredProviderToken.into());
         }
@@ -114,7 +119,9 @@ impl ApnsInner {
         }
         match &token.jwt {
             Some(current) if &**current == jwt => {}
-            Some(_) if now - token.first_used < 1200 => {
+            Some(current)
+                if now - token.first_used < 1200 && !f.expired_jwts.read().contains(current) =>
+            {
                 return Err(TooManyProviderTokenUpdates.into());
             }
             _ => {

@@ -15,6 +15,9 @@ pub struct ApnsFaults {
     pub(super) conn: ConnFaults,
     pub(super) latency_micros: AtomicU64,
     pub(super) force_expired: Countdown,
+    /// JWTs a forced `ExpiredProviderToken` declared expired: expired for every connection, as
+    /// a token past its hour is, so a connection that used one takes a new token at once.
+    pub(super) expired_jwts: RwLock<HashSet<Arc<str>>>,
     pub(super) reject_all: RwLock<Option<ApnsReason>>,
     pub(super) has_reject_all: AtomicBool,
     pub(super) wrong_env_keys: RwLock<HashSet<String>>,
@@ -36,6 +39,7 @@ impl ApnsFaults {
             conn: ConnFaults::default(),
             latency_micros: AtomicU64::new(latency.as_micros() as u64),
             force_expired: Countdown::default(),
+            expired_jwts: RwLock::default(),
             reject_all: RwLock::new(None),
             has_reject_all: AtomicBool::new(false),
             wrong_env_keys: RwLock::default(),
@@ -161,6 +165,7 @@ impl ApnsFaults {
         self.conn.reset.disarm();
         self.conn.drop.disarm();
         self.force_expired.disarm();
+        self.expired_jwts.write().clear();
         self.reject_all_auth(None);
         self.wrong_env_keys.write().clear();
         self.has_wrong_env_keys.store(false, Relaxed);

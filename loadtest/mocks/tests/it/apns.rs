@@ -553,9 +553,14 @@ async fn auth_faults_rate_faults_and_connection_faults() {
     let p = format!("/3/device/{TOKEN}");
     let send = |c: &Client, j: &str| push(c, j, &p).body(()).unwrap();
 
-    // Forced expiry, then a re-signed JWT on the same connection is accepted (no 429).
+    // Forced expiry, then a re-signed JWT on the same connection is accepted (no 429) ...
+    let mut other = connect(&mock.url(), None).await;
     let j1 = jwt(&key, now - 10);
     assert_eq!(c.send(send(&c, &j1), ALERT).await.unwrap().status, 200);
+    assert_eq!(
+        other.send(send(&other, &j1), ALERT).await.unwrap().status,
+        200
+    );
     f.force_expired_provider_token(1);
     let r = c.send(send(&c, &j1), ALERT).await.unwrap();
     assert_eq!(
@@ -564,6 +569,19 @@ async fn auth_faults_rate_faults_and_connection_faults() {
     );
     let j2 = jwt(&key, now);
     assert_eq!(c.send(send(&c, &j2), ALERT).await.unwrap().status, 200);
+    // ... and on another connection that used the expired token too: it is expired there as
+    // well (a sender shares one token across its connections).
+    assert_eq!(
+        other.send(send(&other, &j2), ALERT).await.unwrap().status,
+        200
+    );
+    // A change of a token that did not expire is still refused within 20 minutes.
+    let j3 = jwt(&key, now - 1);
+    let r = other.send(send(&other, &j3), ALERT).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), reason(&r).as_str()),
+        (429, "TooManyProviderTokenUpdates")
+    );
 
     f.reject_all_auth(Some(ApnsReason::InvalidProviderToken));
     let r = c.send(send(&c, &j2), ALERT).await.unwrap();
@@ -623,7 +641,7 @@ async fn auth_faults_rate_faults_and_connection_faults() {
     f.drop_connection_after(1);
     assert!(c2.send(send(&c2, &j2), ALERT).await.is_err());
     assert_eq!(mock.stats().connections_dropped, 1);
-    assert_eq!(mock.stats().connections_opened, 2);
+    assert_eq!(mock.stats().connections_opened, 3, "c, other and c2");
     mock.shutdown().await;
 }
 

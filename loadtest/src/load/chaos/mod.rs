@@ -178,9 +178,12 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
         (false, None) => Redis::single()?,
     };
     let mut replicas = Vec::new();
+    let mut metrics_ports = Vec::new();
     for i in 0..s.replicas {
         let port = env::free_port()?;
-        let config = write_config(s, &mocks, &dir, i, port, &redis)?;
+        let metrics_port = env::free_port()?;
+        metrics_ports.push(metrics_port);
+        let config = write_config(s, &mocks, &dir, i, port, metrics_port, &redis)?;
         let mut r = Replica::new(i, port, config, &dir, &s.gateway_bin);
         r.start().await?;
         replicas.push(r);
@@ -312,6 +315,15 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
     ctrl_c.abort();
     let elapsed = start.elapsed().as_secs_f64();
     let unfinished = ledger.unfinished();
+    if keep_logs() {
+        // What each replica still holds, by stage, for the kept logs.
+        for (i, port) in metrics_ports.iter().enumerate() {
+            let text = scrape_metrics(*port)
+                .await
+                .unwrap_or_else(|e| format!("# scrape failed: {e:#}\n"));
+            let _ = std::fs::write(dir.join(format!("gateway-{i}.metrics")), text);
+        }
+    }
     for r in &mut replicas {
         r.terminate(Duration::from_secs(10)).await;
     }
@@ -333,7 +345,7 @@ pub async fn run(s: &ChaosSettings) -> anyhow::Result<ChaosReport> {
     report.pass = report.verdict() && !interrupted.load(Relaxed);
     mocks.apns.shutdown().await;
     mocks.fcm.shutdown().await;
-    if std::env::var_os("PUSHGATE_CHAOS_KEEP").is_some() {
+    if keep_logs() {
         let kept = dir.with_extension("kept");
         let _ = std::fs::rename(&dir, &kept);
         eprintln!("logs kept in {}", kept.display());
@@ -404,12 +416,35 @@ async fn start_mocks(s: &ChaosSettings) -> anyhow::Result<env::Mocks> {
     env::start_mocks(&settings).await
 }
 
+/// `PUSHGATE_CHAOS_KEEP` set: the replicas' logs, configs and final metrics are kept.
+fn keep_logs() -> bool {
+    std::env::var_os("PUSHGATE_CHAOS_KEEP").is_some()
+}
+
+/// A replica's Prometheus metrics (plain HTTP/1.0 GET, read to the end).
+async fn scrape_metrics(port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await??;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut body)).await??;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_config(
     s: &ChaosSettings,
     mocks: &env::Mocks,
     dir: &Path,
     index: usize,
     port: u16,
+    metrics_port: u16,
     redis: &Redis,
 ) -> anyhow::Result<PathBuf> {
     let key_file = dir.join(format!("AuthKey_{}.p8", mocks.apns_key.key_id));
@@ -417,7 +452,7 @@ fn write_config(
     let sa_file = dir.join("service-account.json");
     std::fs::write(&sa_file, &mocks.account_json)?;
     let mut cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\n\n[pipeline]\nshutdown_grace_secs = 5\n\n\
+        "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n[pipeline]\nshutdown_grace_secs = 5\n\n\
          [retry]\nbase_ms = 100\ncap_ms = 2000\nmax_attempts = 40\n\n\
          [redis]\n{redis}lease_ms = {lease}\npoll_ms = 20\ncommand_timeout_ms = 1000\n\
          receipts_stream_maxlen = 5000000\n",
