@@ -139,8 +139,11 @@ return {out, contexts}
 /// (a write batch applied once already and written again, or a Redis that lost its data: the
 /// record is written again rather than lost).
 pub(super) const FENCE_FN: &str = r#"
-local function taken(owner, id, me)
-  local holder = redis.call('HGET', owner, id)
+local function owners_of(owner, ids)
+  if #ids == 0 then return {} end
+  return redis.call('HMGET', owner, unpack(ids))
+end
+local function taken(holder, me)
   return holder and holder ~= me
 end
 "#;
@@ -155,16 +158,21 @@ end
 pub(super) const ACK: &str = r#"
 local me = ARGV[1]
 local n = tonumber(ARGV[4])
+local ids = {}
+for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
+for i = 5 + n, #ARGV - 1, 2 do ids[#ids + 1] = ARGV[i] end
+local owners = #ids > 0 and redis.call('HMGET', KEYS[2], unpack(ids)) or {}
 local mine = {}
 local fenced = 0
-for i = 5, 4 + n do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == me then mine[#mine + 1] = ARGV[i] end
+for j = 1, n do
+  if owners[j] == me then mine[#mine + 1] = ids[j] end
 end
+local j = n
 for i = 5 + n, #ARGV - 1, 2 do
-  local id = ARGV[i]
-  if redis.call('HGET', KEYS[2], id) == me then
+  j = j + 1
+  if owners[j] == me then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[i + 1])
-    mine[#mine + 1] = id
+    mine[#mine + 1] = ARGV[i]
   else
     fenced = fenced + 1
   end
@@ -184,10 +192,15 @@ return {#mine, fenced}
 /// triples. Returns the fenced ids.
 pub(super) const PARK: &str = r#"
 local me = ARGV[1]
+local all = {}
+for i = 3, #ARGV - 2, 3 do all[#all + 1] = ARGV[i] end
+local holders = owners_of(KEYS[4], all)
 local ids, records, due, fenced = {}, {}, {}, {}
+local k = 0
 for i = 3, #ARGV - 2, 3 do
   local id = ARGV[i]
-  if taken(KEYS[4], id, me) then
+  k = k + 1
+  if taken(holders[k], me) then
     fenced[#fenced + 1] = id
   else
     ids[#ids + 1] = id
@@ -213,11 +226,16 @@ return fenced
 /// batch-context prefix, then id, at, record triples. Returns how many were fenced.
 pub(super) const DEAD: &str = r#"
 local me = ARGV[1]
+local all = {}
+for i = 3, #ARGV - 2, 3 do all[#all + 1] = ARGV[i] end
+local holders = owners_of(KEYS[4], all)
 local ids, records, at = {}, {}, {}
 local fenced = 0
+local k = 0
 for i = 3, #ARGV - 2, 3 do
   local id = ARGV[i]
-  if taken(KEYS[4], id, me) then
+  k = k + 1
+  if taken(holders[k], me) then
     fenced = fenced + 1
   else
     ids[#ids + 1] = id
