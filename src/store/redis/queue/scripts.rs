@@ -146,6 +146,29 @@ end
 local function taken(holder, me)
   return holder and holder ~= me
 end
+-- ARGV from 3 on as id, score, record triples, split into the ids not fenced off (with their
+-- `HSET` id, record and `ZADD` score, id arguments) and the fenced ids.
+local function split_fenced(owner, me)
+  local all = {}
+  for i = 3, #ARGV - 2, 3 do all[#all + 1] = ARGV[i] end
+  local holders = owners_of(owner, all)
+  local ids, records, scored, fenced = {}, {}, {}, {}
+  local k = 0
+  for i = 3, #ARGV - 2, 3 do
+    k = k + 1
+    local id = ARGV[i]
+    if taken(holders[k], me) then
+      fenced[#fenced + 1] = id
+    else
+      ids[#ids + 1] = id
+      scored[#scored + 1] = ARGV[i + 1]
+      scored[#scored + 1] = id
+      records[#records + 1] = id
+      records[#records + 1] = ARGV[i + 2]
+    end
+  end
+  return ids, records, scored, fenced
+end
 "#;
 
 /// Finishes messages (after `RELEASE_FN`): for each id this replica still owns, its terminal
@@ -191,25 +214,7 @@ return {#mine, fenced}
 /// jobs, delay set, leases, owner; ARGV: replica, batch-context prefix, then id, due, record
 /// triples. Returns the fenced ids.
 pub(super) const PARK: &str = r#"
-local me = ARGV[1]
-local all = {}
-for i = 3, #ARGV - 2, 3 do all[#all + 1] = ARGV[i] end
-local holders = owners_of(KEYS[4], all)
-local ids, records, due, fenced = {}, {}, {}, {}
-local k = 0
-for i = 3, #ARGV - 2, 3 do
-  local id = ARGV[i]
-  k = k + 1
-  if taken(holders[k], me) then
-    fenced[#fenced + 1] = id
-  else
-    ids[#ids + 1] = id
-    due[#due + 1] = ARGV[i + 1]
-    due[#due + 1] = id
-    records[#records + 1] = id
-    records[#records + 1] = ARGV[i + 2]
-  end
-end
+local ids, records, due, fenced = split_fenced(KEYS[4], ARGV[1])
 if #ids > 0 then
   release(KEYS[1], ARGV[2], ids)
   redis.call('HSET', KEYS[1], unpack(records))
@@ -225,33 +230,14 @@ return fenced
 /// it through `ACK`, fenced the same way. KEYS: jobs, dead, dead index, owner; ARGV: replica,
 /// batch-context prefix, then id, at, record triples. Returns how many were fenced.
 pub(super) const DEAD: &str = r#"
-local me = ARGV[1]
-local all = {}
-for i = 3, #ARGV - 2, 3 do all[#all + 1] = ARGV[i] end
-local holders = owners_of(KEYS[4], all)
-local ids, records, at = {}, {}, {}
-local fenced = 0
-local k = 0
-for i = 3, #ARGV - 2, 3 do
-  local id = ARGV[i]
-  k = k + 1
-  if taken(holders[k], me) then
-    fenced = fenced + 1
-  else
-    ids[#ids + 1] = id
-    at[#at + 1] = ARGV[i + 1]
-    at[#at + 1] = id
-    records[#records + 1] = id
-    records[#records + 1] = ARGV[i + 2]
-  end
-end
+local ids, records, at, fenced = split_fenced(KEYS[4], ARGV[1])
 if #ids > 0 then
   release(KEYS[1], ARGV[2], ids)
   redis.call('HSET', KEYS[2], unpack(records))
   redis.call('ZADD', KEYS[3], unpack(at))
   redis.call('HDEL', KEYS[1], unpack(ids))
 end
-return fenced
+return #fenced
 "#;
 
 pub(super) const TAKEOVER: &str = r#"
