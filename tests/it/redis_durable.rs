@@ -646,20 +646,7 @@ async fn another_replica_takes_over_the_parked_jobs_of_one_that_went_away() {
     let mut c = conn(&redis).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("pushgate:{shop}:delay:*")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let mut parked = 0u64;
-        for key in keys {
-            let n: u64 = redis::cmd("ZCARD")
-                .arg(key)
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            parked += n;
-        }
+        let parked = parked_in_delay_sets(&mut c).await;
         if parked == N {
             break;
         }
@@ -1202,22 +1189,9 @@ async fn a_replica_that_lost_a_lease_parks_no_retry_of_it() {
     const N: u64 = 10;
     let (a, _rx, mut c) = leases_taken_over_in_flight(&redis, |_| retry(429, None), N, 5).await;
     wait_fenced(&a, N).await;
-    let mut delay = 0u64;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("pushgate:{shop}:delay:*")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    for key in keys {
-        let n: u64 = redis::cmd("ZCARD")
-            .arg(key)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        delay += n;
-    }
     assert_eq!(
-        delay, 0,
+        parked_in_delay_sets(&mut c).await,
+        0,
         "A parked retries of messages another replica holds"
     );
     assert_taken_over_records_untouched(&mut c, N).await;
@@ -1266,4 +1240,19 @@ async fn assert_taken_over_records_untouched(c: &mut redis::aio::MultiplexedConn
         records.values().all(|r| r.starts_with(r#"{"packed":"#)),
         "{records:?}"
     );
+}
+
+/// Jobs parked in the delay sets of every replica of app `shop`.
+async fn parked_in_delay_sets(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("pushgate:{shop}:delay:*")
+        .query_async(c)
+        .await
+        .unwrap();
+    let mut parked = 0u64;
+    for key in keys {
+        let n: u64 = redis::cmd("ZCARD").arg(key).query_async(c).await.unwrap();
+        parked += n;
+    }
+    parked
 }

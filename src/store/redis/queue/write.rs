@@ -207,35 +207,13 @@ impl RedisRetryQueue {
             }
             let park = !g.parked.is_empty();
             if park {
-                let cmd = pipe
-                    .cmd("EVAL")
-                    .arg(&self.park_script)
-                    .arg(4)
-                    .arg(k.jobs())
-                    .arg(k.delay(me))
-                    .arg(k.leases())
-                    .arg(k.owner())
-                    .arg(me)
-                    .arg(k.batch_prefix());
-                for (id, due, record) in &g.parked {
-                    cmd.arg(*id).arg(*due).arg(*record);
-                }
+                let keys = [k.jobs(), k.delay(me), k.leases(), k.owner()];
+                fenced_call(&mut pipe, &self.park_script, &keys, me, k, &g.parked);
             }
             let dead = !g.dead.is_empty();
             if dead {
-                let cmd = pipe
-                    .cmd("EVAL")
-                    .arg(&self.dead_script)
-                    .arg(4)
-                    .arg(k.jobs())
-                    .arg(k.dead())
-                    .arg(k.dead_idx())
-                    .arg(k.owner())
-                    .arg(me)
-                    .arg(k.batch_prefix());
-                for (id, at, record) in &g.dead {
-                    cmd.arg(*id).arg(*at).arg(*record);
-                }
+                let keys = [k.jobs(), k.dead(), k.dead_idx(), k.owner()];
+                fenced_call(&mut pipe, &self.dead_script, &keys, me, k, &g.dead);
             }
             for (id, status) in &g.outcomes {
                 let key = super::super::idempotency::key(&config.key_prefix, app, id);
@@ -312,6 +290,23 @@ impl RedisRetryQueue {
                 pending.hand_off();
             }
         }
+    }
+}
+
+/// Adds a call of a fenced script (`PARK`, `DEAD`) to `pipe`: its four keys, then the replica,
+/// the batch-context prefix and the (id, score, record) triples.
+fn fenced_call(
+    pipe: &mut redis::Pipeline,
+    script: &str,
+    keys: &[String; 4],
+    me: &str,
+    k: &AppKeys,
+    triples: &[(&str, i64, &str)],
+) {
+    let cmd = pipe.cmd("EVAL").arg(script).arg(keys.len()).arg(keys);
+    cmd.arg(me).arg(k.batch_prefix());
+    for (id, score, record) in triples {
+        cmd.arg(*id).arg(*score).arg(*record);
     }
 }
 
