@@ -279,7 +279,7 @@ fn protobuf(c: &mut Criterion) {
         b.iter(|| {
             let request =
                 pushgate::proto::SendBatchRequest::decode(black_box(bytes.as_slice())).unwrap();
-            pushgate::edge::into_batch(request).unwrap()
+            pushgate::app::into_batch(request).unwrap()
         })
     });
     g.throughput(Throughput::Elements(1));

@@ -18,11 +18,15 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+/// A `SendBatchRequest` as the domain batch `Gateway::submit` takes, validated as SendBatch does.
+pub use crate::edge::into_batch;
+pub use crate::ingest::{BatchResult, SubmitError};
+
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
 use crate::edge::{AdminApi, Api, ApiKeys, InsightsApi, PolicyApi, Quotas, ServerTls};
-use crate::ingest::{BatchResult, Ingest, IngestConfig, IngestParts, RequestCaps, SubmitError};
+use crate::ingest::{Ingest, IngestConfig, IngestParts, RequestCaps};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicySettings};

@@ -69,8 +69,16 @@ pub fn retry_delay(policy: &RetryConfig, attempt: u32, retry_after: Option<Durat
     }
 }
 
+impl RetryConfig {
+    /// The largest wait a retry can be given before `attempt` when the provider sends no
+    /// Retry-After (the backoff before jitter).
+    pub fn delay_ceiling(&self, attempt: u32) -> Duration {
+        retry_delay_ceiling(self, attempt)
+    }
+}
+
 /// The largest wait `retry_delay` can choose for `attempt` without a Retry-After.
-pub fn retry_delay_ceiling(policy: &RetryConfig, attempt: u32) -> Duration {
+fn retry_delay_ceiling(policy: &RetryConfig, attempt: u32) -> Duration {
     exponential_ceiling(policy.base(), policy.cap(), attempt)
 }
 

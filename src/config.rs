@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 pub use crate::backoff::RetryConfig;
 pub use crate::config_error::ConfigError;
+pub use crate::limit::LimitConfig;
 use crate::provider::Provider;
 use crate::provider::apns::ApnsProvider;
 pub use crate::provider::config::{ApnsConfig, ApnsEnvironment, FcmConfig};

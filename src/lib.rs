@@ -11,24 +11,24 @@
 //! `ARCHITECTURE.md` for the map.
 
 pub mod app;
-pub mod backoff;
+mod backoff;
 pub mod config;
 mod config_error;
 mod deliver;
 pub mod domain;
-pub mod edge;
+mod edge;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod ingest;
-pub mod insights;
-pub mod limit;
+mod ingest;
+mod insights;
+mod limit;
 pub mod metrics;
 pub mod otlp;
-pub mod policy;
+mod policy;
 pub mod provider;
 pub mod receipts;
-pub mod redact;
+mod redact;
 pub mod registry;
 pub mod render;
 pub mod send;

@@ -25,9 +25,9 @@ pub mod tls;
 
 pub use admin::AdminApi;
 pub use api::Api;
-pub use auth::{ApiKeys, Caller, Scope};
+pub use auth::ApiKeys;
 pub use convert::into_batch;
 pub use insights::InsightsApi;
 pub use policy::PolicyApi;
-pub use quota::{IngressConfig, Quotas};
+pub use quota::Quotas;
 pub use tls::ServerTls;

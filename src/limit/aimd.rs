@@ -153,16 +153,19 @@ impl Aimd {
     }
 
     /// Times a lasting RTT rise was taken as a new baseline rather than congestion.
+    #[cfg(test)]
     pub fn rebaselines(&self) -> u64 {
         self.rebaselines
     }
 
     /// True until the first back-pressure or RTT rise.
+    #[cfg(test)]
     pub fn in_slow_start(&self) -> bool {
         self.slow_start
     }
 
     /// The round-trip baseline, once measured.
+    #[cfg(test)]
     pub fn baseline_rtt(&self) -> Option<Duration> {
         self.baseline_rtt.map(Duration::from_secs_f64)
     }

@@ -36,8 +36,8 @@ use tokio::sync::Notify;
 use crate::config_error::ConfigError;
 use crate::domain::Platform;
 
-pub use aimd::{Aimd, Feedback};
-pub use queues::{Next, Queues, Schedulable, Slot};
+pub use aimd::Aimd;
+pub use queues::Slot;
 pub use scheduler::Scheduler;
 
 /// Default adaptive-concurrency start per (app, provider).

@@ -328,11 +328,6 @@ impl<T: Schedulable> Queues<T> {
         self.len == 0
     }
 
-    /// Items queued for `app`.
-    pub fn app_len(&self, app: &str) -> usize {
-        self.apps.get(app).map_or(0, AppQueue::len)
-    }
-
     /// Queues `item` at the back of its app's lane.
     pub fn push(&mut self, item: T) {
         self.push_at(item, Instant::now());

@@ -15,11 +15,11 @@ use parking_lot::Mutex;
 use crate::domain::{Outcome, Platform, ProviderRequest};
 
 pub mod apns;
-pub mod coalesce;
+mod coalesce;
 pub mod config;
 pub mod fcm;
-pub mod h2pool;
-pub mod retry_after;
+mod h2pool;
+pub(crate) mod retry_after;
 
 /// A boxed, sendable future, so providers can sit behind `dyn Provider`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -508,7 +508,7 @@ async fn ttl_applies_while_waiting_and_limits_reload_without_restart() {
     // Raise the limit at run time: 100 messages now go in one burst.
     m.gateway.gateway.update_limits(
         "shop",
-        pushgate::limit::LimitConfig {
+        pushgate::config::LimitConfig {
             apns_per_second: Some(1_000),
             burst: Some(100),
             ..Default::default()
@@ -574,7 +574,7 @@ async fn a_slow_apps_backlog_cannot_fill_the_shared_accept_window() {
     // Lift the limit at run time so the flood drains now.
     m.gateway
         .gateway
-        .update_limits("slow", pushgate::limit::LimitConfig::default());
+        .update_limits("slow", pushgate::config::LimitConfig::default());
     all_delivered(&flood.await.unwrap(), FLOOD as usize);
     assert_eq!(limits.waiting("slow"), 0);
     assert_eq!(m.gateway.gateway.metrics().unresolved_drops.get(), 0);

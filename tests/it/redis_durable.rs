@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use pushgate::app::Gateway;
+use pushgate::app::SubmitError;
 use pushgate::config::{PipelineConfig, RetryConfig};
 use pushgate::domain::Batch;
 use pushgate::domain::{
     Outcome, Platform, ProviderRequest, Receipt, ReceiptStatus, Recipient, Template,
 };
-use pushgate::ingest::SubmitError;
 use pushgate::metrics::Metrics;
 use pushgate::provider::Provider;
 use pushgate::receipts::ReceiptEnvelope;
@@ -321,8 +321,7 @@ async fn retry_due_times_follow_backoff_and_retry_after_on_the_zset() {
         );
         let wait = due - seen;
         if *attempt < 4 {
-            let ceiling =
-                pushgate::backoff::retry_delay_ceiling(&policy, *attempt).as_millis() as i64;
+            let ceiling = policy.delay_ceiling(*attempt).as_millis() as i64;
             assert!(
                 wait <= ceiling + 5,
                 "attempt {attempt}: waits {wait} ms, ceiling {ceiling} ms"
@@ -335,9 +334,7 @@ async fn retry_due_times_follow_backoff_and_retry_after_on_the_zset() {
         }
     }
     // Ceilings grow with the attempt number (full jitter below them).
-    let ceilings: Vec<_> = (1..4)
-        .map(|a| pushgate::backoff::retry_delay_ceiling(&policy, a))
-        .collect();
+    let ceilings: Vec<_> = (1..4).map(|a| policy.delay_ceiling(a)).collect();
     assert!(ceilings.windows(2).all(|w| w[0] < w[1]), "{ceilings:?}");
 
     // An orderly shutdown leaves the parked job in Redis for the next replica.
@@ -828,7 +825,7 @@ async fn staging_before_persist_never_waits_on_its_own_window_or_limit_places() 
     );
     gateway.update_limits(
         "shop",
-        pushgate::limit::LimitConfig {
+        pushgate::config::LimitConfig {
             max_queued: Some(3),
             ..Default::default()
         },

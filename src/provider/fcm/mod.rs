@@ -7,11 +7,11 @@
 //! the HTTP/1.1-or-HTTP/2 client of the credential endpoints) and the project-wide quota pause: after a `429` with `Retry-After`, every delivery of this provider
 //! waits until that instant before sending, because the quota is shared by the whole project.
 
-pub mod credentials;
-pub mod oauth;
+mod credentials;
+mod oauth;
 pub mod response;
-pub mod token_http;
-pub mod token_source;
+mod token_http;
+mod token_source;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
