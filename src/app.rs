@@ -25,7 +25,7 @@ pub use crate::ingest::{BatchResult, SubmitError};
 use crate::config::{Config, ConfigError, PipelineConfig};
 use crate::deliver::Deliverer;
 use crate::domain::Batch;
-use crate::edge::{AdminApi, Api, ApiKeys, InsightsApi, PolicyApi, Quotas, ServerTls};
+use crate::edge::{AdminApi, Api, ApiKeys, BatchGuard, InsightsApi, PolicyApi, Quotas, ServerTls};
 use crate::ingest::{Ingest, IngestConfig, IngestParts, RequestCaps};
 use crate::limit::{LimitConfig, Limits};
 use crate::metrics::Metrics;
@@ -484,9 +484,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service({
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(
-                gateway
-                    .api(&quotas)
-                    .into_server(config.pipeline.max_request_bytes()),
+                BatchGuard::new(
+                    gateway
+                        .api(&quotas)
+                        .into_server(config.pipeline.max_request_bytes()),
+                    crate::edge::batch_guard::refuse_above(config.pipeline.max_batch_recipients),
+                ),
                 move |request| keys.intercept(request),
             )
         })

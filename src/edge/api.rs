@@ -110,6 +110,11 @@ impl Api {
         }
     }
 
+    /// Recipients a request may carry before it is refused undecoded (`batch_guard`).
+    pub fn wire_recipient_limit(&self) -> usize {
+        super::batch_guard::refuse_above(self.ingest.max_batch_recipients())
+    }
+
     /// Applies per-key ingress limits (`[ingress]`).
     pub fn with_quotas(mut self, quotas: Arc<Quotas>) -> Self {
         self.quotas = quotas;
@@ -204,6 +209,10 @@ impl proto::push_gateway_server::PushGateway for Api {
         // caller's batches are not read while too many receipts wait.
         let queue = Arc::new(ReceiptQueue::new(receipts, ingest.max_unread_receipts()));
         let outbound = Arc::clone(&queue);
+        // Why the gateway stopped reading the caller's batches (a request refused on the wire,
+        // say), told after the last receipt; dropped unsent when the caller simply finished.
+        let (ended_with, inbound_error) = tokio::sync::oneshot::channel::<Status>();
+        let mut ended_with = Some(ended_with);
         tokio::spawn(async move {
             let stopping = ingest.stopping();
             loop {
@@ -222,6 +231,9 @@ impl proto::push_gateway_server::PushGateway for Api {
                     Ok(None) => break,
                     Err(status) => {
                         debug!(%status, "StreamSend inbound ended with an error");
+                        if let Some(tell) = ended_with.take() {
+                            let _ = tell.send(status);
+                        }
                         break;
                     }
                 };
@@ -265,7 +277,11 @@ impl proto::push_gateway_server::PushGateway for Api {
             outbound.poll_next(cx)
         })
         // The envelope, and with it the window slot, is released as the receipt leaves.
-        .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)));
+        .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)))
+        .chain(
+            futures::stream::once(inbound_error)
+                .filter_map(|ended| async move { ended.ok().map(Err) }),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

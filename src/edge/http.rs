@@ -33,6 +33,7 @@ use tracing::debug;
 
 use super::api::Api;
 use super::auth::ApiKeys;
+use super::batch_guard::check_json;
 use crate::proto;
 use crate::proto::push_gateway_server::PushGateway;
 
@@ -165,6 +166,9 @@ async fn send_batch(
             "the body must be JSON (`content-type: application/json`)",
         )
         .into_response();
+    }
+    if let Err(too_many) = check_json(&body, http.api.wire_recipient_limit()) {
+        return ApiError::from_status(&too_many.into_status()).into_response();
     }
     let mut request: proto::SendBatchRequest = match decode_json(&body) {
         Ok(request) => request,

@@ -6,6 +6,8 @@
 //! - `policy`: `pushgate.v1.PushGatewayPolicy` (dead tokens, opt-outs, erasure).
 //! - `auth`: API keys, checked by an interceptor before any handler runs.
 //! - `convert`: requests into domain batches, results into responses.
+//! - `batch_guard`: counts a request's recipients on the wire and refuses one far over the
+//!   batch cap before it is decoded.
 //! - `insights`: `pushgate.v1.PushGatewayInsights` (TrackEvents, GetCampaignStats).
 //! - `quota`: per-key ingress limits (batches and recipients per second, open streams and
 //!   subscriptions).
@@ -15,6 +17,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod batch_guard;
 pub mod convert;
 pub mod http;
 pub mod insights;
@@ -26,6 +29,7 @@ pub mod tls;
 pub use admin::AdminApi;
 pub use api::Api;
 pub use auth::ApiKeys;
+pub use batch_guard::BatchGuard;
 pub use convert::into_batch;
 pub use insights::InsightsApi;
 pub use policy::PolicyApi;

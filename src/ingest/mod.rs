@@ -367,6 +367,10 @@ impl Ingest {
 
     /// Receipts queued unread for one `StreamSend` caller before its batches are no longer
     /// read.
+    pub fn max_batch_recipients(&self) -> usize {
+        self.config.max_batch_recipients
+    }
+
     pub fn max_unread_receipts(&self) -> usize {
         self.config.max_unread_receipts
     }

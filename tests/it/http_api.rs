@@ -267,6 +267,15 @@ async fn errors_map_to_http_statuses_and_name_the_field() {
     assert_eq!(error["error"]["status"], "INVALID_ARGUMENT");
     assert_eq!(error["error"]["field"], "recipients", "{error}");
     check_against_openapi(&error, "Error");
+    // Far over the batch cap (10,000 here): refused from a count of the JSON array, before
+    // the recipients are decoded.
+    let flood = json!({"template": {"title": "x"}, "recipients": vec![json!({}); 20_001]});
+    let reply = call(addr, "POST", path, Some(SHOP_KEY), Some(flood)).await;
+    assert_eq!(reply.status, 400);
+    let error = reply.json();
+    assert_eq!(error["error"]["field"], "recipients", "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("refused before decoding"), "{error}");
     let mut unspecified = batch_json(0..1);
     unspecified["recipients"][0]["platform"] = json!("PLATFORM_UNSPECIFIED");
     let reply = call(addr, "POST", path, Some(SHOP_KEY), Some(unspecified)).await;

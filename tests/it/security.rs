@@ -777,6 +777,90 @@ async fn request_caps_refuse_the_batch_naming_the_field() {
     h.gateway.shutdown().await.unwrap();
 }
 
+/// A request far over the batch cap (here 1,000 empty recipients, 2 bytes each on the wire,
+/// against a cap of 5) is refused while it arrives, before tonic decodes it: SendBatch answers
+/// INVALID_ARGUMENT naming `recipients`, a StreamSend carrying it gets the receipts of what it
+/// sent before and then the same status; a batch just over the cap still gets ingest's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_far_over_the_batch_cap_is_refused_before_it_is_decoded() {
+    let h = harness::start(Options {
+        api_keys: vec![SHOP_KEY.into()],
+        pipeline: "shutdown_grace_secs = 5\nmax_batch_recipients = 5".into(),
+        ..Default::default()
+    })
+    .await;
+    let channel = h.channel().await;
+    let mut client = PushGatewayClient::new(channel.clone());
+    let mut flood = batch("shop", 0..0);
+    flood.recipients = vec![proto::Recipient::default(); 1000];
+
+    let err = client
+        .send_batch(signed(flood.clone(), Some(SHOP_KEY)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("recipients: more than 10 recipients")
+            && err.message().contains("refused before decoding"),
+        "{}",
+        err.message()
+    );
+    // Just over the cap: decoded, and answered by ingest with the count.
+    let err = client
+        .send_batch(signed(batch("shop", 0..6), Some(SHOP_KEY)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("recipients: 6 recipients"),
+        "{}",
+        err.message()
+    );
+
+    // StreamSend: a good batch, then the flood. The good batch's receipts arrive, then the
+    // status that says why the gateway stopped reading.
+    let mut good = batch("shop", 100..102);
+    good.wait_for_receipts = false;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut inbound = client
+        .stream_send(signed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Some(SHOP_KEY),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(good).await.unwrap();
+    let mut delivered = 0;
+    while delivered < 2 {
+        let r = inbound.message().await.unwrap().expect("stream open");
+        if r.terminal {
+            assert_eq!(status(&r), ReceiptStatus::Delivered, "{r:?}");
+            delivered += 1;
+        }
+    }
+    tx.send(flood).await.unwrap();
+    let end = match inbound.message().await {
+        Ok(Some(r)) => panic!("no receipt expected after the good batch: {r:?}"),
+        Ok(None) => panic!("the stream ended without saying why"),
+        Err(status) => status,
+    };
+    assert_eq!(end.code(), Code::InvalidArgument, "{end:?}");
+    assert!(
+        end.message().contains("refused before decoding"),
+        "{}",
+        end.message()
+    );
+    assert_eq!(
+        h.mock.accepted().len(),
+        2,
+        "only the good batch reached APNs"
+    );
+    assert_eq!(h.unresolved_drops(), 0);
+    h.gateway.shutdown().await.unwrap();
+}
+
 fn neighbour_count(n: &Neighbour) -> usize {
     (n.n - 1_000_000) as usize
 }
