@@ -46,6 +46,46 @@ enum Command {
     /// then reconciles what was accepted, delivered and receipted. Exits 1 when anything
     /// accepted was lost or a status was wrong.
     Chaos(ChaosFlags),
+    /// Runs abusive request shapes (decode bombs, oversized batches, floods of streams and
+    /// subscriptions, unread streams) from one key against a gateway child while another key
+    /// keeps sending; reports the gateway's memory and answer per case. Exits 1 when the other
+    /// caller saw a failure.
+    Hostile(HostileFlags),
+}
+
+/// `hostile` flags.
+#[derive(Args)]
+struct HostileFlags {
+    /// The pushgate binary to start.
+    #[arg(long, default_value = "target/release/pushgate")]
+    gateway_bin: PathBuf,
+    /// Durable mode on a private redis-server.
+    #[arg(long)]
+    redis: bool,
+    /// Only the cases whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn hostile(f: HostileFlags) -> anyhow::Result<()> {
+    let settings = load::hostile::HostileSettings {
+        gateway_bin: f.gateway_bin,
+        redis: f.redis,
+        only: f.only,
+    };
+    let rt = runtime(CLIENT_THREAD, 2)?;
+    let report = rt.block_on(load::hostile::run(&settings))?;
+    load::hostile::print(&report);
+    if let Some(path) = &f.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    if report.bystander_failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// `chaos` flags (defaults: a 60 s run at 500 msg/s with every fault this machine allows).
@@ -324,6 +364,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(f) => (f, false),
         Command::Ceiling(f) => (f, true),
         Command::Chaos(f) => return chaos(f),
+        Command::Hostile(f) => return hostile(f),
     };
     let settings = flags.settings()?;
     let client_rt = runtime(CLIENT_THREAD, settings.client_threads)?;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use pushgate::proto::push_gateway_admin_client::PushGatewayAdminClient;
 use pushgate::proto::push_gateway_client::PushGatewayClient;
+use pushgate::proto::push_gateway_insights_client::PushGatewayInsightsClient;
+use pushgate::proto::push_gateway_policy_client::PushGatewayPolicyClient;
 use pushgate::proto::{self, ReceiptStatus};
 use pushgate_mocks::redis_server::RedisServer;
 use sha2::{Digest, Sha256};
@@ -56,15 +58,29 @@ enum Rpc {
     ListDeadLetters,
     ReplayDeadLetters,
     PurgeDeadLetters,
+    ListInvalidTokens,
+    SetOptOut,
+    ClearOptOut,
+    ForgetUser,
+    CancelScheduled,
+    TrackEvents,
+    GetCampaignStats,
 }
 
-const RPCS: [Rpc; 6] = [
+const RPCS: [Rpc; 13] = [
     Rpc::SendBatch,
     Rpc::StreamSend,
     Rpc::SubscribeReceipts,
     Rpc::ListDeadLetters,
     Rpc::ReplayDeadLetters,
     Rpc::PurgeDeadLetters,
+    Rpc::ListInvalidTokens,
+    Rpc::SetOptOut,
+    Rpc::ClearOptOut,
+    Rpc::ForgetUser,
+    Rpc::CancelScheduled,
+    Rpc::TrackEvents,
+    Rpc::GetCampaignStats,
 ];
 
 /// Calls `rpc` for `app` with `key`: `Ok` when served, else the code and message. A StreamSend
@@ -80,6 +96,12 @@ async fn call(
     let err = |s: tonic::Status| (s.code(), s.message().to_string());
     let mut api = PushGatewayClient::new(channel.clone());
     let mut admin = PushGatewayAdminClient::new(channel.clone());
+    let mut policy = PushGatewayPolicyClient::new(channel.clone());
+    let mut insights = PushGatewayInsightsClient::new(channel.clone());
+    let opt_out = || proto::OptOutRequest {
+        app_id: app.into(),
+        user_id: format!("u-matrix-{n}"),
+    };
     match rpc {
         Rpc::SendBatch => {
             let response = api
@@ -168,6 +190,100 @@ async fn call(
             assert_eq!(purged, 0);
             Ok(())
         }
+        Rpc::ListInvalidTokens => {
+            let mut stream = policy
+                .list_invalid_tokens(signed(
+                    proto::ListInvalidTokensRequest {
+                        app_id: app.into(),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .map_err(err)?
+                .into_inner();
+            while stream.message().await.map_err(err)?.is_some() {}
+            Ok(())
+        }
+        Rpc::SetOptOut => {
+            let changed = policy
+                .set_opt_out(signed(opt_out(), key))
+                .await
+                .map_err(err)?
+                .into_inner()
+                .changed;
+            assert!(changed, "a new user id is opted out");
+            Ok(())
+        }
+        Rpc::ClearOptOut => {
+            policy
+                .clear_opt_out(signed(opt_out(), key))
+                .await
+                .map_err(err)?;
+            Ok(())
+        }
+        Rpc::ForgetUser => {
+            policy
+                .forget_user(signed(
+                    proto::ForgetUserRequest {
+                        app_id: app.into(),
+                        user_id: format!("u-matrix-{n}"),
+                    },
+                    key,
+                ))
+                .await
+                .map_err(err)?;
+            Ok(())
+        }
+        Rpc::CancelScheduled => {
+            let cancelled = policy
+                .cancel_scheduled(signed(
+                    proto::CancelScheduledRequest {
+                        app_id: app.into(),
+                        campaign_id: "no-such-campaign".into(),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .map_err(err)?
+                .into_inner()
+                .cancelled;
+            assert_eq!(cancelled, 0);
+            Ok(())
+        }
+        Rpc::TrackEvents => {
+            insights
+                .track_events(signed(
+                    proto::TrackEventsRequest {
+                        app_id: app.into(),
+                        events: vec![proto::TrackedEvent {
+                            event_id: format!("e-{n}"),
+                            r#type: proto::EventType::Open as i32,
+                            message_id: format!("m-{n}"),
+                            ..Default::default()
+                        }],
+                    },
+                    key,
+                ))
+                .await
+                .map_err(err)?;
+            Ok(())
+        }
+        Rpc::GetCampaignStats => {
+            insights
+                .get_campaign_stats(signed(
+                    proto::GetCampaignStatsRequest {
+                        app_id: app.into(),
+                        campaign_id: "spring".into(),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .map_err(err)?;
+            Ok(())
+        }
     }
 }
 
@@ -178,7 +294,8 @@ fn is_admin(rpc: Rpc) -> bool {
     )
 }
 
-/// Every RPC x {own app, other tenant's app, unknown app} x {no key, unknown key, api key,
+/// Every RPC of the four services (send, admin, policy, insights) x {own app, other tenant's
+/// app, unknown app} x {no key, unknown key, api key,
 /// admin key (configured as a `sha256:` digest)}; plus: "other" and "unknown" get the very same
 /// answer, and a StreamSend batch refused for another tenant's app reaches none of that app's
 /// subscribers.

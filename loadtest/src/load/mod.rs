@@ -10,6 +10,8 @@
 //! - [`procstat`]: CPU and RSS from `/proc`.
 //! - [`redis`]: durable-mode runs: the gateway's Redis and what it spent.
 //! - [`report`]: the summary, its JSON and an HTML page with inline SVG charts.
+//! - [`hostile`]: what one hostile caller costs the gateway: each abusive request shape in turn,
+//!   the gateway's memory and answer, and whether another caller's batches kept flowing.
 //! - [`chaos`]: the chaos runner: a long mixed workload against several replicas on one Redis,
 //!   faults on a schedule, and the three ledgers reconciled.
 
@@ -17,6 +19,7 @@ pub mod ceiling;
 pub mod chaos;
 pub mod driver;
 pub mod env;
+pub mod hostile;
 pub mod procstat;
 pub mod redis;
 pub mod report;
