@@ -63,6 +63,15 @@ impl Deliverer {
                         if let Some(job) = work.into_job() {
                             this.attempt(job, &slot).await;
                         }
+                        // The request covers recording its outcome too: with the store's
+                        // writer behind, new requests wait instead of piling up deliveries
+                        // that a crash would repeat.
+                        if let Some(settled) = this.store.settled() {
+                            tokio::select! {
+                                () = settled => {}
+                                _ = this.hard_stop.cancelled() => {}
+                            }
+                        }
                         // The global permit first: the slot's drop wakes the scheduler.
                         drop(permit);
                         drop(slot);

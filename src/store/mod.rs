@@ -225,6 +225,15 @@ pub trait Store: ReceiptObserver + Send + Sync + 'static {
     /// the replica that reclaims it finishes it; otherwise it ends FAILED with `reason`.
     fn abandon(&self, work: Work, reason: &str);
 
+    /// `None` when every write this store queued so far is written; otherwise a future that
+    /// ends once the writer has caught up with them (or has ended). The deliver stage holds a
+    /// request permit across it, so messages delivered but not yet recorded as such (the ones
+    /// a crash would deliver again) are bounded by `pipeline.max_in_flight_requests` however
+    /// far behind the writer falls.
+    fn settled(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        None
+    }
+
     /// Retries parked by this process.
     fn parked(&self) -> usize;
 

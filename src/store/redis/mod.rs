@@ -381,6 +381,10 @@ impl Store for RedisStore {
         work.hand_off();
     }
 
+    fn settled(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        self.queue.settled()
+    }
+
     fn parked(&self) -> usize {
         self.queue.parked_here()
     }

@@ -105,6 +105,14 @@ struct QueueStats {
     pub fenced: AtomicU64,
 }
 
+/// What the writer has done: writes written (or given up at shutdown), and whether its last
+/// batch failed.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct WriterProgress {
+    done: u64,
+    failing: bool,
+}
+
 /// The queue. See the module docs.
 pub(super) struct RedisRetryQueue {
     store: Arc<RedisClient>,
@@ -115,6 +123,10 @@ pub(super) struct RedisRetryQueue {
     /// Jobs this replica holds a lease on (renewed until their terminal receipt).
     held: DashMap<JobKey, ()>,
     writes: mpsc::UnboundedSender<Write>,
+    /// Writes sent to the writer so far, and (published by the writer) how many of them it
+    /// has written or given up on: `settled` compares the two.
+    writes_sent: AtomicU64,
+    writes_done: watch::Sender<WriterProgress>,
     /// Per app: changed whenever the writer appended receipts to its stream (wakes the
     /// resumable subscriptions of this replica).
     feed_written: HashMap<String, watch::Sender<()>>,
@@ -170,6 +182,8 @@ impl RedisRetryQueue {
             local: DashMap::new(),
             held: DashMap::new(),
             writes,
+            writes_sent: AtomicU64::new(0),
+            writes_done: watch::channel(WriterProgress::default()).0,
             feed_written,
             stopped: AtomicBool::new(false),
             write_backlog: AtomicBool::new(false),

@@ -45,7 +45,41 @@ pub(super) enum Write {
 impl RedisRetryQueue {
     /// Sends a write to the writer; false when the writer has ended.
     pub(super) fn write(&self, w: Write) -> bool {
+        self.writes_sent.fetch_add(1, Ordering::AcqRel);
         self.writes.send(w).is_ok()
+    }
+
+    /// See [`crate::store::Store::settled`]. Approximate by design: it waits for as many
+    /// writes to be done as had been sent when it was called, which is the caller's own
+    /// unless another thread's write was sent between its count and its send. While the
+    /// writer is failing (Redis away, or replicas not confirming) nothing waits: deliveries go
+    /// on with their outcomes queued in memory, as they did before this bound, rather than
+    /// stopping every send for the length of an outage.
+    pub(crate) fn settled(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        let sent = self.writes_sent.load(Ordering::Acquire);
+        let caught_up = move |w: &WriterProgress| w.done >= sent || w.failing;
+        if caught_up(&self.writes_done.borrow()) {
+            return None;
+        }
+        let mut progress = self.writes_done.subscribe();
+        Some(Box::pin(async move {
+            // An error means the writer ended: nothing more will be written.
+            let _ = progress.wait_for(caught_up).await;
+        }))
+    }
+
+    /// Counts `n` writes as done (written, or given up at shutdown); the writer is not failing.
+    fn done(&self, n: usize) {
+        self.writes_done.send_modify(|w| {
+            w.done += n as u64;
+            w.failing = false;
+        });
+    }
+
+    /// The writer could not write its batch and will try again.
+    fn failing(&self) {
+        self.writes_done
+            .send_if_modified(|w| !std::mem::replace(&mut w.failing, true));
     }
 
     pub(super) async fn write_loop(
@@ -81,6 +115,7 @@ impl RedisRetryQueue {
                         self.unaccepts_pending
                             .fetch_sub(unaccepts, Ordering::AcqRel);
                     }
+                    self.done(buf.len());
                     buf.clear();
                     self.write_backlog.store(false, Ordering::Release);
                 }
@@ -92,6 +127,7 @@ impl RedisRetryQueue {
                     if stop.is_cancelled() && self.stopped.load(Ordering::Acquire) {
                         // Shutting down without replicas: the primary has the batch; keep it.
                         warn!("shutting down with writes not acknowledged by Redis replicas");
+                        self.done(buf.len());
                         buf.clear();
                         if rx.is_closed() && rx.is_empty() {
                             return;
@@ -99,13 +135,16 @@ impl RedisRetryQueue {
                         continue;
                     }
                     self.write_backlog.store(true, Ordering::Release);
+                    self.failing();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
                     self.write_backlog.store(true, Ordering::Release);
+                    self.failing();
                     self.store.observe::<()>(&Err(e));
                     if stop.is_cancelled() && self.stopped.load(Ordering::Acquire) {
                         // Shutting down with Redis away: give up on these writes.
+                        self.done(buf.len());
                         self.abandon(std::mem::take(&mut buf));
                         if rx.is_closed() && rx.is_empty() {
                             return;
