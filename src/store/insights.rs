@@ -26,6 +26,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::StoreError;
+use super::send_time::{Histogram, OpenHistograms, hour_of_week};
 use crate::domain::{Platform, Receipt, ReceiptStatus};
 use crate::receipts::ReceiptObserver;
 
@@ -54,6 +55,9 @@ pub struct TrackEvent {
     pub campaign_id: String,
     /// When it happened, Unix epoch ms.
     pub occurred_at_ms: i64,
+    /// The user's zone, whose hours of the week an open counts in for send-time optimization
+    /// (`super::send_time`).
+    pub zone: jiff::tz::TimeZone,
 }
 
 /// What became of one tracked event.
@@ -112,6 +116,14 @@ pub trait Insights: ReceiptObserver + Send + Sync + 'static {
 
     /// The counts of `campaign` of `app` (empty when nothing is known of it).
     async fn counts(&self, app: &str, campaign: &str) -> Result<CampaignCounts, StoreError>;
+
+    /// The open-time histograms of `app`'s population and of `users` (those with opens), for
+    /// send-time optimization. Every counted open feeds them: its exposure's first open.
+    async fn open_histograms(
+        &self,
+        app: &str,
+        users: &[&str],
+    ) -> Result<OpenHistograms, StoreError>;
 }
 
 /// The variant name a receipt counts under.
@@ -153,6 +165,8 @@ pub(crate) fn outside_window(
 struct Exposure {
     campaign: Arc<str>,
     variant: Arc<str>,
+    /// Empty when the message named no user.
+    user: Arc<str>,
     at_ms: i64,
     opened: bool,
     converted: bool,
@@ -173,6 +187,11 @@ struct AppState {
     user_order: VecDeque<Arc<str>>,
     events: HashMap<String, ()>,
     event_order: VecDeque<String>,
+    /// Open-time histograms: the population's, and per user (at most `max_exposures` users,
+    /// the first seen forgotten first).
+    population: Histogram,
+    histograms: HashMap<Arc<str>, Histogram>,
+    histogram_order: VecDeque<Arc<str>>,
 }
 
 /// Exposures remembered per user for attribution by user id, at most.
@@ -258,7 +277,25 @@ impl AppState {
             .cloned()
     }
 
-    fn track(&mut self, e: &TrackEvent, config: &InsightsConfig) -> Tracked {
+    /// Adds an open of `user` at `at_ms` to its histogram and the population's.
+    fn add_open(&mut self, user: &Arc<str>, bucket: usize, at_ms: i64, max: usize) {
+        self.population.add(bucket, at_ms);
+        if let Some(h) = self.histograms.get_mut(user) {
+            h.add(bucket, at_ms);
+            return;
+        }
+        self.histogram_order.push_back(Arc::clone(user));
+        while self.histogram_order.len() > max {
+            if let Some(old) = self.histogram_order.pop_front() {
+                self.histograms.remove(&old);
+            }
+        }
+        let mut h = Histogram::default();
+        h.add(bucket, at_ms);
+        self.histograms.insert(Arc::clone(user), h);
+    }
+
+    fn track(&mut self, e: &TrackEvent, config: &InsightsConfig, now_ms: i64) -> Tracked {
         if self.events.contains_key(&e.event_id) {
             return Tracked::Duplicate;
         }
@@ -285,10 +322,22 @@ impl AppState {
                 } else {
                     *flag = true;
                     let (c, v) = (Arc::clone(&x.campaign), Arc::clone(&x.variant));
+                    let exposed_user = Arc::clone(&x.user);
                     let counts = self.counts(&c).entry(v.to_string()).or_default();
                     match e.kind {
                         EventKind::Open => counts.opens += 1,
                         EventKind::Conversion => counts.conversions += 1,
+                    }
+                    let user = if e.user_id.is_empty() {
+                        exposed_user
+                    } else {
+                        Arc::from(e.user_id.as_str())
+                    };
+                    if e.kind == EventKind::Open && !user.is_empty() {
+                        // An open reported from the future (a device's clock) counts as now.
+                        let at = e.occurred_at_ms.min(now_ms);
+                        let bucket = hour_of_week(at, &e.zone);
+                        self.add_open(&user, bucket, at, config.max_exposures);
                     }
                     Tracked::Counted { campaign, variant }
                 }
@@ -342,6 +391,7 @@ impl ReceiptObserver for MemoryInsights {
                 at_ms: crate::domain::epoch_millis(
                     receipt.completed_at.unwrap_or(meta.accepted_at),
                 ),
+                user: Arc::from(meta.user_id.as_str()),
                 opened: false,
                 converted: false,
             };
@@ -358,12 +408,34 @@ impl ReceiptObserver for MemoryInsights {
 #[async_trait::async_trait]
 impl Insights for MemoryInsights {
     async fn track(&self, app: &str, events: &[TrackEvent]) -> Result<Vec<Tracked>, StoreError> {
+        let now_ms = crate::store::now_ms();
         let mut apps = self.apps.lock();
         let state = apps.entry(Arc::from(app)).or_default();
         Ok(events
             .iter()
-            .map(|e| state.track(e, &self.config))
+            .map(|e| state.track(e, &self.config, now_ms))
             .collect())
+    }
+
+    async fn open_histograms(
+        &self,
+        app: &str,
+        users: &[&str],
+    ) -> Result<OpenHistograms, StoreError> {
+        let apps = self.apps.lock();
+        let Some(state) = apps.get(app) else {
+            return Ok(OpenHistograms::default());
+        };
+        Ok(OpenHistograms {
+            population: state.population.clone(),
+            users: users
+                .iter()
+                .filter_map(|u| {
+                    let h = state.histograms.get(*u)?;
+                    Some(((*u).to_owned(), h.clone()))
+                })
+                .collect(),
+        })
     }
 
     async fn counts(&self, app: &str, campaign: &str) -> Result<CampaignCounts, StoreError> {
@@ -411,6 +483,7 @@ mod tests {
             user_id: user.into(),
             campaign_id: String::new(),
             occurred_at_ms: at,
+            zone: jiff::tz::TimeZone::UTC,
         }
     }
 
