@@ -552,6 +552,70 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn counted_opens_feed_the_open_time_histograms() {
+        let s = MemoryInsights::new(InsightsConfig {
+            max_exposures: 3,
+            ..InsightsConfig::default()
+        });
+        for (m, u) in [("m1", "u1"), ("m2", "u1"), ("m3", "u2")] {
+            s.observe(&receipt(m, u, "a", ReceiptStatus::Delivered));
+        }
+        let now = crate::store::now_ms();
+        let hour = 3_600_000;
+        let out = s
+            .track(
+                "app",
+                &[
+                    // By message id: the exposure's user.
+                    event("e1", EventKind::Open, "m1", "", now - hour),
+                    // A repeat and a second open of the same exposure feed nothing.
+                    event("e1", EventKind::Open, "m1", "", now - hour),
+                    event("e2", EventKind::Open, "m1", "", now - hour),
+                    // From the future: counted as now.
+                    event("e3", EventKind::Open, "m2", "", now + 400 * hour),
+                    event("e4", EventKind::Open, "m3", "", now),
+                    // Conversions are no opens.
+                    event("e5", EventKind::Conversion, "m3", "", now),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 6);
+        let h = s.open_histograms("app", &["u1", "u2", "u9"]).await.unwrap();
+        let read_at = crate::store::now_ms();
+        let u1 = h.users["u1"].at(read_at);
+        let utc = jiff::tz::TimeZone::UTC;
+        assert!(u1[hour_of_week(now - hour, &utc)] > 0.99);
+        assert!(u1[hour_of_week(now, &utc)] > 0.99);
+        // One open an hour old, one (from the future) as of now: 2^(-1h/28d) + 1.
+        let weight = |at: i64| crate::store::send_time::growth(read_at, at);
+        let u1_total = weight(now - hour) + weight(now);
+        assert!((h.users["u1"].total(read_at) - u1_total).abs() < 1e-6);
+        assert!((h.users["u2"].total(read_at) - weight(now)).abs() < 1e-6);
+        assert!(!h.users.contains_key("u9"));
+        let population = u1_total + weight(now);
+        assert!((h.population.total(read_at) - population).abs() < 1e-6);
+        // At most `max_exposures` users keep a histogram: the first seen goes first.
+        s.observe(&receipt("m4", "u3", "a", ReceiptStatus::Delivered));
+        s.observe(&receipt("m5", "u4", "a", ReceiptStatus::Delivered));
+        s.track(
+            "app",
+            &[
+                event("e6", EventKind::Open, "m4", "", now),
+                event("e7", EventKind::Open, "m5", "", now),
+            ],
+        )
+        .await
+        .unwrap();
+        let h = s
+            .open_histograms("app", &["u1", "u2", "u3", "u4"])
+            .await
+            .unwrap();
+        assert_eq!(h.users.len(), 3);
+        assert!(!h.users.contains_key("u1"));
+    }
+
     #[test]
     fn memory_is_bounded() {
         let s = MemoryInsights::new(InsightsConfig {

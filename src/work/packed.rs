@@ -491,6 +491,28 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn the_time_zone_is_kept_only_when_a_text_may_use_dates() {
+        let mut r = recipient();
+        r.body = None;
+        r.timezone = "Europe/Paris".into();
+        for (title, kept) in [
+            (
+                "Hi {{ first_name }}, ends {{ at | date: '%H:%M' }}",
+                "Europe/Paris",
+            ),
+            ("Hi {{ first_name }}", ""),
+        ] {
+            let template = template(title);
+            let mut packed = PackedRecipients::default();
+            let at = packed.push(&r, "m", 0, 0, &template).unwrap();
+            let f = Packed::unpack(&packed.0[at.offset as usize..], &template);
+            assert_eq!(f.timezone, kept, "{title}");
+            assert_eq!(f.fcm_json, r.fcm_json);
+            assert_eq!(f.vars.get("first_name"), Some("Ada"));
+        }
+    }
+
+    #[test]
     fn apns_tokens_of_lower_case_hex_are_kept_as_bytes_and_read_back_exactly() {
         let template = template("Hi");
         let mut r = recipient();
