@@ -790,3 +790,112 @@ async fn the_date_filter_defaults_to_the_recipients_zone() {
     assert_eq!(got[&token(1)], ("17:00".to_owned(), "00:00".to_owned()));
     assert_eq!(got[&token(2)], ("12:00".to_owned(), "00:00".to_owned()));
 }
+
+/// The rest of the Liquid corpus through the gateway, one recipient per case (its own title,
+/// rendered by the same engine as the template's, is what the mock receives), and hostile
+/// texts that hit each part of the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liquid_corpus_and_hostile_texts_through_the_gateway() {
+    let h = harness::start(Options::default()).await;
+    let mut client = h.client().await;
+    let vars: &[(&str, &str)] = &[
+        ("name", "  Ada Lovelace  "),
+        ("tier", "silver"),
+        ("n", "7"),
+        ("tags", r#"["a","b","c"]"#),
+        ("user", r#"{"city":"Porto","visits":12}"#),
+        ("price", "1234.5"),
+    ];
+    let corpus: &[(&str, &str)] = &[
+        ("{{ 'MiXeD' | downcase }}", "mixed"),
+        (
+            "[{{ name | lstrip }}|{{ name | rstrip }}]",
+            "[Ada Lovelace  |  Ada Lovelace]",
+        ),
+        ("{{ 'a-b-a' | replace_first: 'a', 'x' }}", "x-b-a"),
+        ("{{ 'mid' | prepend: '<' | append: '>' }}", "<mid>"),
+        ("{{ name | strip | size }}", "12"),
+        (
+            "{{ n | plus: 3 }} {{ n | minus: 10 }} {{ n | times: 2 }} {{ n | divided_by: 2 }}",
+            "10 -3 14 3",
+        ),
+        ("{{ price | money: 'R$ ', ',', '.' }}", "R$ 1.234,50"),
+        (
+            "{{ tags | join: '+' }} {{ tags | first }}{{ tags | last }} {{ tags.size }}",
+            "a+b+c ac 3",
+        ),
+        ("{{ user.city }} {{ user.visits | plus: 1 }}", "Porto 13"),
+        (
+            "{% if tier == 'gold' %}G{% elsif tier == 'silver' %}S{% else %}B{% endif %}",
+            "S",
+        ),
+        ("{% if n > 5 and tier != 'gold' %}yes{% endif %}", "yes"),
+        ("{% if n < 5 or tier contains 'il' %}yes{% endif %}", "yes"),
+        ("{% unless n >= 8 %}under{% endunless %}", "under"),
+        (
+            "{% case tier %}{% when 'gold', 'silver' %}metal{% else %}none{% endcase %}",
+            "metal",
+        ),
+        (
+            "{% for i in (1..5) reversed %}{% if i == 2 %}{% break %}{% endif %}{% if i == 4 %}{% continue %}{% endif %}{{ i }}{% endfor %}",
+            "53",
+        ),
+        (
+            "{% for t in tags offset: 1 %}{{ forloop.index }}{{ t }}{% endfor %}",
+            "1b2c",
+        ),
+        (
+            "{% for t in missing_list %}x{% else %}empty{% endfor %}",
+            "empty",
+        ),
+        ("a {%- comment %} hidden {% endcomment -%} b", "ab"),
+        (
+            "{% raw %}{{ not rendered }}{% endraw %}",
+            "{{ not rendered }}",
+        ),
+        ("{{ nothing | default: 'fallback' }}", "fallback"),
+    ];
+    let mut recipients: Vec<proto::Recipient> = corpus
+        .iter()
+        .enumerate()
+        .map(|(i, (text, _))| proto::Recipient {
+            title: Some((*text).into()),
+            ..recipient(i as u64, vars)
+        })
+        .collect();
+    // Hostile: 10,000 loop iterations (over the 1,000 budget) with no output at all; an
+    // output that doubles past 16 KiB; nesting deeper than 32.
+    let base = corpus.len() as u64;
+    let hostile = [
+        "{% for a in (1..100) %}{% for b in (1..100) %}{% endfor %}{% endfor %}".to_owned(),
+        format!("{{{{ big{} }}}}", " | append: big".repeat(8)),
+        format!("{}x{}", "{% if n %}".repeat(40), "{% endif %}".repeat(40)),
+    ];
+    for (i, text) in hostile.iter().enumerate() {
+        recipients.push(proto::Recipient {
+            title: Some(text.clone()),
+            ..recipient(base + i as u64, &[("n", "1"), ("big", &"x".repeat(3_000))])
+        });
+    }
+    let response = client
+        .send_batch(batch(harness::template("t", "b"), recipients))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = received(&h);
+    for (i, (text, expected)) in corpus.iter().enumerate() {
+        let title = got.get(&token(i as u64)).map(|(t, _)| t.as_str());
+        assert_eq!(title, Some(*expected), "{text}: {:?}", response.results[i]);
+    }
+    for (i, why) in ["render budget exceeded", "render budget exceeded", "nest"]
+        .iter()
+        .enumerate()
+    {
+        let r = &response.results[corpus.len() + i];
+        assert!(!r.accepted, "{r:?}");
+        assert_eq!(r.field, format!("recipients[{}].title", corpus.len() + i));
+        assert!(r.reason.contains(why), "{r:?}");
+    }
+    assert_eq!(got.len(), corpus.len());
+    assert_eq!(h.unresolved_drops(), 0);
+}
