@@ -171,16 +171,23 @@ local function split_fenced(owner, me)
 end
 "#;
 
-/// Lua shared by the scripts that count a terminal receipt for campaign measurement (see
-/// `crate::store::redis::insights`): `c` is the JSON of one `insights::Count` (empty: nothing
-/// to count): the campaign's counter, and for an exposure its record and the user's latest.
+/// Lua shared by the scripts that count terminal receipts for campaign measurement (see
+/// `crate::store::redis::insights`): `count` takes the JSON of one `insights::Count` (empty:
+/// nothing to count), writes an exposure's record and the user's latest at once, and adds the
+/// counter to `pending`; `add_counts` then writes each campaign's counters once per call
+/// (a write batch is mostly one campaign: two or three fields, not one command per receipt).
 pub(super) const COUNT_FN: &str = r#"
-local function count(base, window, retention, c)
+local pending = {}
+local function count(base, window, c)
   if c == nil or c == '' then return end
   local t = cjson.decode(c)
   local skey = base .. 'stats:' .. t.c
-  redis.call('HINCRBY', skey, t.f, 1)
-  redis.call('PEXPIRE', skey, retention)
+  local fields = pending[skey]
+  if not fields then
+    fields = {}
+    pending[skey] = fields
+  end
+  fields[t.f] = (fields[t.f] or 0) + 1
   if t.m then
     local x = base .. 'exp:' .. t.m
     redis.call('HSET', x, 'c', t.c, 'v', t.v, 'u', t.u, 't', t.t)
@@ -192,12 +199,20 @@ local function count(base, window, retention, c)
     end
   end
 end
+local function add_counts(retention)
+  for skey, fields in pairs(pending) do
+    for f, n in pairs(fields) do redis.call('HINCRBY', skey, f, n) end
+    redis.call('PEXPIRE', skey, retention)
+  end
+  pending = {}
+end
 "#;
 
 /// Counts terminal receipts that release no lease (after `COUNT_FN`). ARGV: insights prefix,
 /// window, retention, then one count each.
 pub(super) const COUNT: &str = r#"
-for i = 4, #ARGV do count(ARGV[1], ARGV[2], ARGV[3], ARGV[i]) end
+for i = 4, #ARGV do count(ARGV[1], ARGV[2], ARGV[i]) end
+add_counts(ARGV[3])
 return 1
 "#;
 
@@ -227,7 +242,7 @@ local fenced = 0
 for j = 1, n do
   if owners[j] == me then
     mine[#mine + 1] = ids[j]
-    count(base, window, retention, counts[j])
+    count(base, window, counts[j])
   end
 end
 local j = n
@@ -235,12 +250,13 @@ for i = first, #ARGV - 2, 3 do
   j = j + 1
   if owners[j] == me then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[i + 1])
-    count(base, window, retention, ARGV[i + 2])
+    count(base, window, ARGV[i + 2])
     mine[#mine + 1] = ARGV[i]
   else
     fenced = fenced + 1
   end
 end
+add_counts(retention)
 if #mine > 0 then
   release(KEYS[3], ARGV[2], mine)
   redis.call('ZREM', KEYS[1], unpack(mine))
