@@ -64,6 +64,7 @@ fn retry_round_trip(c: &mut Criterion) {
         [Arc::clone(&app)],
         dispatch,
         stop.clone(),
+        None,
     );
     hub.add_observer(Arc::clone(&queue) as _);
     let payload = Bytes::from_static(

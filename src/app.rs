@@ -87,7 +87,6 @@ impl Gateway {
             Some(client) => Arc::new(RedisPolicyState::new(Arc::clone(client), ttl_ms)),
             None => Arc::new(MemoryPolicyState::new(ttl_ms)),
         };
-        let policy = Policy::new(policy, Arc::clone(&policy_state), Arc::clone(&metrics));
         let hard_stop = CancellationToken::new();
         let hub = Arc::new(ReceiptHub::new(Arc::clone(&metrics)));
         // Everything admitted holds an accept-window slot; the bound backs up the channel into
@@ -103,6 +102,8 @@ impl Gateway {
             None => Arc::new(MemoryInsights::new(config.insights())),
         };
         hub.add_observer(Arc::clone(&insights) as _);
+        let policy = Policy::new(policy, Arc::clone(&policy_state), Arc::clone(&metrics))
+            .with_insights(Arc::clone(&insights));
         let store: Arc<dyn Store> = match redis {
             Some(client) => {
                 client.set_metrics(metrics.redis());
@@ -113,6 +114,7 @@ impl Gateway {
                     runtimes.collect::<Vec<_>>(),
                     ready.clone(),
                     hard_stop.clone(),
+                    Some(config.insights()),
                 )
             }
             None => MemoryStore::start(ready.clone(), Arc::clone(&metrics), hard_stop.clone()),
@@ -510,8 +512,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service({
             let keys = api_keys.clone();
             tonic::service::interceptor::InterceptedService::new(
-                InsightsApi::new(Arc::clone(gateway.insights()), Arc::clone(&gateway.apps))
-                    .into_server(),
+                InsightsApi::new(
+                    Arc::clone(gateway.insights()),
+                    Arc::clone(&gateway.apps),
+                    gateway.policy().clone(),
+                )
+                .into_server(),
                 move |request| keys.intercept(request),
             )
         })

@@ -279,6 +279,8 @@ pub struct Batch {
     pub local_send_time: String,
     /// With `local_send_time`: a time already past today goes now instead of tomorrow.
     pub late_sends_now: bool,
+    /// `send_time = OPTIMAL`: each recipient at its user's best hour of the coming 24 hours.
+    pub optimal_send_time: bool,
 }
 
 /// What is known of a batch that could not be read into a [`Batch`] at all (a structural error)

@@ -114,6 +114,14 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
             send_at_ms: r.send_at_ms,
         });
     }
+    let optimal_send_time = match proto::SendTime::try_from(request.send_time) {
+        Ok(proto::SendTime::Unspecified) => false,
+        Ok(proto::SendTime::Optimal) => true,
+        Err(_) => {
+            errors.push(FieldError::new("send_time", "unknown send time value"));
+            false
+        }
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -128,6 +136,7 @@ pub fn into_batch(request: proto::SendBatchRequest) -> Result<Batch, Vec<FieldEr
         send_at_ms: request.send_at_ms,
         local_send_time: request.local_send_time,
         late_sends_now: request.late_sends_now,
+        optimal_send_time,
     })
 }
 

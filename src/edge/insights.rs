@@ -10,6 +10,7 @@ use super::api::invalid_argument;
 use super::auth::{Caller, Scope, forbidden};
 use crate::domain::FieldError;
 use crate::insights::report;
+use crate::policy::Policy;
 use crate::proto;
 use crate::registry::AppRegistry;
 use crate::store::insights::{EventKind, Insights, TrackEvent, Tracked};
@@ -24,11 +25,17 @@ const MAX_ID_BYTES: usize = 256;
 pub struct InsightsApi {
     insights: Arc<dyn Insights>,
     apps: Arc<AppRegistry>,
+    /// Whose rule names an open's time zone (as for sends).
+    policy: Policy,
 }
 
 impl InsightsApi {
-    pub fn new(insights: Arc<dyn Insights>, apps: Arc<AppRegistry>) -> Self {
-        Self { insights, apps }
+    pub fn new(insights: Arc<dyn Insights>, apps: Arc<AppRegistry>, policy: Policy) -> Self {
+        Self {
+            insights,
+            apps,
+            policy,
+        }
     }
 
     pub fn into_server(
@@ -54,7 +61,10 @@ impl InsightsApi {
 }
 
 /// The domain form of the events, or every field at fault.
-fn events_of(events: Vec<proto::TrackedEvent>) -> Result<Vec<TrackEvent>, Vec<FieldError>> {
+fn events_of(
+    events: Vec<proto::TrackedEvent>,
+    zone_of: impl Fn(&str) -> Result<jiff::tz::TimeZone, String>,
+) -> Result<Vec<TrackEvent>, Vec<FieldError>> {
     let mut errors = Vec::new();
     if events.len() > MAX_EVENTS {
         return Err(vec![FieldError::new(
@@ -94,6 +104,10 @@ fn events_of(events: Vec<proto::TrackedEvent>) -> Result<Vec<TrackEvent>, Vec<Fi
         if e.message_id.is_empty() && e.user_id.is_empty() {
             bad("message_id", "a conversion needs a message id or a user id");
         }
+        let zone = zone_of(&e.timezone).unwrap_or_else(|reason| {
+            bad("timezone", &reason);
+            jiff::tz::TimeZone::UTC
+        });
         out.push(TrackEvent {
             event_id: e.event_id,
             kind,
@@ -105,6 +119,7 @@ fn events_of(events: Vec<proto::TrackedEvent>) -> Result<Vec<TrackEvent>, Vec<Fi
             } else {
                 now
             },
+            zone,
         });
     }
     if errors.is_empty() {
@@ -166,7 +181,8 @@ impl proto::push_gateway_insights_server::PushGatewayInsights for InsightsApi {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         self.authorize(&caller, &r.app_id)?;
-        let events = events_of(r.events).map_err(invalid_argument)?;
+        let events = events_of(r.events, |name| self.policy.zone_of(&r.app_id, name))
+            .map_err(invalid_argument)?;
         let tracked = self
             .insights
             .track(&r.app_id, &events)

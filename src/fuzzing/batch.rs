@@ -178,6 +178,7 @@ fn batch_of(f: &Fields) -> Batch {
         send_at_ms: 0,
         local_send_time: String::new(),
         late_sends_now: false,
+        optimal_send_time: false,
     }
 }
 

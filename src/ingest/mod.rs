@@ -977,7 +977,15 @@ impl<'a> Run<'a> {
         let mut packed = PackedRecipients::default();
         let mut valid = Vec::with_capacity(recipients.len());
         self.results.reserve(recipients.len());
-        for (index, recipient) in recipients.into_iter().enumerate() {
+        let dates = batch.template.uses_dates();
+        for (index, mut recipient) in recipients.into_iter().enumerate() {
+            // `date` without a zone renders in the recipient's zone, else the app's default.
+            if recipient.timezone.is_empty()
+                && (dates || recipient.title.is_some() || recipient.body.is_some())
+                && let Some(name) = self.ingest.policy.default_zone_name(&batch.app.id)
+            {
+                recipient.timezone = name.to_owned();
+            }
             let message_id = message_id_of(&recipient);
             let accepted_at = SystemTime::now();
             let meta = |message_id: &str| {

@@ -2,8 +2,10 @@
 //! limit stage. Every decision ends in a receipt; a policy never drops a message silently.
 //!
 //! *When*: a message with a send time (`send_at_ms`, or `local_send_time` in the recipient's
-//! zone, see [`Timing`]) or deferred by quiet hours is [`Verdict::Schedule`]d: ingest gives it
-//! a SCHEDULED receipt and the store holds it until it is due.
+//! zone, see [`Timing`]; or `send_time = OPTIMAL`, its user's best hour of the coming day by
+//! the open-time histograms, `crate::store::send_time`) or deferred by quiet hours is
+//! [`Verdict::Schedule`]d: ingest gives it a SCHEDULED receipt and the store holds it until it
+//! is due.
 //!
 //! The order is fixed, documented in the README ("Campaign delivery") and tested:
 //!
@@ -36,6 +38,7 @@ use serde::Deserialize;
 
 use crate::domain::{FieldError, ReceiptStatus, Recipient, Resolution};
 use crate::metrics::{DecisionLabels, Metrics};
+use crate::store::insights::Insights;
 use crate::store::policy_state::{Answer, Cap, PolicyState, Query};
 
 /// `apps.<id>.frequency_caps` entries: at most `max` sends per user in any `window`.
@@ -199,6 +202,8 @@ pub struct Timing {
     send_at_ms: i64,
     local: Option<(Option<jiff::civil::Date>, time::Clock)>,
     late_sends_now: bool,
+    /// `send_time = OPTIMAL`.
+    optimal: bool,
 }
 
 impl Timing {
@@ -226,10 +231,17 @@ impl Timing {
             }
         };
         check_ahead("send_at_ms", batch.send_at_ms, crate::store::now_ms())?;
+        if batch.optimal_send_time && (batch.send_at_ms > 0 || local.is_some()) {
+            return Err(FieldError::new(
+                "send_time",
+                "OPTIMAL chooses the send time: not with send_at_ms or local_send_time",
+            ));
+        }
         Ok(Self {
             send_at_ms: batch.send_at_ms,
             local,
             late_sends_now: batch.late_sends_now,
+            optimal: batch.optimal_send_time,
         })
     }
 }
@@ -256,6 +268,8 @@ pub struct Input {
     zone: Option<jiff::tz::TimeZone>,
     /// When it is due, if later than now.
     due_ms: Option<i64>,
+    /// Due at its user's best hour (`send_time = OPTIMAL`, no send time of its own).
+    optimal: bool,
 }
 
 /// What the policy stage decided for one message.
@@ -278,6 +292,8 @@ pub struct Policy {
     apps: Arc<HashMap<String, AppPolicy>>,
     /// `None`: no policy at all (every message goes), for gateways built without state.
     state: Option<Arc<dyn PolicyState>>,
+    /// The open-time histograms `send_time = OPTIMAL` reads; without, such messages go now.
+    insights: Option<Arc<dyn Insights>>,
     metrics: Option<Arc<Metrics>>,
     config: PolicyConfig,
 }
@@ -300,9 +316,16 @@ impl Policy {
         Self {
             apps: Arc::new(settings.apps),
             state: Some(state),
+            insights: None,
             metrics: Some(metrics),
             config: settings.config,
         }
+    }
+
+    /// Reads the open-time histograms from `insights` for `send_time = OPTIMAL`.
+    pub fn with_insights(mut self, insights: Arc<dyn Insights>) -> Self {
+        self.insights = Some(insights);
+        self
     }
 
     /// Scheduled messages a store without durability may hold.
@@ -339,7 +362,10 @@ impl Policy {
     ) -> Result<Input, FieldError> {
         let policy = self.apps.get(app);
         let field = |name: &str| format!("recipients[{index}].{name}");
-        let zone = if policy.is_some_and(|p| p.quiet.is_some()) || timing.local.is_some() {
+        let zone = if policy.is_some_and(|p| p.quiet.is_some())
+            || timing.local.is_some()
+            || timing.optimal
+        {
             if recipient.timezone.is_empty() {
                 policy.and_then(|p| p.default_zone.clone())
             } else {
@@ -387,16 +413,87 @@ impl Policy {
             registered_at_ms: recipient.token_registered_at_ms,
             zone,
             due_ms: (due_ms > now_ms).then_some(due_ms),
+            optimal: timing.optimal && due_ms == 0,
         })
+    }
+
+    /// The IANA name of `app`'s `default_timezone`, if it has one.
+    pub fn default_zone_name(&self, app: &str) -> Option<&str> {
+        self.apps.get(app)?.default_zone.as_ref()?.iana_name()
+    }
+
+    /// The zone a user of `app` is in: `name` (an IANA zone) when given, else the app's
+    /// `default_timezone`, else UTC. The reason names what is wrong with `name`.
+    pub fn zone_of(&self, app: &str, name: &str) -> Result<jiff::tz::TimeZone, String> {
+        if !name.is_empty() {
+            return time::zone(name)
+                .ok_or_else(|| format!("`{name}` is not an IANA time zone name"));
+        }
+        Ok(self
+            .apps
+            .get(app)
+            .and_then(|p| p.default_zone.clone())
+            .unwrap_or(jiff::tz::TimeZone::UTC))
+    }
+
+    /// The best hour of each `optimal` input (see `crate::store::send_time`), when later than
+    /// `now`: one read of the histograms for the chunk.
+    async fn optimal_times(
+        &self,
+        app: &str,
+        now: jiff::Timestamp,
+        inputs: &[Input],
+    ) -> Result<Vec<Option<i64>>, crate::store::StoreError> {
+        let (Some(insights), true) = (&self.insights, inputs.iter().any(|i| i.optimal)) else {
+            return Ok(vec![None; inputs.len()]);
+        };
+        let mut users: Vec<&str> = inputs
+            .iter()
+            .filter(|i| i.optimal && !i.user_id.is_empty())
+            .map(|i| i.user_id.as_str())
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let histograms = insights.open_histograms(app, &users).await?;
+        let now_ms = time::millis(now);
+        let utc = jiff::tz::TimeZone::UTC;
+        Ok(inputs
+            .iter()
+            .map(|input| {
+                if !input.optimal {
+                    return None;
+                }
+                let weights = histograms.weights_for(&input.user_id, now_ms)?;
+                let at = time::best_hour(now, input.zone.as_ref().unwrap_or(&utc), &weights)?;
+                let at_ms = time::millis(at);
+                (at_ms > now_ms).then_some(at_ms)
+            })
+            .collect())
     }
 
     /// The verdict for each message of `app` (one chunk of a batch, one call to the state).
     /// `transactional`: HIGH priority or `bypass_policies`.
     pub async fn decide(&self, app: &str, transactional: bool, inputs: &[Input]) -> Vec<Verdict> {
+        let now = jiff::Timestamp::now();
+        let optimal = match self.optimal_times(app, now, inputs).await {
+            Ok(times) => times,
+            Err(e) => {
+                let reason = format!("{e} (reading open times); the message was not accepted");
+                return inputs
+                    .iter()
+                    .map(|_| Verdict::Unavailable(reason.clone()))
+                    .collect();
+            }
+        };
+        let due: Vec<Option<i64>> = inputs
+            .iter()
+            .zip(&optimal)
+            .map(|(input, best)| input.due_ms.or(*best))
+            .collect();
         let Some(state) = &self.state else {
-            return inputs
+            return due
                 .iter()
-                .map(|input| match input.due_ms {
+                .map(|due_ms| match *due_ms {
                     Some(due_ms) => Verdict::Schedule {
                         due_ms,
                         deferred: false,
@@ -407,15 +504,15 @@ impl Policy {
         };
         let none = AppPolicy::default();
         let policy = self.apps.get(app).unwrap_or(&none);
-        let now = jiff::Timestamp::now();
         let now_ms = time::millis(now);
         let spread_ms = self.config.defer_spread_secs.saturating_mul(1_000);
         let mut deferred: Vec<Option<i64>> = Vec::with_capacity(inputs.len());
         let queries: Vec<Query<'_>> = inputs
             .iter()
-            .map(|input| {
+            .zip(&due)
+            .map(|(input, due_ms)| {
                 // Quiet hours are judged at the instant the message would go.
-                let at = input.due_ms.map_or(now, time::from_millis);
+                let at = due_ms.map_or(now, time::from_millis);
                 let quiet_until =
                     policy
                         .quiet
@@ -450,14 +547,14 @@ impl Policy {
         let verdicts: Vec<Verdict> = match state.decide(app, &policy.caps, now_ms, &queries).await {
             Ok(answers) => answers
                 .into_iter()
-                .zip(inputs.iter().zip(deferred))
+                .zip(due.iter().zip(deferred))
                 .map(
-                    |(answer, (input, defer_to))| match (verdict(answer), defer_to) {
+                    |(answer, (due_ms, defer_to))| match (verdict(answer), defer_to) {
                         (Verdict::Send, Some(due_ms)) => Verdict::Schedule {
                             due_ms,
                             deferred: true,
                         },
-                        (Verdict::Send, None) => match input.due_ms {
+                        (Verdict::Send, None) => match *due_ms {
                             Some(due_ms) => Verdict::Schedule {
                                 due_ms,
                                 deferred: false,

@@ -116,6 +116,39 @@ pub fn next_local(
     at(today.checked_add(1.day()).ok()?, clock, tz)
 }
 
+/// The instant within the next 24 hours to send at, by `weights` of the hours of the week in
+/// `tz` (see `crate::store::send_time`): the start of the local hour of highest weight (the
+/// earliest of equals), or `now` when that is the current hour. `None` when every weight of the
+/// coming 24 hours is zero. Hours are stepped in absolute time, so across a DST change the
+/// day has 23 or 25 local hours and each is looked up as it is.
+pub fn best_hour(
+    now: Timestamp,
+    tz: &TimeZone,
+    weights: &[f64; crate::store::send_time::HOURS_OF_WEEK],
+) -> Option<Timestamp> {
+    let local = now.to_zoned(tz.clone());
+    let hour_start = local
+        .with()
+        .minute(0)
+        .second(0)
+        .subsec_nanosecond(0)
+        .build()
+        .ok()?
+        .timestamp()
+        .min(now);
+    let mut best: Option<(f64, Timestamp)> = None;
+    for k in 0..24i64 {
+        let slot = hour_start
+            .checked_add(jiff::SignedDuration::from_hours(k))
+            .ok()?;
+        let w = weights[crate::store::send_time::hour_of_week(millis(slot), tz)];
+        if w > 0.0 && best.is_none_or(|(top, _)| w > top) {
+            best = Some((w, slot.max(now)));
+        }
+    }
+    best.map(|(_, at)| at)
+}
+
 /// Milliseconds since the Unix epoch of a timestamp.
 pub fn millis(t: Timestamp) -> i64 {
     t.as_millisecond()
@@ -226,6 +259,51 @@ mod tests {
             w.ends_after(ts("2026-03-08T06:30:00Z"), &ny),
             Some(ts("2026-03-08T07:30:00Z"))
         );
+    }
+
+    #[test]
+    fn the_best_hour_is_the_heaviest_of_the_next_24_in_local_time() {
+        use crate::store::send_time::HOURS_OF_WEEK;
+        let kolkata = zone("Asia/Kolkata").unwrap();
+        // Monday 2026-06-08 10:20 in Kolkata (04:50 UTC).
+        let now = ts("2026-06-08T04:50:00Z");
+        let mut w = [0.0; HOURS_OF_WEEK];
+        // Monday 15:00 local weighs most; Tuesday 15:00 (beyond 24 h) would weigh more.
+        w[15] = 2.0;
+        w[24 + 15] = 9.0;
+        w[12] = 1.0;
+        assert_eq!(
+            best_hour(now, &kolkata, &w),
+            Some(ts("2026-06-08T09:30:00Z"))
+        );
+        // The current hour wins: now, not its start.
+        w[10] = 5.0;
+        assert_eq!(best_hour(now, &kolkata, &w), Some(now));
+        // Tuesday 09:00 local (within 24 h) beats everything today.
+        w[24 + 9] = 7.0;
+        assert_eq!(
+            best_hour(now, &kolkata, &w),
+            Some(ts("2026-06-09T03:30:00Z"))
+        );
+        // Equal weights: the earliest.
+        let mut even = [1.0; HOURS_OF_WEEK];
+        even[10] = 0.0;
+        assert_eq!(
+            best_hour(now, &kolkata, &even),
+            Some(ts("2026-06-08T05:30:00Z"))
+        );
+        assert_eq!(best_hour(now, &kolkata, &[0.0; HOURS_OF_WEEK]), None);
+    }
+
+    #[test]
+    fn the_best_hour_across_a_dst_change() {
+        use crate::store::send_time::HOURS_OF_WEEK;
+        let paris = zone("Europe/Paris").unwrap();
+        // Saturday 2026-03-28 12:00 CET. Sunday 09:00 local is after the change: 07:00 UTC.
+        let now = ts("2026-03-28T11:00:00Z");
+        let mut w = [0.0; HOURS_OF_WEEK];
+        w[6 * 24 + 9] = 1.0;
+        assert_eq!(best_hour(now, &paris, &w), Some(ts("2026-03-29T07:00:00Z")));
     }
 
     #[test]

@@ -71,7 +71,7 @@ use crate::domain::{
     FieldError, MessageMeta, Platform, Priority, ProviderRequest, PushType, Recipient, Template,
 };
 use content::{Contents, Texts};
-use template::{Text, Vars};
+use template::{Text, Vars, WithZone};
 
 pub use apns::sanitize_apns_id;
 pub use fcm::sanitize_analytics_label;
@@ -112,6 +112,9 @@ pub struct RecipientRef<'a> {
     pub fcm_json: &'a str,
     /// The content set (variant and locale) chosen for the recipient; see [`content`].
     pub content: u16,
+    /// The recipient's IANA zone (its `timezone`, else its app's `default_timezone`), which
+    /// `date` filters without a zone use; empty: UTC.
+    pub timezone: &'a str,
 }
 
 impl<'a> From<&'a Recipient> for RecipientRef<'a> {
@@ -125,6 +128,7 @@ impl<'a> From<&'a Recipient> for RecipientRef<'a> {
             apns_json: &r.apns_json,
             fcm_json: &r.fcm_json,
             content: 0,
+            timezone: &r.timezone,
         }
     }
 }
@@ -189,6 +193,8 @@ pub struct CompiledTemplate {
     /// The variable names the template's texts use, sorted: all a waiting recipient without
     /// text overrides needs to keep of its variables.
     variables: Vec<String>,
+    /// Some text may use a `date` filter: a waiting recipient keeps its time zone.
+    uses_dates: bool,
 }
 
 /// Where a title or body text comes from, to name it in errors.
@@ -311,7 +317,13 @@ impl CompiledTemplate {
             apns_cached: None,
             apns_topic: std::sync::OnceLock::new(),
             variables: Vec::new(),
+            uses_dates: false,
         };
+        compiled.uses_dates = compiled
+            .contents
+            .texts()
+            .chain(compiled.data.iter().map(|(_, text)| text))
+            .any(|text| text.may_use_dates());
         let mut variables: Vec<String> = compiled
             .contents
             .texts()
@@ -377,6 +389,11 @@ impl CompiledTemplate {
         stamp: Stamp<'_>,
         ctx: &RenderContext,
     ) -> Result<ProviderRequest, FieldError> {
+        let zoned = WithZone::new(recipient.vars, recipient.timezone);
+        let recipient = RecipientRef {
+            vars: &zoned,
+            ..recipient
+        };
         match recipient.platform {
             Platform::Apns => self
                 .render_apns(recipient, index, stamp, ctx)
@@ -404,6 +421,12 @@ impl CompiledTemplate {
                 .unwrap_or(0)
         };
         data + texts
+    }
+
+    /// True when a recipient's time zone may matter to its texts (a `date` filter): a
+    /// waiting recipient then keeps it.
+    pub fn uses_dates(&self) -> bool {
+        self.uses_dates
     }
 
     /// The template's priority.

@@ -26,6 +26,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::StoreError;
+use super::send_time::{Histogram, OpenHistograms, hour_of_week};
 use crate::domain::{Platform, Receipt, ReceiptStatus};
 use crate::receipts::ReceiptObserver;
 
@@ -54,6 +55,9 @@ pub struct TrackEvent {
     pub campaign_id: String,
     /// When it happened, Unix epoch ms.
     pub occurred_at_ms: i64,
+    /// The user's zone, whose hours of the week an open counts in for send-time optimization
+    /// (`super::send_time`).
+    pub zone: jiff::tz::TimeZone,
 }
 
 /// What became of one tracked event.
@@ -112,6 +116,14 @@ pub trait Insights: ReceiptObserver + Send + Sync + 'static {
 
     /// The counts of `campaign` of `app` (empty when nothing is known of it).
     async fn counts(&self, app: &str, campaign: &str) -> Result<CampaignCounts, StoreError>;
+
+    /// The open-time histograms of `app`'s population and of `users` (those with opens), for
+    /// send-time optimization. Every counted open feeds them: its exposure's first open.
+    async fn open_histograms(
+        &self,
+        app: &str,
+        users: &[&str],
+    ) -> Result<OpenHistograms, StoreError>;
 }
 
 /// The variant name a receipt counts under.
@@ -153,6 +165,8 @@ pub(crate) fn outside_window(
 struct Exposure {
     campaign: Arc<str>,
     variant: Arc<str>,
+    /// Empty when the message named no user.
+    user: Arc<str>,
     at_ms: i64,
     opened: bool,
     converted: bool,
@@ -173,6 +187,11 @@ struct AppState {
     user_order: VecDeque<Arc<str>>,
     events: HashMap<String, ()>,
     event_order: VecDeque<String>,
+    /// Open-time histograms: the population's, and per user (at most `max_exposures` users,
+    /// the first seen forgotten first).
+    population: Histogram,
+    histograms: HashMap<Arc<str>, Histogram>,
+    histogram_order: VecDeque<Arc<str>>,
 }
 
 /// Exposures remembered per user for attribution by user id, at most.
@@ -258,7 +277,25 @@ impl AppState {
             .cloned()
     }
 
-    fn track(&mut self, e: &TrackEvent, config: &InsightsConfig) -> Tracked {
+    /// Adds an open of `user` at `at_ms` to its histogram and the population's.
+    fn add_open(&mut self, user: &Arc<str>, bucket: usize, at_ms: i64, max: usize) {
+        self.population.add(bucket, at_ms);
+        if let Some(h) = self.histograms.get_mut(user) {
+            h.add(bucket, at_ms);
+            return;
+        }
+        self.histogram_order.push_back(Arc::clone(user));
+        while self.histogram_order.len() > max {
+            if let Some(old) = self.histogram_order.pop_front() {
+                self.histograms.remove(&old);
+            }
+        }
+        let mut h = Histogram::default();
+        h.add(bucket, at_ms);
+        self.histograms.insert(Arc::clone(user), h);
+    }
+
+    fn track(&mut self, e: &TrackEvent, config: &InsightsConfig, now_ms: i64) -> Tracked {
         if self.events.contains_key(&e.event_id) {
             return Tracked::Duplicate;
         }
@@ -285,10 +322,22 @@ impl AppState {
                 } else {
                     *flag = true;
                     let (c, v) = (Arc::clone(&x.campaign), Arc::clone(&x.variant));
+                    let exposed_user = Arc::clone(&x.user);
                     let counts = self.counts(&c).entry(v.to_string()).or_default();
                     match e.kind {
                         EventKind::Open => counts.opens += 1,
                         EventKind::Conversion => counts.conversions += 1,
+                    }
+                    let user = if e.user_id.is_empty() {
+                        exposed_user
+                    } else {
+                        Arc::from(e.user_id.as_str())
+                    };
+                    if e.kind == EventKind::Open && !user.is_empty() {
+                        // An open reported from the future (a device's clock) counts as now.
+                        let at = e.occurred_at_ms.min(now_ms);
+                        let bucket = hour_of_week(at, &e.zone);
+                        self.add_open(&user, bucket, at, config.max_exposures);
                     }
                     Tracked::Counted { campaign, variant }
                 }
@@ -342,6 +391,7 @@ impl ReceiptObserver for MemoryInsights {
                 at_ms: crate::domain::epoch_millis(
                     receipt.completed_at.unwrap_or(meta.accepted_at),
                 ),
+                user: Arc::from(meta.user_id.as_str()),
                 opened: false,
                 converted: false,
             };
@@ -358,12 +408,34 @@ impl ReceiptObserver for MemoryInsights {
 #[async_trait::async_trait]
 impl Insights for MemoryInsights {
     async fn track(&self, app: &str, events: &[TrackEvent]) -> Result<Vec<Tracked>, StoreError> {
+        let now_ms = crate::store::now_ms();
         let mut apps = self.apps.lock();
         let state = apps.entry(Arc::from(app)).or_default();
         Ok(events
             .iter()
-            .map(|e| state.track(e, &self.config))
+            .map(|e| state.track(e, &self.config, now_ms))
             .collect())
+    }
+
+    async fn open_histograms(
+        &self,
+        app: &str,
+        users: &[&str],
+    ) -> Result<OpenHistograms, StoreError> {
+        let apps = self.apps.lock();
+        let Some(state) = apps.get(app) else {
+            return Ok(OpenHistograms::default());
+        };
+        Ok(OpenHistograms {
+            population: state.population.clone(),
+            users: users
+                .iter()
+                .filter_map(|u| {
+                    let h = state.histograms.get(*u)?;
+                    Some(((*u).to_owned(), h.clone()))
+                })
+                .collect(),
+        })
     }
 
     async fn counts(&self, app: &str, campaign: &str) -> Result<CampaignCounts, StoreError> {
@@ -411,6 +483,7 @@ mod tests {
             user_id: user.into(),
             campaign_id: String::new(),
             occurred_at_ms: at,
+            zone: jiff::tz::TimeZone::UTC,
         }
     }
 
@@ -477,6 +550,70 @@ mod tests {
                 .unwrap(),
             [counted("a")]
         );
+    }
+
+    #[tokio::test]
+    async fn counted_opens_feed_the_open_time_histograms() {
+        let s = MemoryInsights::new(InsightsConfig {
+            max_exposures: 3,
+            ..InsightsConfig::default()
+        });
+        for (m, u) in [("m1", "u1"), ("m2", "u1"), ("m3", "u2")] {
+            s.observe(&receipt(m, u, "a", ReceiptStatus::Delivered));
+        }
+        let now = crate::store::now_ms();
+        let hour = 3_600_000;
+        let out = s
+            .track(
+                "app",
+                &[
+                    // By message id: the exposure's user.
+                    event("e1", EventKind::Open, "m1", "", now - hour),
+                    // A repeat and a second open of the same exposure feed nothing.
+                    event("e1", EventKind::Open, "m1", "", now - hour),
+                    event("e2", EventKind::Open, "m1", "", now - hour),
+                    // From the future: counted as now.
+                    event("e3", EventKind::Open, "m2", "", now + 400 * hour),
+                    event("e4", EventKind::Open, "m3", "", now),
+                    // Conversions are no opens.
+                    event("e5", EventKind::Conversion, "m3", "", now),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 6);
+        let h = s.open_histograms("app", &["u1", "u2", "u9"]).await.unwrap();
+        let read_at = crate::store::now_ms();
+        let u1 = h.users["u1"].at(read_at);
+        let utc = jiff::tz::TimeZone::UTC;
+        assert!(u1[hour_of_week(now - hour, &utc)] > 0.99);
+        assert!(u1[hour_of_week(now, &utc)] > 0.99);
+        // One open an hour old, one (from the future) as of now: 2^(-1h/28d) + 1.
+        let weight = |at: i64| crate::store::send_time::growth(read_at, at);
+        let u1_total = weight(now - hour) + weight(now);
+        assert!((h.users["u1"].total(read_at) - u1_total).abs() < 1e-6);
+        assert!((h.users["u2"].total(read_at) - weight(now)).abs() < 1e-6);
+        assert!(!h.users.contains_key("u9"));
+        let population = u1_total + weight(now);
+        assert!((h.population.total(read_at) - population).abs() < 1e-6);
+        // At most `max_exposures` users keep a histogram: the first seen goes first.
+        s.observe(&receipt("m4", "u3", "a", ReceiptStatus::Delivered));
+        s.observe(&receipt("m5", "u4", "a", ReceiptStatus::Delivered));
+        s.track(
+            "app",
+            &[
+                event("e6", EventKind::Open, "m4", "", now),
+                event("e7", EventKind::Open, "m5", "", now),
+            ],
+        )
+        .await
+        .unwrap();
+        let h = s
+            .open_histograms("app", &["u1", "u2", "u3", "u4"])
+            .await
+            .unwrap();
+        assert_eq!(h.users.len(), 3);
+        assert!(!h.users.contains_key("u1"));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod insights;
 pub mod memory;
 pub mod policy_state;
 pub mod redis;
+pub mod send_time;
 
 use std::collections::HashMap;
 use std::pin::Pin;

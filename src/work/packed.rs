@@ -13,7 +13,8 @@ pub(super) const NO_OFFSET: u32 = u32::MAX;
 ///
 /// A recipient is a flag byte (platform, which text overrides are present, how variables are
 /// named), then length-prefixed (LEB128) strings: device token, message id, user id, title and
-/// body when present, the APNs and FCM overrides; then the number of variables and each name and
+/// body when present, the APNs and FCM overrides, the time zone when present (kept only when a
+/// text may use a `date` filter); then the number of variables and each name and
 /// value. Only the variables the template uses are kept, named by their index in the template's
 /// sorted list of names; a recipient that overrides a text (which may use any variable) keeps all
 /// of them, by name.
@@ -44,6 +45,7 @@ const HAS_TITLE: u8 = 2;
 const HAS_BODY: u8 = 4;
 const NAMES_INLINE: u8 = 8;
 const TOKEN_AS_BYTES: u8 = 16;
+const HAS_ZONE: u8 = 32;
 
 /// True for an APNs token kept as bytes: lower-case hex of whole bytes, which hex-encoding the
 /// bytes gives back exactly (half the room of the text).
@@ -80,6 +82,8 @@ impl PackedRecipients {
         let out = &mut self.0;
         let names_inline = recipient.title.is_some() || recipient.body.is_some();
         let token_bytes = token_as_bytes(recipient.platform, &recipient.device_token);
+        // A text override may use `date` too.
+        let zone = !recipient.timezone.is_empty() && (template.uses_dates() || names_inline);
         let mut flags = match recipient.platform {
             Platform::Apns => 0,
             Platform::Fcm => FCM,
@@ -89,6 +93,7 @@ impl PackedRecipients {
             (recipient.body.is_some(), HAS_BODY),
             (names_inline, NAMES_INLINE),
             (token_bytes, TOKEN_AS_BYTES),
+            (zone, HAS_ZONE),
         ] {
             if present {
                 flags |= flag;
@@ -111,6 +116,7 @@ impl PackedRecipients {
             .chain(recipient.title.as_deref())
             .chain(recipient.body.as_deref())
             .chain([recipient.apns_json.as_str(), &recipient.fcm_json])
+            .chain(zone.then_some(recipient.timezone.as_str()))
         {
             put_str(out, s);
         }
@@ -151,6 +157,8 @@ pub(super) struct Fields<'a> {
     pub(super) body: Option<&'a str>,
     pub(super) apns_json: &'a str,
     pub(super) fcm_json: &'a str,
+    /// Empty unless kept (see [`PackedRecipients`]).
+    pub(super) timezone: &'a str,
     /// The content set (variant and locale) the recipient is rendered with.
     pub(super) content: u16,
     pub(super) vars: PackedVars<'a>,
@@ -189,6 +197,7 @@ impl<'a> Fields<'a> {
             apns_json: self.apns_json,
             fcm_json: self.fcm_json,
             content: self.content,
+            timezone: self.timezone,
         }
     }
 }
@@ -219,6 +228,7 @@ impl Packed {
         let body = (flags & HAS_BODY != 0).then(|| r.str());
         let apns_json = r.str();
         let fcm_json = r.str();
+        let timezone = if flags & HAS_ZONE != 0 { r.str() } else { "" };
         let content = u16::try_from(r.len()).unwrap_or(0);
         let count = r.len();
         Fields {
@@ -230,6 +240,7 @@ impl Packed {
             body,
             apns_json,
             fcm_json,
+            timezone,
             content,
             vars: PackedVars {
                 bytes: r.0,
@@ -477,6 +488,28 @@ pub(super) mod tests {
             "the unused variable took no room: {} bytes",
             second.offset
         );
+    }
+
+    #[test]
+    fn the_time_zone_is_kept_only_when_a_text_may_use_dates() {
+        let mut r = recipient();
+        r.body = None;
+        r.timezone = "Europe/Paris".into();
+        for (title, kept) in [
+            (
+                "Hi {{ first_name }}, ends {{ at | date: '%H:%M' }}",
+                "Europe/Paris",
+            ),
+            ("Hi {{ first_name }}", ""),
+        ] {
+            let template = template(title);
+            let mut packed = PackedRecipients::default();
+            let at = packed.push(&r, "m", 0, 0, &template).unwrap();
+            let f = Packed::unpack(&packed.0[at.offset as usize..], &template);
+            assert_eq!(f.timezone, kept, "{title}");
+            assert_eq!(f.fcm_json, r.fcm_json);
+            assert_eq!(f.vars.get("first_name"), Some("Ada"));
+        }
     }
 
     #[test]

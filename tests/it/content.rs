@@ -557,3 +557,368 @@ async fn insights_are_authorized_per_app() {
         e.message()
     );
 }
+
+/// The start of the hour of `at` in `zone`, epoch ms: computed here with jiff alone, apart
+/// from the gateway's arithmetic.
+fn local_hour_start(at: jiff::Timestamp, zone: &str) -> i64 {
+    let z = at.to_zoned(jiff::tz::TimeZone::get(zone).unwrap());
+    let start = z
+        .with()
+        .minute(0)
+        .second(0)
+        .subsec_nanosecond(0)
+        .build()
+        .unwrap();
+    start.timestamp().as_millisecond()
+}
+
+/// Send-time optimization through the real gateway, from a seeded open history: campaign
+/// messages are delivered, opens are tracked with their timestamps a week back, and a batch
+/// with `send_time = OPTIMAL` is SCHEDULED at the hour each user opened most (its own
+/// history, else the population's, in its zone); an app with no history sends now.
+async fn optimal_send_times(h: &Harness) {
+    const ZONE: &str = "Asia/Kolkata";
+    let mut client = h.client().await;
+    let person = |id: &str, user: &str, n: u64| proto::Recipient {
+        message_id: id.into(),
+        user_id: user.into(),
+        timezone: ZONE.into(),
+        ..recipient(n, &[])
+    };
+    // History: four messages to `ana`, one to each of five other users.
+    let mut history: Vec<proto::Recipient> = (0..4)
+        .map(|i| person(&format!("h-ana-{i}"), "ana", i))
+        .collect();
+    history.extend((0..5).map(|i| person(&format!("h-pop-{i}"), &format!("pop{i}"), 10 + i)));
+    let mut request = batch(harness::template("History", "b"), history);
+    request.campaign_id = "history".into();
+    let response = client.send_batch(request).await.unwrap().into_inner();
+    assert!(
+        response
+            .receipts
+            .iter()
+            .all(|r| status(r) == ReceiptStatus::Delivered),
+        "{:?}",
+        response.receipts
+    );
+    // `ana` opened four times a week ago at the hour five hours from now; the others five
+    // times a week ago at the hour ten hours from now. (A week back is the same hour of the
+    // week; Kolkata has no DST.)
+    let now = jiff::Timestamp::now();
+    let week = jiff::SignedDuration::from_hours(7 * 24);
+    let at = |hours: i64| now + jiff::SignedDuration::from_hours(hours);
+    let ana_hour = at(5);
+    let pop_hour = at(10);
+    let mut events: Vec<proto::TrackedEvent> = (0..4)
+        .map(|i| proto::TrackedEvent {
+            occurred_at_ms: (ana_hour - week).as_millisecond(),
+            timezone: ZONE.into(),
+            ..event(
+                &format!("o-ana-{i}"),
+                proto::EventType::Open,
+                &format!("h-ana-{i}"),
+                "",
+            )
+        })
+        .collect();
+    events.extend((0..5).map(|i| proto::TrackedEvent {
+        occurred_at_ms: (pop_hour - week).as_millisecond(),
+        timezone: ZONE.into(),
+        ..event(
+            &format!("o-pop-{i}"),
+            proto::EventType::Open,
+            &format!("h-pop-{i}"),
+            "",
+        )
+    }));
+    let mut insights = PushGatewayInsightsClient::new(h.channel().await);
+    // With Redis the exposures are written with the receipts, by the writer, just after the
+    // caller has them: an event about one not yet written is `Unknown` and not remembered, so
+    // the events are sent again until all nine counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut counted = 0;
+    while counted < 9 {
+        let tracked = insights
+            .track_events(proto::TrackEventsRequest {
+                app_id: "shop".into(),
+                events: events.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        counted += tracked.counted;
+        assert!(
+            tracked.results.iter().all(|r| r.counted
+                || r.reason.contains("duplicate")
+                || r.reason.contains("no known exposure")),
+            "{:?}",
+            tracked.results
+        );
+        assert!(
+            Instant::now() < deadline,
+            "opens never counted: {:?}",
+            tracked.results
+        );
+        if counted < 9 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(counted, 9);
+    // An unknown zone is refused, naming the event's field.
+    let e = insights
+        .track_events(proto::TrackEventsRequest {
+            app_id: "shop".into(),
+            events: vec![proto::TrackedEvent {
+                timezone: "Mars/Olympus_Mons".into(),
+                ..event("o-bad", proto::EventType::Open, "h-ana-0", "")
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("events[0].timezone"),
+        "{}",
+        e.message()
+    );
+
+    // `ana` has opens enough of her own (4 x 2^(-7/28) = 3.4 >= 3): her hour. `newbie` has
+    // none: the population's, where five opens outweigh ana's four.
+    let mut request = batch(
+        harness::template("Spring", "b"),
+        vec![
+            person("s-ana", "ana", 100),
+            person("s-newbie", "newbie", 101),
+        ],
+    );
+    request.send_time = proto::SendTime::Optimal as i32;
+    let response = client.send_batch(request).await.unwrap().into_inner();
+    let due: HashMap<_, _> = response
+        .receipts
+        .iter()
+        .map(|r| {
+            assert_eq!(status(r), ReceiptStatus::Scheduled, "{r:?}");
+            (r.message_id.clone(), r.scheduled_for_ms)
+        })
+        .collect();
+    assert_eq!(due["s-ana"], local_hour_start(ana_hour, ZONE));
+    assert_eq!(due["s-newbie"], local_hour_start(pop_hour, ZONE));
+    // Kolkata is UTC+5:30: its hours start at half past in UTC.
+    assert_eq!(due["s-ana"] % 3_600_000, 1_800_000);
+
+    // OPTIMAL with a send time of the batch is refused naming the field.
+    let mut request = batch(harness::template("x", "b"), vec![person("s-x", "x", 102)]);
+    request.send_time = proto::SendTime::Optimal as i32;
+    request.send_at_ms = at(1).as_millisecond();
+    let e = client.send_batch(request).await.unwrap_err();
+    assert!(e.message().contains("send_time"), "{}", e.message());
+
+    // The optimally scheduled messages wait in the policy stage's schedule: cancel works.
+    let cancelled = pushgate::proto::push_gateway_policy_client::PushGatewayPolicyClient::new(
+        h.channel().await,
+    )
+    .cancel_scheduled(proto::CancelScheduledRequest {
+        app_id: "shop".into(),
+        message_ids: vec!["s-ana".into(), "s-newbie".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .cancelled;
+    assert_eq!(cancelled, 2);
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optimal_send_times_from_a_seeded_open_history_in_memory() {
+    let h = harness::start(Options {
+        more_apps: vec![harness::MoreApp {
+            id: "news".into(),
+            ..Default::default()
+        }],
+        ..Options::default()
+    })
+    .await;
+    optimal_send_times(&h).await;
+    no_history_sends_now(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optimal_send_times_from_a_seeded_open_history_with_redis() {
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        extra: format!("[redis]\nurl = \"{}\"\npoll_ms = 20", redis.url()),
+        more_apps: vec![harness::MoreApp {
+            id: "news".into(),
+            ..Default::default()
+        }],
+        ..Options::default()
+    })
+    .await;
+    optimal_send_times(&h).await;
+    no_history_sends_now(&h).await;
+}
+
+/// An app without any tracked open (`news`; its users' opens are `shop`'s) sends OPTIMAL
+/// batches now.
+async fn no_history_sends_now(h: &Harness) {
+    let mut request = batch(
+        harness::template("News", "b"),
+        vec![proto::Recipient {
+            user_id: "ana".into(),
+            ..recipient(200, &[])
+        }],
+    );
+    request.app_id = "news".into();
+    request.send_time = proto::SendTime::Optimal as i32;
+    let response = h
+        .client()
+        .await
+        .send_batch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.receipts.len(), 1);
+    assert_eq!(status(&response.receipts[0]), ReceiptStatus::Delivered);
+}
+
+/// `date` without a zone argument renders in the recipient's `timezone`, else the app's
+/// `default_timezone`; a zone argument still wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_date_filter_defaults_to_the_recipients_zone() {
+    let h = harness::start(Options {
+        shop: "default_timezone = \"America/Sao_Paulo\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut client = h.client().await;
+    let title = "{{ ends | date: '%H:%M' }}";
+    let body = "{{ ends | date: '%H:%M', 'Asia/Tokyo' }}";
+    let ends = [("ends", "2025-06-01T15:00:00Z")];
+    let request = batch(
+        harness::template(title, body),
+        vec![
+            proto::Recipient {
+                timezone: "Europe/Paris".into(),
+                ..recipient(1, &ends)
+            },
+            recipient(2, &ends),
+        ],
+    );
+    // Rendered at dispatch from the packed recipient: the zone survives packing.
+    let response = client.send_batch(request).await.unwrap().into_inner();
+    assert_eq!(response.accepted, 2, "{:?}", response.results);
+    let got = received(&h);
+    // 15:00 UTC is 17:00 in Paris (CEST), 12:00 in Sao Paulo, 00:00 in Tokyo.
+    assert_eq!(got[&token(1)], ("17:00".to_owned(), "00:00".to_owned()));
+    assert_eq!(got[&token(2)], ("12:00".to_owned(), "00:00".to_owned()));
+}
+
+/// The rest of the Liquid corpus through the gateway, one recipient per case (its own title,
+/// rendered by the same engine as the template's, is what the mock receives), and hostile
+/// texts that hit each part of the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liquid_corpus_and_hostile_texts_through_the_gateway() {
+    let h = harness::start(Options::default()).await;
+    let mut client = h.client().await;
+    let vars: &[(&str, &str)] = &[
+        ("name", "  Ada Lovelace  "),
+        ("tier", "silver"),
+        ("n", "7"),
+        ("tags", r#"["a","b","c"]"#),
+        ("user", r#"{"city":"Porto","visits":12}"#),
+        ("price", "1234.5"),
+    ];
+    let corpus: &[(&str, &str)] = &[
+        ("{{ 'MiXeD' | downcase }}", "mixed"),
+        (
+            "[{{ name | lstrip }}|{{ name | rstrip }}]",
+            "[Ada Lovelace  |  Ada Lovelace]",
+        ),
+        ("{{ 'a-b-a' | replace_first: 'a', 'x' }}", "x-b-a"),
+        ("{{ 'mid' | prepend: '<' | append: '>' }}", "<mid>"),
+        ("{{ name | strip | size }}", "12"),
+        (
+            "{{ n | plus: 3 }} {{ n | minus: 10 }} {{ n | times: 2 }} {{ n | divided_by: 2 }}",
+            "10 -3 14 3",
+        ),
+        ("{{ price | money: 'R$ ', ',', '.' }}", "R$ 1.234,50"),
+        (
+            "{{ tags | join: '+' }} {{ tags | first }}{{ tags | last }} {{ tags.size }}",
+            "a+b+c ac 3",
+        ),
+        ("{{ user.city }} {{ user.visits | plus: 1 }}", "Porto 13"),
+        (
+            "{% if tier == 'gold' %}G{% elsif tier == 'silver' %}S{% else %}B{% endif %}",
+            "S",
+        ),
+        ("{% if n > 5 and tier != 'gold' %}yes{% endif %}", "yes"),
+        ("{% if n < 5 or tier contains 'il' %}yes{% endif %}", "yes"),
+        ("{% unless n >= 8 %}under{% endunless %}", "under"),
+        (
+            "{% case tier %}{% when 'gold', 'silver' %}metal{% else %}none{% endcase %}",
+            "metal",
+        ),
+        (
+            "{% for i in (1..5) reversed %}{% if i == 2 %}{% break %}{% endif %}{% if i == 4 %}{% continue %}{% endif %}{{ i }}{% endfor %}",
+            "53",
+        ),
+        (
+            "{% for t in tags offset: 1 %}{{ forloop.index }}{{ t }}{% endfor %}",
+            "1b2c",
+        ),
+        (
+            "{% for t in missing_list %}x{% else %}empty{% endfor %}",
+            "empty",
+        ),
+        ("a {%- comment %} hidden {% endcomment -%} b", "ab"),
+        (
+            "{% raw %}{{ not rendered }}{% endraw %}",
+            "{{ not rendered }}",
+        ),
+        ("{{ nothing | default: 'fallback' }}", "fallback"),
+    ];
+    let mut recipients: Vec<proto::Recipient> = corpus
+        .iter()
+        .enumerate()
+        .map(|(i, (text, _))| proto::Recipient {
+            title: Some((*text).into()),
+            ..recipient(i as u64, vars)
+        })
+        .collect();
+    // Hostile: 10,000 loop iterations (over the 1,000 budget) with no output at all; an
+    // output that doubles past 16 KiB; nesting deeper than 32.
+    let base = corpus.len() as u64;
+    let hostile = [
+        "{% for a in (1..100) %}{% for b in (1..100) %}{% endfor %}{% endfor %}".to_owned(),
+        format!("{{{{ big{} }}}}", " | append: big".repeat(8)),
+        format!("{}x{}", "{% if n %}".repeat(40), "{% endif %}".repeat(40)),
+    ];
+    for (i, text) in hostile.iter().enumerate() {
+        recipients.push(proto::Recipient {
+            title: Some(text.clone()),
+            ..recipient(base + i as u64, &[("n", "1"), ("big", &"x".repeat(3_000))])
+        });
+    }
+    let response = client
+        .send_batch(batch(harness::template("t", "b"), recipients))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = received(&h);
+    for (i, (text, expected)) in corpus.iter().enumerate() {
+        let title = got.get(&token(i as u64)).map(|(t, _)| t.as_str());
+        assert_eq!(title, Some(*expected), "{text}: {:?}", response.results[i]);
+    }
+    for (i, why) in ["render budget exceeded", "render budget exceeded", "nest"]
+        .iter()
+        .enumerate()
+    {
+        let r = &response.results[corpus.len() + i];
+        assert!(!r.accepted, "{r:?}");
+        assert_eq!(r.field, format!("recipients[{}].title", corpus.len() + i));
+        assert!(r.reason.contains(why), "{r:?}");
+    }
+    assert_eq!(got.len(), corpus.len());
+    assert_eq!(h.unresolved_drops(), 0);
+}

@@ -327,6 +327,7 @@ fn run_case(messages: &[Message], retry: RetryConfig, ttl: Option<Duration>) {
             send_at_ms: 0,
             local_send_time: String::new(),
             late_sends_now: false,
+            optimal_send_time: false,
         };
         let result = gateway
             .submit(&mut batch, Some(&sink), false)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use pushgate::proto::push_gateway_client::PushGatewayClient;
+use pushgate::proto::push_gateway_insights_client::PushGatewayInsightsClient;
 use pushgate::proto::{self, ReceiptStatus};
 use pushgate_mocks::apns::{MockApns, MockApnsConfig};
 use pushgate_mocks::fcm::{MockFcm, MockFcmConfig};
@@ -262,6 +263,7 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
         let response = client
             .send_batch(proto::SendBatchRequest {
                 app_id: "shop".into(),
+                campaign_id: "crash".into(),
                 template: Some(proto::Template {
                     title: "Hi".into(),
                     body: "there".into(),
@@ -316,6 +318,28 @@ async fn kill_9_mid_run_loses_nothing_acknowledged() {
             .all(|v| v[0].status == ReceiptStatus::Delivered as i32),
         "all delivered"
     );
+    // The campaign's counts are written with the terminal receipts, so across the crash they
+    // equal the receipts stream exactly: none lost with the killed process, none twice.
+    let stats = PushGatewayInsightsClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .get_campaign_stats(proto::GetCampaignStatsRequest {
+            app_id: "shop".into(),
+            campaign_id: "crash".into(),
+            control: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.variants.len(), 1, "{stats:?}");
+    let v = &stats.variants[0];
+    assert_eq!((v.sent, v.delivered), (N, N), "{v:?}");
+    assert_eq!(v.providers.len(), 2, "{v:?}");
+    for p in &v.providers {
+        assert_eq!(p.statuses.len(), 1, "{p:?}");
+        assert_eq!(p.statuses[0].status, ReceiptStatus::Delivered as i32);
+        assert_eq!(p.statuses[0].count, N / 2, "{p:?}");
+    }
     let mut seen: HashMap<String, u32> = HashMap::new();
     for a in mock.accepted() {
         *seen.entry(a.device_token).or_default() += 1;

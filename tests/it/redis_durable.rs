@@ -1171,6 +1171,14 @@ async fn a_replica_that_lost_a_lease_writes_no_terminal_receipt_and_releases_not
         stream.iter().find(|r| r.terminal)
     );
     assert_taken_over_records_untouched(&mut c, N).await;
+    // Nor are they counted for the campaign: the counts are written with the receipt, and the
+    // new owner counts the one it writes.
+    let stats: HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg("pushgate:{shop}:stats:c")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(stats.is_empty(), "fenced receipts counted: {stats:?}");
     let leases: u64 = redis::cmd("ZCARD")
         .arg("pushgate:{shop}:leases")
         .query_async(&mut c)

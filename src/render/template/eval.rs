@@ -232,10 +232,11 @@ impl<'t, V: Vars + ?Sized> Cx<'t, V> {
             for a in &f.args {
                 args.push(self.expr(a)?);
             }
-            value = filters::apply(f, value, &args).map_err(|fail| match fail {
-                filters::FilterFail::Budget => over_budget(),
-                filters::FilterFail::Bad(m) => self.filter_error(f.at, m),
-            })?;
+            value =
+                filters::apply(f, value, &args, self.vars.zone()).map_err(|fail| match fail {
+                    filters::FilterFail::Budget => over_budget(),
+                    filters::FilterFail::Bad(m) => self.filter_error(f.at, m),
+                })?;
             if value.text_len() > MAX_OUTPUT_BYTES {
                 return Err(over_budget());
             }

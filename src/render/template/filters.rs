@@ -233,6 +233,7 @@ pub(crate) fn apply<'a>(
     filter: &Filter,
     input: Value<'a>,
     args: &[Value<'_>],
+    recipient_zone: Option<&TimeZone>,
 ) -> Result<Value<'a>, FilterFail> {
     use FilterKind::*;
     let kind = filter.kind;
@@ -430,7 +431,8 @@ pub(crate) fn apply<'a>(
             let zone = match (&filter.zone, arg(1)) {
                 (Some(z), _) => z.clone(),
                 (None, Some(name)) => time_zone(&name.to_text())?,
-                (None, None) => TimeZone::UTC,
+                // No zone given: the recipient's (its `timezone`, else the app's default).
+                (None, None) => recipient_zone.cloned().unwrap_or(TimeZone::UTC),
             };
             let zoned = instant(&input, &zone)?;
             let s = jiff::fmt::strtime::format(format.as_bytes(), &zoned)

@@ -49,6 +49,45 @@ pub const MAX_DEPTH: usize = 32;
 /// message keeps (`crate::work`).
 pub trait Vars {
     fn get(&self, name: &str) -> Option<&str>;
+
+    /// The recipient's time zone, which `date` uses when it is given none (UTC without).
+    fn zone(&self) -> Option<&jiff::tz::TimeZone> {
+        None
+    }
+}
+
+/// Variables with the recipient's time zone, looked up by name the first time a `date` filter
+/// asks (a name the database does not know reads as none: UTC).
+pub struct WithZone<'a> {
+    vars: &'a dyn Vars,
+    name: &'a str,
+    zone: std::cell::OnceCell<Option<jiff::tz::TimeZone>>,
+}
+
+impl<'a> WithZone<'a> {
+    pub fn new(vars: &'a dyn Vars, name: &'a str) -> Self {
+        Self {
+            vars,
+            name,
+            zone: std::cell::OnceCell::new(),
+        }
+    }
+}
+
+impl Vars for WithZone<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name)
+    }
+
+    fn zone(&self) -> Option<&jiff::tz::TimeZone> {
+        self.zone
+            .get_or_init(|| {
+                (!self.name.is_empty())
+                    .then(|| jiff::tz::TimeZone::get(self.name).ok())
+                    .flatten()
+            })
+            .as_ref()
+    }
 }
 
 impl Vars for BTreeMap<String, String> {
@@ -137,6 +176,12 @@ impl Text {
     /// long.
     pub fn literal_len(&self) -> usize {
         self.literal_len
+    }
+
+    /// True when the text may use a `date` filter (a conservative guess from its source, for
+    /// deciding whether a waiting recipient must keep its time zone).
+    pub fn may_use_dates(&self) -> bool {
+        self.source.contains("date")
     }
 
     /// True when the source text is empty (it then always renders empty).

@@ -1,16 +1,25 @@
-//! Campaign measurement in Redis (see `crate::store::insights` for the rules): receipts are
-//! counted by a write loop of their own (one MULTI per app and write batch), events are
+//! Campaign measurement in Redis (see `crate::store::insights` for the rules). Events are
 //! recorded by one Lua script each, atomically (check the event id, find the exposure, apply
-//! the window, set the exposure's flag, count, remember the event id). Keys are in the app's
-//! hash tag (see `keys.rs`), so every script and MULTI stays in one Cluster slot. Counters are
-//! bounded by campaign x variant x provider x status; exposures and event ids expire after
-//! the attribution window, counters `retention` after their last update.
+//! the window, set the exposure's flag, count, feed the open-time histograms). Keys are in the
+//! app's hash tag (see `keys.rs`), so every script stays in one Cluster slot. Counters are
+//! bounded by campaign x variant x provider x status; exposures and event ids expire after the
+//! attribution window, counters `retention` after their last update.
+//!
+//! Terminal receipts are not counted here but by the queue's writer (`queue/write.rs`), in the
+//! MULTI that appends the receipt to the receipts stream, and for a message the replica holds
+//! inside the `ACK` script that releases its lease: a receipt and its counts are written
+//! together or not at all. So a crash loses no count of a receipt in Redis: a terminal receipt
+//! still queued in this process when it dies is lost with its counts, and its message (still
+//! leased in Redis) is delivered again by the replica that reclaims it, which writes and counts
+//! its one terminal receipt. A fenced receipt (another replica reclaimed the message) is neither
+//! written nor counted. The counts thus equal the campaign's terminal receipts in the receipts
+//! stream, except that a write batch written again because replicas did not confirm it
+//! (`redis.min_replicas_acked`) may repeat a receipt that releases no lease, and its count
+//! with it, as it repeats the stream entry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::mpsc;
 
 use super::client::RedisClient;
 use super::keys::AppKeys;
@@ -21,10 +30,36 @@ use crate::store::insights::{
     CampaignCounts, EventKind, Insights, InsightsConfig, TrackEvent, Tracked, is_exposure,
     variant_of,
 };
+use crate::store::send_time::{self, Histogram, OpenHistograms};
 
-/// Receipts counted per write, at most.
-const WRITE_BATCH: usize = 512;
+/// Adds an open to an open-time histogram hash (see `crate::store::send_time`): weights relative
+/// to the reference `r`, rescaled when the open is more than the rebase distance after it.
+const ADD_OPEN_FN: &str = r#"
+local function add_open(key, bucket, at, half, rebase, ttl)
+  local r = tonumber(redis.call('HGET', key, 'r'))
+  if not r then
+    r = at
+    redis.call('HSET', key, 'r', string.format('%d', at))
+  elseif at - r > rebase then
+    local all = redis.call('HGETALL', key)
+    local f = 2 ^ ((r - at) / half)
+    for i = 1, #all, 2 do
+      if all[i] ~= 'r' then
+        redis.call('HSET', key, all[i], string.format('%.17g', tonumber(all[i + 1]) * f))
+      end
+    end
+    r = at
+    redis.call('HSET', key, 'r', string.format('%d', at))
+  end
+  redis.call('HINCRBYFLOAT', key, bucket, string.format('%.17g', 2 ^ ((at - r) / half)))
+  redis.call('PEXPIRE', key, ttl)
+end
+"#;
 
+/// Records one event. ARGV: key prefix, event id, kind (`o`/`k`), message id, user id,
+/// campaign, occurred at, window, event-id ttl, counter retention, then for opens: the instant
+/// the histograms count it at, its hour of the week, the half-life, the rebase distance and the
+/// histograms' ttl.
 const TRACK: &str = r#"
 local base = ARGV[1]
 local ev = base .. 'ev:' .. ARGV[2]
@@ -39,7 +74,7 @@ if mid == '' then
   if not mid then return {'unknown'} end
 end
 local xkey = base .. 'exp:' .. mid
-local x = redis.call('HMGET', xkey, 'c', 'v', 't')
+local x = redis.call('HMGET', xkey, 'c', 'v', 't', 'u')
 if not x[1] then return {'unknown'} end
 if campaign ~= '' and x[1] ~= campaign then return {'unknown'} end
 local outcome
@@ -55,152 +90,86 @@ else
   redis.call('HINCRBY', skey, x[2] .. '|' .. name, 1)
   redis.call('PEXPIRE', skey, ARGV[10])
   outcome = 'counted'
+  local who = user
+  if who == '' then who = x[4] or '' end
+  if kind == 'o' and who ~= '' then
+    local hat, half, rebase, ttl = tonumber(ARGV[11]), tonumber(ARGV[13]), tonumber(ARGV[14]), ARGV[15]
+    add_open(base .. 'hist:' .. who, ARGV[12], hat, half, rebase, ttl)
+    add_open(base .. 'hist_pop', ARGV[12], hat, half, rebase, ttl)
+  end
 end
 redis.call('SET', ev, 1, 'PX', ARGV[9])
 return {outcome, x[1], x[2]}
 "#;
 
-/// One terminal receipt to count.
-struct Count {
-    app: Arc<str>,
-    campaign: Arc<str>,
-    field: String,
-    /// message id, user id, variant, time (ms) when the receipt is an exposure.
-    exposure: Option<(String, String, String, i64)>,
+/// What one terminal receipt of a campaign adds to the counters, as the queue's count scripts
+/// read it (`COUNT_FN` in `queue/scripts.rs`): campaign `c`, stats field `f`, and for an
+/// exposure the message `m`, user `u`, variant `v` and time `t` (ms).
+#[derive(serde::Serialize)]
+struct Count<'a> {
+    c: &'a str,
+    f: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    m: Option<&'a str>,
+    u: &'a str,
+    v: &'a str,
+    t: String,
+}
+
+/// The counts of `receipt` (JSON), when it is a terminal receipt of a campaign.
+pub(super) fn count_of(receipt: &Receipt) -> Option<String> {
+    if !receipt.terminal() || receipt.meta.campaign_id.is_empty() {
+        return None;
+    }
+    let meta = &receipt.meta;
+    let variant = variant_of(receipt);
+    let exposure = is_exposure(receipt);
+    let count = Count {
+        c: &meta.campaign_id,
+        f: format!(
+            "{variant}|{}|{}",
+            meta.platform.as_str(),
+            receipt.status.as_str()
+        ),
+        m: exposure.then_some(meta.message_id.as_str()),
+        u: &meta.user_id,
+        v: variant,
+        t: epoch_millis(receipt.completed_at.unwrap_or(meta.accepted_at)).to_string(),
+    };
+    serde_json::to_string(&count).ok()
 }
 
 /// Campaign measurement in Redis. See the module docs.
 pub struct RedisInsights {
     client: Arc<RedisClient>,
     config: InsightsConfig,
-    writes: mpsc::UnboundedSender<Count>,
+    /// `ADD_OPEN_FN` + `TRACK`.
+    track_script: String,
 }
 
-fn ms(d: Duration) -> u64 {
+pub(super) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl RedisInsights {
-    /// Starts the counting write loop; it drains and ends when the client's stop token fires.
+    /// The measurement store on `client`. (Receipts are counted by the Redis store's queue,
+    /// started with the same `config`.)
     pub fn start(client: Arc<RedisClient>, config: InsightsConfig) -> Arc<Self> {
-        let (writes, rx) = mpsc::unbounded_channel();
-        let me = Arc::new(Self {
+        Arc::new(Self {
             client,
             config,
-            writes,
-        });
-        tokio::spawn(Arc::clone(&me).write_loop(rx));
-        me
+            track_script: format!("{ADD_OPEN_FN}{TRACK}"),
+        })
     }
 
     fn keys(&self, app: &str) -> AppKeys {
         AppKeys::new(&self.client.config().key_prefix, app)
     }
-
-    async fn write_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Count>) {
-        let stop = self.client.stop_token();
-        let mut buf = Vec::with_capacity(WRITE_BATCH);
-        loop {
-            if buf.is_empty() {
-                let n = tokio::select! {
-                    n = rx.recv_many(&mut buf, WRITE_BATCH) => n,
-                    _ = stop.cancelled() => {
-                        rx.close();
-                        rx.recv_many(&mut buf, usize::MAX).await
-                    }
-                };
-                if n == 0 {
-                    return;
-                }
-            }
-            match self.flush(&buf).await {
-                Ok(()) => buf.clear(),
-                Err(e) => {
-                    self.client.observe::<()>(&Err(e));
-                    if stop.is_cancelled() {
-                        tracing::warn!(
-                            lost = buf.len(),
-                            "redis unreachable at shutdown: campaign counts not written"
-                        );
-                        buf.clear();
-                        continue;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    async fn flush(&self, buf: &[Count]) -> redis::RedisResult<()> {
-        let mut by_app: HashMap<&str, Vec<&Count>> = HashMap::new();
-        for c in buf {
-            by_app.entry(&c.app).or_default().push(c);
-        }
-        let window = ms(self.config.attribution_window);
-        let retention = ms(self.config.retention);
-        let mut conn = self.client.conn();
-        for (app, counts) in by_app {
-            let k = self.keys(app);
-            let prefix = k.insights_prefix();
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for c in counts {
-                let stats = k.stats(&c.campaign);
-                pipe.hincr(&stats, &c.field, 1).ignore();
-                pipe.pexpire(&stats, retention as i64).ignore();
-                if let Some((message, user, variant, at)) = &c.exposure {
-                    let x = format!("{prefix}exp:{message}");
-                    pipe.hset_multiple(
-                        &x,
-                        &[
-                            ("c", c.campaign.as_ref()),
-                            ("v", variant.as_str()),
-                            ("u", user.as_str()),
-                            ("t", at.to_string().as_str()),
-                        ],
-                    )
-                    .ignore();
-                    pipe.pexpire(&x, window as i64).ignore();
-                    if !user.is_empty() {
-                        let u = format!("{prefix}uexp:{user}");
-                        pipe.hset_multiple(&u, &[(c.campaign.as_ref(), message), ("*", message)])
-                            .ignore();
-                        pipe.pexpire(&u, window as i64).ignore();
-                    }
-                }
-            }
-            pipe.query_async::<()>(&mut conn).await?;
-        }
-        Ok(())
-    }
 }
 
 impl ReceiptObserver for RedisInsights {
-    fn observe(&self, receipt: &Arc<Receipt>) {
-        if !receipt.terminal() || receipt.meta.campaign_id.is_empty() {
-            return;
-        }
-        let meta = &receipt.meta;
-        let variant = variant_of(receipt);
-        let exposure = is_exposure(receipt).then(|| {
-            (
-                meta.message_id.clone(),
-                meta.user_id.clone(),
-                variant.to_owned(),
-                epoch_millis(receipt.completed_at.unwrap_or(meta.accepted_at)),
-            )
-        });
-        let _ = self.writes.send(Count {
-            app: Arc::clone(&meta.app_id),
-            campaign: Arc::clone(&meta.campaign_id),
-            field: format!(
-                "{variant}|{}|{}",
-                meta.platform.as_str(),
-                receipt.status.as_str()
-            ),
-            exposure,
-        });
-    }
+    /// Nothing: the queue's writer counts receipts with the receipt itself (module docs).
+    fn observe(&self, _receipt: &Arc<Receipt>) {}
 }
 
 fn status_from(s: &str) -> Option<ReceiptStatus> {
@@ -273,10 +242,13 @@ impl Insights for RedisInsights {
         let prefix = self.keys(app).insights_prefix();
         let window = ms(self.config.attribution_window);
         let retention = ms(self.config.retention);
+        let now = crate::store::now_ms();
+        let half = send_time::HALF_LIFE_MS;
         let mut pipe = redis::pipe();
         for e in events {
+            let open_at = e.occurred_at_ms.min(now);
             pipe.cmd("EVAL")
-                .arg(TRACK)
+                .arg(&self.track_script)
                 .arg(0)
                 .arg(&prefix)
                 .arg(&e.event_id)
@@ -290,7 +262,12 @@ impl Insights for RedisInsights {
                 .arg(e.occurred_at_ms)
                 .arg(window)
                 .arg(window)
-                .arg(retention);
+                .arg(retention)
+                .arg(open_at)
+                .arg(send_time::hour_of_week(open_at, &e.zone))
+                .arg(half)
+                .arg(send_time::REBASE_HALF_LIVES * half)
+                .arg(send_time::TTL_HALF_LIVES * half);
         }
         let mut conn = self.client.conn();
         let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(unreachable)?;
@@ -318,6 +295,34 @@ impl Insights for RedisInsights {
             .await
             .map_err(unreachable)?;
         Ok(parse_counts(fields))
+    }
+
+    async fn open_histograms(
+        &self,
+        app: &str,
+        users: &[&str],
+    ) -> Result<OpenHistograms, StoreError> {
+        let prefix = self.keys(app).insights_prefix();
+        let mut pipe = redis::pipe();
+        pipe.hgetall(format!("{prefix}hist_pop"));
+        for user in users {
+            pipe.hgetall(format!("{prefix}hist:{user}"));
+        }
+        let mut conn = self.client.conn();
+        let replies: Vec<HashMap<String, String>> =
+            pipe.query_async(&mut conn).await.map_err(unreachable)?;
+        let mut replies = replies.into_iter();
+        let population = replies
+            .next()
+            .map(|f| Histogram::from_fields(&f))
+            .unwrap_or_default();
+        let users = users
+            .iter()
+            .zip(replies)
+            .filter(|(_, f)| !f.is_empty())
+            .map(|(u, f)| ((*u).to_owned(), Histogram::from_fields(&f)))
+            .collect();
+        Ok(OpenHistograms { population, users })
     }
 }
 

@@ -19,6 +19,8 @@
 //! | `<p>:{app}:exp:<message_id>` | HASH | an exposure: campaign `c`, variant `v`, user `u`, time `t` (ms), flags `o`/`c` once counted (expires after the attribution window) |
 //! | `<p>:{app}:uexp:<user_id>` | HASH | campaign -> the user's latest exposure (message id) in it, `*` -> its latest overall (expires after the window) |
 //! | `<p>:{app}:ev:<event_id>` | STRING | a tracked event id already recorded (expires after the window) |
+//! | `<p>:{app}:hist:<user_id>` | HASH | the user's open-time histogram (send-time optimization): reference instant `r` (ms), hour of the week `0`..`167` -> weight (expires four half-lives after its last open) |
+//! | `<p>:{app}:hist_pop` | HASH | the app's population histogram, the same fields |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).
 
@@ -75,7 +77,8 @@ impl AppKeys {
     pub fn batch(&self, id: &str) -> String {
         format!("{}:batch:{id}", self.base)
     }
-    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `ev:` follow).
+    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `ev:`, `hist:`,
+    /// `hist_pop` follow).
     pub fn insights_prefix(&self) -> String {
         format!("{}:", self.base)
     }

@@ -259,15 +259,19 @@ impl RedisStore {
     /// Starts the writer, the claimer (due retries and reclaimed messages go into `dispatch`,
     /// the limit stage's input) and the replica heartbeat. When `stop` fires, claiming ends,
     /// pending writes are flushed and the parked jobs' `Pending`s are handed off (they stay in
-    /// Redis for the next replica); the heartbeat ends with the client's own stop.
+    /// Redis for the next replica); the heartbeat ends with the client's own stop. With
+    /// `insights`, every terminal receipt of a campaign is counted for campaign measurement in
+    /// the same write as the receipt (see `insights`).
     pub fn start(
         client: Arc<RedisClient>,
         hub: Arc<ReceiptHub>,
         apps: impl IntoIterator<Item = Arc<AppRuntime>>,
         dispatch: mpsc::Sender<Work>,
         stop: CancellationToken,
+        insights: Option<crate::store::insights::InsightsConfig>,
     ) -> Arc<Self> {
-        let queue = RedisRetryQueue::start(Arc::clone(&client), hub, apps, dispatch, stop);
+        let queue =
+            RedisRetryQueue::start(Arc::clone(&client), hub, apps, dispatch, stop, insights);
         let replicas = replicas::share(Arc::clone(&client));
         Arc::new(Self {
             client,

@@ -261,6 +261,7 @@ impl RedisRetryQueue {
         self.write(Write::Ack {
             app: key.0,
             id: key.1,
+            count: None,
         });
     }
 

@@ -61,7 +61,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use scripts::{ACK, CANCEL, CLAIM, DEAD, FENCE_FN, PARK, RELEASE, RELEASE_FN, TAKEOVER, UNACCEPT};
+use scripts::{
+    ACK, CANCEL, CLAIM, COUNT, COUNT_FN, DEAD, FENCE_FN, PARK, RELEASE, RELEASE_FN, TAKEOVER,
+    UNACCEPT,
+};
 use write::Write;
 
 use super::RedisClient;
@@ -71,6 +74,7 @@ use crate::domain::{Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::{Pending, ReceiptHub, Resolution};
 use crate::registry::AppRuntime;
 use crate::render::RenderContext;
+use crate::store::insights::InsightsConfig;
 use crate::store::{Scheduled, StoreStats, now_ms};
 use crate::work::{AcceptedBatch, Job, Waiting, Work};
 
@@ -143,6 +147,11 @@ pub(super) struct RedisRetryQueue {
     /// `RELEASE_FN` + `ACK`, `RELEASE_FN` + `FENCE_FN` + `PARK` / `DEAD`, `RELEASE_FN` +
     /// `RELEASE` and `RELEASE_FN` + `UNACCEPT`, sent with EVAL (inside MULTIs).
     ack_script: String,
+    /// `COUNT_FN` + `COUNT`.
+    count_script: String,
+    /// Campaign measurement: terminal receipts of campaigns are counted in the MULTI (and,
+    /// releasing a lease, the script) that writes them. `None`: not counted.
+    insights: Option<InsightsConfig>,
     park_script: String,
     dead_script: String,
     release_script: String,
@@ -159,6 +168,7 @@ impl RedisRetryQueue {
         apps: impl IntoIterator<Item = Arc<AppRuntime>>,
         dispatch: mpsc::Sender<Work>,
         stop: CancellationToken,
+        insights: Option<InsightsConfig>,
     ) -> Arc<Self> {
         let prefix = store.config().key_prefix.clone();
         let apps: HashMap<String, (Arc<AppRuntime>, AppKeys)> = apps
@@ -191,7 +201,9 @@ impl RedisRetryQueue {
             stats: QueueStats::default(),
             claim: Script::new(CLAIM),
             takeover: Script::new(TAKEOVER),
-            ack_script: format!("{RELEASE_FN}{ACK}"),
+            ack_script: format!("{RELEASE_FN}{COUNT_FN}{ACK}"),
+            count_script: format!("{COUNT_FN}{COUNT}"),
+            insights,
             park_script: format!("{RELEASE_FN}{FENCE_FN}{PARK}"),
             dead_script: format!("{RELEASE_FN}{FENCE_FN}{DEAD}"),
             release_script: format!("{RELEASE_FN}{RELEASE}"),
@@ -293,6 +305,7 @@ impl RedisRetryQueue {
                 self.write(Write::Ack {
                     app: Arc::clone(&message.app().id),
                     id: message.message_id().to_owned(),
+                    count: None,
                 });
             }
             return Err(redis::RedisError::from((
@@ -675,6 +688,15 @@ impl RedisRetryQueue {
         pending.resolve(resolution);
     }
 
+    /// The attribution window and the counters' retention, in ms, for the count scripts.
+    fn insights_ms(&self) -> (u64, u64) {
+        let config = self.insights.unwrap_or_default();
+        (
+            super::insights::ms(config.attribution_window),
+            super::insights::ms(config.retention),
+        )
+    }
+
     /// Sees every receipt (the store's acknowledgement): records terminal outcomes for
     /// idempotency, appends the receipt to the app's stream and releases the lease a terminal
     /// receipt finished.
@@ -702,16 +724,24 @@ impl RedisRetryQueue {
         let key: JobKey = (app, id);
         let ack = accepted && terminal && self.held.remove(&key).is_some();
         let (app, id) = key;
+        let count = self
+            .insights
+            .as_ref()
+            .and_then(|_| super::insights::count_of(receipt));
         if config.receipts_stream_maxlen > 0 {
-            // The terminal receipt and the lease release are written in one MULTI: after a
-            // crash, a message has either both (done) or neither (delivered again).
+            // The terminal receipt, its campaign counts and the lease release are written in
+            // one MULTI: after a crash, a message has either all (done) or none (delivered
+            // again, and counted then).
             self.write(Write::Receipt {
                 app,
                 encoded: super::feed::encode(receipt),
                 ack: ack.then_some(id),
+                count,
             });
         } else if ack {
-            self.write(Write::Ack { app, id });
+            self.write(Write::Ack { app, id, count });
+        } else if let Some(count) = count {
+            self.write(Write::Count { app, count });
         }
     }
 }

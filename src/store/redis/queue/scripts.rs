@@ -171,35 +171,92 @@ local function split_fenced(owner, me)
 end
 "#;
 
-/// Finishes messages (after `RELEASE_FN`): for each id this replica still owns, its terminal
-/// receipt (if any) is appended to the receipts stream and its lease, owner and record are
-/// removed. A receipt for an id this replica does not own is not written: the replica that
-/// reclaimed the message writes the one terminal receipt it ends with, and a write batch
-/// written again after a lost reply appends no receipt twice. KEYS: leases, owner, jobs,
-/// receipts stream; ARGV: replica, batch-context prefix, stream maxlen, n, n ids without a
-/// receipt, then id, receipt pairs. Returns `{acked, fenced}`.
+/// Lua shared by the scripts that count terminal receipts for campaign measurement (see
+/// `crate::store::redis::insights`): `count` takes the JSON of one `insights::Count` (empty:
+/// nothing to count), writes an exposure's record and the user's latest at once, and adds the
+/// counter to `pending`; `add_counts` then writes each campaign's counters once per call
+/// (a write batch is mostly one campaign: two or three fields, not one command per receipt).
+pub(super) const COUNT_FN: &str = r#"
+local pending = {}
+local function count(base, window, c)
+  if c == nil or c == '' then return end
+  local t = cjson.decode(c)
+  local skey = base .. 'stats:' .. t.c
+  local fields = pending[skey]
+  if not fields then
+    fields = {}
+    pending[skey] = fields
+  end
+  fields[t.f] = (fields[t.f] or 0) + 1
+  if t.m then
+    local x = base .. 'exp:' .. t.m
+    redis.call('HSET', x, 'c', t.c, 'v', t.v, 'u', t.u, 't', t.t)
+    redis.call('PEXPIRE', x, window)
+    if t.u ~= '' then
+      local u = base .. 'uexp:' .. t.u
+      redis.call('HSET', u, t.c, t.m, '*', t.m)
+      redis.call('PEXPIRE', u, window)
+    end
+  end
+end
+local function add_counts(retention)
+  for skey, fields in pairs(pending) do
+    for f, n in pairs(fields) do redis.call('HINCRBY', skey, f, n) end
+    redis.call('PEXPIRE', skey, retention)
+  end
+  pending = {}
+end
+"#;
+
+/// Counts terminal receipts that release no lease (after `COUNT_FN`). ARGV: insights prefix,
+/// window, retention, then one count each.
+pub(super) const COUNT: &str = r#"
+for i = 4, #ARGV do count(ARGV[1], ARGV[2], ARGV[i]) end
+add_counts(ARGV[3])
+return 1
+"#;
+
+/// Finishes messages (after `RELEASE_FN` and `COUNT_FN`): for each id this replica still owns,
+/// its terminal receipt (if any) is appended to the receipts stream, its campaign counts (if
+/// any) are added, and its lease, owner and record are removed. A receipt for an id this
+/// replica does not own is neither written nor counted: the replica that reclaimed the message
+/// writes and counts the one terminal receipt it ends with, and a write batch written again
+/// after a lost reply appends and counts no receipt twice. KEYS: leases, owner, jobs, receipts
+/// stream; ARGV: replica, batch-context prefix, stream maxlen, n, insights prefix, window,
+/// retention, then n (id, count) pairs without a receipt, then (id, receipt, count) triples.
+/// Returns `{acked, fenced}`.
 pub(super) const ACK: &str = r#"
 local me = ARGV[1]
 local n = tonumber(ARGV[4])
-local ids = {}
-for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
-for i = 5 + n, #ARGV - 1, 2 do ids[#ids + 1] = ARGV[i] end
+local base, window, retention = ARGV[5], ARGV[6], ARGV[7]
+local ids, counts = {}, {}
+for i = 8, 7 + 2 * n, 2 do
+  ids[#ids + 1] = ARGV[i]
+  counts[#counts + 1] = ARGV[i + 1]
+end
+local first = 8 + 2 * n
+for i = first, #ARGV - 2, 3 do ids[#ids + 1] = ARGV[i] end
 local owners = #ids > 0 and redis.call('HMGET', KEYS[2], unpack(ids)) or {}
 local mine = {}
 local fenced = 0
 for j = 1, n do
-  if owners[j] == me then mine[#mine + 1] = ids[j] end
+  if owners[j] == me then
+    mine[#mine + 1] = ids[j]
+    count(base, window, counts[j])
+  end
 end
 local j = n
-for i = 5 + n, #ARGV - 1, 2 do
+for i = first, #ARGV - 2, 3 do
   j = j + 1
   if owners[j] == me then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[i + 1])
+    count(base, window, ARGV[i + 2])
     mine[#mine + 1] = ARGV[i]
   else
     fenced = fenced + 1
   end
 end
+add_counts(retention)
 if #mine > 0 then
   release(KEYS[3], ARGV[2], mine)
   redis.call('ZREM', KEYS[1], unpack(mine))

@@ -14,6 +14,8 @@ pub(super) enum Write {
     Ack {
         app: Arc<str>,
         id: String,
+        /// The campaign counts of its terminal receipt (JSON, see `insights::Count`).
+        count: Option<String>,
     },
     /// A receipt for the app's receipts stream (protobuf-encoded).
     Receipt {
@@ -21,7 +23,11 @@ pub(super) enum Write {
         encoded: Vec<u8>,
         /// The message whose lease this terminal receipt releases.
         ack: Option<String>,
+        /// The campaign counts of a terminal receipt, written with it (or, fenced, not at all).
+        count: Option<String>,
     },
+    /// The campaign counts of a terminal receipt written to no stream and releasing no lease.
+    Count { app: Arc<str>, count: String },
     /// The terminal status of a message, for idempotent resends.
     Outcome {
         app: Arc<str>,
@@ -186,9 +192,11 @@ impl RedisRetryQueue {
             unaccepted: Vec<(&'a str, &'a str)>,
             /// Receipts that release no lease (not terminal, or of no message held here).
             receipts: Vec<&'a [u8]>,
-            /// Terminal receipts with the message whose lease each releases.
-            finished: Vec<(&'a str, &'a [u8])>,
-            acks: Vec<&'a str>,
+            /// Terminal receipts with the message whose lease each releases, and their counts.
+            finished: Vec<(&'a str, &'a [u8], &'a str)>,
+            acks: Vec<(&'a str, &'a str)>,
+            /// Counts of terminal receipts that release no lease.
+            counts: Vec<&'a str>,
         }
         let me = self.store.replica();
         let mut groups: HashMap<&str, Group<'_>> = HashMap::new();
@@ -214,7 +222,12 @@ impl RedisRetryQueue {
                     .or_default()
                     .dead
                     .push((id, *at_ms, record)),
-                Write::Ack { app, id } => groups.entry(app).or_default().acks.push(id),
+                Write::Ack { app, id, count } => groups
+                    .entry(app)
+                    .or_default()
+                    .acks
+                    .push((id, count.as_deref().unwrap_or(""))),
+                Write::Count { app, count } => groups.entry(app).or_default().counts.push(count),
                 Write::Unaccept { app, pairs } => {
                     let g = groups.entry(app).or_default();
                     g.unaccepted
@@ -223,11 +236,21 @@ impl RedisRetryQueue {
                 Write::Outcome { app, id, status } => {
                     groups.entry(app).or_default().outcomes.push((id, status))
                 }
-                Write::Receipt { app, encoded, ack } => {
+                Write::Receipt {
+                    app,
+                    encoded,
+                    ack,
+                    count,
+                } => {
                     let g = groups.entry(app).or_default();
                     match ack {
-                        Some(id) => g.finished.push((id, encoded)),
-                        None => g.receipts.push(encoded),
+                        Some(id) => g
+                            .finished
+                            .push((id, encoded, count.as_deref().unwrap_or(""))),
+                        None => {
+                            g.receipts.push(encoded);
+                            g.counts.extend(count.as_deref());
+                        }
                     }
                 }
             }
@@ -274,6 +297,17 @@ impl RedisRetryQueue {
                     .arg(*encoded)
                     .ignore();
             }
+            let (window, retention) = self.insights_ms();
+            if !g.counts.is_empty() {
+                pipe.cmd("EVAL")
+                    .arg(&self.count_script)
+                    .arg(0)
+                    .arg(k.insights_prefix())
+                    .arg(window)
+                    .arg(retention)
+                    .arg(&g.counts)
+                    .ignore();
+            }
             let finish = !g.acks.is_empty() || !g.finished.is_empty();
             if finish {
                 // EVAL (not EVALSHA) inside the MULTI: no NOSCRIPT round trip; Redis caches it.
@@ -289,9 +323,14 @@ impl RedisRetryQueue {
                     .arg(k.batch_prefix())
                     .arg(stream_maxlen)
                     .arg(g.acks.len())
-                    .arg(&g.acks);
-                for (id, encoded) in &g.finished {
-                    cmd.arg(*id).arg(*encoded);
+                    .arg(k.insights_prefix())
+                    .arg(window)
+                    .arg(retention);
+                for (id, count) in &g.acks {
+                    cmd.arg(*id).arg(*count);
+                }
+                for (id, encoded, count) in &g.finished {
+                    cmd.arg(*id).arg(*encoded).arg(*count);
                 }
             }
             let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
