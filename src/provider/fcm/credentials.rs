@@ -11,8 +11,8 @@
 //!
 //! A JSON credential file is one of `service_account` (a key: RS256 assertion at `token_uri`),
 //! `external_account` (workload identity federation: a subject token read from a file or a URL,
-//! exchanged at Google STS, then optionally traded for a service account's token at IAM
-//! Credentials) or `authorized_user` (a gcloud user's refresh token).
+//! or printed by an executable, exchanged at Google STS, then optionally traded for a service
+//! account's token at IAM Credentials) or `authorized_user` (a gcloud user's refresh token).
 //!
 //! Each [`Credential`] knows how to make one token request ([`Credential::fetch`]); caching,
 //! single-flight refresh and retries are [`super::token_source::TokenSource`]'s. No secret (key, refresh
@@ -268,7 +268,60 @@ pub enum SubjectSource {
         headers: Vec<(String, String)>,
         format: SubjectFormat,
     },
+    /// Google's executable-sourced ("pluggable") credentials: a command that prints the token.
+    Executable(Executable),
 }
+
+/// `credential_source.executable`: the command is run (only with
+/// `GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`) with the `GOOGLE_EXTERNAL_ACCOUNT_*` variables
+/// Google's libraries set, and prints a JSON response
+/// (`{"version": 1, "success": true, "token_type": ..., "id_token" | "saml_response": ...,
+/// "expiration_time": <epoch s>}`). A response is used until its `expiration_time`, from memory
+/// or from `output_file` (where the executable may cache it), and refused once past it.
+#[derive(Debug)]
+pub struct Executable {
+    /// The program and its arguments (the `command` split on whitespace, as Google's libraries
+    /// split it).
+    pub command: Vec<String>,
+    pub timeout: Duration,
+    pub output_file: Option<PathBuf>,
+    /// The last response's token and expiry; never in a `Debug` output.
+    cached: parking_lot::Mutex<Option<CachedSubject>>,
+}
+
+impl Clone for Executable {
+    fn clone(&self) -> Self {
+        Self {
+            command: self.command.clone(),
+            timeout: self.timeout,
+            output_file: self.output_file.clone(),
+            cached: parking_lot::Mutex::new(None),
+        }
+    }
+}
+
+struct CachedSubject {
+    token: String,
+    expires: SystemTime,
+}
+
+impl std::fmt::Debug for CachedSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedSubject")
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The variable that must be `1` before any credential file may run a command.
+pub const ALLOW_EXECUTABLES: &str = "GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES";
+/// An executable's timeout: default, and the bounds Google's libraries accept.
+const EXECUTABLE_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+const EXECUTABLE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 5_000..=120_000;
+/// A cached subject token is not used within this long of its expiry (STS must still accept it).
+const SUBJECT_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// Bytes of an executable's stderr quoted in an error, at most.
+const QUOTED_STDERR_BYTES: usize = 300;
 
 /// How the subject token is stored in its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,7 +382,14 @@ struct SourceFile {
     headers: std::collections::BTreeMap<String, String>,
     format: Option<FormatFile>,
     environment_id: Option<String>,
-    executable: Option<Value>,
+    executable: Option<ExecutableFile>,
+}
+
+#[derive(Deserialize)]
+struct ExecutableFile {
+    command: Option<String>,
+    timeout_millis: Option<u64>,
+    output_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -360,9 +420,9 @@ impl ExternalAccount {
         let source = file
             .credential_source
             .ok_or(CredentialsError::Missing("credential_source"))?;
-        if source.environment_id.is_some() || source.executable.is_some() {
+        if source.environment_id.is_some() {
             return Err(CredentialsError::Unsupported(
-                "`credential_source` of AWS or executable kind; use a `file` or `url` source"
+                "`credential_source` of AWS kind; use a `file`, `url` or `executable` source"
                     .into(),
             ));
         }
@@ -385,12 +445,44 @@ impl ExternalAccount {
                 }
             },
         };
-        let source = match (source.file, source.url) {
-            (Some(path), None) => SubjectSource::File {
+        let source = match (source.file, source.url, source.executable) {
+            (None, None, Some(executable)) => {
+                let command: Vec<String> = executable
+                    .command
+                    .as_deref()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect();
+                if command.is_empty() {
+                    return Err(CredentialsError::Missing(
+                        "credential_source.executable.command",
+                    ));
+                }
+                let timeout_ms = executable
+                    .timeout_millis
+                    .unwrap_or(EXECUTABLE_TIMEOUT_DEFAULT_MS);
+                if !EXECUTABLE_TIMEOUT_MS.contains(&timeout_ms) {
+                    return Err(CredentialsError::Unsupported(
+                        "`credential_source.executable.timeout_millis` outside 5000..=120000"
+                            .into(),
+                    ));
+                }
+                SubjectSource::Executable(Executable {
+                    command,
+                    timeout: Duration::from_millis(timeout_ms),
+                    output_file: executable
+                        .output_file
+                        .filter(|f| !f.trim().is_empty())
+                        .map(PathBuf::from),
+                    cached: parking_lot::Mutex::new(None),
+                })
+            }
+            (Some(path), None, None) => SubjectSource::File {
                 path: PathBuf::from(path),
                 format,
             },
-            (None, Some(url)) => {
+            (None, Some(url), None) => {
                 check_url(&url, "credential_source.url")?;
                 SubjectSource::Url {
                     url,
@@ -415,8 +507,17 @@ impl ExternalAccount {
         })
     }
 
+    /// The email of the impersonated service account, from
+    /// `.../serviceAccounts/<email>:generateAccessToken`.
+    fn impersonated_email(&self) -> Option<&str> {
+        let url = self.impersonation_url.as_deref()?;
+        let tail = url.rsplit_once("/serviceAccounts/")?.1;
+        Some(tail.split_once(':').map_or(tail, |(email, _)| email))
+    }
+
     async fn subject_token(&self, http: &CredentialHttp) -> Result<String, FetchError> {
         let (raw, format, from) = match &self.source {
+            SubjectSource::Executable(executable) => return self.run(executable).await,
             SubjectSource::File { path, format } => {
                 let raw = tokio::fs::read_to_string(path).await.map_err(|e| {
                     FetchError::Transient(format!(
@@ -473,6 +574,99 @@ impl ExternalAccount {
         Ok(token)
     }
 
+    /// The executable's subject token: a cached response still valid, else the command's.
+    /// (Whether commands may run at all was decided at start, by [`discover`].)
+    async fn run(&self, executable: &Executable) -> Result<String, FetchError> {
+        let now = SystemTime::now();
+        if let Some(cached) = executable.cached.lock().as_ref()
+            && cached.expires > now + SUBJECT_EXPIRY_MARGIN
+        {
+            return Ok(cached.token.clone());
+        }
+        if let Some(path) = &executable.output_file
+            && let Ok(text) = tokio::fs::read_to_string(path).await
+            // A cached response that is unreadable, failed, expired or without an expiry is
+            // ignored and the command run, as Google's libraries do.
+            && let Ok(Some(subject)) = parse_executable_response(&text, now)
+                .map(|(token, expires)| expires.map(|e| (token, e)))
+            && subject.1 > now + SUBJECT_EXPIRY_MARGIN
+        {
+            let token = subject.0.clone();
+            *executable.cached.lock() = Some(CachedSubject {
+                token: subject.0,
+                expires: subject.1,
+            });
+            return Ok(token);
+        }
+        let program = &executable.command[0];
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(&executable.command[1..])
+            .env("GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE", &self.audience)
+            .env(
+                "GOOGLE_EXTERNAL_ACCOUNT_TOKEN_TYPE",
+                &self.subject_token_type,
+            )
+            .env("GOOGLE_EXTERNAL_ACCOUNT_INTERACTIVE", "0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(email) = self.impersonated_email() {
+            command.env("GOOGLE_EXTERNAL_ACCOUNT_IMPERSONATED_EMAIL", email);
+        }
+        if let Some(path) = &executable.output_file {
+            command.env("GOOGLE_EXTERNAL_ACCOUNT_OUTPUT_FILE", path);
+        }
+        let output = tokio::time::timeout(executable.timeout, command.output())
+            .await
+            .map_err(|_| {
+                FetchError::Transient(format!(
+                    "the credential executable {program} did not finish within {:?}",
+                    executable.timeout
+                ))
+            })?
+            .map_err(|e| {
+                FetchError::Transient(format!("running the credential executable {program}: {e}"))
+            })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let mut quoted = stderr.trim().to_string();
+            if quoted.len() > QUOTED_STDERR_BYTES {
+                let mut cut = QUOTED_STDERR_BYTES;
+                while !quoted.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                quoted.truncate(cut);
+            }
+            return Err(FetchError::Transient(format!(
+                "the credential executable {program} exited with {}: {quoted}",
+                output.status
+            )));
+        }
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if text.trim().is_empty()
+            && let Some(path) = &executable.output_file
+        {
+            // The executable may answer in its output file only.
+            text = tokio::fs::read_to_string(path).await.unwrap_or_default();
+        }
+        let (token, expires) =
+            parse_executable_response(&text, SystemTime::now()).map_err(|e| match e {
+                FetchError::Permanent(reason) => {
+                    FetchError::Permanent(format!("the credential executable {program}: {reason}"))
+                }
+                FetchError::Transient(reason) => {
+                    FetchError::Transient(format!("the credential executable {program}: {reason}"))
+                }
+            })?;
+        *executable.cached.lock() = expires.map(|expires| CachedSubject {
+            token: token.clone(),
+            expires,
+        });
+        Ok(token)
+    }
+
     async fn fetch(&self, http: &CredentialHttp) -> Result<(AccessToken, Duration), FetchError> {
         let subject = self.subject_token(http).await?;
         let options = self
@@ -522,6 +716,68 @@ impl ExternalAccount {
             )
         })
     }
+}
+
+/// An executable's JSON response at `now`: the subject token and, when given, when it expires.
+/// `Permanent` for an answer the executable means as a refusal (`success: false`) or one that
+/// breaks the format; `Transient` for an expired token (running it again may give a fresh one).
+pub fn parse_executable_response(
+    text: &str,
+    now: SystemTime,
+) -> Result<(String, Option<SystemTime>), FetchError> {
+    let bad = |what: &str| FetchError::Permanent(format!("its response {what}"));
+    let response: Value =
+        serde_json::from_str(text.trim()).map_err(|_| bad("is not a JSON object"))?;
+    match response.get("version").and_then(Value::as_u64) {
+        Some(1) => {}
+        Some(v) => return Err(bad(&format!("has version {v}; version 1 is supported"))),
+        None => return Err(bad("has no `version`")),
+    }
+    match response.get("success").and_then(Value::as_bool) {
+        Some(true) => {}
+        Some(false) => {
+            let field = |name: &str| {
+                response
+                    .get(name)
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    .unwrap_or_default()
+            };
+            return Err(FetchError::Permanent(format!(
+                "it answered unsuccessful: code {}, message {}",
+                field("code"),
+                field("message")
+            )));
+        }
+        None => return Err(bad("has no `success`")),
+    }
+    let expires = match response.get("expiration_time") {
+        None => None,
+        Some(v) => {
+            let secs = v
+                .as_u64()
+                .ok_or_else(|| bad("has an `expiration_time` that is not epoch seconds"))?;
+            let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            if expires <= now {
+                return Err(FetchError::Transient(
+                    "the token it returned is expired (`expiration_time` has passed)".into(),
+                ));
+            }
+            Some(expires)
+        }
+    };
+    let field = match response.get("token_type").and_then(Value::as_str) {
+        Some("urn:ietf:params:oauth:token-type:jwt")
+        | Some("urn:ietf:params:oauth:token-type:id_token") => "id_token",
+        Some("urn:ietf:params:oauth:token-type:saml2") => "saml_response",
+        Some(other) => return Err(bad(&format!("has the unsupported `token_type` {other}"))),
+        None => return Err(bad("has no `token_type`")),
+    };
+    let token = response
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad(&format!("has no `{field}`")))?;
+    Ok((token.to_string(), expires))
 }
 
 /// Classifies an IAM Credentials `generateAccessToken` answer:
@@ -722,6 +978,19 @@ pub fn discover(
     credentials_file: Option<&Path>,
     env: Env<'_>,
 ) -> Result<Discovered, DiscoveryError> {
+    let field = if credentials_json.is_some() {
+        "credentials_json"
+    } else {
+        "credentials_file"
+    };
+    allowed(find(credentials_json, credentials_file, env), field, env)
+}
+
+fn find(
+    credentials_json: Option<&str>,
+    credentials_file: Option<&Path>,
+    env: Env<'_>,
+) -> Result<Discovered, DiscoveryError> {
     if let Some(json) = credentials_json {
         let credential = Credential::from_json(json).map_err(|e| DiscoveryError {
             field: "credentials_json",
@@ -779,6 +1048,29 @@ pub fn discover(
         source: format!("the metadata server ({host})"),
         credential: Credential::Metadata(MetadataServer { host }),
     })
+}
+
+/// Refuses at start a credential that would run a command unless the operator allowed it
+/// (`GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`, as Google's libraries require).
+fn allowed(
+    discovered: Result<Discovered, DiscoveryError>,
+    field: &'static str,
+    env: Env<'_>,
+) -> Result<Discovered, DiscoveryError> {
+    let discovered = discovered?;
+    if let Credential::ExternalAccount(account) = &discovered.credential
+        && matches!(account.source, SubjectSource::Executable(_))
+        && env(ALLOW_EXECUTABLES).as_deref() != Some("1")
+    {
+        return Err(DiscoveryError {
+            field,
+            reason: format!(
+                "{}: `credential_source.executable` runs a command; set {ALLOW_EXECUTABLES}=1 to allow it",
+                discovered.source
+            ),
+        });
+    }
+    Ok(discovered)
 }
 
 fn from_file(
@@ -852,8 +1144,12 @@ mod tests {
         for (source, wanted) in [
             (serde_json::json!({"environment_id": "aws1"}), "AWS"),
             (
-                serde_json::json!({"executable": {"command": "x"}}),
-                "executable",
+                serde_json::json!({"executable": {"command": " "}}),
+                "executable.command",
+            ),
+            (
+                serde_json::json!({"executable": {"command": "x", "timeout_millis": 1000}}),
+                "timeout_millis",
             ),
             (
                 serde_json::json!({"file": "/t", "format": {"type": "json"}}),
@@ -880,6 +1176,181 @@ mod tests {
             Credential::from_json(&value.to_string()).unwrap_err(),
             CredentialsError::Missing("audience")
         );
+    }
+
+    fn executable(command: &str, output_file: Option<&Path>) -> ExternalAccount {
+        let mut source =
+            serde_json::json!({"executable": {"command": command, "timeout_millis": 5000}});
+        if let Some(path) = output_file {
+            source["executable"]["output_file"] = Value::from(path.display().to_string());
+        }
+        match Credential::from_json(&external(source).to_string()).unwrap() {
+            Credential::ExternalAccount(account) => account,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn executable_source(account: &ExternalAccount) -> &Executable {
+        match &account.source {
+            SubjectSource::Executable(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn executable_responses_are_parsed_as_google_documents_them() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ok = |extra: &str| format!(r#"{{"version": 1, "success": true, {extra}}}"#);
+        assert_eq!(
+            parse_executable_response(
+                &ok(r#""token_type": "urn:ietf:params:oauth:token-type:id_token", "id_token": "oidc", "expiration_time": 1800000600"#),
+                now
+            )
+            .unwrap(),
+            (
+                "oidc".to_string(),
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_600))
+            )
+        );
+        assert_eq!(
+            parse_executable_response(
+                &ok(r#""token_type": "urn:ietf:params:oauth:token-type:saml2", "saml_response": "saml""#),
+                now
+            )
+            .unwrap(),
+            ("saml".to_string(), None)
+        );
+        let expired = parse_executable_response(
+            &ok(r#""token_type": "urn:ietf:params:oauth:token-type:jwt", "id_token": "t", "expiration_time": 1799999999"#),
+            now,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&expired, FetchError::Transient(r) if r.contains("expired")),
+            "{expired:?}"
+        );
+        for (text, wanted) in [
+            (
+                r#"{"version": 1, "success": false, "code": "401", "message": "no session"}"#
+                    .to_string(),
+                "no session",
+            ),
+            (
+                r#"{"version": 2, "success": true}"#.to_string(),
+                "version 2",
+            ),
+            (r#"{"success": true}"#.to_string(), "version"),
+            (ok(r#""token_type": "urn:x""#), "urn:x"),
+            (
+                ok(r#""token_type": "urn:ietf:params:oauth:token-type:jwt""#),
+                "id_token",
+            ),
+            ("not json".to_string(), "JSON"),
+        ] {
+            let error = parse_executable_response(&text, now).unwrap_err();
+            assert!(
+                matches!(&error, FetchError::Permanent(r) if r.contains(wanted)),
+                "{text}: {error:?}"
+            );
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn executables_run_with_googles_variables_and_their_response_is_kept_until_it_expires() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let runs = dir.path().join("runs");
+        let script = dir.path().join("token.sh");
+        let expires = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho run >> {runs}\nprintf '%s|%s|%s|%s|%s|%s' \"$1\" \"$GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE\" \"$GOOGLE_EXTERNAL_ACCOUNT_TOKEN_TYPE\" \"$GOOGLE_EXTERNAL_ACCOUNT_INTERACTIVE\" \"$GOOGLE_EXTERNAL_ACCOUNT_IMPERSONATED_EMAIL\" \"$GOOGLE_EXTERNAL_ACCOUNT_OUTPUT_FILE\" > {seen}\nprintf '{{\"version\": 1, \"success\": true, \"token_type\": \"urn:ietf:params:oauth:token-type:jwt\", \"id_token\": \"subject-from-script\", \"expiration_time\": {expires}}}'\n",
+                runs = runs.display(),
+                seen = seen.display(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let output = dir.path().join("cache.json");
+        let account = executable(&format!("{} --flag", script.display()), Some(&output));
+        let http = CredentialHttp::new(None, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            account.subject_token(&http).await.unwrap(),
+            "subject-from-script"
+        );
+        let seen = std::fs::read_to_string(&seen).unwrap();
+        assert_eq!(
+            seen,
+            format!(
+                "--flag|{}|urn:ietf:params:oauth:token-type:jwt|0|push@proj.iam.gserviceaccount.com|{}",
+                account.audience,
+                output.display()
+            )
+        );
+        // Until its expiration_time the response is reused: the command does not run again.
+        assert_eq!(
+            account.subject_token(&http).await.unwrap(),
+            "subject-from-script"
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1);
+        // A fresh credential finds the response the executable cached in its output file.
+        std::fs::write(
+            &output,
+            format!(r#"{{"version": 1, "success": true, "token_type": "urn:ietf:params:oauth:token-type:jwt", "id_token": "from-output-file", "expiration_time": {expires}}}"#),
+        )
+        .unwrap();
+        let again = executable(&format!("{} --flag", script.display()), Some(&output));
+        assert_eq!(
+            again.subject_token(&http).await.unwrap(),
+            "from-output-file"
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1);
+        // An expired cached response is not used: the command runs.
+        std::fs::write(
+            &output,
+            r#"{"version": 1, "success": true, "token_type": "urn:ietf:params:oauth:token-type:jwt", "id_token": "stale", "expiration_time": 1}"#,
+        )
+        .unwrap();
+        let third = executable(&format!("{} --flag", script.display()), Some(&output));
+        assert_eq!(
+            third.subject_token(&http).await.unwrap(),
+            "subject-from-script"
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+        assert!(
+            executable_source(&third).cached.lock().is_some(),
+            "kept until its expiration_time"
+        );
+        // A failing command is an error quoting its stderr.
+        let failing = dir.path().join("fail.sh");
+        std::fs::write(&failing, "#!/bin/sh\necho 'no session' >&2\nexit 3\n").unwrap();
+        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = executable(&failing.display().to_string(), None)
+            .subject_token(&http)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, FetchError::Transient(r) if r.contains("no session")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn executables_must_be_allowed_at_start() {
+        let json =
+            external(serde_json::json!({"executable": {"command": "/bin/true"}})).to_string();
+        let error = discover(Some(&json), None, &no_env).unwrap_err();
+        assert_eq!(error.field, "credentials_json");
+        assert!(error.reason.contains(ALLOW_EXECUTABLES), "{error:?}");
+        let allow = |name: &str| (name == ALLOW_EXECUTABLES).then(|| "1".to_string());
+        assert!(discover(Some(&json), None, &allow).is_ok());
     }
 
     #[test]
