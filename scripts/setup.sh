@@ -2,7 +2,8 @@
 # Installs what pushgate's build and tests need on a fresh Debian/Ubuntu machine:
 # a Rust toolchain (if cargo is missing), redis-server and redis-cli (the Redis tests start their
 # own servers, and a three-node cluster), kubernetes-validate (the k8s manifests' check) and
-# schemathesis (the HTTP API's property-based tests), and cargo-fuzz when the nightly toolchain
+# schemathesis (the HTTP API's property-based tests), grpcio with its reflection and health
+# clients (reflection v1alpha as Python reads it), and cargo-fuzz when the nightly toolchain
 # is present (the fuzz targets, scripts/fuzz.sh).
 set -euo pipefail
 
@@ -42,6 +43,13 @@ fi
 if ! command -v schemathesis >/dev/null 2>&1; then
   echo "installing schemathesis (PyPI)"
   python3 -m pip install --quiet schemathesis
+fi
+
+# Python's gRPC client, its reflection client (which speaks only grpc.reflection.v1alpha) and
+# its health client, for scripts/grpcio-reflection.sh, from PyPI.
+if ! python3 -c 'import grpc, grpc_reflection, grpc_health' >/dev/null 2>&1; then
+  echo "installing grpcio, grpcio-reflection and grpcio-health-checking (PyPI)"
+  python3 -m pip install --quiet grpcio grpcio-reflection grpcio-health-checking
 fi
 
 # cargo-fuzz for the fuzz targets (scripts/fuzz.sh), from crates.io; only useful with the
