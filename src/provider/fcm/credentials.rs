@@ -11,7 +11,8 @@
 //!
 //! A JSON credential file is one of `service_account` (a key: RS256 assertion at `token_uri`),
 //! `external_account` (workload identity federation: a subject token read from a file or a URL,
-//! or printed by an executable, exchanged at Google STS, then optionally traded for a service
+//! printed by an executable, or an AWS SigV4-signed GetCallerIdentity request, exchanged at
+//! Google STS, then optionally traded for a service
 //! account's token at IAM Credentials) or `authorized_user` (a gcloud user's refresh token).
 //!
 //! Each [`Credential`] knows how to make one token request ([`Credential::fetch`]); caching,
@@ -270,6 +271,38 @@ pub enum SubjectSource {
     },
     /// Google's executable-sourced ("pluggable") credentials: a command that prints the token.
     Executable(Executable),
+    /// AWS (`environment_id = "aws1"`): a SigV4-signed STS GetCallerIdentity request, with the
+    /// region and credentials from the environment or the EC2 instance metadata service.
+    Aws(AwsSource),
+}
+
+/// `credential_source` of `environment_id` `aws1`.
+#[derive(Debug, Clone)]
+pub struct AwsSource {
+    /// The instance's availability zone (the region is it without its last letter).
+    pub region_url: Option<String>,
+    /// The instance's role name, and under it the role's credentials.
+    pub url: Option<String>,
+    /// The GetCallerIdentity URL, `{region}` replaced.
+    pub verification_url: String,
+    /// IMDSv2: where a session token for the metadata requests is obtained first.
+    pub imdsv2_session_token_url: Option<String>,
+}
+
+/// AWS credentials; the secret and the session token never reach a `Debug` output.
+#[derive(Clone)]
+pub struct AwsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for AwsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `credential_source.executable`: the command is run (only with
@@ -383,6 +416,9 @@ struct SourceFile {
     format: Option<FormatFile>,
     environment_id: Option<String>,
     executable: Option<ExecutableFile>,
+    region_url: Option<String>,
+    regional_cred_verification_url: Option<String>,
+    imdsv2_session_token_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -420,12 +456,31 @@ impl ExternalAccount {
         let source = file
             .credential_source
             .ok_or(CredentialsError::Missing("credential_source"))?;
-        if source.environment_id.is_some() {
-            return Err(CredentialsError::Unsupported(
-                "`credential_source` of AWS kind; use a `file`, `url` or `executable` source"
-                    .into(),
-            ));
-        }
+        let aws = if let Some(environment) = source.environment_id.clone() {
+            if environment != "aws1" {
+                return Err(CredentialsError::Unsupported(format!(
+                    "`credential_source.environment_id` `{environment}` (aws1 is supported)"
+                )));
+            }
+            let verification_url = source
+                .regional_cred_verification_url
+                .clone()
+                .filter(|u| !u.trim().is_empty())
+                .ok_or(CredentialsError::Missing(
+                    "credential_source.regional_cred_verification_url",
+                ))?;
+            Some(SubjectSource::Aws(AwsSource {
+                region_url: source.region_url.clone().filter(|u| !u.is_empty()),
+                url: source.url.clone().filter(|u| !u.is_empty()),
+                verification_url,
+                imdsv2_session_token_url: source
+                    .imdsv2_session_token_url
+                    .clone()
+                    .filter(|u| !u.is_empty()),
+            }))
+        } else {
+            None
+        };
         let format = match source.format {
             None => SubjectFormat::Text,
             Some(format) => match format.kind.as_deref() {
@@ -445,8 +500,9 @@ impl ExternalAccount {
                 }
             },
         };
-        let source = match (source.file, source.url, source.executable) {
-            (None, None, Some(executable)) => {
+        let source = match (aws, source.file, source.url, source.executable) {
+            (Some(aws), ..) => aws,
+            (None, None, None, Some(executable)) => {
                 let command: Vec<String> = executable
                     .command
                     .as_deref()
@@ -478,11 +534,11 @@ impl ExternalAccount {
                     cached: parking_lot::Mutex::new(None),
                 })
             }
-            (Some(path), None, None) => SubjectSource::File {
+            (None, Some(path), None, None) => SubjectSource::File {
                 path: PathBuf::from(path),
                 format,
             },
-            (None, Some(url), None) => {
+            (None, None, Some(url), None) => {
                 check_url(&url, "credential_source.url")?;
                 SubjectSource::Url {
                     url,
@@ -518,6 +574,12 @@ impl ExternalAccount {
     async fn subject_token(&self, http: &CredentialHttp) -> Result<String, FetchError> {
         let (raw, format, from) = match &self.source {
             SubjectSource::Executable(executable) => return self.run(executable).await,
+            SubjectSource::Aws(aws) => {
+                let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+                let given = AwsEnvironment::read(&env);
+                return aws_subject_token(aws, &self.audience, http, given, SystemTime::now())
+                    .await;
+            }
             SubjectSource::File { path, format } => {
                 let raw = tokio::fs::read_to_string(path).await.map_err(|e| {
                     FetchError::Transient(format!(
@@ -716,6 +778,266 @@ impl ExternalAccount {
             )
         })
     }
+}
+
+// ---- AWS subject tokens ------------------------------------------------------------------
+
+/// The AWS subject token Google STS expects (`urn:ietf:params:aws:token-type:aws4_request`): a
+/// GetCallerIdentity request signed with the workload's AWS credentials, serialized as JSON and
+/// URL-encoded; STS replays it to AWS to learn who the caller is. The region and the
+/// credentials come from `AWS_REGION`/`AWS_DEFAULT_REGION` and `AWS_ACCESS_KEY_ID`/
+/// `AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` when set, else from the instance metadata
+/// service (`region_url`, `url`; with an IMDSv2 session token when
+/// `imdsv2_session_token_url` is given).
+pub async fn aws_subject_token(
+    source: &AwsSource,
+    audience: &str,
+    http: &CredentialHttp,
+    given: AwsEnvironment,
+    now: SystemTime,
+) -> Result<String, FetchError> {
+    let AwsEnvironment {
+        region,
+        credentials: from_env,
+    } = given;
+    let session = match &source.imdsv2_session_token_url {
+        Some(url) if region.is_none() || from_env.is_none() => {
+            let request = Request::builder()
+                .method(Method::PUT)
+                .uri(url.as_str())
+                .header("x-aws-ec2-metadata-token-ttl-seconds", "300")
+                .body(Bytes::new())
+                .map_err(|e| {
+                    FetchError::Permanent(format!("invalid imdsv2_session_token_url: {e}"))
+                })?;
+            Some(metadata_text(http, request, "the IMDSv2 session token").await?)
+        }
+        _ => None,
+    };
+    let get = |url: &str| -> Result<Request<Bytes>, FetchError> {
+        let mut request = Request::builder().method(Method::GET).uri(url);
+        if let Some(token) = &session {
+            request = request.header("x-aws-ec2-metadata-token", token.as_str());
+        }
+        request
+            .body(Bytes::new())
+            .map_err(|e| FetchError::Permanent(format!("invalid AWS metadata URL {url}: {e}")))
+    };
+    let region = match region {
+        Some(region) => region,
+        None => {
+            let url = source.region_url.as_deref().ok_or_else(|| {
+                FetchError::Permanent(
+                    "no AWS region: set AWS_REGION, or `credential_source.region_url`".into(),
+                )
+            })?;
+            let zone = metadata_text(http, get(url)?, "the availability zone").await?;
+            // `us-east-2b` is in `us-east-2`.
+            let mut region = zone;
+            region.pop();
+            region
+        }
+    };
+    let credentials = match from_env {
+        Some(credentials) => credentials,
+        None => {
+            let url = source.url.as_deref().ok_or_else(|| {
+                FetchError::Permanent(
+                    "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or `credential_source.url`"
+                        .into(),
+                )
+            })?;
+            let role = metadata_text(http, get(url)?, "the instance role name").await?;
+            let url = format!("{}/{}", url.trim_end_matches('/'), role);
+            let json = metadata_text(http, get(&url)?, "the role's credentials").await?;
+            let value: Value = serde_json::from_str(&json).map_err(|_| {
+                FetchError::Transient("the role's AWS credentials are not JSON".into())
+            })?;
+            let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_string);
+            AwsCredentials {
+                access_key_id: field("AccessKeyId").ok_or_else(|| {
+                    FetchError::Transient("the role's AWS credentials have no AccessKeyId".into())
+                })?,
+                secret_access_key: field("SecretAccessKey").ok_or_else(|| {
+                    FetchError::Transient(
+                        "the role's AWS credentials have no SecretAccessKey".into(),
+                    )
+                })?,
+                session_token: field("Token"),
+            }
+        }
+    };
+    let url = source.verification_url.replace("{region}", &region);
+    let mut headers = sign_aws_request("POST", &url, &region, &credentials, now)
+        .map_err(|e| FetchError::Permanent(format!("regional_cred_verification_url: {e}")))?;
+    // Names the pool provider the request is meant for, so a captured token cannot be replayed
+    // at another provider (Google's libraries add it after signing, as here).
+    headers.push(("x-goog-cloud-target-resource".into(), audience.to_string()));
+    let request = serde_json::json!({
+        "headers": headers
+            .iter()
+            .map(|(key, value)| serde_json::json!({"key": key, "value": value}))
+            .collect::<Vec<_>>(),
+        "method": "POST",
+        "url": url,
+    });
+    Ok(uri_encode(&request.to_string(), "/"))
+}
+
+/// What the process environment says of AWS: the region and the credentials, when set.
+#[derive(Debug, Default)]
+pub struct AwsEnvironment {
+    pub region: Option<String>,
+    pub credentials: Option<AwsCredentials>,
+}
+
+impl AwsEnvironment {
+    /// `AWS_REGION` (else `AWS_DEFAULT_REGION`), and `AWS_ACCESS_KEY_ID` with
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`).
+    pub fn read(env: Env<'_>) -> Self {
+        Self {
+            region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
+            credentials: match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+                (Some(access_key_id), Some(secret_access_key)) => Some(AwsCredentials {
+                    access_key_id,
+                    secret_access_key,
+                    session_token: env("AWS_SESSION_TOKEN"),
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The text of a 200 from the instance metadata service.
+async fn metadata_text(
+    http: &CredentialHttp,
+    request: Request<Bytes>,
+    what: &str,
+) -> Result<String, FetchError> {
+    let url = request.uri().to_string();
+    let answer = http
+        .send(request)
+        .await
+        .map_err(|e| FetchError::Transient(format!("fetching {what} from {url}: {e}")))?;
+    if answer.status != 200 {
+        return Err(FetchError::Transient(format!(
+            "fetching {what}: {url} answered HTTP {}",
+            answer.status
+        )));
+    }
+    let text = String::from_utf8_lossy(&answer.body).trim().to_string();
+    if text.is_empty() {
+        return Err(FetchError::Transient(format!(
+            "{url} answered nothing for {what}"
+        )));
+    }
+    Ok(text)
+}
+
+/// AWS Signature Version 4 of a request without a body: the headers to send (`Authorization`,
+/// `host`, `x-amz-date`, and `x-amz-security-token` with temporary credentials). The service is
+/// the host's first label (`sts`).
+pub fn sign_aws_request(
+    method: &str,
+    url: &str,
+    region: &str,
+    credentials: &AwsCredentials,
+    now: SystemTime,
+) -> Result<Vec<(String, String)>, String> {
+    use ring::hmac;
+    use sha2::{Digest, Sha256};
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{url} is not an https:// URL"));
+    }
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{url} has no host"))?;
+    let service = host.split('.').next().unwrap_or_default().to_string();
+    let timestamp = jiff::Timestamp::try_from(now).map_err(|e| e.to_string())?;
+    let amz_date = timestamp.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let date = timestamp.strftime("%Y%m%d").to_string();
+    let mut query: Vec<(String, String)> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (uri_encode(k, ""), uri_encode(v, ""))
+        })
+        .collect();
+    query.sort();
+    let query = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut headers = vec![("host", host.clone()), ("x-amz-date", amz_date.clone())];
+    if let Some(token) = &credentials.session_token {
+        headers.push(("x-amz-security-token", token.clone()));
+    }
+    let canonical_headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}:{}\n", v.trim()))
+        .collect();
+    let signed_headers = headers
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>()
+        .join(";");
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let payload_hash = hex(&Sha256::digest(b""));
+    let path = if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    };
+    let canonical_request =
+        format!("{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{payload_hash}");
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical_request.as_bytes()))
+    );
+    let mac = |key: &[u8], data: &str| {
+        hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes())
+            .as_ref()
+            .to_vec()
+    };
+    let key = mac(
+        format!("AWS4{}", credentials.secret_access_key).as_bytes(),
+        &date,
+    );
+    let key = mac(&key, region);
+    let key = mac(&key, &service);
+    let key = mac(&key, "aws4_request");
+    let signature = hex(&mac(&key, &string_to_sign));
+    let mut out = vec![(
+        "Authorization".to_string(),
+        format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
+            credentials.access_key_id
+        ),
+    )];
+    out.extend(headers.into_iter().map(|(k, v)| (k.to_string(), v)));
+    Ok(out)
+}
+
+/// Percent-encodes all but the unreserved characters (RFC 3986) and those in `safe`.
+fn uri_encode(text: &str, safe: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || safe.as_bytes().contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// An executable's JSON response at `now`: the subject token and, when given, when it expires.
@@ -1142,7 +1464,14 @@ mod tests {
             matches!(&account.source, SubjectSource::Url { format: SubjectFormat::Json(f), .. } if f == "access_token")
         );
         for (source, wanted) in [
-            (serde_json::json!({"environment_id": "aws1"}), "AWS"),
+            (
+                serde_json::json!({"environment_id": "aws1"}),
+                "regional_cred_verification_url",
+            ),
+            (
+                serde_json::json!({"environment_id": "aws2", "regional_cred_verification_url": "https://sts.{region}.amazonaws.com"}),
+                "aws1 is supported",
+            ),
             (
                 serde_json::json!({"executable": {"command": " "}}),
                 "executable.command",
@@ -1339,6 +1668,262 @@ mod tests {
         assert!(
             matches!(&error, FetchError::Transient(r) if r.contains("no session")),
             "{error:?}"
+        );
+    }
+
+    /// Google's published AWS test credentials (temporary ones, with a session token).
+    fn aws_test_credentials(token: bool) -> AwsCredentials {
+        AwsCredentials {
+            access_key_id: "ASIARD4OQDT6A77FR3CL".into(),
+            secret_access_key: "Y8AfSaucF37G4PpvfguKZ3/l7Id4uocLXxX0+VTx".into(),
+            session_token: token.then(|| "IQoJb3JpZ2luX2VjEIz//////////wEaCXVzLWVhc3QtMiJGMEQCIH7MHX/Oy/OB8OlLQa9GrqU1B914+iMikqWQW7vPCKlgAiA/Lsv8Jcafn14owfxXn95FURZNKaaphj0ykpmS+Ki+CSq0AwhlEAAaDDA3NzA3MTM5MTk5NiIMx9sAeP1ovlMTMKLjKpEDwuJQg41/QUKx0laTZYjPlQvjwSqS3OB9P1KAXPWSLkliVMMqaHqelvMF/WO/glv3KwuTfQsavRNs3v5pcSEm4SPO3l7mCs7KrQUHwGP0neZhIKxEXy+Ls//1C/Bqt53NL+LSbaGv6RPHaX82laz2qElphg95aVLdYgIFY6JWV5fzyjgnhz0DQmy62/Vi8pNcM2/VnxeCQ8CC8dRDSt52ry2v+nc77vstuI9xV5k8mPtnaPoJDRANh0bjwY5Sdwkbp+mGRUJBAQRlNgHUJusefXQgVKBCiyJY4w3Csd8Bgj9IyDV+Azuy1jQqfFZWgP68LSz5bURyIjlWDQunO82stZ0BgplKKAa/KJHBPCp8Qi6i99uy7qh76FQAqgVTsnDuU6fGpHDcsDSGoCls2HgZjZFPeOj8mmRhFk1Xqvkbjuz8V1cJk54d3gIJvQt8gD2D6yJQZecnuGWd5K2e2HohvCc8Fc9kBl1300nUJPV+k4tr/A5R/0QfEKOZL1/k5lf1g9CREnrM8LVkGxCgdYMxLQow1uTL+QU67AHRRSp5PhhGX4Rek+01vdYSnJCMaPhSEgcLqDlQkhk6MPsyT91QMXcWmyO+cAZwUPwnRamFepuP4K8k2KVXs/LIJHLELwAZ0ekyaS7CptgOqS7uaSTFG3U+vzFZLEnGvWQ7y9IPNQZ+Dffgh4p3vF4J68y9049sI6Sr5d5wbKkcbm8hdCDHZcv4lnqohquPirLiFQ3q7B17V9krMPu3mz1cg4Ekgcrn/E09NTsxAqD8NcZ7C7ECom9r+X3zkDOxaajW6hu3Az8hGlyylDaMiFfRbBJpTIlxp7jfa7CxikNgNtEKLH9iCzvuSg2vhA==".into()),
+        }
+    }
+
+    /// 2020-08-11T06:55:22Z, the instant of the published signatures.
+    fn aws_test_time() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_597_128_922)
+    }
+
+    const STS_URL: &str =
+        "https://sts.us-east-2.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15";
+
+    #[test]
+    fn sigv4_signatures_match_the_published_test_vectors() {
+        // The GetCallerIdentity vectors of Google's auth libraries (with and without a session
+        // token), computed by AWS's algorithm.
+        for (token, signed, signature) in [
+            (
+                true,
+                "host;x-amz-date;x-amz-security-token",
+                "73452984e4a880ffdc5c392355733ec3f5ba310d5e0609a89244440cadfe7a7a",
+            ),
+            (
+                false,
+                "host;x-amz-date",
+                "d095ba304919cd0d5570ba8a3787884ee78b860f268ed040ba23831d55536d56",
+            ),
+        ] {
+            let credentials = aws_test_credentials(token);
+            let headers =
+                sign_aws_request("POST", STS_URL, "us-east-2", &credentials, aws_test_time())
+                    .unwrap();
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(
+                header("Authorization"),
+                Some(
+                    format!(
+                        "AWS4-HMAC-SHA256 Credential=ASIARD4OQDT6A77FR3CL/20200811/us-east-2/sts/aws4_request, SignedHeaders={signed}, Signature={signature}"
+                    )
+                    .as_str()
+                )
+            );
+            assert_eq!(header("host"), Some("sts.us-east-2.amazonaws.com"));
+            assert_eq!(header("x-amz-date"), Some("20200811T065522Z"));
+            assert_eq!(
+                header("x-amz-security-token"),
+                credentials.session_token.as_deref()
+            );
+        }
+        assert!(
+            sign_aws_request(
+                "POST",
+                "http://sts.example",
+                "r",
+                &aws_test_credentials(false),
+                aws_test_time()
+            )
+            .is_err()
+        );
+    }
+
+    /// The `%XX` of a URL-encoded text decoded.
+    fn url_decode(text: &str) -> String {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                out.push(u8::from_str_radix(&text[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn aws_source(metadata: Option<&str>) -> AwsSource {
+        AwsSource {
+            region_url: metadata
+                .map(|m| format!("{m}/latest/meta-data/placement/availability-zone")),
+            url: metadata.map(|m| format!("{m}/latest/meta-data/iam/security-credentials")),
+            verification_url:
+                "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"
+                    .into(),
+            imdsv2_session_token_url: metadata.map(|m| format!("{m}/latest/api/token")),
+        }
+    }
+
+    #[tokio::test]
+    async fn aws_subject_tokens_from_the_environment_are_the_signed_request_in_json() {
+        let http = CredentialHttp::new(None, Duration::from_secs(5)).unwrap();
+        let audience = "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/POOL_ID/providers/PROVIDER_ID";
+        let given = AwsEnvironment {
+            region: Some("us-east-2".into()),
+            credentials: Some(aws_test_credentials(true)),
+        };
+        // No metadata URL at all: everything comes from the environment, nothing is fetched.
+        let token = aws_subject_token(&aws_source(None), audience, &http, given, aws_test_time())
+            .await
+            .unwrap();
+        assert!(
+            !token.contains('{') && !token.contains(' '),
+            "URL-encoded: {token}"
+        );
+        let request: Value = serde_json::from_str(&url_decode(&token)).unwrap();
+        assert_eq!(request["url"], STS_URL);
+        assert_eq!(request["method"], "POST");
+        let headers: Vec<(String, String)> = request["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h["key"].as_str().unwrap().to_string(),
+                    h["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut expected = sign_aws_request(
+            "POST",
+            STS_URL,
+            "us-east-2",
+            &aws_test_credentials(true),
+            aws_test_time(),
+        )
+        .unwrap();
+        expected.push(("x-goog-cloud-target-resource".into(), audience.into()));
+        assert_eq!(headers, expected);
+        let error = aws_subject_token(
+            &aws_source(None),
+            audience,
+            &http,
+            AwsEnvironment::default(),
+            aws_test_time(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&error, FetchError::Permanent(r) if r.contains("AWS_REGION")),
+            "{error:?}"
+        );
+    }
+
+    /// A stand-in of the EC2 instance metadata service (IMDSv2): every metadata request must
+    /// carry the session token it handed out.
+    async fn imds_stand_in() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let log = std::sync::Arc::clone(&log);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    log.lock().push(line.clone());
+                    let authorized = head.contains("x-aws-ec2-metadata-token: imds-session");
+                    let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..]
+                    {
+                        ["put", "/latest/api/token"]
+                            if head.contains("x-aws-ec2-metadata-token-ttl-seconds: 300") =>
+                        {
+                            ("200 OK", "imds-session".to_string())
+                        }
+                        [_, _] if !authorized => ("401 Unauthorized", String::new()),
+                        ["get", "/latest/meta-data/placement/availability-zone"] => {
+                            ("200 OK", "us-east-2b".to_string())
+                        }
+                        ["get", "/latest/meta-data/iam/security-credentials"] => {
+                            ("200 OK", "gcp-role".to_string())
+                        }
+                        ["get", "/latest/meta-data/iam/security-credentials/gcp-role"] => {
+                            let c = aws_test_credentials(true);
+                            (
+                                "200 OK",
+                                serde_json::json!({
+                                    "AccessKeyId": c.access_key_id,
+                                    "SecretAccessKey": c.secret_access_key,
+                                    "Token": c.session_token,
+                                })
+                                .to_string(),
+                            )
+                        }
+                        _ => ("404 Not Found", String::new()),
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test]
+    async fn aws_region_and_credentials_come_from_the_instance_metadata_with_imdsv2() {
+        let (metadata, seen) = imds_stand_in().await;
+        let http = CredentialHttp::new(None, Duration::from_secs(5)).unwrap();
+        let token = aws_subject_token(
+            &aws_source(Some(&metadata)),
+            "//iam.googleapis.com/x",
+            &http,
+            AwsEnvironment::default(),
+            aws_test_time(),
+        )
+        .await
+        .unwrap();
+        let request: Value = serde_json::from_str(&url_decode(&token)).unwrap();
+        // The region from the zone `us-east-2b`, the signature from the role's credentials: the
+        // published vector.
+        assert_eq!(request["url"], STS_URL);
+        let authorization = request["headers"][0]["value"].as_str().unwrap();
+        assert!(
+            authorization.ends_with(
+                "Signature=73452984e4a880ffdc5c392355733ec3f5ba310d5e0609a89244440cadfe7a7a"
+            ),
+            "{authorization}"
+        );
+        assert_eq!(
+            seen.lock().clone(),
+            [
+                "put /latest/api/token http/1.1",
+                "get /latest/meta-data/placement/availability-zone http/1.1",
+                "get /latest/meta-data/iam/security-credentials http/1.1",
+                "get /latest/meta-data/iam/security-credentials/gcp-role http/1.1",
+            ]
         );
     }
 
