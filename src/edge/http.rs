@@ -319,10 +319,22 @@ impl From<tonic::Status> for ApiError {
 
 type Answer = Result<Response, ApiError>;
 
-/// A path's parameters, or a 400 naming the first (`app_id`).
+/// A path's parameters, or a 400 naming the one that did not decode (`app_id` when axum does
+/// not say).
 fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    path.map(|Path(p)| p)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()).field("app_id"))
+    use axum::extract::path::ErrorKind;
+    path.map(|Path(p)| p).map_err(|e| {
+        let key = match &e {
+            PathRejection::FailedToDeserializePathParams(inner) => match inner.kind() {
+                ErrorKind::ParseErrorAtKey { key, .. }
+                | ErrorKind::InvalidUtf8InPathParam { key }
+                | ErrorKind::DeserializeError { key, .. } => key.clone(),
+                _ => "app_id".to_string(),
+            },
+            _ => "app_id".to_string(),
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, e.body_text()).field(&key)
+    })
 }
 
 /// A request message that names its app; the path's app goes into it.

@@ -846,6 +846,15 @@ async fn policy_routes_over_http() {
     .json();
     assert_eq!(dropped["receipts"][0]["status"], "DROPPED", "{dropped}");
     assert_eq!(dropped["receipts"][0]["reason"], "opted_out", "{dropped}");
+    let reply = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/users/%FF/opt-out",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "user_id".to_string()), "not UTF-8");
     let cleared = ok_json(
         &call(addr, "DELETE", opt_out, Some(SHOP_KEY), None).await,
         "OptOutResponse",
