@@ -15,6 +15,6 @@ RUN cargo build --release --locked -p pushgate --bin pushgate \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /pushgate /usr/local/bin/pushgate
 USER 10001:10001
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 ENTRYPOINT ["/usr/local/bin/pushgate"]
 CMD ["serve", "--config", "/etc/pushgate/pushgate.toml"]

@@ -21,9 +21,14 @@ struct Options {
     /// Where to write `GRPC=<addr>` and `HTTP=<addr>` once listening.
     #[arg(long)]
     addr_file: PathBuf,
-    /// The API key of app `shop` (none: the API is open, as in development).
+    /// The API key of app `shop` (none: the API is open, as in development); an admin key, so
+    /// it may use the dead-letter operations too.
     #[arg(long)]
     api_key: Option<String>,
+    /// Durable delivery on this Redis (`redis://127.0.0.1:PORT/0`): dead letters are kept, so
+    /// the admin operations are served.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,9 +71,13 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let key_file = dir.path().join("AuthKey.p8");
     std::fs::write(&key_file, &key.private_p8_pem)?;
     let api_keys = match &options.api_key {
-        Some(k) => format!("api_keys = [{k:?}]"),
+        Some(k) => format!("admin_keys = [{k:?}]"),
         None => String::new(),
     };
+    let redis = options
+        .redis_url
+        .map(|url| format!("[redis]\nurl = {url:?}\n"))
+        .unwrap_or_default();
     let config = Config::from_toml(&format!(
         r#"
         listen = "127.0.0.1:0"
@@ -90,6 +99,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         [apps.shop.fcm]
         credentials_file = "{account_file}"
         endpoint = "{fcm}"
+        {redis}
         "#,
         key_file = key_file.display(),
         key_id = key.key_id,

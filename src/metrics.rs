@@ -209,6 +209,23 @@ pub struct DecisionLabels {
     pub decision: String,
 }
 
+/// An HTTP/JSON API request: the matched route template (`/v1/apps/{app_id}/batches`, never the
+/// raw path, so a label cannot take a value per app or per probe of the port), the method, and
+/// the status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+/// [`HttpLabels`] without the status (the duration histogram's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRouteLabels {
+    pub route: &'static str,
+    pub method: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: String,
@@ -291,6 +308,11 @@ pub struct Metrics {
     /// What the policy stage decided, per app: `send`, `opted_out`, `quiet_hours`,
     /// `suppressed`, `frequency_cap`, `unavailable` (policy state unreachable).
     pub policy_decisions: Family<DecisionLabels, Counter>,
+    /// HTTP/JSON API requests answered, by route template, method and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Time from an HTTP/JSON API request to its response head, by route template and method
+    /// (a receipts stream's body then lasts as long as its caller wants).
+    pub http_request_seconds: Family<HttpRouteLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -401,9 +423,26 @@ impl Metrics {
             "Policy-stage decisions per app (send, opted_out, quiet_hours, suppressed, frequency_cap, unavailable)",
             policy_decisions.clone(),
         );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP/JSON API requests answered, by route template, method and status",
+            http_requests.clone(),
+        );
+        let http_request_seconds =
+            Family::<HttpRouteLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            });
+        registry.register(
+            "http_request_seconds",
+            "Time from an HTTP/JSON API request to its response head",
+            http_request_seconds.clone(),
+        );
         Self {
             registry,
             policy_decisions,
+            http_requests,
+            http_request_seconds,
             accepted,
             rejected_at_ingest,
             receipts,

@@ -14,10 +14,45 @@ use crate::proto;
 /// The protobuf package whose messages the HTTP API carries.
 const PACKAGE: &str = "pushgate.v1";
 /// The messages the HTTP API reads or writes; what they refer to is included too.
-const ROOTS: &[&str] = &["SendBatchRequest", "SendBatchResponse", "Receipt"];
+const ROOTS: &[&str] = &[
+    "SendBatchRequest",
+    "SendBatchResponse",
+    "Receipt",
+    "InvalidToken",
+    "OptOutResponse",
+    "ForgetUserResponse",
+    "CancelScheduledRequest",
+    "CancelScheduledResponse",
+    "TrackEventsRequest",
+    "TrackEventsResponse",
+    "CampaignStats",
+    "ListDeadLettersResponse",
+    "ReplayDeadLettersRequest",
+    "ReplayDeadLettersResponse",
+    "PurgeDeadLettersRequest",
+    "PurgeDeadLettersResponse",
+];
 /// Messages only ever written by the gateway: every field is emitted (pbjson `emit_fields`), so
 /// their schemas require every field but the `optional` ones.
-const WRITTEN_ONLY: &[&str] = &["SendBatchResponse", "RecipientResult", "Receipt"];
+const WRITTEN_ONLY: &[&str] = &[
+    "SendBatchResponse",
+    "RecipientResult",
+    "Receipt",
+    "InvalidToken",
+    "OptOutResponse",
+    "ForgetUserResponse",
+    "CancelScheduledResponse",
+    "TrackEventsResponse",
+    "TrackEventResult",
+    "CampaignStats",
+    "VariantStats",
+    "ProviderStats",
+    "StatusCount",
+    "ListDeadLettersResponse",
+    "DeadLetter",
+    "ReplayDeadLettersResponse",
+    "PurgeDeadLettersResponse",
+];
 
 /// The document, pretty-printed, with a final newline (the form kept in the repository).
 pub fn document_json() -> Vec<u8> {
@@ -28,11 +63,196 @@ pub fn document_json() -> Vec<u8> {
 
 /// The document.
 pub fn document() -> Value {
+    let mut doc = base_document();
+    if let (Some(paths), Value::Object(more)) = (doc["paths"].as_object_mut(), service_paths()) {
+        paths.extend(more);
+    }
+    doc
+}
+
+/// An error response of each code, for a `responses` object.
+fn errors(codes: &[&str]) -> Value {
+    let mut out = Map::new();
+    for code in codes {
+        out.insert(
+            (*code).into(),
+            json!({
+                "description": error_description(code),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// `responses`: 200 with `schema` and the errors of `codes`.
+fn answers(description: &str, schema: &str, codes: &[&str]) -> Value {
+    let mut out = errors(codes);
+    out["200"] = json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}
+    });
+    out
+}
+
+fn path_parameter(name: &str, description: &str) -> Value {
+    json!({
+        "name": name, "in": "path", "required": true, "description": description,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 256}
+    })
+}
+
+fn json_body(schema: &str, example: Value) -> Value {
+    json!({
+        "required": true,
+        "content": {"application/json": {
+            "schema": {"$ref": format!("#/components/schemas/{schema}")},
+            "example": example
+        }}
+    })
+}
+
+/// The routes of PushGatewayPolicy, PushGatewayInsights and PushGatewayAdmin.
+fn service_paths() -> Value {
+    let app_id = path_parameter("app_id", "The app, as configured under `[apps.<id>]`.");
+    let user_id = path_parameter(
+        "user_id",
+        "The app's user id (as sent in `Recipient.user_id`).",
+    );
+    let campaign_id = path_parameter(
+        "campaign_id",
+        "The campaign (`SendBatchRequest.campaign_id`).",
+    );
+    // Policy and insights: the send scope (an app's api_keys or admin_keys), like SendBatch.
+    let policy_errors: &[&str] = &["400", "401", "403", "404", "501", "503"];
+    let body_errors: &[&str] = &["400", "401", "403", "404", "413", "415", "501", "503"];
+    json!({
+        "/v1/apps/{app_id}/invalid-tokens": {
+            "get": {
+                "operationId": "ListInvalidTokens",
+                "summary": "Device tokens reported dead, one page (gRPC PushGatewayPolicy.ListInvalidTokens).",
+                "parameters": [
+                    app_id.clone(),
+                    {"name": "since_ms", "in": "query", "schema": {"type": "integer", "format": "int64"},
+                     "description": "Only tokens reported at or after this instant (epoch ms); 0 = all kept."},
+                    {"name": "after", "in": "query", "schema": {"type": "string"},
+                     "description": "Resume after this cursor (a token's `cursor`, or the previous page's `next_after`)."},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+                     "description": "At most this many tokens (default 1000, at most 10000)."}
+                ],
+                "responses": answers(
+                    "The tokens in the order the gateway learned of them; `next_after` is the last one's cursor (a page shorter than `limit` is the last).",
+                    "InvalidTokensPage", policy_errors)
+            }
+        },
+        "/v1/apps/{app_id}/users/{user_id}/opt-out": {
+            "post": {
+                "operationId": "SetOptOut",
+                "summary": "The user's messages end DROPPED `opted_out` until cleared (gRPC SetOptOut).",
+                "parameters": [app_id.clone(), user_id.clone()],
+                "responses": answers("`changed`: whether the call changed the user's state.", "OptOutResponse", policy_errors)
+            },
+            "delete": {
+                "operationId": "ClearOptOut",
+                "summary": "Clears the user's opt-out (gRPC ClearOptOut).",
+                "parameters": [app_id.clone(), user_id.clone()],
+                "responses": answers("`changed`: whether the call changed the user's state.", "OptOutResponse", policy_errors)
+            }
+        },
+        "/v1/apps/{app_id}/users/{user_id}": {
+            "delete": {
+                "operationId": "ForgetUser",
+                "summary": "Erases what the gateway keeps about the user (gRPC ForgetUser).",
+                "parameters": [app_id.clone(), user_id],
+                "responses": answers("What was erased.", "ForgetUserResponse", policy_errors)
+            }
+        },
+        "/v1/apps/{app_id}/scheduled/cancel": {
+            "post": {
+                "operationId": "CancelScheduled",
+                "summary": "Ends scheduled messages not sent yet, DROPPED `cancelled` (gRPC CancelScheduled). Exactly one of campaign_id, batch_id, message_ids.",
+                "parameters": [app_id.clone()],
+                "requestBody": json_body("CancelScheduledRequest", json!({"campaign_id": "spring-sale"})),
+                "responses": answers("Messages cancelled.", "CancelScheduledResponse", body_errors)
+            }
+        },
+        "/v1/apps/{app_id}/events": {
+            "post": {
+                "operationId": "TrackEvents",
+                "summary": "Records opens and conversions, idempotent per `event_id` (gRPC PushGatewayInsights.TrackEvents).",
+                "parameters": [app_id.clone()],
+                "requestBody": json_body("TrackEventsRequest", json!({"events": [
+                    {"event_id": "open-1", "type": "OPEN", "message_id": "m-1"},
+                    {"event_id": "buy-1", "type": "CONVERSION", "user_id": "u-2", "campaign_id": "spring-sale"}
+                ]})),
+                "responses": answers("One result per event.", "TrackEventsResponse", body_errors)
+            }
+        },
+        "/v1/apps/{app_id}/campaigns/{campaign_id}/stats": {
+            "get": {
+                "operationId": "GetCampaignStats",
+                "summary": "Per variant and provider: receipts, opens, conversions, rates and lift against the control (gRPC GetCampaignStats).",
+                "parameters": [
+                    app_id.clone(), campaign_id,
+                    {"name": "control", "in": "query", "schema": {"type": "string"},
+                     "description": "The variant to compare the others against when the campaign has no holdout."}
+                ],
+                "responses": answers("The campaign's statistics.", "CampaignStats", policy_errors)
+            }
+        },
+        "/v1/apps/{app_id}/dead-letters": {
+            "get": {
+                "operationId": "ListDeadLetters",
+                "summary": "Dead letters of the app (gRPC PushGatewayAdmin.ListDeadLetters; admin keys; durable delivery only, else 501).",
+                "parameters": [
+                    app_id.clone(),
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u32::MAX}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+                     "description": "At most this many (default 100, at most 1000)."}
+                ],
+                "responses": answers("A page of dead letters and the total.", "ListDeadLettersResponse", policy_errors)
+            }
+        },
+        "/v1/apps/{app_id}/dead-letters/replay": {
+            "post": {
+                "operationId": "ReplayDeadLetters",
+                "summary": "Attempts the given dead letters again (all, up to `limit`, when none given), from attempt 1 (admin keys; durable delivery only).",
+                "parameters": [app_id.clone()],
+                "requestBody": json_body("ReplayDeadLettersRequest", json!({"message_ids": ["m-1"]})),
+                "responses": answers("Dead letters replayed.", "ReplayDeadLettersResponse", body_errors)
+            }
+        },
+        "/v1/apps/{app_id}/dead-letters/purge": {
+            "post": {
+                "operationId": "PurgeDeadLetters",
+                "summary": "Deletes the given dead letters (all when none given; admin keys; durable delivery only).",
+                "parameters": [app_id],
+                "requestBody": json_body("PurgeDeadLettersRequest", json!({"message_ids": ["m-1"]})),
+                "responses": answers("Dead letters deleted.", "PurgeDeadLettersResponse", body_errors)
+            }
+        }
+    })
+}
+
+/// The document without the services' routes.
+fn base_document() -> Value {
     let mut schemas = Map::new();
     if let Ok(set) = FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET) {
         add_message_schemas(&set, &mut schemas);
     }
     schemas.insert("Error".into(), error_schema());
+    schemas.insert(
+        "InvalidTokensPage".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "invalid_tokens": {"type": "array", "items": {"$ref": "#/components/schemas/InvalidToken"}},
+                "next_after": {"type": "string", "description": "The last token's cursor, empty when the page is empty: pass it as `after` for the next page."}
+            },
+            "required": ["invalid_tokens", "next_after"],
+            "additionalProperties": false
+        }),
+    );
     schemas.insert(
         "Health".into(),
         json!({
@@ -42,19 +262,6 @@ pub fn document() -> Value {
             "additionalProperties": false
         }),
     );
-    let errors = |codes: &[&str]| -> Value {
-        let mut out = Map::new();
-        for code in codes {
-            out.insert(
-                (*code).into(),
-                json!({
-                    "description": error_description(code),
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-                }),
-            );
-        }
-        Value::Object(out)
-    };
     let app_id = json!({
         "name": "app_id", "in": "path", "required": true,
         "description": "The app, as configured under `[apps.<id>]`.",
@@ -172,6 +379,9 @@ fn error_description(code: &str) -> &'static str {
             "PERMISSION_DENIED: the key may not use this app, or there is no such app (one answer for both)."
         }
         "404" => "NOT_FOUND: no such route.",
+        "501" => {
+            "UNIMPLEMENTED: this gateway does not serve the service (dead letters need durable delivery, `[redis]`)."
+        }
         "413" => "The body is larger than `http_max_body_bytes`.",
         "415" => "The body is not `application/json`.",
         "429" => "RESOURCE_EXHAUSTED.",
@@ -389,7 +599,22 @@ mod tests {
             schemas["Recipient"].get("required").is_none(),
             "requests require nothing"
         );
-        // Only what the HTTP API carries: no admin messages.
-        assert!(schemas.get("DeadLetter").is_none());
+        // Only what the HTTP API carries: no request message of a route that reads its query.
+        assert!(schemas.get("ListDeadLettersRequest").is_none());
+        for name in [
+            "DeadLetter",
+            "CampaignStats",
+            "InvalidTokensPage",
+            "TrackEventsRequest",
+        ] {
+            assert!(schemas.get(name).is_some(), "{name} missing");
+        }
+        let paths = doc["paths"].as_object().unwrap();
+        for route in crate::edge::http::ROUTES {
+            assert!(
+                paths.contains_key(*route),
+                "{route} has no path in the document"
+            );
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! TLS on the gRPC listener (rustls, ring): the server certificate, and with `client_ca_file`
-//! mutual TLS (a client without a certificate signed by that CA fails the handshake). The
-//! certificate files are re-read on reload (SIGHUP): connections accepted afterwards use the
-//! new ones, open connections keep theirs.
+//! TLS on the gRPC listener and the HTTP/JSON listener (rustls, ring): the server certificate,
+//! and with `client_ca_file` mutual TLS (a client without a certificate signed by that CA fails
+//! the handshake). Both listeners share one set of files, so one rule holds on both doors; they
+//! differ only in ALPN (`h2` for gRPC, `http/1.1` for the HTTP API). The certificate files are
+//! re-read on reload (SIGHUP): connections accepted afterwards, on either listener, use the new
+//! ones, open connections keep theirs.
 //!
 //! Handshakes run in their own tasks, each within [`HANDSHAKE_TIMEOUT`] and at most
 //! [`MAX_PENDING_HANDSHAKES`] at once, so a client that connects and stays silent holds up
@@ -28,11 +30,37 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once, at most; further connections wait to be accepted.
 pub const MAX_PENDING_HANDSHAKES: usize = 1_024;
 
-/// The listener's TLS settings in effect; cheap to clone, and every clone sees a reload.
+/// The listeners' TLS settings in effect; cheap to clone, and every clone sees a reload.
 #[derive(Clone)]
 pub struct ServerTls {
-    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    current: Arc<RwLock<Current>>,
     mutual: bool,
+}
+
+/// One configuration per listener, made from the same files at once.
+struct Current {
+    grpc: Arc<rustls::ServerConfig>,
+    http: Arc<rustls::ServerConfig>,
+}
+
+impl Current {
+    fn new(grpc: rustls::ServerConfig) -> Self {
+        let mut http = grpc.clone();
+        // axum serves HTTP/1.1 only; a client offering h2 alone fails the handshake instead of
+        // speaking a protocol the server would not understand.
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            grpc: Arc::new(grpc),
+            http: Arc::new(http),
+        }
+    }
+}
+
+/// Which listener a connection arrives on.
+#[derive(Clone, Copy)]
+enum Door {
+    Grpc,
+    Http,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -95,7 +123,7 @@ impl ServerTls {
     /// Reads the files of `[tls]`.
     pub fn load(settings: &TlsConfig) -> Result<Self, ConfigError> {
         Ok(Self {
-            current: Arc::new(RwLock::new(Arc::new(server_config(settings)?))),
+            current: Arc::new(RwLock::new(Current::new(server_config(settings)?))),
             mutual: settings.client_ca_file.is_some(),
         })
     }
@@ -107,16 +135,40 @@ impl ServerTls {
 
     /// Makes `config` the one new connections get (after a reload has read the files).
     pub fn replace(&self, config: rustls::ServerConfig) {
-        *self.current.write() = Arc::new(config);
+        *self.current.write() = Current::new(config);
     }
 
-    /// Accepts connections on `listener` and yields them once their TLS handshake is done,
-    /// until `stop` fires. Failed handshakes are logged at debug level and dropped.
+    /// The gRPC listener's connections (ALPN `h2`): accepts connections on `listener` and
+    /// yields them once their TLS handshake is done, until `stop` fires. Failed handshakes are
+    /// logged at debug level and dropped.
     pub fn incoming(
         &self,
         listener: TcpListener,
         stop: CancellationToken,
     ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        self.accept(listener, stop, Door::Grpc)
+    }
+
+    /// The HTTP/JSON listener's connections, as [`ServerTls::incoming`] but with ALPN
+    /// `http/1.1`.
+    pub fn incoming_http(
+        &self,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        self.accept(listener, stop, Door::Http)
+    }
+
+    fn accept(
+        &self,
+        listener: TcpListener,
+        stop: CancellationToken,
+        door: Door,
+    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+        let name = match door {
+            Door::Grpc => "gRPC",
+            Door::Http => "HTTP",
+        };
         let (tx, rx) = mpsc::channel(64);
         let current = Arc::clone(&self.current);
         let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
@@ -134,14 +186,18 @@ impl ServerTls {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(%error, "gRPC listener: accept failed");
+                        warn!(%error, listener = name, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
                 // See `app::start`: Nagle delays receipts trickling back to callers.
                 let _ = stream.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&current.read()));
+                let config = match door {
+                    Door::Grpc => Arc::clone(&current.read().grpc),
+                    Door::Http => Arc::clone(&current.read().http),
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -149,8 +205,10 @@ impl ServerTls {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok(tls)).await;
                         }
-                        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(error)) => {
+                            debug!(%peer, %error, listener = name, "TLS handshake failed")
+                        }
+                        Err(_) => debug!(%peer, listener = name, "TLS handshake timed out"),
                     }
                 });
             }

@@ -92,11 +92,21 @@ async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported() {
     let mut wanted = rules.clone();
     wanted.extend(dashboard.iter().cloned());
     let h = harness::start(Options {
-        top: "metrics_listen = \"127.0.0.1:0\"".into(),
+        top: "metrics_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"".into(),
         fcm: true,
         ..Default::default()
     })
     .await;
+    // The HTTP API's families have series once it has answered a request.
+    let mut http = tokio::net::TcpStream::connect(h.gateway.http_addr.expect("http_listen"))
+        .await
+        .unwrap();
+    http.write_all(b"GET /healthz HTTP/1.1\r\nHost: pushgate\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Labelled families are exported once they have a series: send a batch with one valid
     // recipient and one the template cannot render (a missing variable).
     let mut batch = harness::apns_batch("shop", 0..2);

@@ -82,6 +82,7 @@ pub(crate) fn spawn_with(
         .env_remove("GOOGLE_CLOUD_PROJECT")
         .env_remove("GCLOUD_PROJECT")
         .env_remove("CLOUDSDK_CONFIG")
+        .env_remove("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES")
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())
         .stderr(file);
@@ -290,6 +291,108 @@ async fn external_account_federation_with_impersonation_over_http1_only_https() 
     );
     assert_eq!(fcm.accepted().len(), 25);
     assert_eq!(fcm.stats().status(401), 0);
+}
+
+/// Executable-sourced credentials (Google's pluggable auth): a small script prints the subject
+/// token in the documented JSON response, with an `expiration_time`; the gateway runs it with the
+/// `GOOGLE_EXTERNAL_ACCOUNT_*` variables, exchanges the token at STS and delivers. Without
+/// `GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1` it refuses to start, naming the variable.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_from_an_executable_credential_source() {
+    use std::os::unix::fs::PermissionsExt;
+    let fcm = mock_fcm().await;
+    let google = MockGoogleAuth::start(MockGoogleAuthConfig::default(), fcm.issuer())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen-env");
+    let script = dir.path().join("subject-token.sh");
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf '%s %s %s' \"$GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE\" \"$GOOGLE_EXTERNAL_ACCOUNT_TOKEN_TYPE\" \"$GOOGLE_EXTERNAL_ACCOUNT_INTERACTIVE\" > {seen}\n\
+             printf '{{\"version\": 1, \"success\": true, \"token_type\": \"urn:ietf:params:oauth:token-type:id_token\", \"id_token\": \"%s\", \"expiration_time\": {expires}}}' '{subject}'\n",
+            seen = seen.display(),
+            subject = google.config().subject_token,
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let adc = dir.path().join("adc.json");
+    std::fs::write(
+        &adc,
+        serde_json::json!({
+            "type": "external_account",
+            "audience": google.config().audience,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+            "token_url": google.sts_url(),
+            "credential_source": {"executable": {"command": script.display().to_string(), "timeout_millis": 10000}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let env = |allow: bool| {
+        let mut env = vec![
+            ("GOOGLE_APPLICATION_CREDENTIALS", adc.display().to_string()),
+            ("GOOGLE_CLOUD_PROJECT", account().project_id.clone()),
+        ];
+        if allow {
+            env.push(("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1".to_string()));
+        }
+        env
+    };
+    let fcm_section = format!("endpoint = \"{}\"", fcm.url());
+
+    // Not allowed: the gateway exits at start and says why.
+    let refused = dir.path().join("refused");
+    std::fs::create_dir_all(&refused).unwrap();
+    let (mut gateway, _) = spawn(&refused, &fcm_section, &env(false));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = gateway.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "started anyway:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!exit.success());
+    assert!(
+        gateway
+            .log()
+            .contains("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1"),
+        "{}",
+        gateway.log()
+    );
+    assert!(!seen.exists(), "the executable must not have run");
+
+    let (gateway, addr) = spawn(dir.path(), &fcm_section, &env(true));
+    let mut client = connect(&gateway, &addr).await;
+    let receipts = send(&mut client, 0..10).await;
+    assert_delivered(&receipts, 10, &gateway);
+    assert_eq!(google.stats().sts_tokens, 1, "{:?}", google.stats());
+    let form = google.last_sts_form().unwrap();
+    assert_eq!(
+        form.get("subject_token").map(String::as_str),
+        Some(google.config().subject_token.as_str())
+    );
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap(),
+        format!(
+            "{} urn:ietf:params:oauth:token-type:id_token 0",
+            google.config().audience
+        )
+    );
+    assert_eq!(fcm.accepted().len(), 10);
 }
 
 /// The failure of the issue: a service-account key whose `token_uri` speaks HTTP/1.1 only over

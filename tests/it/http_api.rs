@@ -723,3 +723,732 @@ fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), 
     }
     Ok(())
 }
+
+/// `s` with every byte but letters and digits percent-encoded, for a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The body of an answer that must be 200, checked against its schema in the document.
+fn ok_json(reply: &Reply, schema: &str) -> Value {
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let body = reply.json();
+    check_against_openapi(&body, schema);
+    body
+}
+
+/// An error answer: its status and the field it names, the body checked against `Error`.
+fn error_of(reply: &Reply) -> (u16, String) {
+    let body = reply.json();
+    check_against_openapi(&body, "Error");
+    (
+        reply.status,
+        body["error"]["field"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// PushGatewayPolicy over HTTP (in memory): dead tokens listed and resumed from `next_after`,
+/// opt-out set (its sends DROPPED `opted_out`) and cleared, a user forgotten, scheduled sends
+/// cancelled; each route refuses a missing key (401), another tenant's app (403 `app_id`) and a
+/// malformed parameter or body naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_routes_over_http() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.unwrap();
+    for n in 1..4 {
+        h.mock
+            .faults()
+            .add_unregistered(&harness::token(n), Some(1_700_000_000_000));
+    }
+    let sent = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(1..5)),
+    )
+    .await;
+    assert_eq!(sent.status, 200);
+    let tokens = "/v1/apps/shop/invalid-tokens";
+    let mut page = Value::Null;
+    for _ in 0..200 {
+        page = ok_json(
+            &call(addr, "GET", tokens, Some(SHOP_KEY), None).await,
+            "InvalidTokensPage",
+        );
+        if page["invalid_tokens"].as_array().unwrap().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let all = page["invalid_tokens"].as_array().unwrap().clone();
+    assert_eq!(all.len(), 3, "{page}");
+    assert_eq!(all[0]["invalid_since_ms"], "1700000000000");
+    let first = ok_json(
+        &call(
+            addr,
+            "GET",
+            &format!("{tokens}?limit=1"),
+            Some(SHOP_KEY),
+            None,
+        )
+        .await,
+        "InvalidTokensPage",
+    );
+    assert_eq!(first["invalid_tokens"].as_array().unwrap()[..], all[..1]);
+    let after = first["next_after"].as_str().unwrap();
+    let rest = ok_json(
+        &call(
+            addr,
+            "GET",
+            &format!("{tokens}?after={}", encode(after)),
+            Some(SHOP_KEY),
+            None,
+        )
+        .await,
+        "InvalidTokensPage",
+    );
+    assert_eq!(rest["invalid_tokens"].as_array().unwrap()[..], all[1..]);
+    for (query, field) in [
+        ("limit=many", "limit"),
+        ("after=nonsense", "after"),
+        ("cursor=1", "cursor"),
+    ] {
+        let reply = call(
+            addr,
+            "GET",
+            &format!("{tokens}?{query}"),
+            Some(SHOP_KEY),
+            None,
+        )
+        .await;
+        assert_eq!(error_of(&reply), (400, field.to_string()), "{query}");
+    }
+
+    // Opt-out: set, idempotent, honoured by a send, cleared.
+    let opt_out = "/v1/apps/shop/users/u-7/opt-out";
+    let set = ok_json(
+        &call(addr, "POST", opt_out, Some(SHOP_KEY), None).await,
+        "OptOutResponse",
+    );
+    assert_eq!(set["changed"], true);
+    let again = ok_json(
+        &call(addr, "POST", opt_out, Some(SHOP_KEY), None).await,
+        "OptOutResponse",
+    );
+    assert_eq!(again["changed"], false);
+    let dropped = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(7..8)),
+    )
+    .await
+    .json();
+    assert_eq!(dropped["receipts"][0]["status"], "DROPPED", "{dropped}");
+    assert_eq!(dropped["receipts"][0]["reason"], "opted_out", "{dropped}");
+    let reply = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/users/%FF/opt-out",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "user_id".to_string()), "not UTF-8");
+    let cleared = ok_json(
+        &call(addr, "DELETE", opt_out, Some(SHOP_KEY), None).await,
+        "OptOutResponse",
+    );
+    assert_eq!(cleared["changed"], true);
+
+    // ForgetUser.
+    ok_json(
+        &call(addr, "POST", opt_out, Some(SHOP_KEY), None).await,
+        "OptOutResponse",
+    );
+    let forgotten = ok_json(
+        &call(
+            addr,
+            "DELETE",
+            "/v1/apps/shop/users/u-7",
+            Some(SHOP_KEY),
+            None,
+        )
+        .await,
+        "ForgetUserResponse",
+    );
+    assert_eq!(forgotten["opt_out_erased"], true, "{forgotten}");
+
+    // CancelScheduled: a campaign sent for an hour from now, cancelled before it goes.
+    let mut later = batch_json(20..23);
+    later["campaign_id"] = json!("later");
+    later["wait_for_receipts"] = json!(false);
+    later["send_at_ms"] = json!(
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + 3_600_000)
+            .to_string()
+    );
+    let scheduled = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(later),
+    )
+    .await;
+    assert_eq!(
+        scheduled.json()["accepted"],
+        3,
+        "{}",
+        String::from_utf8_lossy(&scheduled.body)
+    );
+    let cancel = "/v1/apps/shop/scheduled/cancel";
+    let cancelled = ok_json(
+        &call(
+            addr,
+            "POST",
+            cancel,
+            Some(SHOP_KEY),
+            Some(json!({"campaign_id": "later"})),
+        )
+        .await,
+        "CancelScheduledResponse",
+    );
+    assert_eq!(cancelled["cancelled"], "3", "{cancelled}");
+    let reply = call(
+        addr,
+        "POST",
+        cancel,
+        Some(SHOP_KEY),
+        Some(json!({"message_ids": "m-1"})),
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "message_ids".to_string()));
+    let reply = call(
+        addr,
+        "POST",
+        cancel,
+        Some(SHOP_KEY),
+        Some(json!({"app_id": "news", "campaign_id": "later"})),
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "app_id".to_string()));
+
+    // The same keys and per-app authorization as gRPC, on every route.
+    for (method, path, body) in [
+        ("GET", "/v1/apps/{app}/invalid-tokens", None),
+        ("POST", "/v1/apps/{app}/users/u-1/opt-out", None),
+        ("DELETE", "/v1/apps/{app}/users/u-1/opt-out", None),
+        ("DELETE", "/v1/apps/{app}/users/u-1", None),
+        (
+            "POST",
+            "/v1/apps/{app}/scheduled/cancel",
+            Some(json!({"campaign_id": "x"})),
+        ),
+    ] {
+        let shop = path.replace("{app}", "shop");
+        let reply = call(addr, method, &shop, None, body.clone()).await;
+        assert_eq!(error_of(&reply).0, 401, "{method} {shop}");
+        let news = path.replace("{app}", "news");
+        let reply = call(addr, method, &news, Some(SHOP_KEY), body.clone()).await;
+        assert_eq!(
+            error_of(&reply),
+            (403, "app_id".to_string()),
+            "{method} {news}"
+        );
+    }
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// PushGatewayInsights over HTTP: TrackEvents counts an open of a delivered message once, and
+/// GetCampaignStats reports it; a missing key is 401, another tenant's app 403 `app_id`, an event
+/// without its id 400 `events[0].event_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insights_routes_over_http() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.unwrap();
+    let sent = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(0..4)),
+    )
+    .await;
+    assert_eq!(sent.json()["accepted"], 4);
+    let events = "/v1/apps/shop/events";
+    let open = json!({"events": [{"event_id": "open-1", "type": "OPEN", "message_id": "m-1"}]});
+    let tracked = ok_json(
+        &call(addr, "POST", events, Some(SHOP_KEY), Some(open.clone())).await,
+        "TrackEventsResponse",
+    );
+    assert_eq!(tracked["counted"], 1, "{tracked}");
+    assert_eq!(tracked["results"][0]["campaign_id"], "spring");
+    let repeat = ok_json(
+        &call(addr, "POST", events, Some(SHOP_KEY), Some(open.clone())).await,
+        "TrackEventsResponse",
+    );
+    assert_eq!(repeat["counted"], 0, "the same event id counts once");
+    let stats = "/v1/apps/shop/campaigns/spring/stats";
+    let body = ok_json(
+        &call(addr, "GET", stats, Some(SHOP_KEY), None).await,
+        "CampaignStats",
+    );
+    assert_eq!(body["campaign_id"], "spring");
+    let variants = body["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 1, "{body}");
+    assert_eq!(
+        (
+            variants[0]["delivered"].clone(),
+            variants[0]["opens"].clone()
+        ),
+        (json!("4"), json!("1")),
+        "{body}"
+    );
+
+    let no_id = json!({"events": [{"type": "OPEN", "message_id": "m-1"}]});
+    let reply = call(addr, "POST", events, Some(SHOP_KEY), Some(no_id)).await;
+    assert_eq!(error_of(&reply), (400, "events[0].event_id".to_string()));
+    let reply = call(
+        addr,
+        "GET",
+        &format!("{stats}?controll=a"),
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "controll".to_string()));
+    for (method, path, body) in [
+        ("POST", "/v1/apps/{app}/events", Some(open.clone())),
+        ("GET", "/v1/apps/{app}/campaigns/spring/stats", None),
+    ] {
+        let shop = path.replace("{app}", "shop");
+        assert_eq!(
+            error_of(&call(addr, method, &shop, None, body.clone()).await).0,
+            401
+        );
+        let news = path.replace("{app}", "news");
+        let reply = call(addr, method, &news, Some(SHOP_KEY), body.clone()).await;
+        assert_eq!(
+            error_of(&reply),
+            (403, "app_id".to_string()),
+            "{method} {news}"
+        );
+    }
+}
+
+/// PushGatewayAdmin over HTTP with Redis: a dead letter listed, replayed (delivered on its
+/// second life) and purged; the admin scope is required (an app's send key is 403), and a bad
+/// `limit` is 400 naming it. Without Redis the routes answer 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_over_http() {
+    const ADMIN: &str = "shop-http-admin-0123456789";
+    let memory = start(None).await;
+    let reply = call(
+        memory.gateway.http_addr.unwrap(),
+        "GET",
+        "/v1/apps/shop/dead-letters",
+        Some(SHOP_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(error_of(&reply).0, 501);
+    memory.gateway.shutdown().await.unwrap();
+
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        top: "http_listen = \"127.0.0.1:0\"".into(),
+        api_keys: vec![SHOP_KEY.into()],
+        admin_keys: vec![ADMIN.into()],
+        more_apps: vec![MoreApp {
+            id: "news".into(),
+            api_keys: vec![NEWS_KEY.into()],
+            ..Default::default()
+        }],
+        retry: "base_ms = 5\ncap_ms = 20\nmax_attempts = 2".into(),
+        extra: format!("[redis]\nurl = \"{}\"\npoll_ms = 20", redis.url()),
+        ..Default::default()
+    })
+    .await;
+    let addr = h.gateway.http_addr.unwrap();
+    // Every attempt fails with 503: after two attempts each message is a dead letter.
+    h.mock.faults().set_unavailable_per_mille(1_000);
+    let sent = call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        Some(SHOP_KEY),
+        Some(batch_json(0..2)),
+    )
+    .await;
+    let sent = sent.json();
+    for receipt in sent["receipts"].as_array().unwrap() {
+        assert_eq!(receipt["status"], "FAILED", "{sent}");
+    }
+    let letters = "/v1/apps/shop/dead-letters";
+    let mut listed = Value::Null;
+    for _ in 0..200 {
+        listed = ok_json(
+            &call(addr, "GET", letters, Some(ADMIN), None).await,
+            "ListDeadLettersResponse",
+        );
+        if listed["total"] == "2" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(listed["total"], "2", "{listed}");
+    let mut ids: Vec<&str> = listed["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["message_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["m-0", "m-1"]);
+    h.mock.faults().set_unavailable_per_mille(0);
+    let reply = call(
+        addr,
+        "GET",
+        &format!("{letters}?limit=-1"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "limit".to_string()));
+    let reply = call(addr, "GET", letters, Some(SHOP_KEY), None).await;
+    assert_eq!(error_of(&reply).0, 403, "a send key has no admin scope");
+    let reply = call(addr, "GET", letters, None, None).await;
+    assert_eq!(error_of(&reply).0, 401);
+    let replay = format!("{letters}/replay");
+    let reply = call(
+        addr,
+        "POST",
+        &replay,
+        Some(ADMIN),
+        Some(json!({"message_ids": [1]})),
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "message_ids[0]".to_string()));
+    let replayed = ok_json(
+        &call(
+            addr,
+            "POST",
+            &replay,
+            Some(ADMIN),
+            Some(json!({"message_ids": ["m-0"]})),
+        )
+        .await,
+        "ReplayDeadLettersResponse",
+    );
+    assert_eq!(replayed["replayed"], "1");
+    for _ in 0..200 {
+        if h.mock
+            .accepted()
+            .iter()
+            .any(|a| a.device_token == harness::token(0))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        h.mock
+            .accepted()
+            .iter()
+            .any(|a| a.device_token == harness::token(0)),
+        "replayed and delivered"
+    );
+    // The other one, purged.
+    let purge = format!("{letters}/purge");
+    let purged = ok_json(
+        &call(
+            addr,
+            "POST",
+            &purge,
+            Some(ADMIN),
+            Some(json!({"message_ids": ["m-1"]})),
+        )
+        .await,
+        "PurgeDeadLettersResponse",
+    );
+    assert_eq!(purged["purged"], "1", "{purged}");
+    let reply = call(
+        addr,
+        "POST",
+        &purge,
+        Some(ADMIN),
+        Some(json!({"app_id": "news"})),
+    )
+    .await;
+    assert_eq!(error_of(&reply), (400, "app_id".to_string()));
+    let reply = call(
+        addr,
+        "POST",
+        "/v1/apps/news/dead-letters/purge",
+        Some(ADMIN),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(error_of(&reply), (403, "app_id".to_string()));
+    h.gateway.shutdown().await.unwrap();
+}
+
+/// A GET over HTTPS on a fresh connection, trusting `ca`, with a client certificate when given:
+/// the status, or why the handshake or the request failed.
+async fn https_get(
+    addr: SocketAddr,
+    path: &str,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<u16, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .uri(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {SHOP_KEY}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    Ok(response.status().as_u16())
+}
+
+/// A plaintext HTTP/1.1 GET: the status, or why it failed.
+async fn plain_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    Ok(response.status().as_u16())
+}
+
+/// With `[tls]` the HTTP listener speaks HTTPS with the gRPC listener's certificate files: a
+/// client trusting the server's CA is served (a batch delivered), plaintext HTTP is refused, a
+/// reload puts new certificate files in effect for new connections on the HTTP door too, and
+/// with `client_ca_file` a client without a certificate (or with one from another CA) is
+/// refused while one with a certificate from that CA is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_uses_the_grpc_listeners_tls_and_mutual_tls() {
+    use crate::harness::tls::TestCa;
+    let h = harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let server_ca = TestCa::new("server CA");
+    let client_ca = TestCa::new("client CA");
+    let rogue_ca = TestCa::new("rogue CA");
+    let (cert, key) = server_ca.leaf("pushgate");
+    let cert_file = write("tls.crt", &cert);
+    let key_file = write("tls.key", &key);
+    let client_ca_file = write("client-ca.crt", &client_ca.pem);
+    let file = dir.path().join("pushgate.toml");
+    let config = |mutual: bool| {
+        let client_ca = if mutual {
+            format!("client_ca_file = \"{}\"\n", client_ca_file.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n{client_ca}[apps.shop]\napi_keys = [\"{SHOP_KEY}\"]\n[apps.shop.apns]\nkey_file = \"{}\"\nkey_id = \"{}\"\nteam_id = \"{}\"\ntopic = \"{}\"\nendpoint = \"{}\"\n",
+            cert_file.display(),
+            key_file.display(),
+            h.dir.path().join("AuthKey.p8").display(),
+            h.key.key_id,
+            h.key.team_id,
+            harness::TOPIC,
+            h.mock.url()
+        )
+    };
+
+    std::fs::write(&file, config(false)).unwrap();
+    let running = pushgate::app::start(pushgate::config::Config::load(Some(&file)).unwrap())
+        .await
+        .unwrap();
+    let addr = running.http_addr.unwrap();
+    assert_eq!(
+        https_get(addr, "/healthz", &server_ca.pem, None).await,
+        Ok(200)
+    );
+    assert!(
+        plain_get(addr, "/healthz").await.is_err(),
+        "plaintext HTTP is refused"
+    );
+    assert!(
+        https_get(addr, "/healthz", &rogue_ca.pem, None)
+            .await
+            .is_err(),
+        "a server certificate from another CA is not trusted"
+    );
+    // Receipts over HTTPS: a bounded NDJSON stream answers 200 with the key.
+    assert_eq!(
+        https_get(
+            addr,
+            "/v1/apps/shop/receipts?wait_seconds=1",
+            &server_ca.pem,
+            None
+        )
+        .await,
+        Ok(200)
+    );
+    let new_ca = TestCa::new("new server CA");
+    let (cert, key) = new_ca.leaf("pushgate");
+    write("tls.crt", &cert);
+    write("tls.key", &key);
+    pushgate::app::reload(&running.reloadable(), Some(&file)).unwrap();
+    assert_eq!(
+        https_get(addr, "/healthz", &new_ca.pem, None).await,
+        Ok(200)
+    );
+    assert!(
+        https_get(addr, "/healthz", &server_ca.pem, None)
+            .await
+            .is_err(),
+        "after the reload the old certificate is no longer served"
+    );
+    running.shutdown().await.unwrap();
+
+    let (cert, key) = server_ca.leaf("pushgate");
+    write("tls.crt", &cert);
+    write("tls.key", &key);
+    std::fs::write(&file, config(true)).unwrap();
+    let running = pushgate::app::start(pushgate::config::Config::load(Some(&file)).unwrap())
+        .await
+        .unwrap();
+    let addr = running.http_addr.unwrap();
+    let client = client_ca.leaf("a client");
+    assert_eq!(
+        https_get(addr, "/healthz", &server_ca.pem, Some(&client)).await,
+        Ok(200)
+    );
+    assert!(
+        https_get(addr, "/healthz", &server_ca.pem, None)
+            .await
+            .is_err(),
+        "no client certificate"
+    );
+    let rogue = rogue_ca.leaf("a rogue client");
+    assert!(
+        https_get(addr, "/healthz", &server_ca.pem, Some(&rogue))
+            .await
+            .is_err(),
+        "a client certificate from another CA"
+    );
+    assert!(plain_get(addr, "/healthz").await.is_err(), "plaintext");
+    assert_eq!(
+        https_get(addr, "/healthz", &server_ca.pem, Some(&client)).await,
+        Ok(200),
+        "still serving the right client after the refusals"
+    );
+    running.shutdown().await.unwrap();
+    h.gateway.shutdown().await.unwrap();
+}
+
+/// `pushgate_http_requests_total` counts answers by route template, never by raw path (two
+/// apps, one series), method and status; a path no route matches is `unmatched`; the duration
+/// histogram has the same routes.
+#[tokio::test]
+async fn http_requests_are_counted_by_route_template() {
+    let h = start(None).await;
+    let addr = h.gateway.http_addr.unwrap();
+    for (app, key) in [("shop", SHOP_KEY), ("news", NEWS_KEY)] {
+        let reply = call(
+            addr,
+            "POST",
+            &format!("/v1/apps/{app}/batches"),
+            Some(key),
+            Some(batch_json(0..1)),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    call(
+        addr,
+        "POST",
+        "/v1/apps/shop/batches",
+        None,
+        Some(batch_json(0..1)),
+    )
+    .await;
+    call(addr, "GET", "/v1/nothing/here", None, None).await;
+    let text = h.gateway.gateway.metrics().encode();
+    for line in [
+        r#"pushgate_http_requests_total{route="/v1/apps/{app_id}/batches",method="POST",status="200"} 2"#,
+        r#"pushgate_http_requests_total{route="/v1/apps/{app_id}/batches",method="POST",status="401"} 1"#,
+        r#"pushgate_http_requests_total{route="unmatched",method="GET",status="404"} 1"#,
+        r#"pushgate_http_request_seconds_count{route="/v1/apps/{app_id}/batches",method="POST"} 3"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    assert!(
+        !text.contains("/v1/apps/shop"),
+        "a raw path became a label:\n{text}"
+    );
+    h.gateway.shutdown().await.unwrap();
+}

@@ -4,6 +4,7 @@
 //! refusal to start open on 0.0.0.0, and each request cap refused with the field named while
 //! another caller's traffic keeps flowing.
 
+use crate::harness::tls::TestCa;
 use crate::harness::{self, MoreApp, Options, recipient, status, template};
 
 use std::time::{Duration, Instant};
@@ -1138,44 +1139,6 @@ async fn stream_send_caller_that_never_reads_is_not_read_either() {
     assert_eq!(count, BATCH * BATCHES);
     sender.await.unwrap();
     h.gateway.shutdown().await.unwrap();
-}
-
-/// A CA made for the test, and certificates it signs.
-struct TestCa {
-    pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            pem: cert.pem(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf certificate for `localhost` and 127.0.0.1: (certificate PEM, key PEM).
-    fn leaf(&self, name: &str) -> (String, String) {
-        use rcgen::{CertificateParams, DnType, KeyPair, SanType};
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
 }
 
 /// A TLS client of the gateway at `addr` trusting `ca`, with a client certificate when given.

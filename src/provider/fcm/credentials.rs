@@ -11,8 +11,9 @@
 //!
 //! A JSON credential file is one of `service_account` (a key: RS256 assertion at `token_uri`),
 //! `external_account` (workload identity federation: a subject token read from a file or a URL,
-//! exchanged at Google STS, then optionally traded for a service account's token at IAM
-//! Credentials) or `authorized_user` (a gcloud user's refresh token).
+//! printed by an executable, or an AWS SigV4-signed GetCallerIdentity request, exchanged at
+//! Google STS, then optionally traded for a service
+//! account's token at IAM Credentials) or `authorized_user` (a gcloud user's refresh token).
 //!
 //! Each [`Credential`] knows how to make one token request ([`Credential::fetch`]); caching,
 //! single-flight refresh and retries are [`super::token_source::TokenSource`]'s. No secret (key, refresh
@@ -268,7 +269,92 @@ pub enum SubjectSource {
         headers: Vec<(String, String)>,
         format: SubjectFormat,
     },
+    /// Google's executable-sourced ("pluggable") credentials: a command that prints the token.
+    Executable(Executable),
+    /// AWS (`environment_id = "aws1"`): a SigV4-signed STS GetCallerIdentity request, with the
+    /// region and credentials from the environment or the EC2 instance metadata service.
+    Aws(AwsSource),
 }
+
+/// `credential_source` of `environment_id` `aws1`.
+#[derive(Debug, Clone)]
+pub struct AwsSource {
+    /// The instance's availability zone (the region is it without its last letter).
+    pub region_url: Option<String>,
+    /// The instance's role name, and under it the role's credentials.
+    pub url: Option<String>,
+    /// The GetCallerIdentity URL, `{region}` replaced.
+    pub verification_url: String,
+    /// IMDSv2: where a session token for the metadata requests is obtained first.
+    pub imdsv2_session_token_url: Option<String>,
+}
+
+/// AWS credentials; the secret and the session token never reach a `Debug` output.
+#[derive(Clone)]
+pub struct AwsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for AwsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `credential_source.executable`: the command is run (only with
+/// `GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`) with the `GOOGLE_EXTERNAL_ACCOUNT_*` variables
+/// Google's libraries set, and prints a JSON response
+/// (`{"version": 1, "success": true, "token_type": ..., "id_token" | "saml_response": ...,
+/// "expiration_time": <epoch s>}`). A response is used until its `expiration_time`, from memory
+/// or from `output_file` (where the executable may cache it), and refused once past it.
+#[derive(Debug)]
+pub struct Executable {
+    /// The program and its arguments (the `command` split on whitespace, as Google's libraries
+    /// split it).
+    pub command: Vec<String>,
+    pub timeout: Duration,
+    pub output_file: Option<PathBuf>,
+    /// The last response's token and expiry; never in a `Debug` output.
+    cached: parking_lot::Mutex<Option<CachedSubject>>,
+}
+
+impl Clone for Executable {
+    fn clone(&self) -> Self {
+        Self {
+            command: self.command.clone(),
+            timeout: self.timeout,
+            output_file: self.output_file.clone(),
+            cached: parking_lot::Mutex::new(None),
+        }
+    }
+}
+
+struct CachedSubject {
+    token: String,
+    expires: SystemTime,
+}
+
+impl std::fmt::Debug for CachedSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedSubject")
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The variable that must be `1` before any credential file may run a command.
+pub const ALLOW_EXECUTABLES: &str = "GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES";
+/// An executable's timeout: default, and the bounds Google's libraries accept.
+const EXECUTABLE_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+const EXECUTABLE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 5_000..=120_000;
+/// A cached subject token is not used within this long of its expiry (STS must still accept it).
+const SUBJECT_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// Bytes of an executable's stderr quoted in an error, at most.
+const QUOTED_STDERR_BYTES: usize = 300;
 
 /// How the subject token is stored in its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,7 +415,17 @@ struct SourceFile {
     headers: std::collections::BTreeMap<String, String>,
     format: Option<FormatFile>,
     environment_id: Option<String>,
-    executable: Option<Value>,
+    executable: Option<ExecutableFile>,
+    region_url: Option<String>,
+    regional_cred_verification_url: Option<String>,
+    imdsv2_session_token_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ExecutableFile {
+    command: Option<String>,
+    timeout_millis: Option<u64>,
+    output_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -360,12 +456,31 @@ impl ExternalAccount {
         let source = file
             .credential_source
             .ok_or(CredentialsError::Missing("credential_source"))?;
-        if source.environment_id.is_some() || source.executable.is_some() {
-            return Err(CredentialsError::Unsupported(
-                "`credential_source` of AWS or executable kind; use a `file` or `url` source"
-                    .into(),
-            ));
-        }
+        let aws = if let Some(environment) = source.environment_id.clone() {
+            if environment != "aws1" {
+                return Err(CredentialsError::Unsupported(format!(
+                    "`credential_source.environment_id` `{environment}` (aws1 is supported)"
+                )));
+            }
+            let verification_url = source
+                .regional_cred_verification_url
+                .clone()
+                .filter(|u| !u.trim().is_empty())
+                .ok_or(CredentialsError::Missing(
+                    "credential_source.regional_cred_verification_url",
+                ))?;
+            Some(SubjectSource::Aws(AwsSource {
+                region_url: source.region_url.clone().filter(|u| !u.is_empty()),
+                url: source.url.clone().filter(|u| !u.is_empty()),
+                verification_url,
+                imdsv2_session_token_url: source
+                    .imdsv2_session_token_url
+                    .clone()
+                    .filter(|u| !u.is_empty()),
+            }))
+        } else {
+            None
+        };
         let format = match source.format {
             None => SubjectFormat::Text,
             Some(format) => match format.kind.as_deref() {
@@ -385,12 +500,45 @@ impl ExternalAccount {
                 }
             },
         };
-        let source = match (source.file, source.url) {
-            (Some(path), None) => SubjectSource::File {
+        let source = match (aws, source.file, source.url, source.executable) {
+            (Some(aws), ..) => aws,
+            (None, None, None, Some(executable)) => {
+                let command: Vec<String> = executable
+                    .command
+                    .as_deref()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect();
+                if command.is_empty() {
+                    return Err(CredentialsError::Missing(
+                        "credential_source.executable.command",
+                    ));
+                }
+                let timeout_ms = executable
+                    .timeout_millis
+                    .unwrap_or(EXECUTABLE_TIMEOUT_DEFAULT_MS);
+                if !EXECUTABLE_TIMEOUT_MS.contains(&timeout_ms) {
+                    return Err(CredentialsError::Unsupported(
+                        "`credential_source.executable.timeout_millis` outside 5000..=120000"
+                            .into(),
+                    ));
+                }
+                SubjectSource::Executable(Executable {
+                    command,
+                    timeout: Duration::from_millis(timeout_ms),
+                    output_file: executable
+                        .output_file
+                        .filter(|f| !f.trim().is_empty())
+                        .map(PathBuf::from),
+                    cached: parking_lot::Mutex::new(None),
+                })
+            }
+            (None, Some(path), None, None) => SubjectSource::File {
                 path: PathBuf::from(path),
                 format,
             },
-            (None, Some(url)) => {
+            (None, None, Some(url), None) => {
                 check_url(&url, "credential_source.url")?;
                 SubjectSource::Url {
                     url,
@@ -415,8 +563,23 @@ impl ExternalAccount {
         })
     }
 
+    /// The email of the impersonated service account, from
+    /// `.../serviceAccounts/<email>:generateAccessToken`.
+    fn impersonated_email(&self) -> Option<&str> {
+        let url = self.impersonation_url.as_deref()?;
+        let tail = url.rsplit_once("/serviceAccounts/")?.1;
+        Some(tail.split_once(':').map_or(tail, |(email, _)| email))
+    }
+
     async fn subject_token(&self, http: &CredentialHttp) -> Result<String, FetchError> {
         let (raw, format, from) = match &self.source {
+            SubjectSource::Executable(executable) => return self.run(executable).await,
+            SubjectSource::Aws(aws) => {
+                let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+                let given = AwsEnvironment::read(&env);
+                return aws_subject_token(aws, &self.audience, http, given, SystemTime::now())
+                    .await;
+            }
             SubjectSource::File { path, format } => {
                 let raw = tokio::fs::read_to_string(path).await.map_err(|e| {
                     FetchError::Transient(format!(
@@ -473,6 +636,99 @@ impl ExternalAccount {
         Ok(token)
     }
 
+    /// The executable's subject token: a cached response still valid, else the command's.
+    /// (Whether commands may run at all was decided at start, by [`discover`].)
+    async fn run(&self, executable: &Executable) -> Result<String, FetchError> {
+        let now = SystemTime::now();
+        if let Some(cached) = executable.cached.lock().as_ref()
+            && cached.expires > now + SUBJECT_EXPIRY_MARGIN
+        {
+            return Ok(cached.token.clone());
+        }
+        if let Some(path) = &executable.output_file
+            && let Ok(text) = tokio::fs::read_to_string(path).await
+            // A cached response that is unreadable, failed, expired or without an expiry is
+            // ignored and the command run, as Google's libraries do.
+            && let Ok(Some(subject)) = parse_executable_response(&text, now)
+                .map(|(token, expires)| expires.map(|e| (token, e)))
+            && subject.1 > now + SUBJECT_EXPIRY_MARGIN
+        {
+            let token = subject.0.clone();
+            *executable.cached.lock() = Some(CachedSubject {
+                token: subject.0,
+                expires: subject.1,
+            });
+            return Ok(token);
+        }
+        let program = &executable.command[0];
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(&executable.command[1..])
+            .env("GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE", &self.audience)
+            .env(
+                "GOOGLE_EXTERNAL_ACCOUNT_TOKEN_TYPE",
+                &self.subject_token_type,
+            )
+            .env("GOOGLE_EXTERNAL_ACCOUNT_INTERACTIVE", "0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(email) = self.impersonated_email() {
+            command.env("GOOGLE_EXTERNAL_ACCOUNT_IMPERSONATED_EMAIL", email);
+        }
+        if let Some(path) = &executable.output_file {
+            command.env("GOOGLE_EXTERNAL_ACCOUNT_OUTPUT_FILE", path);
+        }
+        let output = tokio::time::timeout(executable.timeout, command.output())
+            .await
+            .map_err(|_| {
+                FetchError::Transient(format!(
+                    "the credential executable {program} did not finish within {:?}",
+                    executable.timeout
+                ))
+            })?
+            .map_err(|e| {
+                FetchError::Transient(format!("running the credential executable {program}: {e}"))
+            })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let mut quoted = stderr.trim().to_string();
+            if quoted.len() > QUOTED_STDERR_BYTES {
+                let mut cut = QUOTED_STDERR_BYTES;
+                while !quoted.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                quoted.truncate(cut);
+            }
+            return Err(FetchError::Transient(format!(
+                "the credential executable {program} exited with {}: {quoted}",
+                output.status
+            )));
+        }
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if text.trim().is_empty()
+            && let Some(path) = &executable.output_file
+        {
+            // The executable may answer in its output file only.
+            text = tokio::fs::read_to_string(path).await.unwrap_or_default();
+        }
+        let (token, expires) =
+            parse_executable_response(&text, SystemTime::now()).map_err(|e| match e {
+                FetchError::Permanent(reason) => {
+                    FetchError::Permanent(format!("the credential executable {program}: {reason}"))
+                }
+                FetchError::Transient(reason) => {
+                    FetchError::Transient(format!("the credential executable {program}: {reason}"))
+                }
+            })?;
+        *executable.cached.lock() = expires.map(|expires| CachedSubject {
+            token: token.clone(),
+            expires,
+        });
+        Ok(token)
+    }
+
     async fn fetch(&self, http: &CredentialHttp) -> Result<(AccessToken, Duration), FetchError> {
         let subject = self.subject_token(http).await?;
         let options = self
@@ -522,6 +778,328 @@ impl ExternalAccount {
             )
         })
     }
+}
+
+// ---- AWS subject tokens ------------------------------------------------------------------
+
+/// The AWS subject token Google STS expects (`urn:ietf:params:aws:token-type:aws4_request`): a
+/// GetCallerIdentity request signed with the workload's AWS credentials, serialized as JSON and
+/// URL-encoded; STS replays it to AWS to learn who the caller is. The region and the
+/// credentials come from `AWS_REGION`/`AWS_DEFAULT_REGION` and `AWS_ACCESS_KEY_ID`/
+/// `AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` when set, else from the instance metadata
+/// service (`region_url`, `url`; with an IMDSv2 session token when
+/// `imdsv2_session_token_url` is given).
+pub async fn aws_subject_token(
+    source: &AwsSource,
+    audience: &str,
+    http: &CredentialHttp,
+    given: AwsEnvironment,
+    now: SystemTime,
+) -> Result<String, FetchError> {
+    let AwsEnvironment {
+        region,
+        credentials: from_env,
+    } = given;
+    let session = match &source.imdsv2_session_token_url {
+        Some(url) if region.is_none() || from_env.is_none() => {
+            let request = Request::builder()
+                .method(Method::PUT)
+                .uri(url.as_str())
+                .header("x-aws-ec2-metadata-token-ttl-seconds", "300")
+                .body(Bytes::new())
+                .map_err(|e| {
+                    FetchError::Permanent(format!("invalid imdsv2_session_token_url: {e}"))
+                })?;
+            Some(metadata_text(http, request, "the IMDSv2 session token").await?)
+        }
+        _ => None,
+    };
+    let get = |url: &str| -> Result<Request<Bytes>, FetchError> {
+        let mut request = Request::builder().method(Method::GET).uri(url);
+        if let Some(token) = &session {
+            request = request.header("x-aws-ec2-metadata-token", token.as_str());
+        }
+        request
+            .body(Bytes::new())
+            .map_err(|e| FetchError::Permanent(format!("invalid AWS metadata URL {url}: {e}")))
+    };
+    let region = match region {
+        Some(region) => region,
+        None => {
+            let url = source.region_url.as_deref().ok_or_else(|| {
+                FetchError::Permanent(
+                    "no AWS region: set AWS_REGION, or `credential_source.region_url`".into(),
+                )
+            })?;
+            let zone = metadata_text(http, get(url)?, "the availability zone").await?;
+            // `us-east-2b` is in `us-east-2`.
+            let mut region = zone;
+            region.pop();
+            region
+        }
+    };
+    let credentials = match from_env {
+        Some(credentials) => credentials,
+        None => {
+            let url = source.url.as_deref().ok_or_else(|| {
+                FetchError::Permanent(
+                    "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or `credential_source.url`"
+                        .into(),
+                )
+            })?;
+            let role = metadata_text(http, get(url)?, "the instance role name").await?;
+            let url = format!("{}/{}", url.trim_end_matches('/'), role);
+            let json = metadata_text(http, get(&url)?, "the role's credentials").await?;
+            let value: Value = serde_json::from_str(&json).map_err(|_| {
+                FetchError::Transient("the role's AWS credentials are not JSON".into())
+            })?;
+            let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_string);
+            AwsCredentials {
+                access_key_id: field("AccessKeyId").ok_or_else(|| {
+                    FetchError::Transient("the role's AWS credentials have no AccessKeyId".into())
+                })?,
+                secret_access_key: field("SecretAccessKey").ok_or_else(|| {
+                    FetchError::Transient(
+                        "the role's AWS credentials have no SecretAccessKey".into(),
+                    )
+                })?,
+                session_token: field("Token"),
+            }
+        }
+    };
+    let url = source.verification_url.replace("{region}", &region);
+    let mut headers = sign_aws_request("POST", &url, &region, &credentials, now)
+        .map_err(|e| FetchError::Permanent(format!("regional_cred_verification_url: {e}")))?;
+    // Names the pool provider the request is meant for, so a captured token cannot be replayed
+    // at another provider (Google's libraries add it after signing, as here).
+    headers.push(("x-goog-cloud-target-resource".into(), audience.to_string()));
+    let request = serde_json::json!({
+        "headers": headers
+            .iter()
+            .map(|(key, value)| serde_json::json!({"key": key, "value": value}))
+            .collect::<Vec<_>>(),
+        "method": "POST",
+        "url": url,
+    });
+    Ok(uri_encode(&request.to_string(), "/"))
+}
+
+/// What the process environment says of AWS: the region and the credentials, when set.
+#[derive(Debug, Default)]
+pub struct AwsEnvironment {
+    pub region: Option<String>,
+    pub credentials: Option<AwsCredentials>,
+}
+
+impl AwsEnvironment {
+    /// `AWS_REGION` (else `AWS_DEFAULT_REGION`), and `AWS_ACCESS_KEY_ID` with
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`).
+    pub fn read(env: Env<'_>) -> Self {
+        Self {
+            region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")),
+            credentials: match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+                (Some(access_key_id), Some(secret_access_key)) => Some(AwsCredentials {
+                    access_key_id,
+                    secret_access_key,
+                    session_token: env("AWS_SESSION_TOKEN"),
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The text of a 200 from the instance metadata service.
+async fn metadata_text(
+    http: &CredentialHttp,
+    request: Request<Bytes>,
+    what: &str,
+) -> Result<String, FetchError> {
+    let url = request.uri().to_string();
+    let answer = http
+        .send(request)
+        .await
+        .map_err(|e| FetchError::Transient(format!("fetching {what} from {url}: {e}")))?;
+    if answer.status != 200 {
+        return Err(FetchError::Transient(format!(
+            "fetching {what}: {url} answered HTTP {}",
+            answer.status
+        )));
+    }
+    let text = String::from_utf8_lossy(&answer.body).trim().to_string();
+    if text.is_empty() {
+        return Err(FetchError::Transient(format!(
+            "{url} answered nothing for {what}"
+        )));
+    }
+    Ok(text)
+}
+
+/// AWS Signature Version 4 of a request without a body: the headers to send (`Authorization`,
+/// `host`, `x-amz-date`, and `x-amz-security-token` with temporary credentials). The service is
+/// the host's first label (`sts`).
+pub fn sign_aws_request(
+    method: &str,
+    url: &str,
+    region: &str,
+    credentials: &AwsCredentials,
+    now: SystemTime,
+) -> Result<Vec<(String, String)>, String> {
+    use ring::hmac;
+    use sha2::{Digest, Sha256};
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{url} is not an https:// URL"));
+    }
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{url} has no host"))?;
+    let service = host.split('.').next().unwrap_or_default().to_string();
+    let timestamp = jiff::Timestamp::try_from(now).map_err(|e| e.to_string())?;
+    let amz_date = timestamp.strftime("%Y%m%dT%H%M%SZ").to_string();
+    let date = timestamp.strftime("%Y%m%d").to_string();
+    let mut query: Vec<(String, String)> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (uri_encode(k, ""), uri_encode(v, ""))
+        })
+        .collect();
+    query.sort();
+    let query = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut headers = vec![("host", host.clone()), ("x-amz-date", amz_date.clone())];
+    if let Some(token) = &credentials.session_token {
+        headers.push(("x-amz-security-token", token.clone()));
+    }
+    let canonical_headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}:{}\n", v.trim()))
+        .collect();
+    let signed_headers = headers
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>()
+        .join(";");
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let payload_hash = hex(&Sha256::digest(b""));
+    let path = if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    };
+    let canonical_request =
+        format!("{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{payload_hash}");
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical_request.as_bytes()))
+    );
+    let mac = |key: &[u8], data: &str| {
+        hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes())
+            .as_ref()
+            .to_vec()
+    };
+    let key = mac(
+        format!("AWS4{}", credentials.secret_access_key).as_bytes(),
+        &date,
+    );
+    let key = mac(&key, region);
+    let key = mac(&key, &service);
+    let key = mac(&key, "aws4_request");
+    let signature = hex(&mac(&key, &string_to_sign));
+    let mut out = vec![(
+        "Authorization".to_string(),
+        format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
+            credentials.access_key_id
+        ),
+    )];
+    out.extend(headers.into_iter().map(|(k, v)| (k.to_string(), v)));
+    Ok(out)
+}
+
+/// Percent-encodes all but the unreserved characters (RFC 3986) and those in `safe`.
+fn uri_encode(text: &str, safe: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || safe.as_bytes().contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An executable's JSON response at `now`: the subject token and, when given, when it expires.
+/// `Permanent` for an answer the executable means as a refusal (`success: false`) or one that
+/// breaks the format; `Transient` for an expired token (running it again may give a fresh one).
+pub fn parse_executable_response(
+    text: &str,
+    now: SystemTime,
+) -> Result<(String, Option<SystemTime>), FetchError> {
+    let bad = |what: &str| FetchError::Permanent(format!("its response {what}"));
+    let response: Value =
+        serde_json::from_str(text.trim()).map_err(|_| bad("is not a JSON object"))?;
+    match response.get("version").and_then(Value::as_u64) {
+        Some(1) => {}
+        Some(v) => return Err(bad(&format!("has version {v}; version 1 is supported"))),
+        None => return Err(bad("has no `version`")),
+    }
+    match response.get("success").and_then(Value::as_bool) {
+        Some(true) => {}
+        Some(false) => {
+            let field = |name: &str| {
+                response
+                    .get(name)
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    .unwrap_or_default()
+            };
+            return Err(FetchError::Permanent(format!(
+                "it answered unsuccessful: code {}, message {}",
+                field("code"),
+                field("message")
+            )));
+        }
+        None => return Err(bad("has no `success`")),
+    }
+    let expires = match response.get("expiration_time") {
+        None => None,
+        Some(v) => {
+            let secs = v
+                .as_u64()
+                .ok_or_else(|| bad("has an `expiration_time` that is not epoch seconds"))?;
+            let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            if expires <= now {
+                return Err(FetchError::Transient(
+                    "the token it returned is expired (`expiration_time` has passed)".into(),
+                ));
+            }
+            Some(expires)
+        }
+    };
+    let field = match response.get("token_type").and_then(Value::as_str) {
+        Some("urn:ietf:params:oauth:token-type:jwt")
+        | Some("urn:ietf:params:oauth:token-type:id_token") => "id_token",
+        Some("urn:ietf:params:oauth:token-type:saml2") => "saml_response",
+        Some(other) => return Err(bad(&format!("has the unsupported `token_type` {other}"))),
+        None => return Err(bad("has no `token_type`")),
+    };
+    let token = response
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad(&format!("has no `{field}`")))?;
+    Ok((token.to_string(), expires))
 }
 
 /// Classifies an IAM Credentials `generateAccessToken` answer:
@@ -722,6 +1300,19 @@ pub fn discover(
     credentials_file: Option<&Path>,
     env: Env<'_>,
 ) -> Result<Discovered, DiscoveryError> {
+    let field = if credentials_json.is_some() {
+        "credentials_json"
+    } else {
+        "credentials_file"
+    };
+    allowed(find(credentials_json, credentials_file, env), field, env)
+}
+
+fn find(
+    credentials_json: Option<&str>,
+    credentials_file: Option<&Path>,
+    env: Env<'_>,
+) -> Result<Discovered, DiscoveryError> {
     if let Some(json) = credentials_json {
         let credential = Credential::from_json(json).map_err(|e| DiscoveryError {
             field: "credentials_json",
@@ -779,6 +1370,29 @@ pub fn discover(
         source: format!("the metadata server ({host})"),
         credential: Credential::Metadata(MetadataServer { host }),
     })
+}
+
+/// Refuses at start a credential that would run a command unless the operator allowed it
+/// (`GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`, as Google's libraries require).
+fn allowed(
+    discovered: Result<Discovered, DiscoveryError>,
+    field: &'static str,
+    env: Env<'_>,
+) -> Result<Discovered, DiscoveryError> {
+    let discovered = discovered?;
+    if let Credential::ExternalAccount(account) = &discovered.credential
+        && matches!(account.source, SubjectSource::Executable(_))
+        && env(ALLOW_EXECUTABLES).as_deref() != Some("1")
+    {
+        return Err(DiscoveryError {
+            field,
+            reason: format!(
+                "{}: `credential_source.executable` runs a command; set {ALLOW_EXECUTABLES}=1 to allow it",
+                discovered.source
+            ),
+        });
+    }
+    Ok(discovered)
 }
 
 fn from_file(
@@ -850,10 +1464,21 @@ mod tests {
             matches!(&account.source, SubjectSource::Url { format: SubjectFormat::Json(f), .. } if f == "access_token")
         );
         for (source, wanted) in [
-            (serde_json::json!({"environment_id": "aws1"}), "AWS"),
             (
-                serde_json::json!({"executable": {"command": "x"}}),
-                "executable",
+                serde_json::json!({"environment_id": "aws1"}),
+                "regional_cred_verification_url",
+            ),
+            (
+                serde_json::json!({"environment_id": "aws2", "regional_cred_verification_url": "https://sts.{region}.amazonaws.com"}),
+                "aws1 is supported",
+            ),
+            (
+                serde_json::json!({"executable": {"command": " "}}),
+                "executable.command",
+            ),
+            (
+                serde_json::json!({"executable": {"command": "x", "timeout_millis": 1000}}),
+                "timeout_millis",
             ),
             (
                 serde_json::json!({"file": "/t", "format": {"type": "json"}}),
@@ -880,6 +1505,437 @@ mod tests {
             Credential::from_json(&value.to_string()).unwrap_err(),
             CredentialsError::Missing("audience")
         );
+    }
+
+    fn executable(command: &str, output_file: Option<&Path>) -> ExternalAccount {
+        let mut source =
+            serde_json::json!({"executable": {"command": command, "timeout_millis": 5000}});
+        if let Some(path) = output_file {
+            source["executable"]["output_file"] = Value::from(path.display().to_string());
+        }
+        match Credential::from_json(&external(source).to_string()).unwrap() {
+            Credential::ExternalAccount(account) => account,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn executable_source(account: &ExternalAccount) -> &Executable {
+        match &account.source {
+            SubjectSource::Executable(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn executable_responses_are_parsed_as_google_documents_them() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ok = |extra: &str| format!(r#"{{"version": 1, "success": true, {extra}}}"#);
+        assert_eq!(
+            parse_executable_response(
+                &ok(r#""token_type": "urn:ietf:params:oauth:token-type:id_token", "id_token": "oidc", "expiration_time": 1800000600"#),
+                now
+            )
+            .unwrap(),
+            (
+                "oidc".to_string(),
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_600))
+            )
+        );
+        assert_eq!(
+            parse_executable_response(
+                &ok(r#""token_type": "urn:ietf:params:oauth:token-type:saml2", "saml_response": "saml""#),
+                now
+            )
+            .unwrap(),
+            ("saml".to_string(), None)
+        );
+        let expired = parse_executable_response(
+            &ok(r#""token_type": "urn:ietf:params:oauth:token-type:jwt", "id_token": "t", "expiration_time": 1799999999"#),
+            now,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&expired, FetchError::Transient(r) if r.contains("expired")),
+            "{expired:?}"
+        );
+        for (text, wanted) in [
+            (
+                r#"{"version": 1, "success": false, "code": "401", "message": "no session"}"#
+                    .to_string(),
+                "no session",
+            ),
+            (
+                r#"{"version": 2, "success": true}"#.to_string(),
+                "version 2",
+            ),
+            (r#"{"success": true}"#.to_string(), "version"),
+            (ok(r#""token_type": "urn:x""#), "urn:x"),
+            (
+                ok(r#""token_type": "urn:ietf:params:oauth:token-type:jwt""#),
+                "id_token",
+            ),
+            ("not json".to_string(), "JSON"),
+        ] {
+            let error = parse_executable_response(&text, now).unwrap_err();
+            assert!(
+                matches!(&error, FetchError::Permanent(r) if r.contains(wanted)),
+                "{text}: {error:?}"
+            );
+        }
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn executables_run_with_googles_variables_and_their_response_is_kept_until_it_expires() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let runs = dir.path().join("runs");
+        let script = dir.path().join("token.sh");
+        let expires = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho run >> {runs}\nprintf '%s|%s|%s|%s|%s|%s' \"$1\" \"$GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE\" \"$GOOGLE_EXTERNAL_ACCOUNT_TOKEN_TYPE\" \"$GOOGLE_EXTERNAL_ACCOUNT_INTERACTIVE\" \"$GOOGLE_EXTERNAL_ACCOUNT_IMPERSONATED_EMAIL\" \"$GOOGLE_EXTERNAL_ACCOUNT_OUTPUT_FILE\" > {seen}\nprintf '{{\"version\": 1, \"success\": true, \"token_type\": \"urn:ietf:params:oauth:token-type:jwt\", \"id_token\": \"subject-from-script\", \"expiration_time\": {expires}}}'\n",
+                runs = runs.display(),
+                seen = seen.display(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let output = dir.path().join("cache.json");
+        let account = executable(&format!("{} --flag", script.display()), Some(&output));
+        let http = CredentialHttp::new(None, Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            account.subject_token(&http).await.unwrap(),
+            "subject-from-script"
+        );
+        let seen = std::fs::read_to_string(&seen).unwrap();
+        assert_eq!(
+            seen,
+            format!(
+                "--flag|{}|urn:ietf:params:oauth:token-type:jwt|0|push@proj.iam.gserviceaccount.com|{}",
+                account.audience,
+                output.display()
+            )
+        );
+        // Until its expiration_time the response is reused: the command does not run again.
+        assert_eq!(
+            account.subject_token(&http).await.unwrap(),
+            "subject-from-script"
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1);
+        // A fresh credential finds the response the executable cached in its output file.
+        std::fs::write(
+            &output,
+            format!(r#"{{"version": 1, "success": true, "token_type": "urn:ietf:params:oauth:token-type:jwt", "id_token": "from-output-file", "expiration_time": {expires}}}"#),
+        )
+        .unwrap();
+        let again = executable(&format!("{} --flag", script.display()), Some(&output));
+        assert_eq!(
+            again.subject_token(&http).await.unwrap(),
+            "from-output-file"
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 1);
+        // An expired cached response is not used: the command runs.
+        std::fs::write(
+            &output,
+            r#"{"version": 1, "success": true, "token_type": "urn:ietf:params:oauth:token-type:jwt", "id_token": "stale", "expiration_time": 1}"#,
+        )
+        .unwrap();
+        let third = executable(&format!("{} --flag", script.display()), Some(&output));
+        assert_eq!(
+            third.subject_token(&http).await.unwrap(),
+            "subject-from-script"
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+        assert!(
+            executable_source(&third).cached.lock().is_some(),
+            "kept until its expiration_time"
+        );
+        // A failing command is an error quoting its stderr.
+        let failing = dir.path().join("fail.sh");
+        std::fs::write(&failing, "#!/bin/sh\necho 'no session' >&2\nexit 3\n").unwrap();
+        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = executable(&failing.display().to_string(), None)
+            .subject_token(&http)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, FetchError::Transient(r) if r.contains("no session")),
+            "{error:?}"
+        );
+    }
+
+    /// Google's published AWS test credentials (temporary ones, with a session token).
+    fn aws_test_credentials(token: bool) -> AwsCredentials {
+        AwsCredentials {
+            access_key_id: "ASIARD4OQDT6A77FR3CL".into(),
+            secret_access_key: "Y8AfSaucF37G4PpvfguKZ3/l7Id4uocLXxX0+VTx".into(),
+            session_token: token.then(|| "IQoJb3JpZ2luX2VjEIz//////////wEaCXVzLWVhc3QtMiJGMEQCIH7MHX/Oy/OB8OlLQa9GrqU1B914+iMikqWQW7vPCKlgAiA/Lsv8Jcafn14owfxXn95FURZNKaaphj0ykpmS+Ki+CSq0AwhlEAAaDDA3NzA3MTM5MTk5NiIMx9sAeP1ovlMTMKLjKpEDwuJQg41/QUKx0laTZYjPlQvjwSqS3OB9P1KAXPWSLkliVMMqaHqelvMF/WO/glv3KwuTfQsavRNs3v5pcSEm4SPO3l7mCs7KrQUHwGP0neZhIKxEXy+Ls//1C/Bqt53NL+LSbaGv6RPHaX82laz2qElphg95aVLdYgIFY6JWV5fzyjgnhz0DQmy62/Vi8pNcM2/VnxeCQ8CC8dRDSt52ry2v+nc77vstuI9xV5k8mPtnaPoJDRANh0bjwY5Sdwkbp+mGRUJBAQRlNgHUJusefXQgVKBCiyJY4w3Csd8Bgj9IyDV+Azuy1jQqfFZWgP68LSz5bURyIjlWDQunO82stZ0BgplKKAa/KJHBPCp8Qi6i99uy7qh76FQAqgVTsnDuU6fGpHDcsDSGoCls2HgZjZFPeOj8mmRhFk1Xqvkbjuz8V1cJk54d3gIJvQt8gD2D6yJQZecnuGWd5K2e2HohvCc8Fc9kBl1300nUJPV+k4tr/A5R/0QfEKOZL1/k5lf1g9CREnrM8LVkGxCgdYMxLQow1uTL+QU67AHRRSp5PhhGX4Rek+01vdYSnJCMaPhSEgcLqDlQkhk6MPsyT91QMXcWmyO+cAZwUPwnRamFepuP4K8k2KVXs/LIJHLELwAZ0ekyaS7CptgOqS7uaSTFG3U+vzFZLEnGvWQ7y9IPNQZ+Dffgh4p3vF4J68y9049sI6Sr5d5wbKkcbm8hdCDHZcv4lnqohquPirLiFQ3q7B17V9krMPu3mz1cg4Ekgcrn/E09NTsxAqD8NcZ7C7ECom9r+X3zkDOxaajW6hu3Az8hGlyylDaMiFfRbBJpTIlxp7jfa7CxikNgNtEKLH9iCzvuSg2vhA==".into()),
+        }
+    }
+
+    /// 2020-08-11T06:55:22Z, the instant of the published signatures.
+    fn aws_test_time() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_597_128_922)
+    }
+
+    const STS_URL: &str =
+        "https://sts.us-east-2.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15";
+
+    #[test]
+    fn sigv4_signatures_match_the_published_test_vectors() {
+        // The GetCallerIdentity vectors of Google's auth libraries (with and without a session
+        // token), computed by AWS's algorithm.
+        for (token, signed, signature) in [
+            (
+                true,
+                "host;x-amz-date;x-amz-security-token",
+                "73452984e4a880ffdc5c392355733ec3f5ba310d5e0609a89244440cadfe7a7a",
+            ),
+            (
+                false,
+                "host;x-amz-date",
+                "d095ba304919cd0d5570ba8a3787884ee78b860f268ed040ba23831d55536d56",
+            ),
+        ] {
+            let credentials = aws_test_credentials(token);
+            let headers =
+                sign_aws_request("POST", STS_URL, "us-east-2", &credentials, aws_test_time())
+                    .unwrap();
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(
+                header("Authorization"),
+                Some(
+                    format!(
+                        "AWS4-HMAC-SHA256 Credential=ASIARD4OQDT6A77FR3CL/20200811/us-east-2/sts/aws4_request, SignedHeaders={signed}, Signature={signature}"
+                    )
+                    .as_str()
+                )
+            );
+            assert_eq!(header("host"), Some("sts.us-east-2.amazonaws.com"));
+            assert_eq!(header("x-amz-date"), Some("20200811T065522Z"));
+            assert_eq!(
+                header("x-amz-security-token"),
+                credentials.session_token.as_deref()
+            );
+        }
+        assert!(
+            sign_aws_request(
+                "POST",
+                "http://sts.example",
+                "r",
+                &aws_test_credentials(false),
+                aws_test_time()
+            )
+            .is_err()
+        );
+    }
+
+    /// The `%XX` of a URL-encoded text decoded.
+    fn url_decode(text: &str) -> String {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                out.push(u8::from_str_radix(&text[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn aws_source(metadata: Option<&str>) -> AwsSource {
+        AwsSource {
+            region_url: metadata
+                .map(|m| format!("{m}/latest/meta-data/placement/availability-zone")),
+            url: metadata.map(|m| format!("{m}/latest/meta-data/iam/security-credentials")),
+            verification_url:
+                "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"
+                    .into(),
+            imdsv2_session_token_url: metadata.map(|m| format!("{m}/latest/api/token")),
+        }
+    }
+
+    #[tokio::test]
+    async fn aws_subject_tokens_from_the_environment_are_the_signed_request_in_json() {
+        let http = CredentialHttp::new(None, Duration::from_secs(5)).unwrap();
+        let audience = "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/POOL_ID/providers/PROVIDER_ID";
+        let given = AwsEnvironment {
+            region: Some("us-east-2".into()),
+            credentials: Some(aws_test_credentials(true)),
+        };
+        // No metadata URL at all: everything comes from the environment, nothing is fetched.
+        let token = aws_subject_token(&aws_source(None), audience, &http, given, aws_test_time())
+            .await
+            .unwrap();
+        assert!(
+            !token.contains('{') && !token.contains(' '),
+            "URL-encoded: {token}"
+        );
+        let request: Value = serde_json::from_str(&url_decode(&token)).unwrap();
+        assert_eq!(request["url"], STS_URL);
+        assert_eq!(request["method"], "POST");
+        let headers: Vec<(String, String)> = request["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h["key"].as_str().unwrap().to_string(),
+                    h["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut expected = sign_aws_request(
+            "POST",
+            STS_URL,
+            "us-east-2",
+            &aws_test_credentials(true),
+            aws_test_time(),
+        )
+        .unwrap();
+        expected.push(("x-goog-cloud-target-resource".into(), audience.into()));
+        assert_eq!(headers, expected);
+        let error = aws_subject_token(
+            &aws_source(None),
+            audience,
+            &http,
+            AwsEnvironment::default(),
+            aws_test_time(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&error, FetchError::Permanent(r) if r.contains("AWS_REGION")),
+            "{error:?}"
+        );
+    }
+
+    /// A stand-in of the EC2 instance metadata service (IMDSv2): every metadata request must
+    /// carry the session token it handed out.
+    async fn imds_stand_in() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let log = std::sync::Arc::clone(&log);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    log.lock().push(line.clone());
+                    let authorized = head.contains("x-aws-ec2-metadata-token: imds-session");
+                    let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..]
+                    {
+                        ["put", "/latest/api/token"]
+                            if head.contains("x-aws-ec2-metadata-token-ttl-seconds: 300") =>
+                        {
+                            ("200 OK", "imds-session".to_string())
+                        }
+                        [_, _] if !authorized => ("401 Unauthorized", String::new()),
+                        ["get", "/latest/meta-data/placement/availability-zone"] => {
+                            ("200 OK", "us-east-2b".to_string())
+                        }
+                        ["get", "/latest/meta-data/iam/security-credentials"] => {
+                            ("200 OK", "gcp-role".to_string())
+                        }
+                        ["get", "/latest/meta-data/iam/security-credentials/gcp-role"] => {
+                            let c = aws_test_credentials(true);
+                            (
+                                "200 OK",
+                                serde_json::json!({
+                                    "AccessKeyId": c.access_key_id,
+                                    "SecretAccessKey": c.secret_access_key,
+                                    "Token": c.session_token,
+                                })
+                                .to_string(),
+                            )
+                        }
+                        _ => ("404 Not Found", String::new()),
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test]
+    async fn aws_region_and_credentials_come_from_the_instance_metadata_with_imdsv2() {
+        let (metadata, seen) = imds_stand_in().await;
+        let http = CredentialHttp::new(None, Duration::from_secs(5)).unwrap();
+        let token = aws_subject_token(
+            &aws_source(Some(&metadata)),
+            "//iam.googleapis.com/x",
+            &http,
+            AwsEnvironment::default(),
+            aws_test_time(),
+        )
+        .await
+        .unwrap();
+        let request: Value = serde_json::from_str(&url_decode(&token)).unwrap();
+        // The region from the zone `us-east-2b`, the signature from the role's credentials: the
+        // published vector.
+        assert_eq!(request["url"], STS_URL);
+        let authorization = request["headers"][0]["value"].as_str().unwrap();
+        assert!(
+            authorization.ends_with(
+                "Signature=73452984e4a880ffdc5c392355733ec3f5ba310d5e0609a89244440cadfe7a7a"
+            ),
+            "{authorization}"
+        );
+        assert_eq!(
+            seen.lock().clone(),
+            [
+                "put /latest/api/token http/1.1",
+                "get /latest/meta-data/placement/availability-zone http/1.1",
+                "get /latest/meta-data/iam/security-credentials http/1.1",
+                "get /latest/meta-data/iam/security-credentials/gcp-role http/1.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn executables_must_be_allowed_at_start() {
+        let json =
+            external(serde_json::json!({"executable": {"command": "/bin/true"}})).to_string();
+        let error = discover(Some(&json), None, &no_env).unwrap_err();
+        assert_eq!(error.field, "credentials_json");
+        assert!(error.reason.contains(ALLOW_EXECUTABLES), "{error:?}");
+        let allow = |name: &str| (name == ALLOW_EXECUTABLES).then(|| "1".to_string());
+        assert!(discover(Some(&json), None, &allow).is_ok());
     }
 
     #[test]

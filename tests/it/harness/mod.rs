@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub mod reply_cut;
+pub mod tls;
 
 use pushgate::app::Running;
 use pushgate::config::Config;
