@@ -464,6 +464,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 insights: Arc::new(InsightsApi::new(
                     Arc::clone(gateway.insights()),
                     Arc::clone(&gateway.apps),
+                    gateway.policy().clone(),
                 )),
                 admin: AdminApi::new(
                     Arc::clone(gateway.store()),

@@ -664,7 +664,7 @@ async fn send_batch(
         )
         .into_response();
     }
-    if let Err(too_many) = check_json(&body, http.api.wire_recipient_limit()) {
+    if let Err(too_many) = check_json(&body, http.services.api.wire_recipient_limit()) {
         return ApiError::from_status(&too_many.into_status()).into_response();
     }
     let mut request: proto::SendBatchRequest = match decode_json(&body) {
