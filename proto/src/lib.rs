@@ -155,6 +155,8 @@ impl std::fmt::Debug for TrackedEvent {
             .field("user_id", &Redacted(&self.user_id))
             .field("campaign_id", &self.campaign_id)
             .field("occurred_at_ms", &self.occurred_at_ms)
+            // A zone narrows where a user is: like the user id, only as a fingerprint.
+            .field("timezone", &Redacted(&self.timezone))
             .finish()
     }
 }

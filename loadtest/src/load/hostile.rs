@@ -135,6 +135,7 @@ pub async fn run(s: &HostileSettings) -> anyhow::Result<HostileReport> {
         let sampler = Sampler::start(pid);
         bystander.reset();
         let started = Instant::now();
+        eprintln!("{}: running", case.name);
         let answer = match (case.run)(&ctx).await {
             Ok(answer) => answer,
             Err(e) => format!("tool error: {e:#}"),
@@ -142,6 +143,11 @@ pub async fn run(s: &HostileSettings) -> anyhow::Result<HostileReport> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (before, peak) = sampler.stop().await;
         let (accepted, failed, slowest) = bystander.counts();
+        eprintln!(
+            "{}: {answer} (peak {peak:.0} MB, {:.1} s)",
+            case.name,
+            started.elapsed().as_secs_f64()
+        );
         cases.push(CaseReport {
             name: case.name,
             what: case.what,
