@@ -212,6 +212,9 @@ impl proto::push_gateway_server::PushGateway for Api {
         // Why the gateway stopped reading the caller's batches (a request refused on the wire,
         // say), told after the last receipt; dropped unsent when the caller simply finished.
         let (ended_with, inbound_error) = tokio::sync::oneshot::channel::<Status>();
+        // Cancelled when the response stream is dropped: the call ended on the caller's side.
+        let call_gone = tokio_util::sync::CancellationToken::new();
+        let call_open = call_gone.clone().drop_guard();
         let mut ended_with = Some(ended_with);
         tokio::spawn(async move {
             let stopping = ingest.stopping();
@@ -219,12 +222,17 @@ impl proto::push_gateway_server::PushGateway for Api {
                 tokio::select! {
                     () = queue.below_cap() => {}
                     _ = stopping.cancelled() => break,
+                    // The caller went away without reading: stop, so the stream (its slot, its
+                    // unread receipts and the HTTP/2 window its unread batches hold on the
+                    // caller's connection) is released instead of waiting here for ever.
+                    _ = call_gone.cancelled() => break,
                 }
                 // Not reading while `submit` waits for window room is the backpressure: HTTP/2
                 // flow control then slows the caller.
                 let next = tokio::select! {
                     next = inbound.message() => next,
                     _ = stopping.cancelled() => break,
+                    _ = call_gone.cancelled() => break,
                 };
                 let request = match next {
                     Ok(Some(request)) => request,
@@ -274,6 +282,7 @@ impl proto::push_gateway_server::PushGateway for Api {
         });
         let stream = futures::stream::poll_fn(move |cx| {
             let _open = &slot;
+            let _call = &call_open;
             outbound.poll_next(cx)
         })
         // The envelope, and with it the window slot, is released as the receipt leaves.
