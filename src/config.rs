@@ -452,6 +452,7 @@ impl Config {
         Ok(crate::policy::PolicySettings {
             apps,
             config: self.policy.clone(),
+            clock: crate::domain::Clock::system(),
         })
     }
 

@@ -18,8 +18,8 @@ use crate::domain::{Platform, Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::ReceiptObserver;
 use crate::store::StoreError;
 use crate::store::insights::{
-    CampaignCounts, EventKind, Insights, InsightsConfig, TrackEvent, Tracked, is_exposure,
-    variant_of,
+    CampaignCounts, EventKind, ForgottenEvents, Insights, InsightsConfig, TrackEvent, Tracked,
+    is_exposure, variant_of,
 };
 
 /// Receipts counted per write, at most.
@@ -39,7 +39,7 @@ if mid == '' then
   if not mid then return {'unknown'} end
 end
 local xkey = base .. 'exp:' .. mid
-local x = redis.call('HMGET', xkey, 'c', 'v', 't')
+local x = redis.call('HMGET', xkey, 'c', 'v', 't', 'u')
 if not x[1] then return {'unknown'} end
 if campaign ~= '' and x[1] ~= campaign then return {'unknown'} end
 local outcome
@@ -57,7 +57,38 @@ else
   outcome = 'counted'
 end
 redis.call('SET', ev, 1, 'PX', ARGV[9])
+if x[4] and x[4] ~= '' then
+  -- ForgetUser finds the user's events here.
+  local mine = base .. 'uev:' .. x[4]
+  redis.call('SADD', mine, ARGV[2])
+  redis.call('PEXPIRE', mine, ARGV[9])
+end
 return {outcome, x[1], x[2]}
+"#;
+
+/// Erases a user's exposures and the event ids recorded about them. ARGV: the insights key
+/// prefix, user. Exposures are found in the user's set and, for those written before it
+/// existed, in its latest-exposure hash; each is erased only if it is the user's. Returns
+/// `exposures, events` erased.
+const FORGET: &str = r#"
+local base, user = ARGV[1], ARGV[2]
+local mids = redis.call('SMEMBERS', base .. 'uexps:' .. user)
+for _, mid in ipairs(redis.call('HVALS', base .. 'uexp:' .. user)) do
+  mids[#mids + 1] = mid
+end
+local exposures = 0
+for _, mid in ipairs(mids) do
+  local key = base .. 'exp:' .. mid
+  if redis.call('HGET', key, 'u') == user then
+    exposures = exposures + redis.call('DEL', key)
+  end
+end
+local events = 0
+for _, ev in ipairs(redis.call('SMEMBERS', base .. 'uev:' .. user)) do
+  events = events + redis.call('DEL', base .. 'ev:' .. ev)
+end
+redis.call('DEL', base .. 'uexps:' .. user, base .. 'uev:' .. user, base .. 'uexp:' .. user)
+return {exposures, events}
 "#;
 
 /// One terminal receipt to count.
@@ -166,6 +197,9 @@ impl RedisInsights {
                         pipe.hset_multiple(&u, &[(c.campaign.as_ref(), message), ("*", message)])
                             .ignore();
                         pipe.pexpire(&u, window as i64).ignore();
+                        let all = format!("{prefix}uexps:{user}");
+                        pipe.sadd(&all, message).ignore();
+                        pipe.pexpire(&all, window as i64).ignore();
                     }
                 }
             }
@@ -318,6 +352,19 @@ impl Insights for RedisInsights {
             .await
             .map_err(unreachable)?;
         Ok(parse_counts(fields))
+    }
+
+    async fn forget_user(&self, app: &str, user_id: &str) -> Result<ForgottenEvents, StoreError> {
+        let mut conn = self.client.conn();
+        let (exposures, events): (u64, u64) = redis::cmd("EVAL")
+            .arg(FORGET)
+            .arg(0)
+            .arg(self.keys(app).insights_prefix())
+            .arg(user_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        Ok(ForgottenEvents { exposures, events })
     }
 }
 

@@ -13,12 +13,16 @@
 //! | `<p>:{app}:optout` | SET | user ids opted out of the app's pushes |
 //! | `<p>:{app}:cap:<user>` | ZSET | the user's sends in the longest cap window (score = ms), expiring with it |
 //! | `<p>:{app}:dead_tokens` | HASH | device token reported dead -> since (ms) |
-//! | `<p>:{app}:dead_tokens_idx` | ZSET | the same tokens scored by since (ms), for listing and expiry |
+//! | `<p>:{app}:dead_tokens_idx` | ZSET | the same tokens scored by the report instant (ms), for listing and expiry |
+//! | `<p>:{app}:dead_tokens_user` | HASH | dead token -> the user id it was reported for |
+//! | `<p>:{app}:utok:<user>` | SET | the dead tokens reported for the user (ForgetUser), expiring with the suppression ttl |
 //! | `<p>:{app}:batch:<id>` | HASH | a batch's context (`ctx`, JSON), its packed recipients (`buf`, bytes) and how many packed records still refer to it (`left`) |
 //! | `<p>:{app}:stats:<campaign>` | HASH | `<variant>\|<platform>\|<status>`, `<variant>\|opens`, `<variant>\|conversions` -> count (expires `pipeline.insights_retention_days` after the last update) |
 //! | `<p>:{app}:exp:<message_id>` | HASH | an exposure: campaign `c`, variant `v`, user `u`, time `t` (ms), flags `o`/`c` once counted (expires after the attribution window) |
 //! | `<p>:{app}:uexp:<user_id>` | HASH | campaign -> the user's latest exposure (message id) in it, `*` -> its latest overall (expires after the window) |
 //! | `<p>:{app}:ev:<event_id>` | STRING | a tracked event id already recorded (expires after the window) |
+//! | `<p>:{app}:uexps:<user_id>` | SET | every exposure (message id) of the user (ForgetUser; expires after the window) |
+//! | `<p>:{app}:uev:<user_id>` | SET | the event ids recorded about the user's exposures (ForgetUser; expires after the window) |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).
 
@@ -68,6 +72,13 @@ impl AppKeys {
     pub fn dead_tokens_idx(&self) -> String {
         format!("{}:dead_tokens_idx", self.base)
     }
+    pub fn dead_tokens_user(&self) -> String {
+        format!("{}:dead_tokens_user", self.base)
+    }
+    /// The prefix of the per-user sets of dead tokens; the user id is the rest.
+    pub fn user_tokens_prefix(&self) -> String {
+        format!("{}:utok:", self.base)
+    }
     /// The prefix of the batch-context keys; a packed record names the rest.
     pub fn batch_prefix(&self) -> String {
         format!("{}:batch:", self.base)
@@ -75,7 +86,8 @@ impl AppKeys {
     pub fn batch(&self, id: &str) -> String {
         format!("{}:batch:{id}", self.base)
     }
-    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `ev:` follow).
+    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `uexps:`, `ev:`,
+    /// `uev:` follow).
     pub fn insights_prefix(&self) -> String {
         format!("{}:", self.base)
     }
@@ -104,6 +116,8 @@ mod tests {
             k.cap_prefix(),
             k.dead_tokens(),
             k.dead_tokens_idx(),
+            k.dead_tokens_user(),
+            k.user_tokens_prefix(),
             k.stats("c1"),
             k.insights_prefix(),
         ] {
