@@ -99,6 +99,7 @@ fn retry_round_trip(c: &mut Criterion) {
                 payload: payload.clone(),
             }),
             app: Arc::clone(&app),
+            due: None,
         }
     };
     let mut next = 0usize;

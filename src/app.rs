@@ -96,6 +96,9 @@ impl Gateway {
             (config.accept_window / 2).max(1),
         ));
         let (ready, ready_rx) = mpsc::channel(config.dispatch_queue);
+        // What the store hands back (retries, scheduled messages come due, claims) passes the
+        // policy stage's due gate on its way to the limit stage.
+        let (due, due_rx) = mpsc::channel(config.dispatch_queue);
         let durable = redis.is_some();
         let insights: Arc<dyn Insights> = match &redis {
             Some(client) => RedisInsights::start(Arc::clone(client), config.insights()),
@@ -112,14 +115,24 @@ impl Gateway {
                     client,
                     Arc::clone(&hub),
                     runtimes.collect::<Vec<_>>(),
-                    ready.clone(),
+                    due,
                     hard_stop.clone(),
                     Some(config.insights()),
                 )
             }
-            None => MemoryStore::start(ready.clone(), Arc::clone(&metrics), hard_stop.clone()),
+            None => MemoryStore::start(due, Arc::clone(&metrics), hard_stop.clone()),
         };
         hub.add_observer(Arc::clone(&store) as _);
+        if let Some(releases) = policy.releases() {
+            hub.add_observer(Arc::new(releases));
+        }
+        tokio::spawn(crate::policy::due::run_gate(
+            policy.clone(),
+            due_rx,
+            ready.clone(),
+            Arc::downgrade(&store),
+            hard_stop.clone(),
+        ));
         metrics.add_sampler(sampler(&apps, &store, &metrics, durable));
         if let Some(replicas) = store.live_replicas() {
             tokio::spawn(share_rates(replicas, Arc::clone(&limits)));
@@ -328,6 +341,14 @@ impl Running {
 /// Builds everything from `config` and starts serving on `config.listen` (port 0 picks a free
 /// port; see `Running::addr`).
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with_clock(config, crate::domain::Clock::system()).await
+}
+
+/// [`start`] with the policy stage reading `clock` (tests: schedules around a chosen date).
+pub async fn start_with_clock(
+    config: Config,
+    clock: crate::domain::Clock,
+) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let apps = config.registry()?;
     let redis_stop = CancellationToken::new();
@@ -356,7 +377,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.pipeline.clone(),
         Arc::clone(&metrics),
         redis,
-        config.policy_settings()?,
+        crate::policy::PolicySettings {
+            clock,
+            ..config.policy_settings()?
+        },
     );
     for (id, app) in &config.apps {
         gateway.update_limits(id, app.limits.clone());
@@ -458,6 +482,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 policy: PolicyApi::new(
                     gateway.policy(),
                     Arc::clone(gateway.store()),
+                    Arc::clone(gateway.insights()),
                     config.apps.keys().cloned(),
                 )
                 .map(Arc::new),
@@ -521,6 +546,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             PolicyApi::new(
                 gateway.policy(),
                 Arc::clone(gateway.store()),
+                Arc::clone(gateway.insights()),
                 config.apps.keys().cloned(),
             )
             .map(|api| {

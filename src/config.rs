@@ -453,6 +453,7 @@ impl Config {
         Ok(crate::policy::PolicySettings {
             apps,
             config: self.policy.clone(),
+            clock: crate::domain::Clock::system(),
         })
     }
 

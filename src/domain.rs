@@ -722,3 +722,33 @@ mod tests {
         );
     }
 }
+
+/// The wall clock the policy stage reads: send times (`send_at_ms` bounds, `local_send_time`),
+/// quiet hours and cap windows. The system clock by default; a gateway started with
+/// [`Clock::starting_at`] sees that instant at its start and time passing from there, so a test
+/// can compute schedules around a chosen date (a DST change) however far it is from today.
+/// The store's timers wait real time: a message scheduled for `t` by this clock goes
+/// `t - now` (by this clock) from now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clock {
+    offset_ms: i64,
+}
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// A clock that reads `epoch_ms` now and advances with the system clock.
+    pub fn starting_at(epoch_ms: i64) -> Self {
+        Self {
+            offset_ms: epoch_ms.saturating_sub(epoch_millis(SystemTime::now())),
+        }
+    }
+
+    /// Now, epoch ms.
+    pub fn now_ms(&self) -> i64 {
+        epoch_millis(SystemTime::now()).saturating_add(self.offset_ms)
+    }
+}

@@ -251,6 +251,13 @@ struct Flags {
     /// Every app's `frequency_caps` (TOML), e.g. '[{ max = 3, window = "1d" }]'.
     #[arg(long)]
     frequency_caps: Option<String>,
+    /// Every delivery policy on: caps, quiet hours that do not fire, and a suppression list
+    /// taught to the gateway before the run (see --suppressed-tokens).
+    #[arg(long)]
+    policies: bool,
+    /// With --policies: dead APNs tokens per app suppressed during the run (default 100000).
+    #[arg(long)]
+    suppressed_tokens: Option<u64>,
     #[arg(long)]
     mock_threads: Option<usize>,
     #[arg(long)]
@@ -303,7 +310,9 @@ impl Flags {
             mock_threads => mock_threads, client_threads => client_threads,
             ceiling_secs => ceiling_secs, ceiling_target => ceiling_target,
             ceiling_connections => ceiling_connections, ceiling_streams => ceiling_streams,
+            suppressed_tokens => suppressed_tokens,
         );
+        s.policies |= self.policies;
         if self.gateway.is_some() {
             s.gateway = self.gateway;
         }
@@ -408,6 +417,9 @@ fn main() -> anyhow::Result<()> {
         let config = env::write_gateway_config(&settings, &mocks, &scratch.0, port, redis_url)?;
         let child = GatewayChild::start(&bin, &config, port, &scratch.0).await?;
         let url = format!("http://{}", child.addr);
+        if settings.policies {
+            env::teach_suppressed_tokens(&settings, &url, &mocks).await?;
+        }
         let redis_before = match &redis {
             Some(r) => Some(r.snapshot().await?),
             None => None,

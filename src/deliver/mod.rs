@@ -126,11 +126,19 @@ impl Deliverer {
             (&outcome, &self.dead_tokens)
         {
             let since = invalid_since.unwrap_or_else(SystemTime::now);
-            dead.suppress(
-                &meta.app_id,
-                job.request.device_token(),
-                crate::domain::epoch_millis(since),
-            );
+            // Awaited before the receipt (one write, only for dead tokens): whoever sees the
+            // INVALID_TOKEN receipt and then lists dead tokens or sends again sees it.
+            if let Err(e) = dead
+                .suppress(
+                    &meta.app_id,
+                    &meta.user_id,
+                    job.request.device_token(),
+                    crate::domain::epoch_millis(since),
+                )
+                .await
+            {
+                tracing::warn!(app = %meta.app_id, error = %e, "could not remember a dead device token");
+            }
         }
         match outcome {
             Outcome::Retry {

@@ -1,5 +1,6 @@
 //! The `pushgate.v1.PushGatewayPolicy` gRPC service: dead tokens (ListInvalidTokens), consent
-//! (SetOptOut, ClearOptOut), erasure (ForgetUser) and cancellation of scheduled messages
+//! (SetOptOut, ClearOptOut), erasure (ForgetUser: the policy state, campaign measurement,
+//! scheduled messages and the receipts stream) and cancellation of scheduled messages
 //! (CancelScheduled). Authorized per app with the send scope,
 //! exactly like `PushGateway`: the caller's key must be one of the app's `api_keys` or
 //! `admin_keys`, checked before the app is looked up.
@@ -16,6 +17,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Caller, Scope, forbidden};
 use crate::policy::Policy;
 use crate::proto;
+use crate::store::insights::Insights;
 use crate::store::policy_state::{PolicyState, TokenCursor};
 use crate::store::{Scheduled, Store, StoreError};
 
@@ -29,6 +31,7 @@ const PAGE: usize = 500;
 pub struct PolicyApi {
     state: Arc<dyn PolicyState>,
     store: Arc<dyn Store>,
+    insights: Arc<dyn Insights>,
     apps: HashSet<String>,
 }
 
@@ -37,11 +40,13 @@ impl PolicyApi {
     pub fn new(
         policy: &Policy,
         store: Arc<dyn Store>,
+        insights: Arc<dyn Insights>,
         apps: impl IntoIterator<Item = String>,
     ) -> Option<Self> {
         Some(Self {
             state: Arc::clone(policy.state()?),
             store,
+            insights,
             apps: apps.into_iter().collect(),
         })
     }
@@ -230,6 +235,11 @@ impl proto::push_gateway_policy_server::PushGatewayPolicy for PolicyApi {
             .forget_user(&r.app_id, &r.user_id)
             .await
             .map_err(unavailable)?;
+        let events = self
+            .insights
+            .forget_user(&r.app_id, &r.user_id)
+            .await
+            .map_err(unavailable)?;
         let scheduled_erased = self
             .store
             .cancel_scheduled(&r.app_id, &Scheduled::User(r.user_id.clone()))
@@ -246,6 +256,9 @@ impl proto::push_gateway_policy_server::PushGatewayPolicy for PolicyApi {
             cap_sends_erased: forgotten.cap_sends,
             scheduled_erased,
             receipts_erased,
+            suppressed_tokens_erased: forgotten.suppressed_tokens,
+            exposures_erased: events.exposures,
+            events_erased: events.events,
         }))
     }
 }

@@ -440,7 +440,7 @@ impl Ingest {
             .into());
         }
         self.config.caps.check(batch)?;
-        let timing = Timing::of(batch)?;
+        let timing = Timing::of_at(batch, self.policy.now_ms())?;
         let compiled = CompiledTemplate::compile(&batch.template)?;
         if compiled.contents().has_experiment() && batch.campaign_id.is_empty() {
             return Err(FieldError::new(
@@ -615,7 +615,8 @@ impl Ingest {
                 .decide(&batch.app.id, transactional, &inputs)
                 .await;
             for (v, verdict) in chunk.into_iter().zip(verdicts) {
-                self.admit_one(&batch, v, verdict, &mut staged, run).await;
+                self.admit_one(&batch, v, verdict, transactional, &mut staged, run)
+                    .await;
             }
         }
         self.flush(&mut staged, run).await;
@@ -626,16 +627,17 @@ impl Ingest {
     async fn admit_one(
         &self,
         batch: &Arc<AcceptedBatch>,
-        Valid { at, claimed, .. }: Valid,
+        Valid { at, claimed, input }: Valid,
         verdict: Verdict,
+        transactional: bool,
         staged: &mut Vec<Staged>,
         run: &mut Run<'_>,
     ) {
         let message_id = batch.message_id_at(at).to_owned();
-        let mut due_ms = None;
+        let mut due = None;
         match verdict {
             Verdict::Send => {}
-            Verdict::Schedule { due_ms: due, .. } => {
+            Verdict::Schedule { due_ms, .. } => {
                 // Without a durable store a scheduled message waits in this process: bounded.
                 if self.store.name() == "memory"
                     && self.store.parked() >= self.policy.max_scheduled_in_memory()
@@ -656,7 +658,7 @@ impl Ingest {
                     );
                     return;
                 }
-                due_ms = Some(due);
+                due = Some((due_ms, input.due_check(transactional)));
             }
             Verdict::End(resolution) => {
                 let meta = Arc::new(batch.meta_at(at, SystemTime::now()));
@@ -712,6 +714,15 @@ impl Ingest {
                     _ => "the gateway is shutting down",
                 };
                 let meta = batch.meta_at(at, SystemTime::now());
+                if due.is_none() {
+                    // Decided (and so reserved under the caps) but not accepted.
+                    self.policy.release_unaccepted(
+                        &meta.app_id,
+                        &meta.batch_id,
+                        &meta.message_id,
+                        &meta.user_id,
+                    );
+                }
                 run.refuse(
                     Arc::new(meta),
                     at.index(),
@@ -728,7 +739,7 @@ impl Ingest {
             claimed,
             index: at.index(),
             message_id,
-            due_ms,
+            due,
         });
         if staged.len() >= STAGE_CHUNK {
             self.flush(staged, run).await;
@@ -747,20 +758,21 @@ impl Ingest {
             .map(|s| {
                 (
                     s.waiting,
-                    (s.admission, s.claimed, s.index, s.message_id, s.due_ms),
+                    (s.admission, s.claimed, s.index, s.message_id, s.due),
                 )
             })
             .unzip();
         match self.store.accept(messages).await {
             Ok(works) => {
                 let mut scheduled = Vec::new();
-                for (work, (admission, _, index, message_id, due_ms)) in
-                    works.into_iter().zip(places)
+                for (work, (admission, _, index, message_id, due)) in works.into_iter().zip(places)
                 {
-                    match due_ms {
+                    match due {
                         // The limit-stage place is given back: the message takes one again
                         // when it comes due, like a retry.
-                        Some(due_ms) => scheduled.extend(self.schedule(work, due_ms)),
+                        Some((due_ms, check)) => {
+                            scheduled.extend(self.schedule(work, due_ms, check))
+                        }
                         None => self.dispatch(work, admission).await,
                     }
                     run.results
@@ -773,9 +785,19 @@ impl Ingest {
             }
             Err(AcceptError { error, messages }) => {
                 let reason = format!("{error}; the message was not accepted");
-                for (waiting, (_, claimed, index, message_id, _)) in
+                for (waiting, (_, claimed, index, message_id, due)) in
                     messages.into_iter().zip(places)
                 {
+                    if due.is_none() {
+                        // Decided (and so reserved under the caps) but not accepted.
+                        let meta = waiting.meta();
+                        self.policy.release_unaccepted(
+                            &meta.app_id,
+                            &meta.batch_id,
+                            &meta.message_id,
+                            &meta.user_id,
+                        );
+                    }
                     waiting.resolve_unaccepted(Resolution::gateway(
                         ReceiptStatus::Failed,
                         reason.clone(),
@@ -822,9 +844,13 @@ impl Ingest {
         &self,
         work: Work,
         due_ms: i64,
+        check: crate::work::DueCheck,
     ) -> Option<(crate::work::Job, tokio::time::Instant)> {
         let mut job = work.into_job()?;
-        let wait = u64::try_from(due_ms - crate::store::now_ms()).unwrap_or(0);
+        // Decided again, in full, when it comes due (`policy::due`).
+        job.due = Some(Box::new(check));
+        // By the policy stage's clock, which computed `due_ms`.
+        let wait = u64::try_from(due_ms - self.policy.now_ms()).unwrap_or(0);
         let due = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(due_ms.max(0) as u64);
         job.pending.schedule(due);
         Some((
@@ -870,8 +896,8 @@ struct Staged {
     claimed: bool,
     index: usize,
     message_id: String,
-    /// A scheduled message's send time (epoch ms).
-    due_ms: Option<i64>,
+    /// A scheduled message's send time (epoch ms), and what the policy stage checks then.
+    due: Option<(i64, crate::work::DueCheck)>,
 }
 
 /// The recipient index a field such as `recipients[12].vars` names.
@@ -1021,6 +1047,7 @@ impl<'a> Run<'a> {
                     self.ingest
                         .policy
                         .inspect(&batch.app.id, &recipient, index, timing)
+                        .map(|input| input.reserving(&batch.batch_id, &message_id))
                 })
                 .and_then(|input| match choice {
                     Choice::Holdout => Ok(None),

@@ -5,7 +5,10 @@
 //! zone, see [`Timing`]; or `send_time = OPTIMAL`, its user's best hour of the coming day by
 //! the open-time histograms, `crate::store::send_time`) or deferred by quiet hours is
 //! [`Verdict::Schedule`]d: ingest gives it a SCHEDULED receipt and the store holds it until it
-//! is due.
+//! is due. At acceptance such a message is checked up to quiet hours only (an opted-out user's
+//! ends at once, and one whose send time falls in quiet hours with `action = "drop"`); when it
+//! comes due, the gate in [`due`] decides it again in full (the order below), so an opt-out, a
+//! dead token or a cap reached in between applies.
 //!
 //! The order is fixed, documented in the README ("Campaign delivery") and tested:
 //!
@@ -20,7 +23,12 @@
 //!    `UNREGISTERED`) within the suppression ttl and not registered again since ->
 //!    INVALID_TOKEN, reason `suppressed`, without contacting the provider.
 //! 4. **frequency caps**: the user already had `max` sends in one of the app's rolling
-//!    windows -> DROPPED, reason `frequency_cap`. A message that passes is counted.
+//!    windows -> DROPPED, reason `frequency_cap`. A message that passes reserves a send, and
+//!    [`CapReleases`] gives the reservation back when the message ends without having been
+//!    handed to a provider (its terminal receipt says 0 attempts: expired or rejected before
+//!    sending, failed at shutdown before an attempt, ...). A message that was sent and then
+//!    failed (a transient error, then FAILED) stays counted: the provider had it, and may have
+//!    shown it.
 //!
 //! Transactional messages (`Template.priority = HIGH`, or a batch with `bypass_policies`) skip
 //! quiet hours and caps (and are not counted). What the stage remembers (opt-outs, counters,
@@ -28,6 +36,7 @@
 //! shared by every replica with it. One call decides a chunk of messages, so with Redis a chunk
 //! costs one round trip. Time-zone arithmetic is in [`time`].
 
+pub mod due;
 pub mod time;
 
 use std::collections::HashMap;
@@ -36,10 +45,12 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
-use crate::domain::{FieldError, ReceiptStatus, Recipient, Resolution};
+use crate::domain::{FieldError, Priority, Receipt, ReceiptStatus, Recipient, Resolution};
 use crate::metrics::{DecisionLabels, Metrics};
+use crate::receipts::ReceiptObserver;
 use crate::store::insights::Insights;
-use crate::store::policy_state::{Answer, Cap, PolicyState, Query};
+use crate::store::policy_state::{Answer, Cap, PolicyState, Query, reservation_of};
+use crate::work::{DueCheck, Job};
 
 /// `apps.<id>.frequency_caps` entries: at most `max` sends per user in any `window`.
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +202,8 @@ pub fn parse_window(text: &str) -> Result<i64, String> {
 pub struct PolicySettings {
     pub apps: HashMap<String, AppPolicy>,
     pub config: PolicyConfig,
+    /// The clock the stage reads (the system's, unless a test fixes it).
+    pub clock: crate::domain::Clock,
 }
 
 /// How far ahead a message may be scheduled.
@@ -209,6 +222,11 @@ pub struct Timing {
 impl Timing {
     /// The timing of `batch`; errors name the batch's field.
     pub fn of(batch: &crate::domain::Batch) -> Result<Self, FieldError> {
+        Self::of_at(batch, crate::store::now_ms())
+    }
+
+    /// [`Timing::of`] at `now_ms` (the policy stage's clock, [`Policy::now_ms`]).
+    pub fn of_at(batch: &crate::domain::Batch, now_ms: i64) -> Result<Self, FieldError> {
         let local = match batch.local_send_time.trim() {
             "" => None,
             text => {
@@ -230,7 +248,7 @@ impl Timing {
                 }
             }
         };
-        check_ahead("send_at_ms", batch.send_at_ms, crate::store::now_ms())?;
+        check_ahead("send_at_ms", batch.send_at_ms, now_ms)?;
         if batch.optimal_send_time && (batch.send_at_ms > 0 || local.is_some()) {
             return Err(FieldError::new(
                 "send_time",
@@ -270,6 +288,48 @@ pub struct Input {
     due_ms: Option<i64>,
     /// Due at its user's best hour (`send_time = OPTIMAL`, no send time of its own).
     optimal: bool,
+    /// The tag of its cap reservation ([`reservation_of`]).
+    reservation: u64,
+}
+
+impl Input {
+    /// The input of message `message_id` of batch `batch_id` (the tag of its reservation).
+    pub fn reserving(mut self, batch_id: &str, message_id: &str) -> Self {
+        self.reservation = reservation_of(batch_id, message_id);
+        self
+    }
+
+    /// What the stage reads again when this message, scheduled, comes due.
+    pub fn due_check(&self, transactional: bool) -> DueCheck {
+        DueCheck {
+            registered_at_ms: self.registered_at_ms,
+            timezone: self
+                .zone
+                .as_ref()
+                .and_then(|z| z.iana_name())
+                .unwrap_or_default()
+                .to_owned(),
+            transactional,
+        }
+    }
+
+    /// The input of a scheduled job come due.
+    fn of_due(job: &Job, check: &DueCheck) -> Self {
+        let meta = job.pending.meta();
+        Self {
+            user_id: meta.user_id.clone(),
+            device_token: job.request.device_token().to_owned(),
+            registered_at_ms: check.registered_at_ms,
+            zone: match check.timezone.as_str() {
+                "" => None,
+                name => time::zone(name),
+            },
+            due_ms: None,
+            // Its send time was chosen at acceptance.
+            optimal: false,
+            reservation: reservation_of(&meta.batch_id, &meta.message_id),
+        }
+    }
 }
 
 /// What the policy stage decided for one message.
@@ -296,6 +356,7 @@ pub struct Policy {
     insights: Option<Arc<dyn Insights>>,
     metrics: Option<Arc<Metrics>>,
     config: PolicyConfig,
+    clock: crate::domain::Clock,
 }
 
 impl std::fmt::Debug for Policy {
@@ -319,6 +380,7 @@ impl Policy {
             insights: None,
             metrics: Some(metrics),
             config: settings.config,
+            clock: settings.clock,
         }
     }
 
@@ -326,6 +388,15 @@ impl Policy {
     pub fn with_insights(mut self, insights: Arc<dyn Insights>) -> Self {
         self.insights = Some(insights);
         self
+    }
+
+    /// Now by the stage's clock, epoch ms: send times are computed and compared with it.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn now(&self) -> jiff::Timestamp {
+        time::from_millis(self.now_ms())
     }
 
     /// Scheduled messages a store without durability may hold.
@@ -348,7 +419,7 @@ impl Policy {
         index: usize,
         timing: &Timing,
     ) -> Result<Input, FieldError> {
-        self.inspect_at(jiff::Timestamp::now(), app, recipient, index, timing)
+        self.inspect_at(self.now(), app, recipient, index, timing)
     }
 
     /// [`Policy::inspect`] at the instant `now`.
@@ -414,6 +485,7 @@ impl Policy {
             zone,
             due_ms: (due_ms > now_ms).then_some(due_ms),
             optimal: timing.optimal && due_ms == 0,
+            reservation: 0,
         })
     }
 
@@ -442,13 +514,14 @@ impl Policy {
         &self,
         app: &str,
         now: jiff::Timestamp,
-        inputs: &[Input],
+        inputs: &[(&Input, bool)],
     ) -> Result<Vec<Option<i64>>, crate::store::StoreError> {
-        let (Some(insights), true) = (&self.insights, inputs.iter().any(|i| i.optimal)) else {
+        let (Some(insights), true) = (&self.insights, inputs.iter().any(|(i, _)| i.optimal)) else {
             return Ok(vec![None; inputs.len()]);
         };
         let mut users: Vec<&str> = inputs
             .iter()
+            .map(|&(i, _)| i)
             .filter(|i| i.optimal && !i.user_id.is_empty())
             .map(|i| i.user_id.as_str())
             .collect();
@@ -459,7 +532,7 @@ impl Policy {
         let utc = jiff::tz::TimeZone::UTC;
         Ok(inputs
             .iter()
-            .map(|input| {
+            .map(|&(input, _)| {
                 if !input.optimal {
                     return None;
                 }
@@ -472,9 +545,31 @@ impl Policy {
     }
 
     /// The verdict for each message of `app` (one chunk of a batch, one call to the state).
-    /// `transactional`: HIGH priority or `bypass_policies`.
+    /// `transactional`: HIGH priority or `bypass_policies`. A message with a later send time,
+    /// or deferred by quiet hours, is checked up to quiet hours now and in full when it comes
+    /// due ([`due`]).
     pub async fn decide(&self, app: &str, transactional: bool, inputs: &[Input]) -> Vec<Verdict> {
-        let now = jiff::Timestamp::now();
+        let each: Vec<(&Input, bool)> = inputs.iter().map(|i| (i, transactional)).collect();
+        self.decide_each(app, &each).await
+    }
+
+    /// The verdicts of scheduled jobs of `app` that came due, each read from its [`DueCheck`].
+    pub async fn decide_due(&self, app: &str, jobs: &[(&Job, &DueCheck)]) -> Vec<Verdict> {
+        let inputs: Vec<Input> = jobs
+            .iter()
+            .map(|(job, check)| Input::of_due(job, check))
+            .collect();
+        let each: Vec<(&Input, bool)> = inputs
+            .iter()
+            .zip(jobs)
+            .map(|(input, (_, check))| (input, check.transactional))
+            .collect();
+        self.decide_each(app, &each).await
+    }
+
+    /// [`Policy::decide`] with each message's own `transactional`.
+    async fn decide_each(&self, app: &str, inputs: &[(&Input, bool)]) -> Vec<Verdict> {
+        let now = self.now();
         let optimal = match self.optimal_times(app, now, inputs).await {
             Ok(times) => times,
             Err(e) => {
@@ -485,10 +580,11 @@ impl Policy {
                     .collect();
             }
         };
+        // Per message: the instant it is due at (its send time, or its user's best hour).
         let due: Vec<Option<i64>> = inputs
             .iter()
             .zip(&optimal)
-            .map(|(input, best)| input.due_ms.or(*best))
+            .map(|((input, _), best)| input.due_ms.or(*best))
             .collect();
         let Some(state) = &self.state else {
             return due
@@ -506,11 +602,13 @@ impl Policy {
         let policy = self.apps.get(app).unwrap_or(&none);
         let now_ms = time::millis(now);
         let spread_ms = self.config.defer_spread_secs.saturating_mul(1_000);
-        let mut deferred: Vec<Option<i64>> = Vec::with_capacity(inputs.len());
+        // Per message: dropped by quiet hours, and the instant it waits for (its send time, or
+        // the end of quiet hours).
+        let mut plans: Vec<(bool, Option<(i64, bool)>)> = Vec::with_capacity(inputs.len());
         let queries: Vec<Query<'_>> = inputs
             .iter()
             .zip(&due)
-            .map(|(input, due_ms)| {
+            .map(|(&(input, transactional), due_ms)| {
                 // Quiet hours are judged at the instant the message would go.
                 let at = due_ms.map_or(now, time::from_millis);
                 let quiet_until =
@@ -522,48 +620,45 @@ impl Policy {
                             let zone = input.zone.as_ref().unwrap_or(&utc);
                             w.ends_after(at, zone).map(|end| (end, action))
                         });
-                let defer_to = match quiet_until {
+                let quiet_drop = matches!(quiet_until, Some((_, QuietAction::Drop)));
+                let wait = match quiet_until {
                     Some((end, QuietAction::Defer)) => {
                         let jitter = if spread_ms > 0 {
                             rand::random_range(0..spread_ms)
                         } else {
                             0
                         };
-                        Some(time::millis(end).saturating_add(i64::try_from(jitter).unwrap_or(0)))
+                        let at =
+                            time::millis(end).saturating_add(i64::try_from(jitter).unwrap_or(0));
+                        Some((at, true))
                     }
-                    _ => None,
+                    _ => due_ms.map(|due_ms| (due_ms, false)),
                 };
-                deferred.push(defer_to);
+                let later = wait.is_some() && !quiet_drop;
+                plans.push((quiet_drop, wait.filter(|_| later)));
                 Query {
                     user_id: &input.user_id,
                     device_token: &input.device_token,
                     registered_at_ms: input.registered_at_ms,
                     opt_out: !(transactional && policy.opt_out_spares_transactional),
-                    quiet: matches!(quiet_until, Some((_, QuietAction::Drop))),
+                    // A message that waits stops after the opt-out now: the rest is decided
+                    // when it comes due.
+                    quiet: quiet_drop || later,
                     capped: !transactional,
+                    reservation: input.reservation,
                 }
             })
             .collect();
         let verdicts: Vec<Verdict> = match state.decide(app, &policy.caps, now_ms, &queries).await {
             Ok(answers) => answers
                 .into_iter()
-                .zip(due.iter().zip(deferred))
-                .map(
-                    |(answer, (due_ms, defer_to))| match (verdict(answer), defer_to) {
-                        (Verdict::Send, Some(due_ms)) => Verdict::Schedule {
-                            due_ms,
-                            deferred: true,
-                        },
-                        (Verdict::Send, None) => match *due_ms {
-                            Some(due_ms) => Verdict::Schedule {
-                                due_ms,
-                                deferred: false,
-                            },
-                            None => Verdict::Send,
-                        },
-                        (other, _) => other,
-                    },
-                )
+                .zip(plans)
+                .map(|(answer, (quiet_drop, wait))| match (answer, wait) {
+                    (Answer::Quiet, Some((due_ms, deferred))) if !quiet_drop => {
+                        Verdict::Schedule { due_ms, deferred }
+                    }
+                    (answer, _) => verdict(answer),
+                })
                 .collect(),
             Err(e) => {
                 let reason = format!("{e}; the message was not accepted");
@@ -575,6 +670,27 @@ impl Policy {
         };
         self.count(app, &verdicts);
         verdicts
+    }
+
+    /// Gives back the cap reservation of a message that was decided but not accepted after
+    /// all (the store could not take it; its receipt says `accepted = false`, which
+    /// [`CapReleases`] does not read).
+    pub fn release_unaccepted(&self, app: &str, batch_id: &str, message_id: &str, user_id: &str) {
+        if let Some(state) = &self.state
+            && self.apps.get(app).is_some_and(|p| !p.caps.is_empty())
+            && !user_id.is_empty()
+        {
+            state.release(app, user_id, reservation_of(batch_id, message_id));
+        }
+    }
+
+    /// The receipt observer that gives back the cap reservations of messages that ended
+    /// without reaching a provider; `None` without state.
+    pub fn releases(&self) -> Option<CapReleases> {
+        Some(CapReleases {
+            apps: Arc::clone(&self.apps),
+            state: Arc::clone(self.state.as_ref()?),
+        })
     }
 
     fn count(&self, app: &str, verdicts: &[Verdict]) {
@@ -605,6 +721,52 @@ impl Policy {
                 .clone();
             counter.inc_by(n);
         }
+    }
+}
+
+/// Gives back the cap reservation of each message that ends without having been handed to a
+/// provider (a terminal receipt after 0 attempts), so caps count hand-offs, not decisions. It
+/// sees every receipt (it is a [`ReceiptObserver`] of the hub) and ignores those of messages
+/// that never took a reservation: refused at ingest, ended by the policy stage itself, held
+/// out, cancelled or erased while scheduled, HIGH priority. With Redis the release is one
+/// script call, not awaited, made by whichever replica emits the receipt.
+pub struct CapReleases {
+    apps: Arc<HashMap<String, AppPolicy>>,
+    state: Arc<dyn PolicyState>,
+}
+
+/// Reasons of terminal receipts whose message took no reservation.
+const UNRESERVED: [&str; 7] = [
+    OPTED_OUT,
+    QUIET_HOURS,
+    FREQUENCY_CAP,
+    SUPPRESSED,
+    crate::render::content::HOLDOUT,
+    crate::store::CANCELLED,
+    crate::store::FORGOTTEN,
+];
+
+impl ReceiptObserver for CapReleases {
+    fn observe(&self, receipt: &Arc<Receipt>) {
+        let meta = &receipt.meta;
+        if !receipt.terminal()
+            || !receipt.accepted
+            || receipt.attempt > 0
+            || meta.user_id.is_empty()
+            || meta.priority == Priority::High
+            || UNRESERVED.contains(&receipt.reason.as_str())
+            || self
+                .apps
+                .get(meta.app_id.as_ref())
+                .is_none_or(|p| p.caps.is_empty())
+        {
+            return;
+        }
+        self.state.release(
+            &meta.app_id,
+            &meta.user_id,
+            reservation_of(&meta.batch_id, &meta.message_id),
+        );
     }
 }
 

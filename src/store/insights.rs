@@ -108,6 +108,13 @@ impl Default for InsightsConfig {
     }
 }
 
+/// What [`Insights::forget_user`] erased.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForgottenEvents {
+    pub exposures: u64,
+    pub events: u64,
+}
+
 /// The measurement store. See the module docs.
 #[async_trait::async_trait]
 pub trait Insights: ReceiptObserver + Send + Sync + 'static {
@@ -124,6 +131,12 @@ pub trait Insights: ReceiptObserver + Send + Sync + 'static {
         app: &str,
         users: &[&str],
     ) -> Result<OpenHistograms, StoreError>;
+
+    /// Erases the user's exposures, the event ids recorded about them and the user's open-time
+    /// histogram (ForgetUser). The campaign counters and the population's histogram, which hold
+    /// no user id, stay. An exposure whose receipt is still being counted (Redis counts
+    /// receipts in the queue's writer) may land after this.
+    async fn forget_user(&self, app: &str, user_id: &str) -> Result<ForgottenEvents, StoreError>;
 }
 
 /// The variant name a receipt counts under.
@@ -163,10 +176,10 @@ pub(crate) fn outside_window(
 
 #[derive(Debug, Clone)]
 struct Exposure {
+    /// The user it was sent to (ForgetUser), shared with `AppState::users`.
+    user: Option<Arc<str>>,
     campaign: Arc<str>,
     variant: Arc<str>,
-    /// Empty when the message named no user.
-    user: Arc<str>,
     at_ms: i64,
     opened: bool,
     converted: bool,
@@ -185,7 +198,8 @@ struct AppState {
     users: HashMap<Arc<str>, VecDeque<Arc<str>>>,
     /// Users in the order they were first seen, to forget the oldest in O(1).
     user_order: VecDeque<Arc<str>>,
-    events: HashMap<String, ()>,
+    /// Event id -> the user of the exposure it was about (ForgetUser).
+    events: HashMap<String, Option<Arc<str>>>,
     event_order: VecDeque<String>,
     /// Open-time histograms: the population's, and per user (at most `max_exposures` users,
     /// the first seen forgotten first).
@@ -210,7 +224,13 @@ impl AppState {
         self.campaigns.entry(Arc::clone(campaign)).or_default()
     }
 
-    fn expose(&mut self, message_id: &str, user_id: &str, exposure: Exposure, max: usize) {
+    fn expose(&mut self, message_id: &str, user_id: &str, mut exposure: Exposure, max: usize) {
+        let user: Option<Arc<str>> = match self.users.get_key_value(user_id) {
+            _ if user_id.is_empty() => None,
+            Some((known, _)) => Some(Arc::clone(known)),
+            None => Some(Arc::from(user_id)),
+        };
+        exposure.user = user.clone();
         let id: Arc<str> = Arc::from(message_id);
         if self.exposures.insert(Arc::clone(&id), exposure).is_none() {
             self.exposure_order.push_back(Arc::clone(&id));
@@ -220,9 +240,9 @@ impl AppState {
                 self.exposures.remove(&old);
             }
         }
-        if user_id.is_empty() {
+        let Some(user) = user else {
             return;
-        }
+        };
         if let Some(ids) = self.users.get_mut(user_id) {
             ids.retain(|known| *known != id);
             ids.push_back(id);
@@ -234,7 +254,6 @@ impl AppState {
         // A new user: the oldest user goes first. (Scanning for users whose exposures were
         // all forgotten made every new user cost a pass over all of them once the map was
         // full: a load run stalled at 100,000 users.)
-        let user: Arc<str> = Arc::from(user_id);
         self.user_order.push_back(Arc::clone(&user));
         while self.user_order.len() > max {
             if let Some(old) = self.user_order.pop_front() {
@@ -244,8 +263,8 @@ impl AppState {
         self.users.insert(user, VecDeque::from([id]));
     }
 
-    fn remember_event(&mut self, id: &str, max: usize) {
-        if self.events.insert(id.to_owned(), ()).is_none() {
+    fn remember_event(&mut self, id: &str, user: Option<Arc<str>>, max: usize) {
+        if self.events.insert(id.to_owned(), user).is_none() {
             self.event_order.push_back(id.to_owned());
         }
         while self.event_order.len() > max {
@@ -309,6 +328,7 @@ impl AppState {
             return Tracked::Unknown;
         }
         let (campaign, variant) = (x.campaign.to_string(), x.variant.to_string());
+        let user = x.user.clone();
         let outcome =
             if outside_window(e.kind, x.at_ms, e.occurred_at_ms, config.attribution_window) {
                 Tracked::OutsideWindow { campaign, variant }
@@ -322,28 +342,50 @@ impl AppState {
                 } else {
                     *flag = true;
                     let (c, v) = (Arc::clone(&x.campaign), Arc::clone(&x.variant));
-                    let exposed_user = Arc::clone(&x.user);
                     let counts = self.counts(&c).entry(v.to_string()).or_default();
                     match e.kind {
                         EventKind::Open => counts.opens += 1,
                         EventKind::Conversion => counts.conversions += 1,
                     }
-                    let user = if e.user_id.is_empty() {
-                        exposed_user
+                    let opener = if e.user_id.is_empty() {
+                        user.clone()
                     } else {
-                        Arc::from(e.user_id.as_str())
+                        Some(Arc::from(e.user_id.as_str()))
                     };
-                    if e.kind == EventKind::Open && !user.is_empty() {
+                    if let (EventKind::Open, Some(opener)) = (e.kind, opener) {
                         // An open reported from the future (a device's clock) counts as now.
                         let at = e.occurred_at_ms.min(now_ms);
                         let bucket = hour_of_week(at, &e.zone);
-                        self.add_open(&user, bucket, at, config.max_exposures);
+                        self.add_open(&opener, bucket, at, config.max_exposures);
                     }
                     Tracked::Counted { campaign, variant }
                 }
             };
-        self.remember_event(&e.event_id, config.max_exposures);
+        self.remember_event(&e.event_id, user, config.max_exposures);
         outcome
+    }
+
+    /// Erases the user's exposures, the events about them and the user's open-time histogram
+    /// (the population's stays); O(what the app keeps), as ForgetUser is rare and an index per
+    /// user would cost every receipt.
+    fn forget(&mut self, user_id: &str) -> ForgottenEvents {
+        let mine = |u: &Option<Arc<str>>| u.as_deref() == Some(user_id);
+        self.users.remove(user_id);
+        self.user_order.retain(|u| **u != *user_id);
+        if self.histograms.remove(user_id).is_some() {
+            self.histogram_order.retain(|u| **u != *user_id);
+        }
+        let before = (self.exposures.len(), self.events.len());
+        self.exposures.retain(|_, x| !mine(&x.user));
+        let exposures = &self.exposures;
+        self.exposure_order.retain(|id| exposures.contains_key(id));
+        self.events.retain(|_, u| !mine(u));
+        let events = &self.events;
+        self.event_order.retain(|id| events.contains_key(id));
+        ForgottenEvents {
+            exposures: (before.0 - self.exposures.len()) as u64,
+            events: (before.1 - self.events.len()) as u64,
+        }
     }
 }
 
@@ -382,6 +424,7 @@ impl ReceiptObserver for MemoryInsights {
             .or_default() += 1;
         if is_exposure(receipt) {
             let exposure = Exposure {
+                user: None,
                 campaign: Arc::clone(&meta.campaign_id),
                 variant: meta
                     .content
@@ -391,7 +434,6 @@ impl ReceiptObserver for MemoryInsights {
                 at_ms: crate::domain::epoch_millis(
                     receipt.completed_at.unwrap_or(meta.accepted_at),
                 ),
-                user: Arc::from(meta.user_id.as_str()),
                 opened: false,
                 converted: false,
             };
@@ -445,6 +487,15 @@ impl Insights for MemoryInsights {
             .get(app)
             .and_then(|a| a.campaigns.get(campaign))
             .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn forget_user(&self, app: &str, user_id: &str) -> Result<ForgottenEvents, StoreError> {
+        Ok(self
+            .apps
+            .lock()
+            .get_mut(app)
+            .map(|a| a.forget(user_id))
             .unwrap_or_default())
     }
 }
@@ -614,6 +665,72 @@ mod tests {
             .unwrap();
         assert_eq!(h.users.len(), 3);
         assert!(!h.users.contains_key("u1"));
+    }
+
+    /// ForgetUser erases the user's exposures (all of them, not only the latest per user), the
+    /// events about them and the user's open-time histogram, and leaves other users, the
+    /// campaign counters and the population's histogram.
+    #[tokio::test]
+    async fn forgetting_a_user_erases_exposures_and_events() {
+        let s = MemoryInsights::new(InsightsConfig::default());
+        for i in 0..20 {
+            s.observe(&receipt(
+                &format!("m{i}"),
+                "u1",
+                "a",
+                ReceiptStatus::Delivered,
+            ));
+        }
+        s.observe(&receipt("other", "u2", "a", ReceiptStatus::Delivered));
+        let now = crate::store::now_ms();
+        let out = s
+            .track(
+                "app",
+                &[
+                    event("e1", EventKind::Open, "m0", "", now),
+                    event("e2", EventKind::Conversion, "", "u1", now),
+                    event("e3", EventKind::Open, "other", "", now),
+                ],
+            )
+            .await
+            .unwrap();
+        assert!(
+            out.iter().all(|t| matches!(t, Tracked::Counted { .. })),
+            "{out:?}"
+        );
+        let f = s.forget_user("app", "u1").await.unwrap();
+        assert_eq!(
+            f,
+            ForgottenEvents {
+                exposures: 20,
+                events: 2
+            }
+        );
+        // The user's open-time histogram goes too; the others' and the population's stay.
+        let h = s.open_histograms("app", &["u1", "u2"]).await.unwrap();
+        assert!(!h.users.contains_key("u1"));
+        assert!(h.users.contains_key("u2"));
+        assert!(h.population.total(crate::store::now_ms()) > 1.5);
+        let again = s
+            .track(
+                "app",
+                &[
+                    event("e1", EventKind::Open, "m0", "", now),
+                    event("e4", EventKind::Open, "m5", "", now),
+                    event("e3", EventKind::Open, "other", "", now),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            [Tracked::Unknown, Tracked::Unknown, Tracked::Duplicate]
+        );
+        assert_eq!(s.counts("app", "spring").await.unwrap()["a"].opens, 2);
+        assert_eq!(
+            s.forget_user("app", "u1").await.unwrap(),
+            ForgottenEvents::default()
+        );
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! What the policy stage remembers between messages, behind the storage seam: per-app opt-outs
-//! by user id, frequency-cap counters per user, and the device tokens reported dead.
+//! by user id, frequency-cap counters per user, and the device tokens reported dead (with the
+//! user they were reported for, so ForgetUser can erase them).
+//!
+//! A cap counter holds *reservations*: a message that passes the caps takes one at its decision
+//! (so two replicas deciding at once cannot both take the last send of a window), and it is
+//! given back ([`PolicyState::release`]) when the message ends without having been handed to a
+//! provider. Each reservation is tagged with [`reservation_of`] the message, which the message's
+//! terminal receipt names again.
 //!
 //! [`PolicyState`] is the trait; [`MemoryPolicyState`] keeps it in this process (lost on exit,
 //! like the in-memory store), `redis::RedisPolicyState` in Redis, shared exactly by every
@@ -36,6 +43,19 @@ pub struct Query<'a> {
     pub quiet: bool,
     /// Count it under the app's frequency caps.
     pub capped: bool,
+    /// The tag of the reservation it takes under the caps ([`reservation_of`] the message).
+    pub reservation: u64,
+}
+
+/// The tag of a message's cap reservation: a hash of its batch and message ids, which its
+/// terminal receipt carries, so the reservation can be found to give it back. Two messages with
+/// one tag (a batch sent again) hold one reservation each; a release gives back one of them.
+pub fn reservation_of(batch_id: &str, message_id: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(batch_id.as_bytes());
+    h.update(&[0]);
+    h.update(message_id.as_bytes());
+    h.digest()
 }
 
 /// The state's answer for one [`Query`].
@@ -71,14 +91,16 @@ pub type TokenCursor = (i64, String);
 pub struct Forgotten {
     pub opt_out: bool,
     pub cap_sends: u64,
+    /// Dead-token entries reported for the user's messages.
+    pub suppressed_tokens: u64,
 }
 
 /// The policy stage's memory. See the module docs.
 #[async_trait::async_trait]
 pub trait PolicyState: Send + Sync + 'static {
-    /// Answers each query of `app` in order, at `now_ms`, and counts under `caps` every message
-    /// that may go and asked to be counted. Atomic per call: two replicas deciding for one
-    /// user never both take the last send of a window.
+    /// Answers each query of `app` in order, at `now_ms`, and reserves under `caps` a send for
+    /// every message that may go and asked to be counted. Atomic per call: two replicas deciding
+    /// for one user never both take the last send of a window.
     async fn decide(
         &self,
         app: &str,
@@ -87,10 +109,22 @@ pub trait PolicyState: Send + Sync + 'static {
         queries: &[Query<'_>],
     ) -> Result<Vec<Answer>, StoreError>;
 
+    /// Gives back the reservation tagged `reservation` of `user_id` (one of them, if several),
+    /// taken by a message that ended without being handed to a provider. Fire and forget: the
+    /// receipt hub calls it, which must not wait.
+    fn release(&self, app: &str, user_id: &str, reservation: u64);
+
     /// Remembers `device_token` of `app` as dead since `since_ms`, reported now (kept for the
-    /// suppression ttl from now). Fire and forget: called from the deliver stage, which must not
-    /// wait on it.
-    fn suppress(&self, app: &str, device_token: &str, since_ms: i64);
+    /// suppression ttl from now) for a message of `user_id` (empty: none). The deliver stage
+    /// awaits it before the message's INVALID_TOKEN receipt, so whoever sees that receipt
+    /// (a ListInvalidTokens, the next send to the token) sees the token suppressed.
+    async fn suppress(
+        &self,
+        app: &str,
+        user_id: &str,
+        device_token: &str,
+        since_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Up to `limit` dead tokens of `app` reported at or after `reported_ms`, in the order they
     /// were reported, after `after` when given.
@@ -105,7 +139,8 @@ pub trait PolicyState: Send + Sync + 'static {
     /// Sets or clears a user's opt-out; true when that changed something.
     async fn set_opt_out(&self, app: &str, user_id: &str, out: bool) -> Result<bool, StoreError>;
 
-    /// Erases what is kept about a user of `app`.
+    /// Erases what is kept about a user of `app`: the opt-out, the cap counter, and the dead
+    /// tokens reported for the user's messages.
     async fn forget_user(&self, app: &str, user_id: &str) -> Result<Forgotten, StoreError>;
 }
 
@@ -117,12 +152,12 @@ pub fn longest(caps: &[Cap]) -> i64 {
 #[derive(Default)]
 struct AppState {
     opted_out: HashSet<String>,
-    /// Send instants per user, oldest first, within the longest window.
-    sends: HashMap<String, VecDeque<i64>>,
+    /// Reservations per user (instant, tag), oldest first, within the longest window.
+    sends: HashMap<String, VecDeque<(i64, u64)>>,
     /// Users in `sends` after the last sweep, to sweep again when that doubles.
     swept_at: usize,
-    /// Dead token -> (invalid since, reported at).
-    dead: HashMap<String, (i64, i64)>,
+    /// Dead token -> (invalid since, reported at, the user it was reported for).
+    dead: HashMap<String, (i64, i64, String)>,
     /// (reported at, token), for listing and expiry.
     dead_order: BTreeSet<(i64, String)>,
 }
@@ -135,7 +170,7 @@ impl AppState {
         if q.quiet {
             return Answer::Quiet;
         }
-        if let Some(&(since_ms, reported)) = self.dead.get(q.device_token) {
+        if let Some(&(since_ms, reported, _)) = self.dead.get(q.device_token) {
             if q.registered_at_ms <= since_ms {
                 return Answer::Suppressed { since_ms };
             }
@@ -148,18 +183,21 @@ impl AppState {
         }
         let horizon = now_ms - longest(caps);
         let sends = self.sends.entry(q.user_id.to_owned()).or_default();
-        while sends.front().is_some_and(|&t| t <= horizon) {
+        while sends.front().is_some_and(|&(t, _)| t <= horizon) {
             sends.pop_front();
         }
         let over = caps.iter().any(|cap| {
             let from = now_ms - cap.window_ms;
-            let n = sends.iter().rev().take_while(|&&t| t > from).count();
+            let n = sends.iter().rev().take_while(|&&(t, _)| t > from).count();
             n >= cap.max as usize
         });
         if over {
             return Answer::Capped;
         }
-        sends.push_back(now_ms);
+        // Instants stay in order: a decision earlier than the newest (clocks of replicas
+        // differ) is counted at the newest.
+        let at = sends.back().map_or(now_ms, |&(t, _)| t.max(now_ms));
+        sends.push_back((at, q.reservation));
         Answer::Send
     }
 
@@ -171,7 +209,7 @@ impl AppState {
         }
         let horizon = now_ms - longest(caps);
         self.sends
-            .retain(|_, sends| sends.back().is_some_and(|&t| t > horizon));
+            .retain(|_, sends| sends.back().is_some_and(|&(t, _)| t > horizon));
         self.swept_at = self.sends.len();
     }
 }
@@ -195,6 +233,7 @@ impl MemoryPolicyState {
     pub fn suppress_at(
         &self,
         app: &str,
+        user_id: &str,
         device_token: &str,
         since_ms: i64,
         reported_ms: Option<i64>,
@@ -203,7 +242,8 @@ impl MemoryPolicyState {
         self.with(app, |state| {
             let reported_ms = reported_ms.unwrap_or_else(super::now_ms);
             let token = device_token.to_owned();
-            if let Some((_, old)) = state.dead.insert(token.clone(), (since_ms, reported_ms)) {
+            let entry = (since_ms, reported_ms, user_id.to_owned());
+            if let Some((_, old, _)) = state.dead.insert(token.clone(), entry) {
                 state.dead_order.remove(&(old, token.clone()));
             }
             state.dead_order.insert((reported_ms, token));
@@ -243,8 +283,25 @@ impl PolicyState for MemoryPolicyState {
         }))
     }
 
-    fn suppress(&self, app: &str, device_token: &str, since_ms: i64) {
-        self.suppress_at(app, device_token, since_ms, None);
+    fn release(&self, app: &str, user_id: &str, reservation: u64) {
+        self.with(app, |state| {
+            if let Some(sends) = state.sends.get_mut(user_id)
+                && let Some(i) = sends.iter().rposition(|&(_, tag)| tag == reservation)
+            {
+                sends.remove(i);
+            }
+        });
+    }
+
+    async fn suppress(
+        &self,
+        app: &str,
+        user_id: &str,
+        device_token: &str,
+        since_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.suppress_at(app, user_id, device_token, since_ms, None);
+        Ok(())
     }
 
     async fn dead_tokens(
@@ -281,9 +338,24 @@ impl PolicyState for MemoryPolicyState {
     }
 
     async fn forget_user(&self, app: &str, user_id: &str) -> Result<Forgotten, StoreError> {
-        Ok(self.with(app, |state| Forgotten {
-            opt_out: state.opted_out.remove(user_id),
-            cap_sends: state.sends.remove(user_id).map_or(0, |s| s.len() as u64),
+        Ok(self.with(app, |state| {
+            // A scan of the app's dead tokens: ForgetUser is rare, and an index by user would
+            // cost every report.
+            let tokens: Vec<(String, i64)> = state
+                .dead
+                .iter()
+                .filter(|(_, (_, _, user))| !user_id.is_empty() && user == user_id)
+                .map(|(token, &(_, reported, _))| (token.clone(), reported))
+                .collect();
+            for (token, reported) in &tokens {
+                state.dead.remove(token);
+                state.dead_order.remove(&(*reported, token.clone()));
+            }
+            Forgotten {
+                opt_out: state.opted_out.remove(user_id),
+                cap_sends: state.sends.remove(user_id).map_or(0, |s| s.len() as u64),
+                suppressed_tokens: tokens.len() as u64,
+            }
         }))
     }
 }
@@ -300,6 +372,7 @@ mod tests {
             opt_out: true,
             quiet: false,
             capped: true,
+            reservation: 0,
         }
     }
 
@@ -339,11 +412,47 @@ mod tests {
         assert_eq!(s.decide("app", &caps, 9 * DAY, &a).await.unwrap(), [Send]);
     }
 
+    /// A released reservation frees its send in the window; releasing one of two with the
+    /// same tag leaves the other counted, and an unknown tag releases nothing.
+    #[tokio::test]
+    async fn released_reservations_free_their_send() {
+        let s = MemoryPolicyState::new(DAY);
+        let caps = [Cap {
+            max: 2,
+            window_ms: DAY,
+        }];
+        let tagged = |tag| Query {
+            reservation: tag,
+            ..q("u1", "t1")
+        };
+        use Answer::*;
+        let a = s
+            .decide("app", &caps, 1, &[tagged(7), tagged(7), tagged(8)])
+            .await
+            .unwrap();
+        assert_eq!(a, [Send, Send, Capped]);
+        s.release("app", "u1", 9);
+        assert_eq!(
+            s.decide("app", &caps, 2, &[tagged(8)]).await.unwrap(),
+            [Capped]
+        );
+        s.release("app", "u1", 7);
+        assert_eq!(
+            s.decide("app", &caps, 3, &[tagged(8)]).await.unwrap(),
+            [Send]
+        );
+        assert_eq!(
+            s.decide("app", &caps, 4, &[tagged(9)]).await.unwrap(),
+            [Capped]
+        );
+        assert_eq!(s.forget_user("app", "u1").await.unwrap().cap_sends, 2);
+    }
+
     #[tokio::test]
     async fn opt_out_first_then_quiet_then_suppression() {
         let s = MemoryPolicyState::new(DAY);
         let since = crate::store::now_ms() - 1_000;
-        s.suppress("app", "dead", since);
+        s.suppress("app", "u9", "dead", since).await.unwrap();
         assert!(s.set_opt_out("app", "u1", true).await.unwrap());
         assert!(!s.set_opt_out("app", "u1", true).await.unwrap());
         let mut quiet = q("u2", "dead");
@@ -373,6 +482,14 @@ mod tests {
         );
         let f = s.forget_user("app", "u1").await.unwrap();
         assert!(f.opt_out);
+        assert_eq!(f.suppressed_tokens, 0, "`dead` was reported for u9");
+        s.suppress("app", "u9", "dead2", since).await.unwrap();
+        s.suppress("app", "u8", "dead3", since).await.unwrap();
+        let f = s.forget_user("app", "u9").await.unwrap();
+        assert_eq!(f.suppressed_tokens, 1, "dead2 (`dead` was revived)");
+        let left = s.dead_tokens("app", 0, None, 10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].device_token, "dead3");
         assert_eq!(
             s.decide("app", &[], 6_000, &[q("u1", "t")]).await.unwrap(),
             [Send]
@@ -384,7 +501,7 @@ mod tests {
         let s = MemoryPolicyState::new(DAY);
         let now = crate::store::now_ms();
         for (i, token) in ["a", "b", "c", "d"].iter().enumerate() {
-            s.suppress_at("app", token, 5, Some(now + i as i64));
+            s.suppress_at("app", "", token, 5, Some(now + i as i64));
         }
         let first = s.dead_tokens("app", 0, None, 2).await.unwrap();
         assert_eq!(
@@ -418,8 +535,8 @@ mod tests {
         );
         // A token reported longer ago than the ttl is dropped at the next report, however
         // long it had been invalid.
-        s.suppress_at("app", "old", 5, Some(now - 2 * DAY));
-        s.suppress("app", "e", 1);
+        s.suppress_at("app", "", "old", 5, Some(now - 2 * DAY));
+        s.suppress("app", "", "e", 1).await.unwrap();
         let all = s.dead_tokens("app", 0, None, 10).await.unwrap();
         assert!(all.iter().all(|t| t.device_token != "old"), "{all:?}");
     }

@@ -355,6 +355,7 @@ impl Waiting {
                 pending,
                 request,
                 app: Arc::clone(&self.batch.app),
+                due: None,
             }),
             Err(error) => {
                 pending.resolve(Resolution {

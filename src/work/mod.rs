@@ -26,6 +26,22 @@ pub struct Job {
     pub pending: Pending,
     pub request: ProviderRequest,
     pub app: Arc<AppRuntime>,
+    /// Set on a scheduled message until it comes due: the policy stage decides it then.
+    pub due: Option<Box<DueCheck>>,
+}
+
+/// What the policy stage reads of a scheduled message when it comes due: a message scheduled
+/// hours ahead must see an opt-out, a dead token or a cap that happened in between, so its
+/// opt-out, quiet hours, suppression and caps are decided at the due time (the device token and
+/// user id are in the job itself). A durable store keeps it with the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueCheck {
+    /// When the device token was registered (epoch ms, 0 unknown).
+    pub registered_at_ms: i64,
+    /// The recipient's IANA time zone (its own, else the app's default); empty: UTC.
+    pub timezone: String,
+    /// HIGH priority or `bypass_policies`: quiet hours and caps do not apply.
+    pub transactional: bool,
 }
 
 impl std::fmt::Debug for Job {

@@ -7,12 +7,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use pushgate::proto::push_gateway_insights_client::PushGatewayInsightsClient;
 use pushgate::proto::push_gateway_policy_client::PushGatewayPolicyClient;
 use pushgate::proto::{self, Receipt, ReceiptStatus};
-use pushgate::store::policy_state::{Answer, Cap, MemoryPolicyState, PolicyState, Query};
-use pushgate::store::redis::{RedisClient, RedisConfig, RedisPolicyState};
 use pushgate_mocks::redis_server::RedisServer;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::harness::{self, Harness, Options, recipient, status, template, token};
@@ -89,19 +87,6 @@ async fn list_tokens(h: &Harness, after: &str, limit: u32) -> Vec<proto::Invalid
     out
 }
 
-/// Waits until the gateway lists `n` dead tokens (the deliver stage records them without
-/// waiting, so with Redis the write may land just after the receipt).
-async fn wait_tokens(h: &Harness, n: usize) -> Vec<proto::InvalidToken> {
-    for _ in 0..200 {
-        let tokens = list_tokens(h, "", 0).await;
-        if tokens.len() >= n {
-            return tokens;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the gateway never listed {n} dead tokens");
-}
-
 /// Suppression: the dead token reaches the mock once; later sends end INVALID_TOKEN
 /// (`suppressed`) without a request; ListInvalidTokens lists it (resumable); a token registered
 /// after it died is sent again.
@@ -114,7 +99,9 @@ async fn suppression(h: &Harness) {
     assert_eq!(status(&first["m-1"]), ReceiptStatus::InvalidToken);
     assert_eq!(first["m-1"].reason, "Unregistered");
     assert_eq!(status(&first["m-4"]), ReceiptStatus::Delivered);
-    let listed = wait_tokens(h, 3).await;
+    // Listed as soon as the receipts are in: the deliver stage records a dead token before
+    // its INVALID_TOKEN receipt.
+    let listed = list_tokens(h, "", 0).await;
     let mut names: Vec<_> = listed.iter().map(|t| t.device_token.clone()).collect();
     names.sort();
     assert_eq!(names, dead.to_vec());
@@ -498,119 +485,6 @@ async fn opt_out_clear_forget_and_authorization() {
     let r = send_one(5, "u-3", true).await;
     assert_eq!(status(&r), ReceiptStatus::Delivered);
     assert_eq!(h.unresolved_drops(), 0);
-}
-
-/// The Redis script and the in-memory state answer the same scenario alike: the stage's
-/// order, rolling windows at chosen instants, a later registration lifting a suppression, and
-/// listing resumed inside a run of equal instants.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_and_memory_state_answer_alike() {
-    let redis = RedisServer::start();
-    let config = RedisConfig {
-        url: Some(redis.url()),
-        ..Default::default()
-    };
-    let client = RedisClient::connect(&config, CancellationToken::new()).unwrap();
-    assert!(client.wait_healthy(Duration::from_secs(5)).await);
-    let day = 86_400_000;
-    let states: [Box<dyn PolicyState>; 2] = [
-        Box::new(MemoryPolicyState::new(10 * day)),
-        Box::new(RedisPolicyState::new(client, 10 * day)),
-    ];
-    for state in &states {
-        let now = pushgate::domain::epoch_millis(std::time::SystemTime::now());
-        for t in ["d1", "d2", "d3"] {
-            state.suppress("app", t, now - 1_000);
-        }
-        state.set_opt_out("app", "out", true).await.unwrap();
-        // The Redis writes of `suppress` are not awaited.
-        for _ in 0..100 {
-            if state.dead_tokens("app", 0, None, 10).await.unwrap().len() == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let q = |user: &'static str, token: &'static str| Query {
-            user_id: user,
-            device_token: token,
-            registered_at_ms: 0,
-            opt_out: true,
-            quiet: false,
-            capped: true,
-        };
-        let quiet = Query {
-            quiet: true,
-            ..q("u", "t")
-        };
-        let quiet_out = Query {
-            quiet: true,
-            ..q("out", "d1")
-        };
-        let revived = Query {
-            registered_at_ms: now,
-            ..q("u", "d2")
-        };
-        let caps = [Cap {
-            max: 2,
-            window_ms: day,
-        }];
-        let answers = state
-            .decide(
-                "app",
-                &caps,
-                now,
-                &[
-                    quiet_out,
-                    quiet,
-                    q("u", "d1"),
-                    revived,
-                    q("u", "t"),
-                    q("u", "t"),
-                    q("v", "t"),
-                ],
-            )
-            .await
-            .unwrap();
-        use Answer::*;
-        assert_eq!(
-            answers,
-            [
-                OptedOut,
-                Quiet,
-                Suppressed {
-                    since_ms: now - 1_000
-                },
-                Send,
-                Send,
-                Capped,
-                Send
-            ]
-        );
-        // The window rolls: a day later u may send again.
-        let later = state
-            .decide("app", &caps, now + day, &[q("u", "t")])
-            .await
-            .unwrap();
-        assert_eq!(later, [Send]);
-        let listed = state.dead_tokens("app", 0, None, 10).await.unwrap();
-        let mut names: Vec<_> = listed.iter().map(|t| t.device_token.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["d1", "d3"], "d2 was registered again");
-        assert!(listed.iter().all(|t| t.since_ms == now - 1_000));
-        let first = &listed[0];
-        let rest = state
-            .dead_tokens(
-                "app",
-                0,
-                Some((first.reported_at_ms, first.device_token.clone())),
-                10,
-            )
-            .await
-            .unwrap();
-        assert_eq!(rest, listed[1..].to_vec());
-        let f = state.forget_user("app", "u").await.unwrap();
-        assert_eq!(f.cap_sends, 1, "only the send of the open window is left");
-    }
 }
 
 fn now_ms() -> i64 {
@@ -1104,8 +978,8 @@ async fn forget_user_erases_scheduled_messages_and_stream_entries() {
         .into_inner();
     assert_eq!(forgotten.scheduled_erased, 1);
     assert_eq!(
-        forgotten.cap_sends_erased, 2,
-        "the sent and the scheduled message"
+        forgotten.cap_sends_erased, 1,
+        "the sent message (a scheduled one is counted when it comes due)"
     );
     assert_eq!(forgotten.receipts_erased, 2, "{forgotten:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1120,6 +994,440 @@ async fn forget_user_erases_scheduled_messages_and_stream_entries() {
     assert!(
         stream.iter().any(|r| r.user_id == "u-keep"),
         "others are kept"
+    );
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// Terminal receipts from `subscription` until every id of `ids` has one.
+async fn terminal_receipts(
+    subscription: &mut tonic::Streaming<Receipt>,
+    ids: &[&str],
+) -> HashMap<String, Receipt> {
+    let mut out = HashMap::new();
+    while !ids.iter().all(|id| out.contains_key(*id)) {
+        let r = tokio::time::timeout(Duration::from_secs(30), subscription.message())
+            .await
+            .expect("the terminal receipts come")
+            .unwrap()
+            .unwrap();
+        if r.terminal && ids.contains(&r.message_id.as_str()) {
+            out.insert(r.message_id.clone(), r);
+        }
+    }
+    out
+}
+
+async fn subscribe(h: &Harness) -> tonic::Streaming<Receipt> {
+    h.client()
+        .await
+        .subscribe_receipts(proto::SubscribeReceiptsRequest {
+            app_id: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Recipient `n` as user `user` with message id `<prefix>-<n>`.
+fn named(prefix: &str, n: u64, user: &str) -> proto::Recipient {
+    proto::Recipient {
+        message_id: format!("{prefix}-{n}"),
+        ..to_user(n, user)
+    }
+}
+
+/// Caps count messages handed to a provider, not decisions: two of three messages to a user
+/// wait behind a campaign rate of 1 a minute until their 1 s ttl passes (EXPIRED, never sent),
+/// so of the next three the user still has room for two. A message that reached the provider
+/// and then failed (500 on every attempt, FAILED) stays counted.
+async fn caps_count_hand_offs(h: &Harness) {
+    let mut slow = batch((1..4).map(|n| named("slow", n, "u-1")).collect());
+    slow.campaign_id = "slow".into();
+    slow.campaign_rate_per_minute = 1;
+    slow.template.as_mut().unwrap().ttl_seconds = 1;
+    let c = counts(&send(h, slow).await);
+    assert_eq!(c[&(ReceiptStatus::Delivered, String::new())], 1, "{c:?}");
+    assert_eq!(
+        c.iter()
+            .filter(|((s, _), _)| *s == ReceiptStatus::Expired)
+            .map(|(_, n)| n)
+            .sum::<usize>(),
+        2,
+        "{c:?}"
+    );
+    let next = counts(
+        &send(
+            h,
+            batch((11..14).map(|n| named("next", n, "u-1")).collect()),
+        )
+        .await,
+    );
+    assert_eq!(
+        next.get(&(ReceiptStatus::Delivered, String::new())),
+        Some(&2),
+        "the expired messages gave their sends back: {next:?}"
+    );
+    assert_eq!(next[&(ReceiptStatus::Dropped, "frequency_cap".into())], 1);
+
+    h.mock.faults().set_internal_error_per_mille(1000);
+    let failed = send(h, batch(vec![named("fail", 21, "u-2")])).await;
+    assert_eq!(status(&failed["fail-21"]), ReceiptStatus::Failed);
+    assert!(failed["fail-21"].attempt > 1);
+    h.mock.faults().clear();
+    let after = counts(
+        &send(
+            h,
+            batch((22..25).map(|n| named("after", n, "u-2")).collect()),
+        )
+        .await,
+    );
+    assert_eq!(
+        after.get(&(ReceiptStatus::Delivered, String::new())),
+        Some(&2),
+        "the failed message was handed to APNs: it counts: {after:?}"
+    );
+    assert_eq!(after[&(ReceiptStatus::Dropped, "frequency_cap".into())], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_count_only_messages_handed_to_a_provider_in_memory() {
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        ..Default::default()
+    })
+    .await;
+    caps_count_hand_offs(&h).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_count_only_messages_handed_to_a_provider_with_redis() {
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        extra: redis_section(&redis),
+        ..Default::default()
+    })
+    .await;
+    caps_count_hand_offs(&h).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// A scheduled message is decided when it comes due: an opt-out, a dead token and a full cap
+/// that happen after it was scheduled end it (DROPPED `opted_out`, INVALID_TOKEN `suppressed`,
+/// DROPPED `frequency_cap`) and APNs never sees it; an untouched one is delivered.
+async fn scheduled_decided_when_due(h: &Harness) {
+    let mut subscription = subscribe(h).await;
+    let mut later = batch(vec![
+        named("s", 1, "u-out"),
+        named("s", 2, "u-dead"),
+        named("s", 3, "u-cap"),
+        named("s", 4, "u-fine"),
+    ]);
+    later.send_at_ms = now_ms() + 2_000;
+    let response = h
+        .client()
+        .await
+        .send_batch(later)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.accepted, 4);
+    assert!(
+        response
+            .receipts
+            .iter()
+            .all(|r| status(r) == ReceiptStatus::Scheduled),
+        "{:?}",
+        response.receipts
+    );
+    // Meanwhile: u-out opts out, s-2's token dies, u-cap gets its three sends of the day.
+    policy_client(h)
+        .await
+        .set_opt_out(proto::OptOutRequest {
+            app_id: "shop".into(),
+            user_id: "u-out".into(),
+        })
+        .await
+        .unwrap();
+    h.mock.faults().add_unregistered(&token(2), None);
+    let dead = send(h, batch(vec![named("d", 2, "u-other")])).await;
+    assert_eq!(status(&dead["d-2"]), ReceiptStatus::InvalidToken);
+    let capped = send(h, batch((31..34).map(|n| named("c", n, "u-cap")).collect())).await;
+    assert!(
+        capped
+            .values()
+            .all(|r| status(r) == ReceiptStatus::Delivered)
+    );
+    let before = h.mock.stats().accepted;
+
+    let due = terminal_receipts(&mut subscription, &["s-1", "s-2", "s-3", "s-4"]).await;
+    assert_eq!(
+        (status(&due["s-1"]), due["s-1"].reason.as_str()),
+        (ReceiptStatus::Dropped, "opted_out")
+    );
+    assert_eq!(
+        (status(&due["s-2"]), due["s-2"].reason.as_str()),
+        (ReceiptStatus::InvalidToken, "suppressed")
+    );
+    assert_eq!(
+        (status(&due["s-3"]), due["s-3"].reason.as_str()),
+        (ReceiptStatus::Dropped, "frequency_cap")
+    );
+    assert_eq!(status(&due["s-4"]), ReceiptStatus::Delivered);
+    assert_eq!(h.mock.stats().accepted, before + 1, "only s-4 reached APNs");
+    let seen: Vec<String> = h
+        .mock
+        .accepted()
+        .into_iter()
+        .map(|a| a.device_token)
+        .collect();
+    for n in [1, 3] {
+        assert!(!seen.contains(&token(n)), "token {n} was sent to");
+    }
+    assert_eq!(
+        h.mock.stats().by_reason.get("Unregistered").copied(),
+        Some(1),
+        "the dead token was tried once, by d-2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_messages_are_decided_when_due_in_memory() {
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        ..Default::default()
+    })
+    .await;
+    scheduled_decided_when_due(&h).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_messages_are_decided_when_due_with_redis() {
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        extra: redis_section(&redis),
+        ..Default::default()
+    })
+    .await;
+    scheduled_decided_when_due(&h).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// ForgetUser erases everything kept about the user and answers with the counts: the cap
+/// counter, the dead token reported for the user's message (no longer listed nor suppressed),
+/// the user's exposure and the open and conversion tracked about it (an event id recorded
+/// again is not a duplicate, and finds no exposure), the scheduled message. Another user's
+/// dead token, exposure and events stay; so do the campaign counters.
+async fn forget_everything(h: &Harness, durable: bool) {
+    h.mock
+        .faults()
+        .add_unregistered(&token(5), Some(1_700_000_000_000));
+    h.mock
+        .faults()
+        .add_unregistered(&token(6), Some(1_700_000_000_000));
+    let mut now_batch = batch(vec![
+        named("f", 1, "u-9"),
+        named("f", 5, "u-9"),
+        named("f", 2, "u-keep"),
+        named("f", 6, "u-keep"),
+    ]);
+    now_batch.campaign_id = "spring".into();
+    let sent = send(h, now_batch).await;
+    assert_eq!(status(&sent["f-1"]), ReceiptStatus::Delivered);
+    assert_eq!(status(&sent["f-5"]), ReceiptStatus::InvalidToken);
+    let mut later = batch(vec![named("f", 3, "u-9")]);
+    later.send_at_ms = now_ms() + 60_000;
+    send(h, later).await;
+    let mut insights = PushGatewayInsightsClient::new(h.channel().await);
+    let event = |id: &str, kind: proto::EventType, message: &str, user: &str| proto::TrackedEvent {
+        event_id: id.into(),
+        r#type: kind as i32,
+        message_id: message.into(),
+        user_id: user.into(),
+        ..Default::default()
+    };
+    let events = vec![
+        event("e-open", proto::EventType::Open, "f-1", ""),
+        event("e-buy", proto::EventType::Conversion, "", "u-9"),
+        event("e-keep", proto::EventType::Open, "f-2", ""),
+    ];
+    // With Redis exposures are written behind the receipts: an event about one not yet known
+    // is not remembered, so it may be sent again.
+    let mut counted = 0;
+    for _ in 0..200 {
+        counted = insights
+            .track_events(proto::TrackEventsRequest {
+                app_id: "shop".into(),
+                events: events.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+            .iter()
+            .filter(|r| r.counted || r.reason.contains("duplicate"))
+            .count();
+        if counted == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 3);
+    let forgotten = policy_client(h)
+        .await
+        .forget_user(proto::ForgetUserRequest {
+            app_id: "shop".into(),
+            user_id: "u-9".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgotten.cap_sends_erased, 2, "f-1 and f-5 reached APNs");
+    assert_eq!(forgotten.suppressed_tokens_erased, 1, "{forgotten:?}");
+    assert_eq!(forgotten.exposures_erased, 1, "{forgotten:?}");
+    assert_eq!(forgotten.events_erased, 2, "{forgotten:?}");
+    assert_eq!(forgotten.scheduled_erased, 1);
+    assert!(!forgotten.opt_out_erased);
+    if !durable {
+        assert_eq!(forgotten.receipts_erased, 0, "no receipts stream in memory");
+    }
+    let listed: Vec<String> = list_tokens(h, "", 0)
+        .await
+        .into_iter()
+        .map(|t| t.device_token)
+        .collect();
+    assert_eq!(listed, [token(6)], "the other user's dead token stays");
+    // Not suppressed any more: APNs is asked again (and still answers 410).
+    let again = send(h, batch(vec![named("g", 5, "u-new")])).await;
+    assert_eq!(again["g-5"].reason, "Unregistered");
+    let results = insights
+        .track_events(proto::TrackEventsRequest {
+            app_id: "shop".into(),
+            events,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(!results[0].counted && !results[1].counted);
+    assert!(
+        !results[0].reason.contains("duplicate"),
+        "the event id was erased: {:?}",
+        results[0]
+    );
+    assert!(results[2].reason.contains("duplicate"), "{:?}", results[2]);
+    let stats = insights
+        .get_campaign_stats(proto::GetCampaignStatsRequest {
+            app_id: "shop".into(),
+            campaign_id: "spring".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let opens: u64 = stats.variants.iter().map(|v| v.opens).sum();
+    assert_eq!(opens, 2, "campaign counters hold no user id and stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_user_erases_everything_kept_about_the_user_in_memory() {
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        ..Default::default()
+    })
+    .await;
+    forget_everything(&h, false).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_user_erases_everything_kept_about_the_user_with_redis() {
+    let redis = RedisServer::start();
+    let h = harness::start(Options {
+        shop: CAPS.into(),
+        extra: redis_section(&redis),
+        ..Default::default()
+    })
+    .await;
+    forget_everything(&h, true).await;
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// A local-time send across DST changes through the gateway, its clock set 2 s before New
+/// York's spring change (2027-03-14 02:00 EST = 07:00 UTC). "03:00" in New York is 07:00 UTC
+/// that day (EDT; the offset of now, EST, would give 08:00) and the message goes then; in
+/// Berlin it is 03:00 CET the next day. "2027-03-28 09:00", after Berlin's change (that day
+/// at 01:00 UTC) and New York's: 07:00 UTC (CEST) and 13:00 UTC (EDT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_time_sends_cross_dst_changes() {
+    let ms = |t: &str| t.parse::<jiff::Timestamp>().unwrap().as_millisecond();
+    let clock_at = ms("2027-03-14T06:59:58Z");
+    let started = std::time::Instant::now();
+    let h = harness::start(Options {
+        clock: pushgate::domain::Clock::starting_at(clock_at),
+        ..Default::default()
+    })
+    .await;
+    let mut subscription = subscribe(&h).await;
+    let zoned = |n: u64, zone: &str| proto::Recipient {
+        timezone: zone.into(),
+        ..recipient(n, &[])
+    };
+    let scheduled_for = |request: proto::SendBatchRequest| {
+        let h = &h;
+        async move {
+            let response = h
+                .client()
+                .await
+                .send_batch(request)
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(response.rejected, 0, "{:?}", response.results);
+            response
+                .receipts
+                .iter()
+                .map(|r| {
+                    assert_eq!(status(r), ReceiptStatus::Scheduled);
+                    (r.message_id.clone(), r.scheduled_for_ms)
+                })
+                .collect::<HashMap<_, _>>()
+        }
+    };
+    let mut tonight = batch(vec![
+        zoned(1, "America/New_York"),
+        zoned(2, "Europe/Berlin"),
+    ]);
+    tonight.local_send_time = "03:00".into();
+    let at = scheduled_for(tonight).await;
+    assert_eq!(at["m-1"], ms("2027-03-14T07:00:00Z"));
+    assert_eq!(
+        at["m-1"],
+        local_instant("2027-03-14".parse().unwrap(), 3, 0, "America/New_York")
+    );
+    assert_eq!(at["m-2"], ms("2027-03-15T02:00:00Z"));
+    let mut dated = batch(vec![
+        zoned(3, "America/New_York"),
+        zoned(4, "Europe/Berlin"),
+    ]);
+    dated.local_send_time = "2027-03-28 09:00".into();
+    let at = scheduled_for(dated).await;
+    assert_eq!(at["m-3"], ms("2027-03-28T13:00:00Z"));
+    assert_eq!(at["m-4"], ms("2027-03-28T07:00:00Z"));
+    // The New York message goes at its computed time, 2 s after the clock was set (to the
+    // millisecond, which the wait is rounded to).
+    let delivered = terminal_receipts(&mut subscription, &["m-1"]).await;
+    assert_eq!(status(&delivered["m-1"]), ReceiptStatus::Delivered);
+    let accepted = h.mock.accepted();
+    assert_eq!(accepted.len(), 1, "only the message due tonight went");
+    assert_eq!(accepted[0].device_token, token(1));
+    assert!(
+        accepted[0].received_at.duration_since(started) >= Duration::from_millis(1_999),
+        "sent before its time"
     );
     assert_eq!(h.unresolved_drops(), 0);
 }

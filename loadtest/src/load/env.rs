@@ -198,9 +198,28 @@ pub fn write_gateway_config(
     if let Some(url) = redis_url {
         write!(cfg, "\n[redis]\nurl = {}\n", toml_str(url))?;
     }
+    // Quiet hours that do not fire during the run: a minute, twelve hours from now (UTC).
+    let quiet_from = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60 + 12 * 60);
+    let hh_mm = |minute: u64| format!("{:02}:{:02}", (minute / 60) % 24, minute % 60);
     for i in 0..s.apps {
-        if let Some(caps) = &s.frequency_caps {
+        let caps = match (&s.frequency_caps, s.policies) {
+            (Some(caps), _) => Some(caps.as_str()),
+            (None, true) => Some(r#"[{ max = 3, window = "1d" }, { max = 10, window = "7d" }]"#),
+            (None, false) => None,
+        };
+        if let Some(caps) = caps {
             write!(cfg, "\n[apps.{}]\nfrequency_caps = {caps}\n", app_id(i))?;
+        }
+        if s.policies {
+            write!(
+                cfg,
+                "default_timezone = \"UTC\"\n\n[apps.{}.quiet_hours]\nstart = \"{}\"\nend = \"{}\"\naction = \"defer\"\n",
+                app_id(i),
+                hh_mm(quiet_from),
+                hh_mm(quiet_from + 1),
+            )?;
         }
         write!(
             cfg,
@@ -316,4 +335,72 @@ pub fn gateway_command(bin: &Path) -> tokio::process::Command {
         std::env::var("PUSHGATE_LOG").unwrap_or("warn".into()),
     );
     command
+}
+
+/// The APNs token of dead slot `n` (apart from the traffic's pool).
+pub fn dead_token(n: u64) -> String {
+    format!("dead{n:060x}")
+}
+
+/// Teaches the gateway `suppressed_tokens` dead APNs tokens per app before a `policies` run:
+/// the mock answers 410 for each, and one message to each (waiting for its receipts) makes the
+/// gateway remember it, as it would learn them in production.
+pub async fn teach_suppressed_tokens(s: &Settings, url: &str, mocks: &Mocks) -> anyhow::Result<()> {
+    use super::proto::{self, push_gateway_client::PushGatewayClient};
+    let af = mocks.apns.faults();
+    for n in 0..s.suppressed_tokens {
+        af.add_unregistered(&dead_token(n), Some(1_700_000_000_000));
+    }
+    let mut client = PushGatewayClient::connect(url.to_owned())
+        .await
+        .context("connecting to the gateway to teach it dead tokens")?
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let started = std::time::Instant::now();
+    for app in 0..s.apps {
+        let mut n = 0;
+        while n < s.suppressed_tokens {
+            let end = (n + 1_000).min(s.suppressed_tokens);
+            let recipients = (n..end)
+                .map(|k| proto::Recipient {
+                    message_id: format!("dead-{app}-{k}"),
+                    platform: proto::Platform::Apns as i32,
+                    device_token: dead_token(k),
+                    vars: [
+                        ("first_name".to_string(), "Gone".to_string()),
+                        ("cart_items".to_string(), "1".to_string()),
+                    ]
+                    .into(),
+                    user_id: format!("dead-user-{k}"),
+                    ..Default::default()
+                })
+                .collect();
+            let response = client
+                .send_batch(proto::SendBatchRequest {
+                    app_id: app_id(app),
+                    template: Some(super::driver::Generator::template()),
+                    recipients,
+                    wait_for_receipts: true,
+                    ..Default::default()
+                })
+                .await
+                .context("teaching dead tokens")?
+                .into_inner();
+            anyhow::ensure!(
+                response.rejected == 0,
+                "the gateway refused dead-token messages: {:?}",
+                response.results.iter().find(|r| !r.accepted)
+            );
+            n = end;
+        }
+    }
+    if !s.quiet {
+        println!(
+            "taught {} dead tokens to each of {} apps in {:.1} s",
+            s.suppressed_tokens,
+            s.apps,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }

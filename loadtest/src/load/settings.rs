@@ -80,6 +80,15 @@ pub struct Settings {
     /// Gateway config: every app's `frequency_caps`, as TOML (e.g.
     /// `[{ max = 3, window = "1d" }]`); absent = no caps.
     pub frequency_caps: Option<String>,
+    /// Every delivery policy on (README "Campaign delivery"): each app gets frequency caps
+    /// (`frequency_caps`, else 3 a day and 10 a week), a default time zone and quiet hours that
+    /// do not fire during the run (a one-minute window twelve hours from its start), and before
+    /// the measured run `suppressed_tokens` dead APNs tokens per app are taught to the gateway
+    /// (sent once to tokens the mock answers 410 for). Recipients have distinct user ids, so
+    /// every message is counted under its own user's caps.
+    pub policies: bool,
+    /// With `policies`: dead tokens per app the gateway suppresses during the run.
+    pub suppressed_tokens: u64,
     /// Gateway config: `[retry] base_ms` and `max_attempts`.
     pub retry_base_ms: u64,
     pub retry_max_attempts: u32,
@@ -132,6 +141,8 @@ impl Default for Settings {
             gateway_connections: 2,
             accept_window: None,
             frequency_caps: None,
+            policies: false,
+            suppressed_tokens: 100_000,
             max_in_flight_requests: None,
             retry_base_ms: 50,
             retry_max_attempts: 5,

@@ -27,8 +27,8 @@ use crate::domain::{Platform, Receipt, ReceiptStatus, epoch_millis};
 use crate::receipts::ReceiptObserver;
 use crate::store::StoreError;
 use crate::store::insights::{
-    CampaignCounts, EventKind, Insights, InsightsConfig, TrackEvent, Tracked, is_exposure,
-    variant_of,
+    CampaignCounts, EventKind, ForgottenEvents, Insights, InsightsConfig, TrackEvent, Tracked,
+    is_exposure, variant_of,
 };
 use crate::store::send_time::{self, Histogram, OpenHistograms};
 
@@ -99,7 +99,40 @@ else
   end
 end
 redis.call('SET', ev, 1, 'PX', ARGV[9])
+if x[4] and x[4] ~= '' then
+  -- ForgetUser finds the user's events here.
+  local mine = base .. 'uev:' .. x[4]
+  redis.call('SADD', mine, ARGV[2])
+  redis.call('PEXPIRE', mine, ARGV[9])
+end
 return {outcome, x[1], x[2]}
+"#;
+
+/// Erases a user's exposures, the event ids recorded about them and the user's open-time
+/// histogram (the population's, which holds no user id, stays). ARGV: the insights key
+/// prefix, user. Exposures are found in the user's set and, for those written before it
+/// existed, in its latest-exposure hash; each is erased only if it is the user's. Returns
+/// `exposures, events` erased.
+const FORGET: &str = r#"
+local base, user = ARGV[1], ARGV[2]
+local mids = redis.call('SMEMBERS', base .. 'uexps:' .. user)
+for _, mid in ipairs(redis.call('HVALS', base .. 'uexp:' .. user)) do
+  mids[#mids + 1] = mid
+end
+local exposures = 0
+for _, mid in ipairs(mids) do
+  local key = base .. 'exp:' .. mid
+  if redis.call('HGET', key, 'u') == user then
+    exposures = exposures + redis.call('DEL', key)
+  end
+end
+local events = 0
+for _, ev in ipairs(redis.call('SMEMBERS', base .. 'uev:' .. user)) do
+  events = events + redis.call('DEL', base .. 'ev:' .. ev)
+end
+redis.call('DEL', base .. 'uexps:' .. user, base .. 'uev:' .. user, base .. 'uexp:' .. user,
+  base .. 'hist:' .. user)
+return {exposures, events}
 "#;
 
 /// What one terminal receipt of a campaign adds to the counters, as the queue's count scripts
@@ -323,6 +356,19 @@ impl Insights for RedisInsights {
             .map(|(u, f)| ((*u).to_owned(), Histogram::from_fields(&f)))
             .collect();
         Ok(OpenHistograms { population, users })
+    }
+
+    async fn forget_user(&self, app: &str, user_id: &str) -> Result<ForgottenEvents, StoreError> {
+        let mut conn = self.client.conn();
+        let (exposures, events): (u64, u64) = redis::cmd("EVAL")
+            .arg(FORGET)
+            .arg(0)
+            .arg(self.keys(app).insights_prefix())
+            .arg(user_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        Ok(ForgottenEvents { exposures, events })
     }
 }
 

@@ -13,7 +13,9 @@
 //! | `<p>:{app}:optout` | SET | user ids opted out of the app's pushes |
 //! | `<p>:{app}:cap:<user>` | ZSET | the user's sends in the longest cap window (score = ms), expiring with it |
 //! | `<p>:{app}:dead_tokens` | HASH | device token reported dead -> since (ms) |
-//! | `<p>:{app}:dead_tokens_idx` | ZSET | the same tokens scored by since (ms), for listing and expiry |
+//! | `<p>:{app}:dead_tokens_idx` | ZSET | the same tokens scored by the report instant (ms), for listing and expiry |
+//! | `<p>:{app}:dead_tokens_user` | HASH | dead token -> the user id it was reported for |
+//! | `<p>:{app}:utok:<user>` | SET | the dead tokens reported for the user (ForgetUser), expiring with the suppression ttl |
 //! | `<p>:{app}:batch:<id>` | HASH | a batch's context (`ctx`, JSON), its packed recipients (`buf`, bytes) and how many packed records still refer to it (`left`) |
 //! | `<p>:{app}:stats:<campaign>` | HASH | `<variant>\|<platform>\|<status>`, `<variant>\|opens`, `<variant>\|conversions` -> count (expires `pipeline.insights_retention_days` after the last update) |
 //! | `<p>:{app}:exp:<message_id>` | HASH | an exposure: campaign `c`, variant `v`, user `u`, time `t` (ms), flags `o`/`c` once counted (expires after the attribution window) |
@@ -21,6 +23,8 @@
 //! | `<p>:{app}:ev:<event_id>` | STRING | a tracked event id already recorded (expires after the window) |
 //! | `<p>:{app}:hist:<user_id>` | HASH | the user's open-time histogram (send-time optimization): reference instant `r` (ms), hour of the week `0`..`167` -> weight (expires four half-lives after its last open) |
 //! | `<p>:{app}:hist_pop` | HASH | the app's population histogram, the same fields |
+//! | `<p>:{app}:uexps:<user_id>` | SET | every exposure (message id) of the user (ForgetUser; expires after the window) |
+//! | `<p>:{app}:uev:<user_id>` | SET | the event ids recorded about the user's exposures (ForgetUser; expires after the window) |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).
 
@@ -70,6 +74,13 @@ impl AppKeys {
     pub fn dead_tokens_idx(&self) -> String {
         format!("{}:dead_tokens_idx", self.base)
     }
+    pub fn dead_tokens_user(&self) -> String {
+        format!("{}:dead_tokens_user", self.base)
+    }
+    /// The prefix of the per-user sets of dead tokens; the user id is the rest.
+    pub fn user_tokens_prefix(&self) -> String {
+        format!("{}:utok:", self.base)
+    }
     /// The prefix of the batch-context keys; a packed record names the rest.
     pub fn batch_prefix(&self) -> String {
         format!("{}:batch:", self.base)
@@ -77,8 +88,8 @@ impl AppKeys {
     pub fn batch(&self, id: &str) -> String {
         format!("{}:batch:{id}", self.base)
     }
-    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `ev:`, `hist:`,
-    /// `hist_pop` follow).
+    /// The prefix of the campaign-measurement keys (`stats:`, `exp:`, `uexp:`, `uexps:`, `ev:`,
+    /// `uev:`, `hist:`, `hist_pop` follow).
     pub fn insights_prefix(&self) -> String {
         format!("{}:", self.base)
     }
@@ -107,6 +118,8 @@ mod tests {
             k.cap_prefix(),
             k.dead_tokens(),
             k.dead_tokens_idx(),
+            k.dead_tokens_user(),
+            k.user_tokens_prefix(),
             k.stats("c1"),
             k.insights_prefix(),
         ] {

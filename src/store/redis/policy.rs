@@ -5,8 +5,10 @@
 //! suppression, caps, in that order, and counts each send that passes), so a chunk costs one
 //! round trip and two replicas deciding for the same user are serialized by Redis: exactly
 //! `max` sends per window get through, whichever replica sends them. Per-user counters are
-//! sorted sets of send instants trimmed to the longest window and expiring with it, so a user
-//! who stops receiving pushes costs nothing after a window. Keys carry the app's hash tag (see
+//! sorted sets of reservations (member `<tag>:<nonce>:<n>`, scored by the decision instant)
+//! trimmed to the longest window and expiring with it, so a user who stops receiving pushes
+//! costs nothing after a window; RELEASE removes one member of a tag (a message that ended
+//! without reaching a provider). Keys carry the app's hash tag (see
 //! `keys.rs`); the per-user keys are reached by name from the script, in the app's slot.
 
 use std::sync::Arc;
@@ -21,10 +23,11 @@ use crate::store::policy_state::{
     Answer, Cap, DeadToken, Forgotten, PolicyState, Query, TokenCursor, longest,
 };
 
-/// Decides a chunk. KEYS: optout, dead_tokens, dead_tokens_idx. ARGV: now, nonce, cap key
-/// prefix, number of caps, then `max, window` per cap, then `flags, user, token, registered`
-/// per message (flags: 1 check opt-out, 2 quiet, 4 count under caps). Returns `answer, since`
-/// per message: 0 send, 1 opted out, 2 quiet, 3 suppressed (since = when), 4 capped.
+/// Decides a chunk. KEYS: optout, dead_tokens, dead_tokens_idx, dead_tokens_user. ARGV: now,
+/// nonce, cap key prefix, number of caps, then `max, window` per cap, then `flags, user, token,
+/// registered, tag` per message (flags: 1 check opt-out, 2 quiet, 4 count under caps; tag: the
+/// reservation's, hex). Returns `answer, since` per message: 0 send, 1 opted out, 2 quiet, 3
+/// suppressed (since = when), 4 capped.
 const DECIDE: &str = r#"
 local now = tonumber(ARGV[1])
 local nonce = ARGV[2]
@@ -40,12 +43,13 @@ for c = 1, ncaps do
 end
 local out = {}
 local n = 0
-for i = 5 + 2 * ncaps, #ARGV, 4 do
+for i = 5 + 2 * ncaps, #ARGV, 5 do
   n = n + 1
   local flags = tonumber(ARGV[i])
   local user = ARGV[i + 1]
   local token = ARGV[i + 2]
   local registered = tonumber(ARGV[i + 3])
+  local tag = ARGV[i + 4]
   local answer = 0
   local since = 0
   if flags % 2 == 1 and user ~= '' and redis.call('SISMEMBER', KEYS[1], user) == 1 then
@@ -62,6 +66,7 @@ for i = 5 + 2 * ncaps, #ARGV, 4 do
         -- Registered after it was reported dead: a live token again.
         redis.call('HDEL', KEYS[2], token)
         redis.call('ZREM', KEYS[3], token)
+        redis.call('HDEL', KEYS[4], token)
       end
       if math.floor(flags / 4) % 2 == 1 and ncaps > 0 and user ~= '' then
         local key = prefix .. user
@@ -74,7 +79,7 @@ for i = 5 + 2 * ncaps, #ARGV, 4 do
           end
         end
         if answer == 0 then
-          redis.call('ZADD', key, now, nonce .. ':' .. n)
+          redis.call('ZADD', key, now, tag .. ':' .. nonce .. ':' .. n)
           redis.call('PEXPIRE', key, longest)
         end
       end
@@ -86,8 +91,22 @@ end
 return out
 "#;
 
+/// Gives back one reservation of a tag. KEYS: the user's cap counter. ARGV: tag (hex). The
+/// counter holds at most the sends of the longest window, so reading it whole is cheap.
+const RELEASE: &str = r#"
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local prefix = ARGV[1] .. ':'
+for i = #members, 1, -1 do
+  if string.sub(members[i], 1, #prefix) == prefix then
+    return redis.call('ZREM', KEYS[1], members[i])
+  end
+end
+return 0
+"#;
+
 /// Remembers a dead token and forgets those reported longer ago than the ttl. KEYS:
-/// dead_tokens, dead_tokens_idx. ARGV: token, invalid since, ttl (ms). The report instant is
+/// dead_tokens, dead_tokens_idx, dead_tokens_user. ARGV: token, invalid since, ttl (ms), user
+/// id (empty: none), the per-user token set prefix. The report instant is
 /// Redis' own clock, so the listing's order is the order of the writes whichever replica made
 /// them: a listing resumed from a cursor cannot miss a token written after it with an earlier
 /// instant.
@@ -96,13 +115,44 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+  local mine = ARGV[5] .. ARGV[4]
+  redis.call('SADD', mine, ARGV[1])
+  redis.call('PEXPIRE', mine, ARGV[3])
+else
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
 local horizon = string.format('(%d', now - tonumber(ARGV[3]))
 local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon, 'LIMIT', 0, 1000)
 if #old > 0 then
   redis.call('HDEL', KEYS[1], unpack(old))
   redis.call('ZREM', KEYS[2], unpack(old))
+  redis.call('HDEL', KEYS[3], unpack(old))
 end
 return #old
+"#;
+
+/// Erases a user. KEYS: optout, dead_tokens, dead_tokens_idx, dead_tokens_user, the user's cap
+/// counter, the user's dead-token set. ARGV: user. A token in the user's set is erased only if
+/// it is still the user's (it may have been reported since for another user). Returns
+/// `opt-out erased, cap sends erased, dead tokens erased`.
+const FORGET: &str = r#"
+local user = ARGV[1]
+local optout = redis.call('SREM', KEYS[1], user)
+local sends = redis.call('ZCARD', KEYS[5])
+redis.call('DEL', KEYS[5])
+local tokens = 0
+for _, token in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  if redis.call('HGET', KEYS[4], token) == user then
+    redis.call('HDEL', KEYS[2], token)
+    redis.call('ZREM', KEYS[3], token)
+    redis.call('HDEL', KEYS[4], token)
+    tokens = tokens + 1
+  end
+end
+redis.call('DEL', KEYS[6])
+return {optout, sends, tokens}
 "#;
 
 /// Dead tokens read per round trip while listing.
@@ -112,7 +162,9 @@ const LIST_PAGE: usize = 500;
 pub struct RedisPolicyState {
     client: Arc<RedisClient>,
     decide: Script,
+    release: Script,
     suppress: Script,
+    forget: Script,
     suppression_ttl_ms: i64,
 }
 
@@ -121,7 +173,9 @@ impl RedisPolicyState {
         Self {
             client,
             decide: Script::new(DECIDE),
+            release: Script::new(RELEASE),
             suppress: Script::new(SUPPRESS),
+            forget: Script::new(FORGET),
             suppression_ttl_ms,
         }
     }
@@ -154,6 +208,7 @@ impl PolicyState for RedisPolicyState {
             .key(k.optout())
             .key(k.dead_tokens())
             .key(k.dead_tokens_idx())
+            .key(k.dead_tokens_user())
             .arg(now_ms)
             // Members of a cap counter must differ across replicas and calls within one ms.
             .arg(crate::domain::random_uuid().simple().to_string())
@@ -169,7 +224,8 @@ impl PolicyState for RedisPolicyState {
                 .arg(flags)
                 .arg(q.user_id)
                 .arg(q.device_token)
-                .arg(q.registered_at_ms);
+                .arg(q.registered_at_ms)
+                .arg(format!("{:016x}", q.reservation));
         }
         let mut conn = self.client.conn();
         let flat: Vec<i64> = self.observe(invocation.invoke_async(&mut conn).await)?;
@@ -193,28 +249,48 @@ impl PolicyState for RedisPolicyState {
         Ok(answers)
     }
 
-    fn suppress(&self, app: &str, device_token: &str, since_ms: i64) {
-        let k = self.keys(app);
-        let ttl_ms = self.suppression_ttl_ms;
-        let script = self.suppress.clone();
-        let token = device_token.to_owned();
+    fn release(&self, app: &str, user_id: &str, reservation: u64) {
+        let key = format!("{}{user_id}", self.keys(app).cap_prefix());
+        let script = self.release.clone();
         let mut conn = self.client.conn();
         let client = Arc::clone(&self.client);
         let app = app.to_owned();
         tokio::spawn(async move {
             let result = script
-                .key(k.dead_tokens())
-                .key(k.dead_tokens_idx())
-                .arg(token)
-                .arg(since_ms)
-                .arg(ttl_ms)
+                .key(key)
+                .arg(format!("{reservation:016x}"))
                 .invoke_async::<i64>(&mut conn)
                 .await;
             client.observe(&result);
             if let Err(e) = result {
-                warn!(%app, error = %e, "could not remember a dead device token");
+                warn!(%app, error = %e, "could not give back a frequency-cap reservation");
             }
         });
+    }
+
+    async fn suppress(
+        &self,
+        app: &str,
+        user_id: &str,
+        device_token: &str,
+        since_ms: i64,
+    ) -> Result<(), StoreError> {
+        let k = self.keys(app);
+        let mut conn = self.client.conn();
+        let _: i64 = self.observe(
+            self.suppress
+                .key(k.dead_tokens())
+                .key(k.dead_tokens_idx())
+                .key(k.dead_tokens_user())
+                .arg(device_token)
+                .arg(since_ms)
+                .arg(self.suppression_ttl_ms)
+                .arg(user_id)
+                .arg(k.user_tokens_prefix())
+                .invoke_async(&mut conn)
+                .await,
+        )?;
+        Ok(())
     }
 
     async fn dead_tokens(
@@ -302,24 +378,163 @@ impl PolicyState for RedisPolicyState {
 
     async fn forget_user(&self, app: &str, user_id: &str) -> Result<Forgotten, StoreError> {
         let k = self.keys(app);
-        let cap_key = format!("{}{user_id}", k.cap_prefix());
         let mut conn = self.client.conn();
-        let (opt_out, cap_sends, _): (i64, u64, i64) = self.observe(
-            redis::pipe()
-                .atomic()
-                .cmd("SREM")
-                .arg(k.optout())
+        let (opt_out, cap_sends, suppressed_tokens): (i64, u64, u64) = self.observe(
+            self.forget
+                .key(k.optout())
+                .key(k.dead_tokens())
+                .key(k.dead_tokens_idx())
+                .key(k.dead_tokens_user())
+                .key(format!("{}{user_id}", k.cap_prefix()))
+                .key(format!("{}{user_id}", k.user_tokens_prefix()))
                 .arg(user_id)
-                .cmd("ZCARD")
-                .arg(&cap_key)
-                .cmd("DEL")
-                .arg(&cap_key)
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await,
         )?;
         Ok(Forgotten {
             opt_out: opt_out > 0,
             cap_sends,
+            suppressed_tokens,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pushgate_mocks::redis_server::RedisServer;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::store::policy_state::MemoryPolicyState;
+    use crate::store::redis::RedisConfig;
+
+    /// The Redis scripts and the in-memory state answer the same scenario alike: the stage's
+    /// order, rolling windows at chosen instants, a later registration lifting a suppression,
+    /// listing resumed inside a run of equal instants, a released reservation freeing its
+    /// send, and ForgetUser erasing the user's counter and dead tokens (not another user's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_and_memory_state_answer_alike() {
+        let redis = RedisServer::start();
+        let config = RedisConfig {
+            url: Some(redis.url()),
+            ..Default::default()
+        };
+        let client = RedisClient::connect(&config, CancellationToken::new()).unwrap();
+        assert!(client.wait_healthy(Duration::from_secs(5)).await);
+        let day = 86_400_000;
+        let states: [Box<dyn PolicyState>; 2] = [
+            Box::new(MemoryPolicyState::new(10 * day)),
+            Box::new(RedisPolicyState::new(client, 10 * day)),
+        ];
+        for state in &states {
+            let now = crate::store::now_ms();
+            for (user, t) in [("u", "d1"), ("u", "d2"), ("w", "d3")] {
+                state.suppress("app", user, t, now - 1_000).await.unwrap();
+            }
+            state.set_opt_out("app", "out", true).await.unwrap();
+            let q = |user: &'static str, token: &'static str, tag: u64| Query {
+                user_id: user,
+                device_token: token,
+                registered_at_ms: 0,
+                opt_out: true,
+                quiet: false,
+                capped: true,
+                reservation: tag,
+            };
+            let quiet = Query {
+                quiet: true,
+                ..q("u", "t", 1)
+            };
+            let quiet_out = Query {
+                quiet: true,
+                ..q("out", "d1", 1)
+            };
+            let revived = Query {
+                registered_at_ms: now,
+                ..q("u", "d2", 2)
+            };
+            let caps = [Cap {
+                max: 2,
+                window_ms: day,
+            }];
+            let answers = state
+                .decide(
+                    "app",
+                    &caps,
+                    now,
+                    &[
+                        quiet_out,
+                        quiet,
+                        q("u", "d1", 1),
+                        revived,
+                        q("u", "t", 3),
+                        q("u", "t", 4),
+                        q("v", "t", 5),
+                    ],
+                )
+                .await
+                .unwrap();
+            use Answer::*;
+            assert_eq!(
+                answers,
+                [
+                    OptedOut,
+                    Quiet,
+                    Suppressed {
+                        since_ms: now - 1_000
+                    },
+                    Send,
+                    Send,
+                    Capped,
+                    Send
+                ]
+            );
+            // A released reservation frees its send; an unknown tag frees none.
+            state.release("app", "u", 99);
+            state.release("app", "u", 3);
+            // (With Redis the release is not awaited: wait until it shows.)
+            let mut freed = Vec::new();
+            for _ in 0..100 {
+                freed = state
+                    .decide("app", &caps, now + 1, &[q("u", "t", 6), q("u", "t", 7)])
+                    .await
+                    .unwrap();
+                if freed[0] == Send {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(freed, [Send, Capped]);
+            // The window rolls: a day later u may send again.
+            let later = state
+                .decide("app", &caps, now + day, &[q("u", "t", 8)])
+                .await
+                .unwrap();
+            assert_eq!(later, [Send]);
+            let listed = state.dead_tokens("app", 0, None, 10).await.unwrap();
+            let mut names: Vec<_> = listed.iter().map(|t| t.device_token.as_str()).collect();
+            names.sort();
+            assert_eq!(names, ["d1", "d3"], "d2 was registered again");
+            assert!(listed.iter().all(|t| t.since_ms == now - 1_000));
+            let first = &listed[0];
+            let rest = state
+                .dead_tokens(
+                    "app",
+                    0,
+                    Some((first.reported_at_ms, first.device_token.clone())),
+                    10,
+                )
+                .await
+                .unwrap();
+            assert_eq!(rest, listed[1..].to_vec());
+            let f = state.forget_user("app", "u").await.unwrap();
+            assert_eq!(f.cap_sends, 2, "the sends of the open windows are left");
+            assert_eq!(f.suppressed_tokens, 1, "d1 (d2 was revived, d3 is w's)");
+            let left = state.dead_tokens("app", 0, None, 10).await.unwrap();
+            assert_eq!(left.len(), 1);
+            assert_eq!(left[0].device_token, "d3");
+        }
     }
 }

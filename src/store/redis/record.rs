@@ -218,6 +218,21 @@ pub struct StoredJob {
     /// The last transient error (dead letters).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_error: String,
+    /// A scheduled message not yet due: what the policy stage decides it on then
+    /// (`crate::work::DueCheck`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_check: Option<StoredDueCheck>,
+}
+
+/// [`crate::work::DueCheck`] in a job record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredDueCheck {
+    #[serde(default)]
+    pub registered_at_ms: i64,
+    #[serde(default)]
+    pub timezone: String,
+    #[serde(default)]
+    pub transactional: bool,
 }
 
 impl std::fmt::Debug for StoredJob {
@@ -235,6 +250,7 @@ impl std::fmt::Debug for StoredJob {
             .field("attempt", &self.attempt)
             .field("request", &self.request)
             .field("last_error", &self.last_error)
+            .field("due_check", &self.due_check)
             .finish()
     }
 }
@@ -376,7 +392,27 @@ impl StoredJob {
                 },
             },
             last_error: String::new(),
+            due_check: None,
         }
+    }
+
+    /// The record with a scheduled message's due-time check.
+    pub fn with_due_check(mut self, due: Option<&crate::work::DueCheck>) -> Self {
+        self.due_check = due.map(|d| StoredDueCheck {
+            registered_at_ms: d.registered_at_ms,
+            timezone: d.timezone.clone(),
+            transactional: d.transactional,
+        });
+        self
+    }
+
+    /// The due-time check the record carries.
+    pub fn due_check(&self) -> Option<crate::work::DueCheck> {
+        self.due_check.as_ref().map(|d| crate::work::DueCheck {
+            registered_at_ms: d.registered_at_ms,
+            timezone: d.timezone.clone(),
+            transactional: d.transactional,
+        })
     }
 
     pub fn to_json(&self) -> String {

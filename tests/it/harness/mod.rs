@@ -46,6 +46,8 @@ pub struct Options {
     pub extra: String,
     /// Keys of the `[apps.shop]` table itself (e.g. `frequency_caps = [...]`).
     pub shop: String,
+    /// The policy stage's clock (default: the system's).
+    pub clock: pushgate::domain::Clock,
 }
 
 /// Another app of the harness gateway, sharing shop's APNs credentials.
@@ -70,6 +72,7 @@ impl Default for Options {
             top: String::new(),
             extra: String::new(),
             shop: String::new(),
+            clock: pushgate::domain::Clock::system(),
         }
     }
 }
@@ -158,7 +161,9 @@ pub async fn start(options: Options) -> Harness {
         endpoint = mock.url(),
     ))
     .unwrap();
-    let gateway = pushgate::app::start(config).await.unwrap();
+    let gateway = pushgate::app::start_with_clock(config, options.clock)
+        .await
+        .unwrap();
     Harness {
         mock,
         fcm,

@@ -204,6 +204,7 @@ impl RedisRetryQueue {
                     pending,
                     request,
                     app: Arc::clone(app),
+                    due: None,
                 }),
                 Err(error) => {
                     pending.resolve(Resolution {
@@ -234,10 +235,12 @@ impl RedisRetryQueue {
             ),
         };
         self.held.insert(key, ());
+        let due = stored.due_check().map(Box::new);
         Some(Job {
             pending,
             request,
             app: Arc::clone(app),
+            due,
         })
     }
 

@@ -454,7 +454,8 @@ impl RedisRetryQueue {
             ));
             return;
         }
-        let stored = StoredJob::new(&meta, &job.request, job.pending.attempt());
+        let stored = StoredJob::new(&meta, &job.request, job.pending.attempt())
+            .with_due_check(job.due.as_deref());
         self.held.remove(&key);
         self.stats.scheduled.fetch_add(1, Ordering::Relaxed);
         let record = stored.to_json();
@@ -500,7 +501,9 @@ impl RedisRetryQueue {
             }
             self.held
                 .remove(&(Arc::clone(&meta.app_id), meta.message_id.clone()));
-            let record = StoredJob::new(&meta, &job.request, job.pending.attempt()).to_json();
+            let record = StoredJob::new(&meta, &job.request, job.pending.attempt())
+                .with_due_check(job.due.as_deref())
+                .to_json();
             by_app
                 .entry(Arc::clone(&meta.app_id))
                 .or_default()
@@ -669,6 +672,7 @@ impl RedisRetryQueue {
             pending,
             request,
             app,
+            ..
         } = job;
         let meta = Arc::clone(pending.meta());
         let key: JobKey = (Arc::clone(&meta.app_id), meta.message_id.clone());
