@@ -418,7 +418,7 @@ fn main() -> anyhow::Result<()> {
         let child = GatewayChild::start(&bin, &config, port, &scratch.0).await?;
         let url = format!("http://{}", child.addr);
         if settings.policies {
-            env::teach_suppressed_tokens(&settings, &url, &mocks).await?;
+            driver::teach_suppressed_tokens(&settings, &url, &mocks).await?;
         }
         let redis_before = match &redis {
             Some(r) => Some(r.snapshot().await?),

@@ -9,12 +9,11 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Response, Status, Streaming};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use super::auth::{Caller, Scope, forbidden};
-use super::convert::{into_batch, outline_of, to_proto_response};
+use super::convert::{into_batch, invalid_argument, outline_of, to_proto_response};
 use super::quota::Quotas;
 use crate::domain::FieldError;
 use crate::ingest::{Ingest, SubmitError};
@@ -353,19 +352,6 @@ impl proto::push_gateway_server::PushGateway for Api {
 /// a message that waits for its send time (its terminal receipt comes later, to subscribers).
 fn answers(receipt: &crate::domain::Receipt) -> bool {
     receipt.terminal() || receipt.status == crate::domain::ReceiptStatus::Scheduled
-}
-
-pub(super) fn invalid_argument(errors: Vec<FieldError>) -> Status {
-    let message = errors
-        .iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let mut details = ErrorDetails::new();
-    for e in &errors {
-        details.add_bad_request_violation(e.field.clone(), e.reason.clone());
-    }
-    Status::with_error_details(Code::InvalidArgument, message, details)
 }
 
 fn submit_status(error: SubmitError) -> Status {

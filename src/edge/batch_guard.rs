@@ -139,7 +139,7 @@ pub struct TooManyRecipients {
 impl TooManyRecipients {
     /// INVALID_ARGUMENT naming `recipients`, with the field in the details as ingest gives it.
     pub fn into_status(self) -> Status {
-        super::api::invalid_argument(vec![FieldError::new(
+        super::convert::invalid_argument(vec![FieldError::new(
             "recipients",
             format!(
                 "more than {} recipients in one request (refused before decoding; a batch \

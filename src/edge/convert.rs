@@ -7,6 +7,8 @@ use crate::domain::{self, Batch, BatchOutline, FieldError, Priority, PushType};
 use crate::ingest::BatchResult;
 use crate::proto;
 use crate::wire::platform_from_proto;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Translates a request into a domain batch. Structural errors (an unknown platform or enum
 /// value) reject the whole batch, listing every offending field.
@@ -218,4 +220,18 @@ pub fn outline_of(request: &proto::SendBatchRequest) -> BatchOutline {
             })
             .collect(),
     }
+}
+
+/// INVALID_ARGUMENT naming each field, with the fields also as BadRequest details.
+pub(super) fn invalid_argument(errors: Vec<FieldError>) -> Status {
+    let message = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut details = ErrorDetails::new();
+    for e in &errors {
+        details.add_bad_request_violation(e.field.clone(), e.reason.clone());
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::api::invalid_argument;
 use super::auth::{Caller, Scope, forbidden};
+use super::convert::invalid_argument;
 use crate::domain::FieldError;
 use crate::insights::report;
 use crate::policy::Policy;

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::env::{apns_token, app_id, fcm_token};
+use super::env::{Mocks, apns_token, app_id, dead_token, fcm_token};
 use super::proto::{self, push_gateway_client::PushGatewayClient};
 use super::settings::{Mode, Settings};
 
@@ -463,6 +463,68 @@ pub fn status_counts(live: &Live) -> BTreeMap<String, u64> {
         .map(|(name, v)| (name.to_string(), v.load(Relaxed)))
         .filter(|(_, v)| *v > 0)
         .collect()
+}
+
+/// Teaches the gateway `suppressed_tokens` dead APNs tokens per app before a `policies` run:
+/// the mock answers 410 for each, and one message to each (waiting for its receipts) makes the
+/// gateway remember it, as it would learn them in production.
+pub async fn teach_suppressed_tokens(s: &Settings, url: &str, mocks: &Mocks) -> anyhow::Result<()> {
+    let af = mocks.apns.faults();
+    for n in 0..s.suppressed_tokens {
+        af.add_unregistered(&dead_token(n), Some(1_700_000_000_000));
+    }
+    let mut client = PushGatewayClient::connect(url.to_owned())
+        .await
+        .context("connecting to the gateway to teach it dead tokens")?
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let started = std::time::Instant::now();
+    for app in 0..s.apps {
+        let mut n = 0;
+        while n < s.suppressed_tokens {
+            let end = (n + 1_000).min(s.suppressed_tokens);
+            let recipients = (n..end)
+                .map(|k| proto::Recipient {
+                    message_id: format!("dead-{app}-{k}"),
+                    platform: proto::Platform::Apns as i32,
+                    device_token: dead_token(k),
+                    vars: [
+                        ("first_name".to_string(), "Gone".to_string()),
+                        ("cart_items".to_string(), "1".to_string()),
+                    ]
+                    .into(),
+                    user_id: format!("dead-user-{k}"),
+                    ..Default::default()
+                })
+                .collect();
+            let response = client
+                .send_batch(proto::SendBatchRequest {
+                    app_id: app_id(app),
+                    template: Some(Generator::template()),
+                    recipients,
+                    wait_for_receipts: true,
+                    ..Default::default()
+                })
+                .await
+                .context("teaching dead tokens")?
+                .into_inner();
+            anyhow::ensure!(
+                response.rejected == 0,
+                "the gateway refused dead-token messages: {:?}",
+                response.results.iter().find(|r| !r.accepted)
+            );
+            n = end;
+        }
+    }
+    if !s.quiet {
+        println!(
+            "taught {} dead tokens to each of {} apps in {:.1} s",
+            s.suppressed_tokens,
+            s.apps,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
