@@ -152,6 +152,7 @@ impl Gateway {
                 accept_window: config.accept_window,
                 max_batch_recipients: config.max_batch_recipients,
                 max_unread_receipts: config.max_unread_receipts,
+                stream_unread_timeout: Duration::from_secs(config.stream_unread_timeout_secs),
                 caps: RequestCaps {
                     max_id_bytes: config.max_id_bytes,
                     max_vars_per_recipient: config.max_vars_per_recipient,
@@ -306,6 +307,8 @@ pub struct Running {
     keys: ApiKeys,
     /// The listener's TLS settings, when `[tls]` is set (replaced on reload).
     tls: Option<ServerTls>,
+    /// The per-key ingress limits (replaced on reload).
+    quotas: Arc<Quotas>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -318,12 +321,14 @@ impl Running {
         self.done.await.context("server task panicked")?
     }
 
-    /// What a reload (SIGHUP) changes in this process: limits, API keys, TLS certificates.
+    /// What a reload (SIGHUP) changes in this process: limits, ingress limits, API keys, TLS
+    /// certificates.
     pub fn reloadable(&self) -> Reloadable {
         Reloadable {
             gateway: Arc::clone(&self.gateway),
             keys: self.keys.clone(),
             tls: self.tls.clone(),
+            quotas: Arc::clone(&self.quotas),
         }
     }
 
@@ -622,6 +627,7 @@ pub async fn start_with_clock(
         gateway,
         keys: api_keys,
         tls,
+        quotas,
         stop,
         done,
     })
@@ -679,6 +685,7 @@ pub struct Reloadable {
     gateway: Arc<Gateway>,
     keys: ApiKeys,
     tls: Option<ServerTls>,
+    quotas: Arc<Quotas>,
 }
 
 /// What a reload applied.
@@ -691,7 +698,7 @@ pub struct Reloaded {
 }
 
 /// Loads and validates the config at `path` (plus `PUSHGATE_*` overrides), then applies every
-/// app's `[limits]`, the API and admin keys (with `allow_unauthenticated`) and the `[tls]`
+/// app's `[limits]`, the `[ingress]` per-key limits, the API and admin keys (with `allow_unauthenticated`) and the `[tls]`
 /// certificate files (new connections use them). Nothing changes when the config is invalid,
 /// including when it would leave a non-loopback listener without keys or a certificate file
 /// cannot be read. Apps are not added or removed, `listen` is not rebound, and TLS is not
@@ -717,6 +724,7 @@ pub fn reload(
     if let Some((current, server_config)) = tls {
         current.replace(server_config);
     }
+    target.quotas.reload(&config.ingress);
     for (id, app) in &config.apps {
         target.gateway.update_limits(id, app.limits.clone());
     }
@@ -742,7 +750,7 @@ pub async fn reload_on_sighup(target: Reloadable, path: Option<PathBuf>) {
                     tracing::info!(
                         apps,
                         keys,
-                        "SIGHUP: limits, API keys and TLS files reloaded"
+                        "SIGHUP: limits, ingress limits, API keys and TLS files reloaded"
                     )
                 }
                 Err(error) => {

@@ -199,6 +199,11 @@ pub struct PipelineConfig {
     /// gateway stops reading that caller's batches (HTTP/2 flow control then slows the caller)
     /// until it reads.
     pub max_unread_receipts: usize,
+    /// How long a `StreamSend` caller may leave `max_unread_receipts` receipts unread, taking
+    /// none, before the gateway ends its call (RESOURCE_EXHAUSTED): a caller that went away
+    /// without resetting its call would otherwise hold its stream slot, and the HTTP/2 window
+    /// its unread batches take on its connection, for ever.
+    pub stream_unread_timeout_secs: u64,
     /// How long after its exposure (delivery, or holdout) a conversion is attributed to a
     /// campaign; also how long exposures and tracked event ids are remembered.
     pub attribution_window_secs: u64,
@@ -225,6 +230,7 @@ impl Default for PipelineConfig {
             max_request_bytes: None,
             max_replay_dead_letters: 1_000,
             max_unread_receipts: 10_000,
+            stream_unread_timeout_secs: 60,
             attribution_window_secs: 3 * 24 * 3600,
             insights_max_exposures: 100_000,
             insights_retention_days: 30,
@@ -520,6 +526,10 @@ impl Config {
                 p.max_replay_dead_letters as u64,
             ),
             ("pipeline.max_unread_receipts", p.max_unread_receipts as u64),
+            (
+                "pipeline.stream_unread_timeout_secs",
+                p.stream_unread_timeout_secs,
+            ),
         ] {
             at_least_one(key, value)?;
         }

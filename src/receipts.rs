@@ -315,6 +315,32 @@ impl Pending {
         self.permit = None;
     }
 
+    /// Sets a message that came due aside again until `due` (quiet hours began meanwhile, say):
+    /// a new SCHEDULED receipt tells the subscribers when it will go, and its expiry moves by
+    /// the wait, so the ttl still counts from when it is sent. `now` is when it came due.
+    pub fn defer(&mut self, due: SystemTime, now: SystemTime) {
+        if let Some(expires_at) = self.meta.expires_at {
+            let wait = due.duration_since(now).unwrap_or_default();
+            let mut meta = (*self.meta).clone();
+            meta.expires_at = Some(expires_at + wait);
+            self.meta = Arc::new(meta);
+        }
+        let receipt = Arc::new(Receipt::new(
+            Arc::clone(&self.meta),
+            self.attempt,
+            Resolution::gateway(ReceiptStatus::Scheduled, "deferred"),
+            Some(due),
+        ));
+        self.hub.publish(&receipt);
+        if let Some(sink) = self.sink.take() {
+            let _ = sink.send(ReceiptEnvelope {
+                receipt,
+                permit: None,
+            });
+        }
+        self.permit = None;
+    }
+
     /// Blanks the user id its receipts carry (the user was erased, ForgetUser).
     pub fn forget_user_id(&mut self) {
         let mut meta = (*self.meta).clone();
@@ -431,6 +457,37 @@ mod tests {
         assert_eq!(metrics.unresolved_drops.get(), 0);
         assert_eq!(metrics.in_flight.get(), 0);
         assert_eq!(hub.in_flight().get(), 0);
+    }
+
+    /// A scheduled message deferred again when due: a second SCHEDULED receipt names the new
+    /// time, and the expiry moves with the wait (the ttl counts from the send).
+    #[test]
+    fn a_deferred_message_is_rescheduled_with_its_ttl_kept() {
+        let hub = Arc::new(ReceiptHub::new(Arc::new(Metrics::new())));
+        let mut sub = hub.subscribe("app");
+        let accepted = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ttl = Duration::from_secs(3_600);
+        let mut meta = (*meta()).clone();
+        meta.accepted_at = accepted;
+        meta.expires_at = Some(accepted + ttl);
+        let mut p = Pending::new(Arc::new(meta), None, Arc::clone(&hub), None);
+        let first_due = accepted + Duration::from_secs(600);
+        p.schedule(first_due);
+        assert_eq!(p.meta().expires_at, Some(first_due + ttl));
+        let second_due = first_due + Duration::from_secs(8 * 3_600);
+        p.defer(second_due, first_due);
+        assert_eq!(p.meta().expires_at, Some(second_due + ttl));
+        let first = sub.try_recv().unwrap();
+        let second = sub.try_recv().unwrap();
+        assert_eq!(
+            (first.status, second.status),
+            (ReceiptStatus::Scheduled, ReceiptStatus::Scheduled)
+        );
+        assert_eq!(first.next_attempt_at, Some(first_due));
+        assert_eq!(second.next_attempt_at, Some(second_due));
+        assert_eq!(second.reason, "deferred");
+        p.resolve(Resolution::gateway(ReceiptStatus::Delivered, ""));
+        assert!(sub.try_recv().unwrap().terminal());
     }
 
     #[tokio::test(start_paused = true)]

@@ -197,7 +197,12 @@ impl proto::push_gateway_server::PushGateway for Api {
         let caller = Caller::of(&request);
         let who = caller.key_id();
         // Counted until the receipt stream is dropped (the call ended).
-        let slot = who.map(|w| self.quotas.open_stream(w)).transpose()?;
+        // Held by the response stream, and given back early when the call is ended for unread
+        // receipts (HTTP/2 may keep that stream until the caller's connection closes).
+        let slot = Arc::new(parking_lot::Mutex::new(
+            who.map(|w| self.quotas.open_stream(w)).transpose()?,
+        ));
+        let slot_of_reader = Arc::clone(&slot);
         let mut inbound = request.into_inner();
         let (sink, receipts) = mpsc::unbounded_channel::<ReceiptEnvelope>();
         let ingest = Arc::clone(&self.ingest);
@@ -214,6 +219,11 @@ impl proto::push_gateway_server::PushGateway for Api {
         // Cancelled when the response stream is dropped: the call ended on the caller's side.
         let call_gone = tokio_util::sync::CancellationToken::new();
         let call_open = call_gone.clone().drop_guard();
+        // Cancelled when the caller took no receipt for `stream_unread_timeout` while the queue
+        // was full: the response ends at once with the reader's status.
+        let abandoned = tokio_util::sync::CancellationToken::new();
+        let give_up = abandoned.clone();
+        let unread_timeout = ingest.stream_unread_timeout();
         let mut ended_with = Some(ended_with);
         tokio::spawn(async move {
             let stopping = ingest.stopping();
@@ -225,6 +235,23 @@ impl proto::push_gateway_server::PushGateway for Api {
                     // unread receipts and the HTTP/2 window its unread batches hold on the
                     // caller's connection) is released instead of waiting here for ever.
                     _ = call_gone.cancelled() => break,
+                    // A caller that keeps its call open and reads nothing (a client that
+                    // dropped the response while its request side still had batches to send
+                    // does so): end the call, which releases the same.
+                    () = tokio::time::sleep(unread_timeout) => {
+                        if let Some(tell) = ended_with.take() {
+                            let _ = tell.send(Status::resource_exhausted(format!(
+                                "pipeline.max_unread_receipts ({}) receipts were left unread for \
+                                 {} s (pipeline.stream_unread_timeout_secs): the call is ended; \
+                                 the receipts of accepted messages go to SubscribeReceipts",
+                                ingest.max_unread_receipts(),
+                                unread_timeout.as_secs()
+                            )));
+                        }
+                        give_up.cancel();
+                        slot_of_reader.lock().take();
+                        break;
+                    }
                 }
                 // Not reading while `submit` waits for window room is the backpressure: HTTP/2
                 // flow control then slows the caller.
@@ -284,6 +311,7 @@ impl proto::push_gateway_server::PushGateway for Api {
             let _call = &call_open;
             outbound.poll_next(cx)
         })
+        .take_until(abandoned.cancelled_owned())
         // The envelope, and with it the window slot, is released as the receipt leaves.
         .map(|envelope| Ok(to_proto_receipt(&envelope.receipt)))
         .chain(

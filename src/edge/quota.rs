@@ -12,9 +12,10 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tonic::Status;
 
 pub use crate::config::IngressConfig;
@@ -38,28 +39,46 @@ impl std::fmt::Debug for KeyId {
 
 type Limiter = DefaultKeyedRateLimiter<KeyId>;
 
-/// Per-key rates and open-stream counts. See the module docs.
+/// Per-key rates and open-stream counts, replaced by a reload (SIGHUP). See the module docs.
 pub struct Quotas {
-    /// Each with its rate per second (and burst).
-    batches: Option<(Limiter, u32)>,
-    recipients: Option<(Limiter, u32)>,
+    rates: RwLock<Rates>,
     streams: Arc<Open>,
     subscriptions: Arc<Open>,
+}
+
+/// The two rates, each with its per-second figure (and burst); `None` when turned off.
+struct Rates {
+    batches: Option<Rate>,
+    recipients: Option<Rate>,
+}
+
+#[derive(Clone)]
+struct Rate {
+    limiter: Arc<Limiter>,
+    per_second: u32,
+}
+
+impl Rate {
+    fn new(per_second: u32) -> Option<Self> {
+        NonZeroU32::new(per_second).map(|n| Self {
+            limiter: Arc::new(RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
+            per_second,
+        })
+    }
+
+    /// This rate under `per_second`: itself (keeping what callers have used) when unchanged.
+    fn renewed(current: &Option<Self>, per_second: u32) -> Option<Self> {
+        match current {
+            Some(rate) if rate.per_second == per_second => Some(rate.clone()),
+            _ => Self::new(per_second),
+        }
+    }
 }
 
 impl std::fmt::Debug for Quotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Quotas").finish_non_exhaustive()
     }
-}
-
-fn limiter(per_second: u32) -> Option<(Limiter, u32)> {
-    NonZeroU32::new(per_second).map(|n| {
-        (
-            RateLimiter::keyed(Quota::per_second(n).allow_burst(n)),
-            per_second,
-        )
-    })
 }
 
 fn exhausted(key: &str, limit: u32, what: &str) -> Status {
@@ -71,8 +90,10 @@ fn exhausted(key: &str, limit: u32, what: &str) -> Status {
 impl Quotas {
     pub fn new(config: &IngressConfig) -> Self {
         Self {
-            batches: limiter(config.batches_per_second_per_key),
-            recipients: limiter(config.recipients_per_second_per_key),
+            rates: RwLock::new(Rates {
+                batches: Rate::new(config.batches_per_second_per_key),
+                recipients: Rate::new(config.recipients_per_second_per_key),
+            }),
             streams: Arc::new(Open::new(
                 config.streams_per_key,
                 "streams_per_key",
@@ -84,6 +105,29 @@ impl Quotas {
                 "SubscribeReceipts subscriptions open at once",
             )),
         }
+    }
+
+    /// Applies `config` (SIGHUP): a changed rate starts afresh, an unchanged one keeps what
+    /// callers have used of it; streams and subscriptions already open stay open when their
+    /// limit is lowered, and new ones are refused until the count is under it.
+    pub fn reload(&self, config: &IngressConfig) {
+        {
+            let mut rates = self.rates.write();
+            rates.batches = Rate::renewed(&rates.batches, config.batches_per_second_per_key);
+            rates.recipients =
+                Rate::renewed(&rates.recipients, config.recipients_per_second_per_key);
+        }
+        self.streams
+            .max
+            .store(config.streams_per_key, Ordering::Relaxed);
+        self.subscriptions
+            .max
+            .store(config.subscriptions_per_key, Ordering::Relaxed);
+    }
+
+    fn rates(&self) -> (Option<Rate>, Option<Rate>) {
+        let rates = self.rates.read();
+        (rates.batches.clone(), rates.recipients.clone())
     }
 
     /// No limit at all (tests, embedding).
@@ -100,24 +144,25 @@ impl Quotas {
     /// takes nothing of the other).
     #[allow(clippy::result_large_err)] // tonic::Status
     pub fn admit_batch(&self, who: KeyId, recipients: usize) -> Result<(), Status> {
-        if let Some((batches, rate)) = &self.batches
-            && batches.check_key(&who).is_err()
+        let (batches, per_recipient) = self.rates();
+        if let Some(rate) = &batches
+            && rate.limiter.check_key(&who).is_err()
         {
             return Err(exhausted(
                 "batches_per_second_per_key",
-                *rate,
+                rate.per_second,
                 "batches per second",
             ));
         }
-        if let (Some((limiter, rate)), Some(n)) = (&self.recipients, recipients_n(recipients)) {
-            match limiter.check_key_n(&who, n) {
+        if let (Some(rate), Some(n)) = (&per_recipient, recipients_n(recipients)) {
+            match rate.limiter.check_key_n(&who, n) {
                 Ok(Ok(())) => {}
                 // Over the burst: larger than any batch ingest takes; ingest refuses it.
                 Err(_) => {}
                 Ok(Err(_)) => {
                     return Err(exhausted(
                         "recipients_per_second_per_key",
-                        *rate,
+                        rate.per_second,
                         "recipients per second",
                     ));
                 }
@@ -128,12 +173,13 @@ impl Quotas {
 
     /// Waits until `who`'s rates allow one batch of `recipients`, then takes it (StreamSend).
     pub async fn pace_batch(&self, who: KeyId, recipients: usize) {
-        if let Some((batches, _)) = &self.batches {
-            batches.until_key_ready(&who).await;
+        let (batches, per_recipient) = self.rates();
+        if let Some(rate) = &batches {
+            rate.limiter.until_key_ready(&who).await;
         }
-        if let (Some((limiter, _)), Some(n)) = (&self.recipients, recipients_n(recipients)) {
+        if let (Some(rate), Some(n)) = (&per_recipient, recipients_n(recipients)) {
             // Over the burst: ingest refuses the batch as too large.
-            let _ = limiter.until_key_n_ready(&who, n).await;
+            let _ = rate.limiter.until_key_n_ready(&who, n).await;
         }
     }
 
@@ -156,7 +202,8 @@ fn recipients_n(recipients: usize) -> Option<NonZeroU32> {
 
 /// Open streams (or subscriptions) per key, at most `max`.
 struct Open {
-    max: u32,
+    /// 0: no limit.
+    max: AtomicU32,
     key: &'static str,
     what: &'static str,
     counts: Mutex<HashMap<KeyId, u32>>,
@@ -165,7 +212,7 @@ struct Open {
 impl Open {
     fn new(max: u32, key: &'static str, what: &'static str) -> Self {
         Self {
-            max,
+            max: AtomicU32::new(max),
             key,
             what,
             counts: Mutex::new(HashMap::new()),
@@ -174,17 +221,16 @@ impl Open {
 
     #[allow(clippy::result_large_err)] // tonic::Status
     fn take(this: &Arc<Self>, who: KeyId) -> Result<OpenSlot, Status> {
-        if this.max == 0 {
-            return Ok(OpenSlot { open: None, who });
-        }
+        // Counted even while unlimited, so a limit set by a reload sees what is open.
+        let max = this.max.load(Ordering::Relaxed);
         let mut counts = this.counts.lock();
         let n = counts.entry(who).or_insert(0);
-        if *n >= this.max {
-            return Err(exhausted(this.key, this.max, this.what));
+        if max != 0 && *n >= max {
+            return Err(exhausted(this.key, max, this.what));
         }
         *n += 1;
         Ok(OpenSlot {
-            open: Some(Arc::clone(this)),
+            open: Arc::clone(this),
             who,
         })
     }
@@ -192,19 +238,17 @@ impl Open {
 
 /// One open stream or subscription, counted until dropped.
 pub struct OpenSlot {
-    open: Option<Arc<Open>>,
+    open: Arc<Open>,
     who: KeyId,
 }
 
 impl Drop for OpenSlot {
     fn drop(&mut self) {
-        if let Some(open) = &self.open {
-            let mut counts = open.counts.lock();
-            if let Some(n) = counts.get_mut(&self.who) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    counts.remove(&self.who);
-                }
+        let mut counts = self.open.counts.lock();
+        if let Some(n) = counts.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.who);
             }
         }
     }
@@ -270,5 +314,53 @@ mod tests {
         let (key, _) = c.validate(10).unwrap_err();
         assert_eq!(key, "ingress.recipients_per_second_per_key");
         assert!(IngressConfig::default().validate(10_000).is_ok());
+    }
+
+    #[test]
+    fn a_reload_applies_new_limits_and_keeps_unchanged_ones() {
+        let q = Quotas::new(&IngressConfig {
+            batches_per_second_per_key: 1,
+            recipients_per_second_per_key: 0,
+            streams_per_key: 0,
+            subscriptions_per_key: 2,
+        });
+        let a = KeyId::Key([1; 32]);
+        q.admit_batch(a, 1).unwrap();
+        let streams: Vec<_> = (0..3).map(|_| q.open_stream(a).unwrap()).collect();
+
+        // Unchanged batch rate: the used cell stays used. Streams: a limit below what is
+        // open refuses new ones and closes none.
+        q.reload(&IngressConfig {
+            batches_per_second_per_key: 1,
+            recipients_per_second_per_key: 0,
+            streams_per_key: 2,
+            subscriptions_per_key: 2,
+        });
+        assert!(
+            q.admit_batch(a, 1).is_err(),
+            "unchanged rate keeps its state"
+        );
+        let e = q.open_stream(a).err().unwrap();
+        assert!(e.message().contains("ingress.streams_per_key"), "{e:?}");
+        drop(streams);
+        assert!(q.open_stream(a).is_ok(), "under the new limit once closed");
+
+        // A changed rate applies at once; a limit turned off lets everything through.
+        q.reload(&IngressConfig {
+            batches_per_second_per_key: 1000,
+            recipients_per_second_per_key: 10,
+            streams_per_key: 0,
+            subscriptions_per_key: 1,
+        });
+        q.admit_batch(a, 10).unwrap();
+        let e = q.admit_batch(a, 1).unwrap_err();
+        assert!(
+            e.message()
+                .contains("ingress.recipients_per_second_per_key exceeded"),
+            "{e:?}"
+        );
+        let _one = q.open_subscription(a).unwrap();
+        let e = q.open_subscription(a).err().unwrap();
+        assert!(e.message().contains("1 SubscribeReceipts"), "{e:?}");
     }
 }

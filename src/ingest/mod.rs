@@ -44,6 +44,8 @@ pub struct IngestConfig {
     pub max_batch_recipients: usize,
     /// Receipts queued unread for one `StreamSend` caller, at most.
     pub max_unread_receipts: usize,
+    /// How long a `StreamSend` caller may leave them unread before its call is ended.
+    pub stream_unread_timeout: std::time::Duration,
     /// What one batch may cost, checked before any work is done on it.
     pub caps: RequestCaps,
 }
@@ -373,6 +375,10 @@ impl Ingest {
 
     pub fn max_unread_receipts(&self) -> usize {
         self.config.max_unread_receipts
+    }
+
+    pub fn stream_unread_timeout(&self) -> std::time::Duration {
+        self.config.stream_unread_timeout
     }
 
     /// Validates, packs and admits a batch. Waits for accept-window room as needed (that wait is

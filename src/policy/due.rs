@@ -6,7 +6,8 @@
 //! hours, suppression, caps, in the stage's order) with what is true *now*, a chunk per app at
 //! a time (one state call, one Redis round trip with Redis): it goes on to the limit stage, ends
 //! with its policy receipt, or (quiet hours with `action = "defer"`, or the state unreachable)
-//! is parked in the store again until later, still carrying its check.
+//! is parked in the store again until later, still carrying its check; a deferral gets a new
+//! SCHEDULED receipt naming the new time, and its ttl counts from then.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -67,8 +68,12 @@ pub async fn run_gate(
                     }
                     Verdict::End(resolution) => job.pending.resolve(resolution),
                     Verdict::Schedule { due_ms, .. } => {
-                        let wait = u64::try_from(due_ms - policy.now_ms()).unwrap_or(0);
-                        park(&store, job, Duration::from_millis(wait));
+                        let now_ms = policy.now_ms();
+                        let wait =
+                            Duration::from_millis(u64::try_from(due_ms - now_ms).unwrap_or(0));
+                        let now = epoch(now_ms);
+                        job.pending.defer(now + wait, now);
+                        park(&store, job, wait);
                     }
                     Verdict::Unavailable(reason) => {
                         warn!(%app, %reason, "policy state unreachable: a due scheduled message waits");
@@ -100,6 +105,10 @@ async fn forward(
         (None, Some(store)) => store.abandon(work, SHUT_DOWN),
         (None, None) => work.resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN)),
     }
+}
+
+fn epoch(ms: i64) -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Parks a due message again for `wait`, its check kept.

@@ -215,6 +215,105 @@ async fn streams_and_subscriptions_per_key_are_capped_and_freed_when_closed() {
     assert_eq!(h.unresolved_drops(), 0);
 }
 
+/// A caller that streams batches, never reads a receipt and drops its call while its request
+/// side still has batches queued (tonic then never resets the call) gets its call ended after
+/// `stream_unread_timeout_secs`, which frees its stream slot (without the timeout the slot is
+/// held for as long as the connection lives: the test fails). The connection keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_leaves_unread_gets_its_call_ended_and_its_slot_back() {
+    let h = harness::start(Options {
+        api_keys: vec![SHOP_KEY.into()],
+        pipeline:
+            "shutdown_grace_secs = 5\nmax_unread_receipts = 20\nstream_unread_timeout_secs = 2"
+                .into(),
+        extra: "[ingress]\nstreams_per_key = 1".into(),
+        ..Default::default()
+    })
+    .await;
+    let channel = h.channel().await;
+    let mut client = proto::push_gateway_client::PushGatewayClient::new(channel.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let receipts = client
+        .stream_send(signed(ReceiverStream::new(rx), SHOP_KEY))
+        .await
+        .unwrap()
+        .into_inner();
+    // Refused whole (no platform): cheap REJECTED receipts, ~1 MB of request each, more than
+    // the HTTP/2 windows the gateway grants while it reads nothing.
+    for b in 0..16u64 {
+        let mut batch = apns_batch("shop", b * 10_000..(b + 1) * 10_000);
+        for r in &mut batch.recipients {
+            r.platform = proto::Platform::Unspecified as i32;
+        }
+        tx.send(batch).await.unwrap();
+    }
+    drop(receipts);
+    drop(tx);
+    let subscription = tokio::time::timeout(
+        Duration::from_secs(30),
+        proto::push_gateway_client::PushGatewayClient::new(channel).subscribe_receipts(signed(
+            proto::SubscribeReceiptsRequest {
+                app_id: "shop".into(),
+                ..Default::default()
+            },
+            SHOP_KEY,
+        )),
+    )
+    .await
+    .expect("a subscription on the same connection opens");
+    assert!(subscription.is_ok(), "{subscription:?}");
+    let (tx, mut receipts) = reopens(|| open_stream(&h, SHOP_KEY)).await;
+    tx.send(apns_batch("shop", 1_000_000..1_000_001))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&next_terminal(&mut receipts).await),
+        ReceiptStatus::Delivered
+    );
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
+/// A reload (what SIGHUP runs) applies new `[ingress]` limits: a lowered stream limit refuses
+/// new streams (open ones stay), a raised batch rate admits what the old one refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_limits_are_reloaded_as_on_sighup() {
+    let h = start("streams_per_key = 3\nbatches_per_second_per_key = 1", "").await;
+    let refused = send_until_refused(&h, "shop", SHOP_KEY, 1).await;
+    assert!(
+        refused
+            .message()
+            .contains("ingress.batches_per_second_per_key"),
+        "{refused:?}"
+    );
+    let (tx, mut receipts) = open_stream(&h, SHOP_KEY).await.unwrap();
+    let _second = open_stream(&h, SHOP_KEY).await.unwrap();
+
+    let text = std::fs::read_to_string(&h.config_file).unwrap().replace(
+        "streams_per_key = 3\nbatches_per_second_per_key = 1",
+        "streams_per_key = 1\nbatches_per_second_per_key = 1000",
+    );
+    std::fs::write(&h.config_file, text).unwrap();
+    pushgate::app::reload(&h.gateway.reloadable(), Some(&h.config_file)).unwrap();
+
+    let refused = open_stream(&h, SHOP_KEY).await.err().unwrap();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("may have 1 StreamSend"),
+        "the new limit: {refused:?}"
+    );
+    // The raised rate: batches the old one refused within the second now go through.
+    for n in 0..5 {
+        flows(&h, "shop", SHOP_KEY, 100 + n..101 + n).await;
+    }
+    // A stream open before the reload still works.
+    tx.send(apns_batch("shop", 200..201)).await.unwrap();
+    assert_eq!(
+        status(&next_terminal(&mut receipts).await),
+        ReceiptStatus::Delivered
+    );
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
 /// Redis' connected clients.
 async fn clients(c: &mut redis::aio::MultiplexedConnection) -> usize {
     let list: String = redis::cmd("CLIENT")

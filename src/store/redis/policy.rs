@@ -7,12 +7,17 @@
 //! `max` sends per window get through, whichever replica sends them. Per-user counters are
 //! sorted sets of reservations (member `<tag>:<nonce>:<n>`, scored by the decision instant)
 //! trimmed to the longest window and expiring with it, so a user who stops receiving pushes
-//! costs nothing after a window; RELEASE removes one member of a tag (a message that ended
-//! without reaching a provider). Keys carry the app's hash tag (see
+//! costs nothing after a window; a release removes one member of a tag (a message that ended
+//! without reaching a provider). Releases are queued and written with the app's next decision
+//! (in its script, so they are applied before it) or by a flusher within 50 ms. Keys carry the app's hash tag (see
 //! `keys.rs`); the per-user keys are reached by name from the script, in the app's slot.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use parking_lot::Mutex;
 use redis::Script;
 use tracing::warn;
 
@@ -23,8 +28,25 @@ use crate::store::policy_state::{
     Answer, Cap, DeadToken, Forgotten, PolicyState, Query, TokenCursor, longest,
 };
 
+/// Gives back one reservation of `tag` (hex) in the cap counter `key`: its newest member of the
+/// tag. The counter holds at most the sends of the longest window, so reading it whole is
+/// cheap. Prepended to the scripts that release.
+const GIVE_BACK_FN: &str = r#"
+local function give_back(key, tag)
+  local members = redis.call('ZRANGE', key, 0, -1)
+  local p = tag .. ':'
+  for j = #members, 1, -1 do
+    if string.sub(members[j], 1, #p) == p then
+      return redis.call('ZREM', key, members[j])
+    end
+  end
+  return 0
+end
+"#;
+
 /// Decides a chunk. KEYS: optout, dead_tokens, dead_tokens_idx, dead_tokens_user. ARGV: now,
-/// nonce, cap key prefix, number of caps, then `max, window` per cap, then `flags, user, token,
+/// nonce, cap key prefix, number of caps, then `max, window` per cap, then the number of
+/// reservations to give back first and `user, tag` of each, then `flags, user, token,
 /// registered, tag` per message (flags: 1 check opt-out, 2 quiet, 4 count under caps; tag: the
 /// reservation's, hex). Returns `answer, since` per message: 0 send, 1 opted out, 2 quiet, 3
 /// suppressed (since = when), 4 capped.
@@ -41,9 +63,14 @@ for c = 1, ncaps do
   caps[c] = {max, window}
   if window > longest then longest = window end
 end
+local r = 5 + 2 * ncaps
+local nrel = tonumber(ARGV[r])
+for j = 1, nrel do
+  give_back(prefix .. ARGV[r + 2 * j - 1], ARGV[r + 2 * j])
+end
 local out = {}
 local n = 0
-for i = 5 + 2 * ncaps, #ARGV, 5 do
+for i = r + 1 + 2 * nrel, #ARGV, 5 do
   n = n + 1
   local flags = tonumber(ARGV[i])
   local user = ARGV[i + 1]
@@ -91,17 +118,14 @@ end
 return out
 "#;
 
-/// Gives back one reservation of a tag. KEYS: the user's cap counter. ARGV: tag (hex). The
-/// counter holds at most the sends of the longest window, so reading it whole is cheap.
+/// Gives back reservations. ARGV: the cap key prefix, then `user, tag` of each. Returns how
+/// many were found.
 const RELEASE: &str = r#"
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-local prefix = ARGV[1] .. ':'
-for i = #members, 1, -1 do
-  if string.sub(members[i], 1, #prefix) == prefix then
-    return redis.call('ZREM', KEYS[1], members[i])
-  end
+local n = 0
+for j = 2, #ARGV, 2 do
+  n = n + give_back(ARGV[1] .. ARGV[j], ARGV[j + 1])
 end
-return 0
+return n
 "#;
 
 /// Remembers a dead token and forgets those reported longer ago than the ttl. KEYS:
@@ -162,21 +186,117 @@ const LIST_PAGE: usize = 500;
 pub struct RedisPolicyState {
     client: Arc<RedisClient>,
     decide: Script,
-    release: Script,
     suppress: Script,
     forget: Script,
     suppression_ttl_ms: i64,
+    releases: Arc<Releases>,
+}
+
+/// Reservations to give back, per app, until they are written: by the next decision of the
+/// app (in the same script, so a release this replica has seen is applied before any later
+/// decision of it), else by the flusher within [`RELEASE_FLUSH`].
+#[derive(Default)]
+struct Releases {
+    by_app: Mutex<HashMap<String, Vec<(String, u64)>>>,
+    queued: AtomicUsize,
+}
+
+/// How long a release waits for a decision of its app before the flusher writes it.
+const RELEASE_FLUSH: Duration = Duration::from_millis(50);
+/// Releases queued at most (Redis away): beyond it one is dropped with a warning, and its
+/// send stays counted until its window ends.
+const MAX_QUEUED_RELEASES: usize = 100_000;
+
+impl Releases {
+    fn push(&self, app: &str, user_id: &str, reservation: u64) -> bool {
+        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_RELEASES {
+            return false;
+        }
+        let mut by_app = self.by_app.lock();
+        match by_app.get_mut(app) {
+            Some(list) => list.push((user_id.to_owned(), reservation)),
+            None => {
+                by_app.insert(app.to_owned(), vec![(user_id.to_owned(), reservation)]);
+            }
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn take(&self, app: &str) -> Vec<(String, u64)> {
+        let list = self.by_app.lock().remove(app).unwrap_or_default();
+        self.queued.fetch_sub(list.len(), Ordering::Relaxed);
+        list
+    }
+
+    fn take_all(&self) -> Vec<(String, Vec<(String, u64)>)> {
+        let all: Vec<_> = self.by_app.lock().drain().collect();
+        let n: usize = all.iter().map(|(_, list)| list.len()).sum();
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+        all
+    }
+
+    /// Puts back releases whose write failed (written with the next decision or flush).
+    fn put_back(&self, app: &str, list: Vec<(String, u64)>) {
+        if list.is_empty() {
+            return;
+        }
+        let room = MAX_QUEUED_RELEASES.saturating_sub(self.queued.load(Ordering::Relaxed));
+        let lost = list.len().saturating_sub(room);
+        if lost > 0 {
+            warn!(%app, lost, "frequency-cap releases dropped: Redis unreachable for long");
+        }
+        let kept = list.len() - lost;
+        self.by_app
+            .lock()
+            .entry(app.to_owned())
+            .or_default()
+            .extend(list.into_iter().take(kept));
+        self.queued.fetch_add(kept, Ordering::Relaxed);
+    }
+}
+
+/// Writes queued releases every [`RELEASE_FLUSH`] until the state is dropped.
+async fn flush_releases(releases: Weak<Releases>, client: Arc<RedisClient>, script: Script) {
+    loop {
+        tokio::time::sleep(RELEASE_FLUSH).await;
+        let Some(releases) = releases.upgrade() else {
+            return;
+        };
+        for (app, list) in releases.take_all() {
+            let prefix = AppKeys::new(&client.config().key_prefix, &app).cap_prefix();
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(&prefix);
+            for (user, tag) in &list {
+                invocation.arg(user).arg(format!("{tag:016x}"));
+            }
+            let mut conn = client.conn();
+            let result = invocation.invoke_async::<i64>(&mut conn).await;
+            client.observe(&result);
+            if let Err(e) = result {
+                warn!(%app, error = %e, "could not give back frequency-cap reservations; retrying");
+                releases.put_back(&app, list);
+            }
+        }
+        drop(releases);
+    }
 }
 
 impl RedisPolicyState {
     pub fn new(client: Arc<RedisClient>, suppression_ttl_ms: i64) -> Self {
+        let releases = Arc::new(Releases::default());
+        tokio::spawn(flush_releases(
+            Arc::downgrade(&releases),
+            Arc::clone(&client),
+            Script::new(&format!("{GIVE_BACK_FN}{RELEASE}")),
+        ));
         Self {
             client,
-            decide: Script::new(DECIDE),
-            release: Script::new(RELEASE),
+            decide: Script::new(&format!("{GIVE_BACK_FN}{DECIDE}")),
             suppress: Script::new(SUPPRESS),
             forget: Script::new(FORGET),
             suppression_ttl_ms,
+            releases,
         }
     }
 
@@ -218,6 +338,11 @@ impl PolicyState for RedisPolicyState {
             invocation.arg(cap.max).arg(cap.window_ms);
         }
         debug_assert!(longest(caps) >= 0);
+        let releases = self.releases.take(app);
+        invocation.arg(releases.len());
+        for (user, tag) in &releases {
+            invocation.arg(user).arg(format!("{tag:016x}"));
+        }
         for q in queries {
             let flags = u8::from(q.opt_out) | (u8::from(q.quiet) << 1) | (u8::from(q.capped) << 2);
             invocation
@@ -228,7 +353,13 @@ impl PolicyState for RedisPolicyState {
                 .arg(format!("{:016x}", q.reservation));
         }
         let mut conn = self.client.conn();
-        let flat: Vec<i64> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        let flat: Vec<i64> = match self.observe(invocation.invoke_async(&mut conn).await) {
+            Ok(flat) => flat,
+            Err(e) => {
+                self.releases.put_back(app, releases);
+                return Err(e);
+            }
+        };
         let answers: Vec<Answer> = flat
             .chunks_exact(2)
             .map(|pair| match pair[0] {
@@ -250,22 +381,9 @@ impl PolicyState for RedisPolicyState {
     }
 
     fn release(&self, app: &str, user_id: &str, reservation: u64) {
-        let key = format!("{}{user_id}", self.keys(app).cap_prefix());
-        let script = self.release.clone();
-        let mut conn = self.client.conn();
-        let client = Arc::clone(&self.client);
-        let app = app.to_owned();
-        tokio::spawn(async move {
-            let result = script
-                .key(key)
-                .arg(format!("{reservation:016x}"))
-                .invoke_async::<i64>(&mut conn)
-                .await;
-            client.observe(&result);
-            if let Err(e) = result {
-                warn!(%app, error = %e, "could not give back a frequency-cap reservation");
-            }
-        });
+        if !self.releases.push(app, user_id, reservation) {
+            warn!(%app, "frequency-cap release dropped: too many queued (Redis unreachable)");
+        }
     }
 
     async fn suppress(

@@ -24,6 +24,8 @@ pub struct Harness {
     pub gateway: Running,
     pub dir: tempfile::TempDir,
     pub key: pushgate_mocks::keys::ApnsKey,
+    /// The gateway's config as a file (what a reload re-reads).
+    pub config_file: std::path::PathBuf,
 }
 
 /// Extra TOML appended to the gateway config (pipeline/retry sections).
@@ -123,7 +125,7 @@ pub async fn start(options: Options) -> Harness {
             )
         })
         .collect();
-    let config = Config::from_toml(&format!(
+    let config_text = format!(
         r#"
         listen = "127.0.0.1:0"
         {top}
@@ -159,8 +161,10 @@ pub async fn start(options: Options) -> Harness {
         key_id = key.key_id,
         team_id = key.team_id,
         endpoint = mock.url(),
-    ))
-    .unwrap();
+    );
+    let config_file = dir.path().join("pushgate.toml");
+    std::fs::write(&config_file, &config_text).unwrap();
+    let config = Config::from_toml(&config_text).unwrap();
     let gateway = pushgate::app::start_with_clock(config, options.clock)
         .await
         .unwrap();
@@ -170,6 +174,7 @@ pub async fn start(options: Options) -> Harness {
         gateway,
         dir,
         key,
+        config_file,
     }
 }
 
