@@ -639,6 +639,11 @@ pub fn epoch_millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// The instant `ms` milliseconds after the Unix epoch (the epoch for a negative `ms`).
+pub fn from_epoch_millis(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

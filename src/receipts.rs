@@ -291,44 +291,35 @@ impl Pending {
     /// scheduled message may wait for days: its terminal receipt goes to the app's subscribers
     /// (and, with Redis, the receipts stream). Its ttl counts from `due`.
     pub fn schedule(&mut self, due: SystemTime) {
-        if let Some(expires_at) = self.meta.expires_at {
-            let ttl = expires_at
-                .duration_since(self.meta.accepted_at)
-                .unwrap_or_default();
-            let mut meta = (*self.meta).clone();
-            meta.expires_at = Some(due + ttl);
-            self.meta = Arc::new(meta);
-        }
-        let receipt = Arc::new(Receipt::new(
-            Arc::clone(&self.meta),
-            self.attempt,
-            Resolution::gateway(ReceiptStatus::Scheduled, "scheduled"),
-            Some(due),
-        ));
-        self.hub.publish(&receipt);
-        if let Some(sink) = self.sink.take() {
-            let _ = sink.send(ReceiptEnvelope {
-                receipt,
-                permit: None,
-            });
-        }
-        self.permit = None;
+        let accepted_at = self.meta.accepted_at;
+        let expires_at = self
+            .meta
+            .expires_at
+            .map(|e| due + e.duration_since(accepted_at).unwrap_or_default());
+        self.set_aside(due, expires_at, "scheduled");
     }
 
     /// Sets a message that came due aside again until `due` (quiet hours began meanwhile, say):
     /// a new SCHEDULED receipt tells the subscribers when it will go, and its expiry moves by
     /// the wait, so the ttl still counts from when it is sent. `now` is when it came due.
     pub fn defer(&mut self, due: SystemTime, now: SystemTime) {
-        if let Some(expires_at) = self.meta.expires_at {
-            let wait = due.duration_since(now).unwrap_or_default();
+        let wait = due.duration_since(now).unwrap_or_default();
+        let expires_at = self.meta.expires_at.map(|e| e + wait);
+        self.set_aside(due, expires_at, "deferred");
+    }
+
+    /// [`Pending::schedule`] and [`Pending::defer`]: the new expiry, the SCHEDULED receipt, and
+    /// the caller's sink and window slot let go.
+    fn set_aside(&mut self, due: SystemTime, expires_at: Option<SystemTime>, reason: &str) {
+        if expires_at != self.meta.expires_at {
             let mut meta = (*self.meta).clone();
-            meta.expires_at = Some(expires_at + wait);
+            meta.expires_at = expires_at;
             self.meta = Arc::new(meta);
         }
         let receipt = Arc::new(Receipt::new(
             Arc::clone(&self.meta),
             self.attempt,
-            Resolution::gateway(ReceiptStatus::Scheduled, "deferred"),
+            Resolution::gateway(ReceiptStatus::Scheduled, reason),
             Some(due),
         ));
         self.hub.publish(&receipt);

@@ -857,7 +857,7 @@ impl Ingest {
         job.due = Some(Box::new(check));
         // By the policy stage's clock, which computed `due_ms`.
         let wait = u64::try_from(due_ms - self.policy.now_ms()).unwrap_or(0);
-        let due = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(due_ms.max(0) as u64);
+        let due = crate::domain::from_epoch_millis(due_ms);
         job.pending.schedule(due);
         Some((
             job,

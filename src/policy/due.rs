@@ -71,7 +71,7 @@ pub async fn run_gate(
                         let now_ms = policy.now_ms();
                         let wait =
                             Duration::from_millis(u64::try_from(due_ms - now_ms).unwrap_or(0));
-                        let now = epoch(now_ms);
+                        let now = crate::domain::from_epoch_millis(now_ms);
                         job.pending.defer(now + wait, now);
                         park(&store, job, wait);
                     }
@@ -105,10 +105,6 @@ async fn forward(
         (None, Some(store)) => store.abandon(work, SHUT_DOWN),
         (None, None) => work.resolve(Resolution::gateway(ReceiptStatus::Failed, SHUT_DOWN)),
     }
-}
-
-fn epoch(ms: i64) -> std::time::SystemTime {
-    std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Parks a due message again for `wait`, its check kept.

@@ -96,7 +96,7 @@ impl StoredBatch {
     }
 
     pub fn started(&self) -> SystemTime {
-        from_millis(self.started_ms)
+        crate::domain::from_epoch_millis(self.started_ms)
     }
 }
 
@@ -442,8 +442,8 @@ impl StoredJob {
             platform: self.platform(),
             user_id: self.user_id.clone(),
             priority: priority_from_code(self.priority),
-            accepted_at: from_millis(self.accepted_at_ms),
-            expires_at: self.expires_at_ms.map(from_millis),
+            accepted_at: crate::domain::from_epoch_millis(self.accepted_at_ms),
+            expires_at: self.expires_at_ms.map(crate::domain::from_epoch_millis),
             // Not persisted yet (limit stage): a recovered message has no campaign rate.
             campaign_rate_per_minute: self.campaign_rate_per_minute,
             content: crate::domain::ContentLabel {
@@ -501,10 +501,6 @@ fn priority_from_code(c: u8) -> Priority {
     }
 }
 
-fn from_millis(ms: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
 fn push_type_from_header(s: &str) -> Option<PushType> {
     const ALL: [PushType; 11] = [
         PushType::Alert,
@@ -551,8 +547,8 @@ mod tests {
             platform: Platform::Apns,
             user_id: "u".into(),
             priority: Priority::High,
-            accepted_at: from_millis(1_700_000_000_123),
-            expires_at: Some(from_millis(1_700_000_100_000)),
+            accepted_at: crate::domain::from_epoch_millis(1_700_000_000_123),
+            expires_at: Some(crate::domain::from_epoch_millis(1_700_000_100_000)),
             campaign_rate_per_minute: 0,
             content: crate::domain::ContentLabel {
                 variant: Some("urgent".into()),
