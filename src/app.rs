@@ -40,6 +40,12 @@ use crate::store::policy_state::{MemoryPolicyState, PolicyState};
 use crate::store::redis::insights::RedisInsights;
 use crate::store::redis::{RedisClient, RedisPolicyState, RedisStore};
 
+/// HTTP/2 flow-control windows of the gRPC listener. The connection window bounds what one
+/// connection can make the gateway buffer; sixteen stalled streams fit in it before the
+/// connection's other calls would wait.
+const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 /// The wired data path. See the module docs.
 pub struct Gateway {
     apps: Arc<AppRegistry>,
@@ -532,6 +538,12 @@ pub async fn start_with_clock(
     );
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // A stream whose caller stops reading its receipts is no longer read either (back
+        // pressure), and its unread request data holds flow-control window. With the stream
+        // window a fraction of the connection window, one such stream cannot stall the other
+        // calls multiplexed on the same connection.
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_optional_service(reflection_v1alpha)

@@ -122,7 +122,12 @@ pub async fn run(s: &HostileSettings) -> anyhow::Result<HostileReport> {
         http: format!("127.0.0.1:{http_port}").parse()?,
     };
 
-    let bystander = Bystander::start(channel.clone());
+    // Another caller is another client: its own connection, as in production.
+    let bystander_channel = Endpoint::from_shared(format!("http://{}", gateway.addr))?
+        .connect()
+        .await
+        .context("connecting the bystander to the gateway")?;
+    let bystander = Bystander::start(bystander_channel);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle_mb = rss_mb(pid);
     let mut cases = Vec::new();

@@ -47,9 +47,12 @@ impl RedisTarget {
 }
 
 /// The counters of one `INFO` reply that a run's cost is computed from.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RedisSnapshot {
     pub commands: u64,
+    /// `INFO commandstats`: per command (lowercase, as Redis names it) its calls and the
+    /// microseconds Redis spent in it. Commands a script runs count here under their own name.
+    pub per_command: std::collections::BTreeMap<String, (u64, u64)>,
     pub net_input_bytes: u64,
     pub net_output_bytes: u64,
     pub cpu_secs: f64,
@@ -66,6 +69,18 @@ impl RedisSnapshot {
             let Some((key, value)) = line.trim_end().split_once(':') else {
                 continue;
             };
+            if let Some(name) = key.strip_prefix("cmdstat_") {
+                let field = |wanted: &str| {
+                    value
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(wanted)?.strip_prefix('='))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                s.per_command
+                    .insert(name.to_string(), (field("calls"), field("usec")));
+                continue;
+            }
             let int = || value.parse::<u64>().unwrap_or(0);
             match key {
                 "total_commands_processed" => s.commands = int(),
@@ -97,6 +112,17 @@ pub struct RedisCost {
     /// Redis memory at the end of the run and its peak, MB.
     pub used_memory_mb: f64,
     pub peak_memory_mb: f64,
+    /// Where Redis spent: per command, calls and microseconds per message, the costliest first.
+    #[serde(default)]
+    pub per_command: Vec<CommandCost>,
+}
+
+/// One command's share of a run's Redis cost.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CommandCost {
+    pub command: String,
+    pub calls_per_message: f64,
+    pub usec_per_message: f64,
 }
 
 impl RedisCost {
@@ -115,8 +141,44 @@ impl RedisCost {
             cpu_secs_per_100k: cpu * 100_000.0 / messages.max(1) as f64,
             used_memory_mb: after.used_memory as f64 / MB,
             peak_memory_mb: after.used_memory_peak as f64 / MB,
+            per_command: command_costs(before, after, messages),
         }
     }
+
+    /// The costliest commands as one line: `evalsha 1.2 calls 14.0 us, ...` per message.
+    pub fn top_commands(&self, n: usize) -> String {
+        self.per_command
+            .iter()
+            .take(n)
+            .map(|c| {
+                format!(
+                    "{} {:.2}x {:.1} us",
+                    c.command, c.calls_per_message, c.usec_per_message
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn command_costs(before: &RedisSnapshot, after: &RedisSnapshot, messages: u64) -> Vec<CommandCost> {
+    let per = |v: u64| v as f64 / messages.max(1) as f64;
+    let mut costs: Vec<CommandCost> = after
+        .per_command
+        .iter()
+        .filter_map(|(name, &(calls, usec))| {
+            let (calls_before, usec_before) =
+                before.per_command.get(name).copied().unwrap_or((0, 0));
+            let calls = calls.saturating_sub(calls_before);
+            (calls > 0).then(|| CommandCost {
+                command: name.clone(),
+                calls_per_message: per(calls),
+                usec_per_message: per(usec.saturating_sub(usec_before)),
+            })
+        })
+        .collect();
+    costs.sort_by(|a, b| b.usec_per_message.total_cmp(&a.usec_per_message));
+    costs
 }
 
 #[cfg(test)]
@@ -138,6 +200,7 @@ mod tests {
             cpu_secs: 5.0,
             used_memory: 2 * 1_048_576,
             used_memory_peak: 3 * 1_048_576,
+            per_command: Default::default(),
         };
         let cost = RedisCost::between(&before, &after, 100);
         assert_eq!(cost.commands, 1000);
@@ -146,5 +209,34 @@ mod tests {
         assert_eq!(cost.bytes_out_per_message, 100.0);
         assert_eq!(cost.cpu_secs_per_100k, 1000.0);
         assert_eq!(cost.peak_memory_mb, 3.0);
+    }
+
+    #[test]
+    fn commandstats_become_per_message_costs_costliest_first() {
+        let before = RedisSnapshot::parse(
+            "# Commandstats\r\ncmdstat_set:calls=10,usec=100,usec_per_call=10.00,rejected_calls=0\r\n",
+        );
+        let after = RedisSnapshot::parse(
+            "# Commandstats\r\ncmdstat_set:calls=110,usec=300,usec_per_call=2.7,rejected_calls=0\r\n\
+             cmdstat_evalsha:calls=50,usec=5000,usec_per_call=100.0,rejected_calls=0\r\n\
+             cmdstat_ping:calls=0,usec=0\r\n",
+        );
+        let cost = RedisCost::between(&before, &after, 100);
+        assert_eq!(
+            cost.per_command,
+            vec![
+                CommandCost {
+                    command: "evalsha".into(),
+                    calls_per_message: 0.5,
+                    usec_per_message: 50.0
+                },
+                CommandCost {
+                    command: "set".into(),
+                    calls_per_message: 1.0,
+                    usec_per_message: 2.0
+                },
+            ]
+        );
+        assert_eq!(cost.top_commands(1), "evalsha 0.50x 50.0 us");
     }
 }

@@ -220,6 +220,7 @@ pub fn print(s: &Summary) {
             r.used_memory_mb,
             r.peak_memory_mb
         );
+        println!("redis per message by command: {}", r.top_commands(8));
     }
     let t = &s.tool;
     println!(
