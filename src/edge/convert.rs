@@ -196,6 +196,7 @@ pub fn to_proto_response(
                 field: r.field,
                 reason: r.reason,
                 index: i32::try_from(r.index).unwrap_or(i32::MAX),
+                maybe_accepted: r.maybe_accepted,
             })
             .collect(),
         receipts,

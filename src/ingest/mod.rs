@@ -247,6 +247,9 @@ pub struct RecipientResult {
     pub accepted: bool,
     pub field: String,
     pub reason: String,
+    /// Not accepted, but its accept write may have been applied (see
+    /// [`AcceptError::maybe_applied`]).
+    pub maybe_accepted: bool,
 }
 
 impl RecipientResult {
@@ -257,6 +260,7 @@ impl RecipientResult {
             accepted: true,
             field: String::new(),
             reason: String::new(),
+            maybe_accepted: false,
         }
     }
 
@@ -267,6 +271,7 @@ impl RecipientResult {
             accepted: false,
             field,
             reason,
+            maybe_accepted: false,
         }
     }
 }
@@ -789,8 +794,18 @@ impl Ingest {
                     self.store.schedule(scheduled).await;
                 }
             }
-            Err(AcceptError { error, messages }) => {
-                let reason = format!("{error}; the message was not accepted");
+            Err(AcceptError {
+                error,
+                messages,
+                maybe_applied,
+            }) => {
+                let reason = if maybe_applied {
+                    format!(
+                        "{error}; the accept could be neither confirmed nor undone: the message may still be delivered; resend it with the same message_id to learn its outcome"
+                    )
+                } else {
+                    format!("{error}; the message was not accepted")
+                };
                 for (waiting, (_, claimed, index, message_id, due)) in
                     messages.into_iter().zip(places)
                 {
@@ -808,15 +823,20 @@ impl Ingest {
                         ReceiptStatus::Failed,
                         reason.clone(),
                     ));
-                    if claimed {
+                    // A message that may still be delivered keeps its id claimed: a resend is
+                    // answered from the idempotency record, not accepted a second time.
+                    if claimed && !maybe_applied {
                         run.release.push(message_id.clone());
                     }
-                    run.results.push(RecipientResult::rejected(
-                        index,
-                        message_id,
-                        String::new(),
-                        reason.clone(),
-                    ));
+                    run.results.push(RecipientResult {
+                        maybe_accepted: maybe_applied,
+                        ..RecipientResult::rejected(
+                            index,
+                            message_id,
+                            String::new(),
+                            reason.clone(),
+                        )
+                    });
                 }
             }
         }

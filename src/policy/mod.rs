@@ -290,6 +290,8 @@ pub struct Input {
     optimal: bool,
     /// The tag of its cap reservation ([`reservation_of`]).
     reservation: u64,
+    /// See [`Query::accepted_at_ms`]: set for a scheduled message come due.
+    accepted_at_ms: i64,
 }
 
 impl Input {
@@ -328,6 +330,7 @@ impl Input {
             // Its send time was chosen at acceptance.
             optimal: false,
             reservation: reservation_of(&meta.batch_id, &meta.message_id),
+            accepted_at_ms: crate::domain::epoch_millis(meta.accepted_at),
         }
     }
 }
@@ -486,6 +489,7 @@ impl Policy {
             due_ms: (due_ms > now_ms).then_some(due_ms),
             optimal: timing.optimal && due_ms == 0,
             reservation: 0,
+            accepted_at_ms: 0,
         })
     }
 
@@ -646,6 +650,7 @@ impl Policy {
                     quiet: quiet_drop || later,
                     capped: !transactional,
                     reservation: input.reservation,
+                    accepted_at_ms: input.accepted_at_ms,
                 }
             })
             .collect();

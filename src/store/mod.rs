@@ -44,6 +44,11 @@ pub enum StoreError {
 pub struct AcceptError {
     pub error: StoreError,
     pub messages: Vec<Waiting>,
+    /// The write may have been applied all the same (its reply was lost) and could not be
+    /// undone yet: the messages may still be delivered, so the caller must not hear a plain
+    /// "not accepted", and their ids stay claimed (a resend is answered from the idempotency
+    /// record instead of being accepted a second time).
+    pub maybe_applied: bool,
 }
 
 /// What the store knows of a caller-supplied message id seen before (idempotency).

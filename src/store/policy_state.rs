@@ -45,6 +45,13 @@ pub struct Query<'a> {
     pub capped: bool,
     /// The tag of the reservation it takes under the caps ([`reservation_of`] the message).
     pub reservation: u64,
+    /// When the message was accepted (epoch ms), for a message that may be decided twice: a
+    /// scheduled one is decided when due, and a replica that dies between that decision and
+    /// the attempt leaves the message to another, which decides again. Its reservation is then
+    /// kept under this instant, and a decision that finds it already taken passes without
+    /// counting the message a second time. 0: decided once (at ingest). [`MemoryPolicyState`]
+    /// needs no such check: a crash loses its schedules with it.
+    pub accepted_at_ms: i64,
 }
 
 /// The tag of a message's cap reservation: a hash of its batch and message ids, which its
@@ -373,6 +380,7 @@ mod tests {
             quiet: false,
             capped: true,
             reservation: 0,
+            accepted_at_ms: 0,
         }
     }
 
@@ -423,6 +431,7 @@ mod tests {
         }];
         let tagged = |tag| Query {
             reservation: tag,
+            accepted_at_ms: 0,
             ..q("u1", "t1")
         };
         use Answer::*;

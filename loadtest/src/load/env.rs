@@ -79,7 +79,7 @@ pub async fn start_mocks(s: &Settings) -> anyhow::Result<Mocks> {
         PROJECT_ID,
         "https://127.0.0.1:1/token",
     )?;
-    let latency = Duration::from_micros((s.latency_ms * 1000.0) as u64);
+    let latency = s.latency();
 
     let mut apns_cfg =
         MockApnsConfig::new(&apns_key.team_id, &apns_key.key_id, &apns_key.public_pem);

@@ -168,6 +168,11 @@ pub const MAX_STREAMS: usize = 256;
 pub const MAX_BATCH: usize = 10_000;
 
 impl Settings {
+    /// How long the mocks wait before each answer.
+    pub fn latency(&self) -> std::time::Duration {
+        std::time::Duration::from_micros((self.latency_ms.max(0.0) * 1000.0) as u64)
+    }
+
     /// Reads a scenario file.
     pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
         let text = std::fs::read_to_string(path)

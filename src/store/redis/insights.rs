@@ -110,8 +110,9 @@ return {outcome, x[1], x[2]}
 
 /// Erases a user's exposures, the event ids recorded about them and the user's open-time
 /// histogram (the population's, which holds no user id, stays). ARGV: the insights key
-/// prefix, user. Exposures are found in the user's set and, for those written before it
-/// existed, in its latest-exposure hash; each is erased only if it is the user's. Returns
+/// prefix, user. Exposures are found in the values of the user's exposure hash (latest per
+/// campaign, and `m:<id>` for each) and, as older versions wrote them, in the user's set; each
+/// is erased only if it is the user's. Returns
 /// `exposures, events` erased.
 const FORGET: &str = r#"
 local base, user = ARGV[1], ARGV[2]

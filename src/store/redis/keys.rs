@@ -19,11 +19,11 @@
 //! | `<p>:{app}:batch:<id>` | HASH | a batch's context (`ctx`, JSON), its packed recipients (`buf`, bytes) and how many packed records still refer to it (`left`) |
 //! | `<p>:{app}:stats:<campaign>` | HASH | `<variant>\|<platform>\|<status>`, `<variant>\|opens`, `<variant>\|conversions` -> count (expires `pipeline.insights_retention_days` after the last update) |
 //! | `<p>:{app}:exp:<message_id>` | HASH | an exposure: campaign `c`, variant `v`, user `u`, time `t` (ms), flags `o`/`c` once counted (expires after the attribution window) |
-//! | `<p>:{app}:uexp:<user_id>` | HASH | campaign -> the user's latest exposure (message id) in it, `*` -> its latest overall (expires after the window) |
+//! | `<p>:{app}:uexp:<user_id>` | HASH | campaign -> the user's latest exposure (message id) in it, `*` -> its latest overall, `m:<message id>` -> every exposure of the user (ForgetUser; expires after the window) |
 //! | `<p>:{app}:ev:<event_id>` | STRING | a tracked event id already recorded (expires after the window) |
 //! | `<p>:{app}:hist:<user_id>` | HASH | the user's open-time histogram (send-time optimization): reference instant `r` (ms), hour of the week `0`..`167` -> weight (expires four half-lives after its last open) |
 //! | `<p>:{app}:hist_pop` | HASH | the app's population histogram, the same fields |
-//! | `<p>:{app}:uexps:<user_id>` | SET | every exposure (message id) of the user (ForgetUser; expires after the window) |
+//! | `<p>:{app}:uexps:<user_id>` | SET | every exposure of the user, as written before the `m:` fields of `uexp` held them (read by ForgetUser only; expires after the window) |
 //! | `<p>:{app}:uev:<user_id>` | SET | the event ids recorded about the user's exposures (ForgetUser; expires after the window) |
 //!
 //! `<p>` is `redis.key_prefix` (default `pushgate`).

@@ -341,10 +341,11 @@ impl Store for RedisStore {
             Err(e) => {
                 // The write may have been applied with its reply lost: undo it, so "not
                 // accepted" is the truth and a resend with the same ids is accepted once.
-                self.queue.unaccept(&messages).await;
+                let undone = self.queue.unaccept(&messages).await;
                 Err(AcceptError {
                     error: unreachable(e),
                     messages,
+                    maybe_applied: !undone,
                 })
             }
         }

@@ -5,7 +5,9 @@
 //! suppression, caps, in that order, and counts each send that passes), so a chunk costs one
 //! round trip and two replicas deciding for the same user are serialized by Redis: exactly
 //! `max` sends per window get through, whichever replica sends them. Per-user counters are
-//! sorted sets of reservations (member `<tag>:<nonce>:<n>`, scored by the decision instant)
+//! sorted sets of reservations (member `<tag>:<nonce>:<n>`, or `<tag>:a<accepted ms>` for a
+//! scheduled message decided when due, which a second decision after a crash finds and does
+//! not count again; scored by the decision instant)
 //! trimmed to the longest window and expiring with it, so a user who stops receiving pushes
 //! costs nothing after a window; a release removes one member of a tag (a message that ended
 //! without reaching a provider). Releases are queued and written with the app's next decision
@@ -47,9 +49,12 @@ end
 /// Decides a chunk. KEYS: optout, dead_tokens, dead_tokens_idx, dead_tokens_user. ARGV: now,
 /// nonce, cap key prefix, number of caps, then `max, window` per cap, then the number of
 /// reservations to give back first and `user, tag` of each, then `flags, user, token,
-/// registered, tag` per message (flags: 1 check opt-out, 2 quiet, 4 count under caps; tag: the
-/// reservation's, hex). Returns `answer, since` per message: 0 send, 1 opted out, 2 quiet, 3
-/// suppressed (since = when), 4 capped.
+/// registered, tag, accepted` per message (flags: 1 check opt-out, 2 quiet, 4 count under caps;
+/// tag: the reservation's, hex; accepted: `Query::accepted_at_ms`, 0 for a message decided
+/// once). A message with `accepted` reserves member `<tag>:a<accepted>`, and one that finds
+/// that member already there (decided before a crash) passes without counting again. Returns
+/// `answer, since` per message: 0 send, 1 opted out, 2 quiet, 3 suppressed (since = when), 4
+/// capped.
 const DECIDE: &str = r#"
 local now = tonumber(ARGV[1])
 local nonce = ARGV[2]
@@ -70,13 +75,14 @@ for j = 1, nrel do
 end
 local out = {}
 local n = 0
-for i = r + 1 + 2 * nrel, #ARGV, 5 do
+for i = r + 1 + 2 * nrel, #ARGV, 6 do
   n = n + 1
   local flags = tonumber(ARGV[i])
   local user = ARGV[i + 1]
   local token = ARGV[i + 2]
   local registered = tonumber(ARGV[i + 3])
   local tag = ARGV[i + 4]
+  local accepted = ARGV[i + 5]
   local answer = 0
   local since = 0
   if flags % 2 == 1 and user ~= '' and redis.call('SISMEMBER', KEYS[1], user) == 1 then
@@ -98,16 +104,20 @@ for i = r + 1 + 2 * nrel, #ARGV, 5 do
       if math.floor(flags / 4) % 2 == 1 and ncaps > 0 and user ~= '' then
         local key = prefix .. user
         redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - longest))
-        for c = 1, ncaps do
-          local from = string.format('(%d', now - caps[c][2])
-          if redis.call('ZCOUNT', key, from, '+inf') >= caps[c][1] then
-            answer = 4
-            break
+        local member = tag .. ':' .. nonce .. ':' .. n
+        if accepted ~= '0' then member = tag .. ':a' .. accepted end
+        if accepted == '0' or not redis.call('ZSCORE', key, member) then
+          for c = 1, ncaps do
+            local from = string.format('(%d', now - caps[c][2])
+            if redis.call('ZCOUNT', key, from, '+inf') >= caps[c][1] then
+              answer = 4
+              break
+            end
           end
-        end
-        if answer == 0 then
-          redis.call('ZADD', key, now, tag .. ':' .. nonce .. ':' .. n)
-          redis.call('PEXPIRE', key, longest)
+          if answer == 0 then
+            redis.call('ZADD', key, now, member)
+            redis.call('PEXPIRE', key, longest)
+          end
         end
       end
     end
@@ -350,7 +360,8 @@ impl PolicyState for RedisPolicyState {
                 .arg(q.user_id)
                 .arg(q.device_token)
                 .arg(q.registered_at_ms)
-                .arg(format!("{:016x}", q.reservation));
+                .arg(format!("{:016x}", q.reservation))
+                .arg(q.accepted_at_ms);
         }
         let mut conn = self.client.conn();
         let flat: Vec<i64> = match self.observe(invocation.invoke_async(&mut conn).await) {
@@ -560,6 +571,7 @@ mod tests {
                 quiet: false,
                 capped: true,
                 reservation: tag,
+                accepted_at_ms: 0,
             };
             let quiet = Query {
                 quiet: true,
@@ -654,5 +666,75 @@ mod tests {
             assert_eq!(left.len(), 1);
             assert_eq!(left[0].device_token, "d3");
         }
+    }
+
+    /// A scheduled message decided when due, then again by another replica after a crash
+    /// (same tag, same acceptance instant), holds one reservation: the second decision passes
+    /// and takes no second send of the window; a different message is still capped, and a
+    /// release gives the one reservation back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_message_decided_again_after_a_crash_is_counted_once() {
+        let redis = RedisServer::start();
+        let config = RedisConfig {
+            url: Some(redis.url()),
+            ..Default::default()
+        };
+        let client = RedisClient::connect(&config, CancellationToken::new()).unwrap();
+        assert!(client.wait_healthy(Duration::from_secs(5)).await);
+        let day = 86_400_000;
+        let replica_a = RedisPolicyState::new(Arc::clone(&client), day);
+        let replica_b = RedisPolicyState::new(client, day);
+        let caps = [Cap {
+            max: 2,
+            window_ms: day,
+        }];
+        let now = crate::store::now_ms();
+        let due = |tag: u64, accepted_at_ms: i64| Query {
+            user_id: "u",
+            device_token: "t",
+            registered_at_ms: 0,
+            opt_out: true,
+            quiet: false,
+            capped: true,
+            reservation: tag,
+            accepted_at_ms,
+        };
+        let first = replica_a
+            .decide("app", &caps, now, &[due(1, now - 5_000)])
+            .await
+            .unwrap();
+        assert_eq!(first, [Answer::Send]);
+        // Replica A died before the attempt; B decides the same message again, twice over.
+        for _ in 0..2 {
+            let again = replica_b
+                .decide("app", &caps, now + 1, &[due(1, now - 5_000)])
+                .await
+                .unwrap();
+            assert_eq!(again, [Answer::Send], "the message already holds its send");
+        }
+        // One send of two is taken: another message passes, a third is capped.
+        let others = replica_b
+            .decide(
+                "app",
+                &caps,
+                now + 2,
+                &[due(2, now - 4_000), due(3, now - 3_000)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(others, [Answer::Send, Answer::Capped]);
+        // The same tag accepted at another instant is another message (a batch sent again).
+        let resent = replica_b
+            .decide("app", &caps, now + 3, &[due(1, now - 1_000)])
+            .await
+            .unwrap();
+        assert_eq!(resent, [Answer::Capped]);
+        // Released, the reservation frees its send (the release goes with the next decision).
+        replica_b.release("app", "u", 1);
+        let freed = replica_b
+            .decide("app", &caps, now + 4, &[due(4, now - 500)])
+            .await
+            .unwrap();
+        assert_eq!(freed, [Answer::Send]);
     }
 }

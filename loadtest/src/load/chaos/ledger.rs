@@ -18,7 +18,8 @@ use super::super::env::{apns_token, fcm_token};
 pub const UNSENT: u8 = 0;
 pub const ACCEPTED: u8 = 1;
 pub const REFUSED: u8 = 2;
-/// The call failed without an answer (the replica died mid-call): unknown, not counted.
+/// The call failed without an answer (the replica died mid-call), or the gateway said the
+/// accept may have been applied: unknown, not counted.
 pub const UNKNOWN: u8 = 3;
 
 /// Class bits of a message: what its terminal receipt may honestly say.
@@ -203,8 +204,10 @@ impl Ledger {
             }
             let delivered = self.delivered[i].load(Relaxed);
             if told != ACCEPTED {
-                if delivered > 0 {
+                if delivered > 0 && told == REFUSED {
                     r.delivered_not_accepted += 1;
+                } else if delivered > 0 {
+                    r.delivered_unknown += 1;
                 }
                 continue;
             }
@@ -333,8 +336,11 @@ pub struct Reconciled {
     /// at-least-once across a failover).
     pub repeated_receipts: u64,
     pub repeated_receipts_outside_faults: u64,
-    /// Delivered by a provider though the caller was told "not accepted".
+    /// Delivered by a provider though the caller was told "not accepted" (must be 0).
     pub delivered_not_accepted: u64,
+    /// Delivered, of the messages whose outcome the caller was not told (a call cut by a kill,
+    /// or an accept whose reply was lost and which the gateway said may have been applied).
+    pub delivered_unknown: u64,
     /// Terminal receipts of messages accepted in seconds outside every fault window (the
     /// latency figures below are over these).
     pub receipts_outside_faults: u64,
@@ -395,5 +401,21 @@ mod tests {
         assert_eq!(r.duplicates_by_fault.get("kill"), Some(&1));
         assert_eq!(r.duplicates_outside_faults, 1);
         assert_eq!(r.duplicated_messages, 2);
+    }
+
+    #[test]
+    fn a_delivery_of_a_refused_message_is_told_apart_from_one_of_unknown_fate() {
+        let l = Ledger::new(4, 0);
+        l.told(0, REFUSED);
+        l.told(1, UNKNOWN);
+        l.told(2, REFUSED);
+        l.told(3, UNKNOWN);
+        l.delivered(&token(0), 10);
+        l.delivered(&token(1), 10);
+        let r = l.reconcile(&[]);
+        assert_eq!((r.refused, r.unknown), (2, 2));
+        assert_eq!(r.delivered_not_accepted, 1, "{r:?}");
+        assert_eq!(r.delivered_unknown, 1, "{r:?}");
+        assert_eq!(r.lost, 0, "neither was accepted");
     }
 }

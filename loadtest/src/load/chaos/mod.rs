@@ -118,9 +118,13 @@ pub struct ChaosReport {
 }
 
 impl ChaosReport {
-    /// The run's verdict: nothing lost, no wrong status, every accepted message finished.
+    /// The run's verdict: nothing lost, no wrong status, every accepted message finished,
+    /// nothing delivered that the caller was told was not accepted.
     fn verdict(&self) -> bool {
-        self.ledger.lost == 0 && self.ledger.wrong_status == 0 && self.unfinished_at_end == 0
+        self.ledger.lost == 0
+            && self.ledger.wrong_status == 0
+            && self.unfinished_at_end == 0
+            && self.ledger.delivered_not_accepted == 0
     }
 }
 
@@ -388,8 +392,11 @@ pub fn print(r: &ChaosReport) {
         l.duplicates_outside_faults
     );
     println!(
-        "  receipts repeated with the same status: {} ({} outside fault windows); delivered though refused: {}",
-        l.repeated_receipts, l.repeated_receipts_outside_faults, l.delivered_not_accepted
+        "  receipts repeated with the same status: {} ({} outside fault windows); delivered though refused: {} (must be 0); delivered of those unknown: {}",
+        l.repeated_receipts,
+        l.repeated_receipts_outside_faults,
+        l.delivered_not_accepted,
+        l.delivered_unknown
     );
     println!("  terminal statuses: {:?}", l.statuses);
     println!(
@@ -542,8 +549,14 @@ async fn send_loop(l: SendLoop) {
             Ok(response) => {
                 for r in response.into_inner().results {
                     if let Some(n) = ledger::id_number(&r.message_id) {
-                        l.ledger
-                            .told(n, if r.accepted { ACCEPTED } else { REFUSED });
+                        // A recipient whose accept may have been applied (its reply lost, not
+                        // undone yet) is neither accepted nor refused.
+                        let told = match (r.accepted, r.maybe_accepted) {
+                            (true, _) => ACCEPTED,
+                            (false, true) => UNKNOWN,
+                            (false, false) => REFUSED,
+                        };
+                        l.ledger.told(n, told);
                     }
                 }
             }

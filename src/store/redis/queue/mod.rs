@@ -342,7 +342,10 @@ impl RedisRetryQueue {
     /// the caller was told the message was not accepted. Tried at once; if Redis does not
     /// answer, the undo goes to the write loop, which writes it before anything queued after it
     /// (claiming pauses meanwhile), and releases the ids' idempotency keys when it runs.
-    pub async fn unaccept(&self, messages: &[Waiting]) {
+    /// True when the undo was written at once (the messages are certainly not accepted); false
+    /// when it waits in the write loop, which may run after another replica reclaimed them.
+    pub async fn unaccept(&self, messages: &[Waiting]) -> bool {
+        let mut undone = true;
         let mut by_app: HashMap<&Arc<str>, Vec<(String, String)>> = HashMap::new();
         for message in messages {
             by_app.entry(&message.app().id).or_default().push((
@@ -366,6 +369,7 @@ impl RedisRetryQueue {
                     debug!(%app, removed, "unconfirmed accept undone");
                 }
                 Err(e) => {
+                    undone = false;
                     warn!(%app, error = %e, messages = pairs.len(), "could not undo an unconfirmed accept; retrying in the write loop");
                     self.write_backlog.store(true, Ordering::Release);
                     self.unaccepts_pending.fetch_add(1, Ordering::AcqRel);
@@ -378,6 +382,7 @@ impl RedisRetryQueue {
                 }
             }
         }
+        undone
     }
 
     /// True while an undo of an unconfirmed accept waits in the write loop: until it is

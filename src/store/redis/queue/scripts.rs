@@ -173,8 +173,8 @@ end
 
 /// Lua shared by the scripts that count terminal receipts for campaign measurement (see
 /// `crate::store::redis::insights`): `count` takes the JSON of one `insights::Count` (empty:
-/// nothing to count), writes an exposure's record, the user's latest and the user's set of
-/// exposures (ForgetUser) at once, and adds the counter to `pending`; `add_counts` then writes
+/// nothing to count), writes an exposure's record and the user's exposures (latest per
+/// campaign, and every one for ForgetUser) at once, and adds the counter to `pending`; `add_counts` then writes
 /// each campaign's counters once per call (a write batch is mostly one campaign: two or three fields, not one command per receipt).
 pub(super) const COUNT_FN: &str = r#"
 local pending = {}
@@ -193,13 +193,11 @@ local function count(base, window, c)
     redis.call('HSET', x, 'c', t.c, 'v', t.v, 'u', t.u, 't', t.t)
     redis.call('PEXPIRE', x, window)
     if t.u ~= '' then
+      -- The user's latest exposure per campaign and overall, and (`m:<id>`, which ForgetUser
+      -- reads) every exposure of the user: one key per user, one write per exposure.
       local u = base .. 'uexp:' .. t.u
-      redis.call('HSET', u, t.c, t.m, '*', t.m)
+      redis.call('HSET', u, t.c, t.m, '*', t.m, 'm:' .. t.m, t.m)
       redis.call('PEXPIRE', u, window)
-      -- ForgetUser finds every exposure of the user here.
-      local all = base .. 'uexps:' .. t.u
-      redis.call('SADD', all, t.m)
-      redis.call('PEXPIRE', all, window)
     end
   end
 end
