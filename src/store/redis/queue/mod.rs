@@ -109,12 +109,36 @@ struct QueueStats {
     pub fenced: AtomicU64,
 }
 
-/// What the writer has done: writes written (or given up at shutdown), and whether its last
-/// batch failed.
-#[derive(Debug, Default, Clone, Copy)]
+/// What the writer has done (writes written, or given up at shutdown; whether its last batch
+/// failed; whether it ended), and the deliveries waiting for it in [`RedisRetryQueue::settled`],
+/// each with the count of writes it waits for, in the order they came. A write batch wakes
+/// only the waiters it satisfies: at 200 ms provider latency thousands of requests wait, and
+/// waking them all on every batch (a watch channel) cost more CPU than the writes.
+#[derive(Debug, Default)]
 pub(super) struct WriterProgress {
     done: u64,
     failing: bool,
+    ended: bool,
+    waiters: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl WriterProgress {
+    fn caught_up(&self, sent: u64) -> bool {
+        self.done >= sent || self.failing || self.ended
+    }
+
+    /// Wakes the waiters now satisfied (all of them while failing or ended). One that came
+    /// later with a lower count than the one before it waits for that one: one batch more.
+    fn wake(&mut self) {
+        while let Some((sent, _)) = self.waiters.front() {
+            if !self.caught_up(*sent) {
+                break;
+            }
+            if let Some((_, waiter)) = self.waiters.pop_front() {
+                let _ = waiter.send(());
+            }
+        }
+    }
 }
 
 /// The queue. See the module docs.
@@ -130,7 +154,7 @@ pub(super) struct RedisRetryQueue {
     /// Writes sent to the writer so far, and (published by the writer) how many of them it
     /// has written or given up on: `settled` compares the two.
     writes_sent: AtomicU64,
-    writes_done: watch::Sender<WriterProgress>,
+    writes_done: parking_lot::Mutex<WriterProgress>,
     /// Per app: changed whenever the writer appended receipts to its stream (wakes the
     /// resumable subscriptions of this replica).
     feed_written: HashMap<String, watch::Sender<()>>,
@@ -193,7 +217,7 @@ impl RedisRetryQueue {
             held: DashMap::new(),
             writes,
             writes_sent: AtomicU64::new(0),
-            writes_done: watch::channel(WriterProgress::default()).0,
+            writes_done: parking_lot::Mutex::new(WriterProgress::default()),
             feed_written,
             stopped: AtomicBool::new(false),
             write_backlog: AtomicBool::new(false),
@@ -752,5 +776,39 @@ impl RedisRetryQueue {
         } else if let Some(count) = count {
             self.write(Write::Count { app, count });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WriterProgress;
+
+    fn waiter(p: &mut WriterProgress, sent: u64) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        p.waiters.push_back((sent, tx));
+        rx
+    }
+
+    /// A write batch wakes the deliveries it satisfies and no other; a failing writer releases
+    /// every one (deliveries go on while Redis is away).
+    #[test]
+    fn the_writer_wakes_only_the_waiters_it_caught_up_with() {
+        let mut p = WriterProgress::default();
+        let mut first = waiter(&mut p, 2);
+        let mut second = waiter(&mut p, 5);
+        let mut third = waiter(&mut p, 9);
+        p.done = 4;
+        p.wake();
+        assert!(first.try_recv().is_ok());
+        assert!(second.try_recv().is_err(), "needs 5 writes done");
+        p.done = 5;
+        p.wake();
+        assert!(second.try_recv().is_ok());
+        assert!(third.try_recv().is_err());
+        p.failing = true;
+        p.wake();
+        assert!(third.try_recv().is_ok(), "released while the writer fails");
+        assert!(p.waiters.is_empty());
+        assert!(p.caught_up(100));
     }
 }

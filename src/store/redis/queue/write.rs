@@ -63,32 +63,50 @@ impl RedisRetryQueue {
     /// stopping every send for the length of an outage.
     pub(crate) fn settled(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
         let sent = self.writes_sent.load(Ordering::Acquire);
-        let caught_up = move |w: &WriterProgress| w.done >= sent || w.failing;
-        if caught_up(&self.writes_done.borrow()) {
+        let mut progress = self.writes_done.lock();
+        if progress.caught_up(sent) {
             return None;
         }
-        let mut progress = self.writes_done.subscribe();
+        let (waiter, woken) = tokio::sync::oneshot::channel();
+        progress.waiters.push_back((sent, waiter));
         Some(Box::pin(async move {
-            // An error means the writer ended: nothing more will be written.
-            let _ = progress.wait_for(caught_up).await;
+            // Dropped unsent only with the queue itself: nothing more will be written.
+            let _ = woken.await;
         }))
     }
 
     /// Counts `n` writes as done (written, or given up at shutdown); the writer is not failing.
     fn done(&self, n: usize) {
-        self.writes_done.send_modify(|w| {
-            w.done += n as u64;
-            w.failing = false;
-        });
+        let mut progress = self.writes_done.lock();
+        progress.done += n as u64;
+        progress.failing = false;
+        progress.wake();
     }
 
     /// The writer could not write its batch and will try again.
     fn failing(&self) {
-        self.writes_done
-            .send_if_modified(|w| !std::mem::replace(&mut w.failing, true));
+        let mut progress = self.writes_done.lock();
+        progress.failing = true;
+        progress.wake();
+    }
+
+    /// The writer loop ended: nobody waits for it any more.
+    fn ended(&self) {
+        let mut progress = self.writes_done.lock();
+        progress.ended = true;
+        progress.wake();
     }
 
     pub(super) async fn write_loop(
+        &self,
+        rx: mpsc::UnboundedReceiver<Write>,
+        stop: CancellationToken,
+    ) {
+        self.write_until_stopped(rx, stop).await;
+        self.ended();
+    }
+
+    async fn write_until_stopped(
         &self,
         mut rx: mpsc::UnboundedReceiver<Write>,
         stop: CancellationToken,
