@@ -819,10 +819,15 @@ impl Ingest {
                             &meta.user_id,
                         );
                     }
-                    waiting.resolve_unaccepted(Resolution::gateway(
-                        ReceiptStatus::Failed,
-                        reason.clone(),
-                    ));
+                    // One that may still be delivered gets no terminal receipt here: if another
+                    // replica reclaims and delivers it, that replica's receipt is its one
+                    // terminal receipt (a FAILED one here would disagree with it).
+                    let status = if maybe_applied {
+                        ReceiptStatus::Retrying
+                    } else {
+                        ReceiptStatus::Failed
+                    };
+                    waiting.resolve_unaccepted(Resolution::gateway(status, reason.clone()));
                     // A message that may still be delivered keeps its id claimed: a resend is
                     // answered from the idempotency record, not accepted a second time.
                     if claimed && !maybe_applied {

@@ -709,6 +709,9 @@ fn client_tls(args: &SendArgs) -> anyhow::Result<tonic::transport::ClientTlsConf
     Ok(tls)
 }
 
+/// What the gateway's reason says of a message whose accept may have been applied.
+const MAYBE_ACCEPTED: &str = "resend it with the same message_id to learn its outcome";
+
 /// Handles one receipt from the gateway: a terminal one is written and frees its window slot;
 /// "already accepted and still in flight" (a resend after a crash, Redis) is asked again later,
 /// when the first attempt has its outcome.
@@ -721,9 +724,12 @@ fn on_receipt(
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
     if !receipt.terminal {
+        // Accepted by an earlier run and still in flight, or an accept whose outcome the
+        // gateway could not know (`maybe_accepted`): asked again with the same id.
         if receipt
             .reason
             .starts_with("duplicate message_id: already accepted")
+            || receipt.reason.contains(MAYBE_ACCEPTED)
         {
             let again = in_flight
                 .lock()

@@ -315,6 +315,23 @@ async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_onc
         deliveries(&h).is_empty(),
         "a message answered as not accepted was delivered"
     );
+    // Its receipt said "may still be delivered" without ending it: no terminal receipt that a
+    // reclaiming replica's could contradict.
+    eventually("its receipt is in the receipts stream", || async {
+        crate::redis_crash::stream_receipts(&redis)
+            .await
+            .iter()
+            .any(|r| r.message_id == "m-1")
+    })
+    .await;
+    let receipts = crate::redis_crash::stream_receipts(&redis).await;
+    assert!(
+        receipts
+            .iter()
+            .filter(|r| r.message_id == "m-1")
+            .all(|r| !r.terminal && status(r) == ReceiptStatus::Retrying),
+        "{receipts:?}"
+    );
 
     let response = client
         .send_batch(apns_batch("shop", 1..2))
