@@ -539,12 +539,8 @@ mod tests {
     use crate::store::policy_state::MemoryPolicyState;
     use crate::store::redis::RedisConfig;
 
-    /// The Redis scripts and the in-memory state answer the same scenario alike: the stage's
-    /// order, rolling windows at chosen instants, a later registration lifting a suppression,
-    /// listing resumed inside a run of equal instants, a released reservation freeing its
-    /// send, and ForgetUser erasing the user's counter and dead tokens (not another user's).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis_and_memory_state_answer_alike() {
+    /// A private Redis (kept alive by the first value) and a client connected to it.
+    async fn connected() -> (RedisServer, Arc<RedisClient>) {
         let redis = RedisServer::start();
         let config = RedisConfig {
             url: Some(redis.url()),
@@ -552,6 +548,16 @@ mod tests {
         };
         let client = RedisClient::connect(&config, CancellationToken::new()).unwrap();
         assert!(client.wait_healthy(Duration::from_secs(5)).await);
+        (redis, client)
+    }
+
+    /// The Redis scripts and the in-memory state answer the same scenario alike: the stage's
+    /// order, rolling windows at chosen instants, a later registration lifting a suppression,
+    /// listing resumed inside a run of equal instants, a released reservation freeing its
+    /// send, and ForgetUser erasing the user's counter and dead tokens (not another user's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_and_memory_state_answer_alike() {
+        let (_redis, client) = connected().await;
         let day = 86_400_000;
         let states: [Box<dyn PolicyState>; 2] = [
             Box::new(MemoryPolicyState::new(10 * day)),
@@ -674,13 +680,7 @@ mod tests {
     /// release gives the one reservation back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_due_message_decided_again_after_a_crash_is_counted_once() {
-        let redis = RedisServer::start();
-        let config = RedisConfig {
-            url: Some(redis.url()),
-            ..Default::default()
-        };
-        let client = RedisClient::connect(&config, CancellationToken::new()).unwrap();
-        assert!(client.wait_healthy(Duration::from_secs(5)).await);
+        let (_redis, client) = connected().await;
         let day = 86_400_000;
         let replica_a = RedisPolicyState::new(Arc::clone(&client), day);
         let replica_b = RedisPolicyState::new(client, day);
