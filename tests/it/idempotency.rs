@@ -372,6 +372,65 @@ async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_onc
     assert_eq!(h.unresolved_drops(), 0);
 }
 
+/// The id claim of a call, applied by Redis with its reply lost: the call is refused
+/// (UNAVAILABLE), and its claims are released once Redis answers again, so a resend is
+/// accepted and delivered once instead of being told "in flight" for the idempotency ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_is_lost_is_released_and_the_resend_is_delivered_once() {
+    let redis = RedisServer::start();
+    let proxy = ReplyCutProxy::start(redis.port()).await;
+    let h = harness::start(Options {
+        extra: format!(
+            "[redis]\nurl = \"{}\"\npoll_ms = 20\ncommand_timeout_ms = 1500",
+            proxy.url()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let c = conn(&redis).await;
+    eventually("redis is reachable", || async {
+        h.gateway.gateway.store().is_healthy()
+    })
+    .await;
+    // The claim pipeline is the only write that carries the `accepted:` value.
+    proxy.cut_replies_after(b"accepted:");
+    let mut client = h.client().await;
+    let mut request = apns_batch("shop", 1..2);
+    request.wait_for_receipts = false;
+    let refused = client.send_batch(request.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(proxy.cuts(), 1, "the claim's reply was cut");
+    let claimed: bool = redis::cmd("EXISTS")
+        .arg(idem("m-1"))
+        .query_async(&mut c.clone())
+        .await
+        .unwrap();
+    assert!(claimed, "Redis applied the claim");
+
+    proxy.heal();
+    eventually("the refused call's claim is released", || async {
+        let mut c = c.clone();
+        let claimed: bool = redis::cmd("EXISTS")
+            .arg(idem("m-1"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        !claimed
+    })
+    .await;
+    let response = client
+        .send_batch(apns_batch("shop", 1..2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.results[0].accepted, "{response:?}");
+    let terminal: Vec<_> = response.receipts.iter().filter(|r| r.terminal).collect();
+    assert_eq!(terminal.len(), 1, "{response:?}");
+    assert_eq!(status(terminal[0]), ReceiptStatus::Delivered);
+    assert_eq!(deliveries(&h)[&token(1)], 1, "delivered exactly once");
+    assert_eq!(h.unresolved_drops(), 0);
+}
+
 /// A provider's REJECTED is an outcome like any other: recorded for the id, so a resend is
 /// answered with it and not sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -296,6 +296,43 @@ impl ReceiptObserver for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// A claim whose reply was lost may have been applied, and its call is refused: its keys
+    /// would tell every resend "in flight" until the idempotency ttl. They are deleted (only
+    /// those still holding this call's value) once Redis answers, tried for as long as a
+    /// claim lives.
+    fn release_lost_claim(&self, app: &str, ids: &[&str], value: String) {
+        let ids: Vec<String> = ids
+            .iter()
+            .filter(|id| !id.is_empty())
+            .map(|id| (*id).to_owned())
+            .collect();
+        if ids.is_empty() || self.client.config().idempotency_ttl_secs == 0 {
+            return;
+        }
+        let client = Arc::clone(&self.client);
+        let app = app.to_owned();
+        let give_up = tokio::time::Instant::now()
+            + std::time::Duration::from_secs(self.client.config().idempotency_ttl_secs);
+        tokio::spawn(async move {
+            while tokio::time::Instant::now() < give_up {
+                if client.is_healthy() {
+                    match idempotency::release_own(&client, &app, &ids, &value).await {
+                        Ok(released) => {
+                            tracing::debug!(%app, released, "claims of a refused call released");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%app, error = %e, "could not release the claims of a refused call yet");
+                        }
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        });
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for RedisStore {
     fn name(&self) -> &'static str {
@@ -316,9 +353,15 @@ impl Store for RedisStore {
         app: &str,
         ids: &[&str],
     ) -> Result<HashMap<String, Earlier>, StoreError> {
-        let earlier = idempotency::claim(&self.client, app, ids.iter().copied())
-            .await
-            .map_err(unreachable)?;
+        let value = idempotency::claim_value(&crate::domain::random_uuid().simple().to_string());
+        let earlier = match idempotency::claim(&self.client, app, ids.iter().copied(), &value).await
+        {
+            Ok(earlier) => earlier,
+            Err(e) => {
+                self.release_lost_claim(app, ids, value);
+                return Err(unreachable(e));
+            }
+        };
         Ok(earlier
             .into_iter()
             .map(|(id, state)| {

@@ -51,7 +51,7 @@ for i = 4, #ARGV - 1, 2 do
       ours[#ours + 1] = id
       redis.call('DEL', idem)
     end
-  elseif redis.call('GET', idem) == 'accepted' then
+  elseif string.find(redis.call('GET', idem) or '', '^accepted') then
     redis.call('DEL', idem)
   end
 end
