@@ -253,23 +253,22 @@ async fn duplicate_after_the_flush_leaves_the_original_job_alone() {
     assert_eq!(h.unresolved_drops(), 0);
 }
 
-/// An accept MULTI that Redis applied but whose reply never came back, and whose undo cannot be
-/// written either (Redis does not answer): the caller is told the message is not accepted but
-/// *may* have been (`maybe_accepted`, resend with the same id), never a plain "not accepted"
-/// that a reclaiming replica could make false. Once Redis answers again the undo is written
-/// (the record, its lease and the id's claim), so nothing delivers it behind the caller's back
-/// and the resend is accepted and delivered once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_once() {
+/// A gateway whose Redis is reached through a proxy that can cut replies, with `settings`
+/// added to its `[redis]` section, once Redis is reachable: (Redis, proxy, gateway, a direct
+/// connection to Redis).
+async fn behind_reply_cut_proxy(
+    settings: &str,
+) -> (
+    RedisServer,
+    ReplyCutProxy,
+    Harness,
+    redis::aio::MultiplexedConnection,
+) {
     let redis = RedisServer::start();
-    // Timeouts generous enough that no command but the cut accept times out on a loaded CI
-    // machine (the id claim before the accept timed out there at 300 ms, and once at 1,500 ms
-    // in a full suite run); the lease outlasts the accept timeout, so only the undo can end
-    // the unconfirmed record.
     let proxy = ReplyCutProxy::start(redis.port()).await;
     let h = harness::start(Options {
         extra: format!(
-            "[redis]\nurl = \"{}\"\npoll_ms = 20\ncommand_timeout_ms = 3000\nlease_ms = 8000",
+            "[redis]\nurl = \"{}\"\npoll_ms = 20\n{settings}",
             proxy.url()
         ),
         ..Default::default()
@@ -280,6 +279,38 @@ async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_onc
         h.gateway.gateway.store().is_healthy()
     })
     .await;
+    (redis, proxy, h, c)
+}
+
+/// Sends `m-1` again: accepted, one terminal receipt, DELIVERED.
+async fn resend_is_accepted_and_delivered(
+    client: &mut proto::push_gateway_client::PushGatewayClient<tonic::transport::Channel>,
+) {
+    let response = client
+        .send_batch(apns_batch("shop", 1..2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.results[0].accepted, "{response:?}");
+    let terminal: Vec<_> = response.receipts.iter().filter(|r| r.terminal).collect();
+    assert_eq!(terminal.len(), 1, "{response:?}");
+    assert_eq!(status(terminal[0]), ReceiptStatus::Delivered);
+}
+
+/// An accept MULTI that Redis applied but whose reply never came back, and whose undo cannot be
+/// written either (Redis does not answer): the caller is told the message is not accepted but
+/// *may* have been (`maybe_accepted`, resend with the same id), never a plain "not accepted"
+/// that a reclaiming replica could make false. Once Redis answers again the undo is written
+/// (the record, its lease and the id's claim), so nothing delivers it behind the caller's back
+/// and the resend is accepted and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_once() {
+    // Timeouts generous enough that no command but the cut accept times out on a loaded CI
+    // machine (the id claim before the accept timed out there at 300 ms, and once at 1,500 ms
+    // in a full suite run); the lease outlasts the accept timeout, so only the undo can end
+    // the unconfirmed record.
+    let (redis, proxy, h, c) =
+        behind_reply_cut_proxy("command_timeout_ms = 3000\nlease_ms = 8000").await;
     // The accept MULTI is the only write that carries a packed record.
     proxy.cut_replies_after(br#"{"packed":"#);
     let mut client = h.client().await;
@@ -354,15 +385,7 @@ async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_onc
         "{receipts:?}"
     );
 
-    let response = client
-        .send_batch(apns_batch("shop", 1..2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(response.results[0].accepted, "{response:?}");
-    let terminal: Vec<_> = response.receipts.iter().filter(|r| r.terminal).collect();
-    assert_eq!(terminal.len(), 1, "{response:?}");
-    assert_eq!(status(terminal[0]), ReceiptStatus::Delivered);
+    resend_is_accepted_and_delivered(&mut client).await;
     eventually("the resend is released", || async {
         let mut c = c.clone();
         !has_job(&mut c, "m-1").await
@@ -377,21 +400,7 @@ async fn an_accept_whose_reply_is_lost_is_undone_and_the_resend_is_delivered_onc
 /// accepted and delivered once instead of being told "in flight" for the idempotency ttl.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_reply_is_lost_is_released_and_the_resend_is_delivered_once() {
-    let redis = RedisServer::start();
-    let proxy = ReplyCutProxy::start(redis.port()).await;
-    let h = harness::start(Options {
-        extra: format!(
-            "[redis]\nurl = \"{}\"\npoll_ms = 20\ncommand_timeout_ms = 1500",
-            proxy.url()
-        ),
-        ..Default::default()
-    })
-    .await;
-    let c = conn(&redis).await;
-    eventually("redis is reachable", || async {
-        h.gateway.gateway.store().is_healthy()
-    })
-    .await;
+    let (_redis, proxy, h, c) = behind_reply_cut_proxy("command_timeout_ms = 1500").await;
     // The claim pipeline is the only write that carries the `accepted:` value.
     proxy.cut_replies_after(b"accepted:");
     let mut client = h.client().await;
@@ -418,15 +427,7 @@ async fn a_claim_whose_reply_is_lost_is_released_and_the_resend_is_delivered_onc
         !claimed
     })
     .await;
-    let response = client
-        .send_batch(apns_batch("shop", 1..2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(response.results[0].accepted, "{response:?}");
-    let terminal: Vec<_> = response.receipts.iter().filter(|r| r.terminal).collect();
-    assert_eq!(terminal.len(), 1, "{response:?}");
-    assert_eq!(status(terminal[0]), ReceiptStatus::Delivered);
+    resend_is_accepted_and_delivered(&mut client).await;
     assert_eq!(deliveries(&h)[&token(1)], 1, "delivered exactly once");
     assert_eq!(h.unresolved_drops(), 0);
 }
